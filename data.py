@@ -1,0 +1,475 @@
+"""Datasets and the regions file: what the three stages read.
+
+- `ShapesDataset`: built-in CLEVR-like 2-D scenes with instance masks and a class label, made on the
+  fly from (seed, split, index); nothing on disk, nothing downloaded.
+- `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), optionally with
+  instance masks in a parallel folder (same relative path, .png).
+- `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
+- The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
+- Objects per cell from an instance mask (objmae §3.2's 20% rule, §4.1's 5% rule): `instance_cells`.
+- Cells to patches inside the training loop: `cells_to_patches`, `scores_to_patches`.
+- `PretrainDataset`: image + region cells, flipped together (semmae §4.1: the only augmentation).
+
+    python data.py --write OUT --num_images 200 --img_size 64    # shapes as an image folder + masks
+"""
+import argparse
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE = 255                     # region id of a cell with no label (DESIGN.md, the regions file)
+
+
+# ----------------------------------------------------------------------------- built-in shapes
+
+SHAPES = ("circle", "square", "triangle", "diamond", "ring")
+COLOURS = {"red": (205, 45, 40), "green": (45, 165, 60), "blue": (45, 85, 215), "yellow": (230, 200, 45)}
+# class = colour x shape of the largest object in the scene: 20 classes, sorted like an image folder's
+CLASSES = sorted(f"{c}_{s}" for c in COLOURS for s in SHAPES)
+CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
+SUPERSAMPLE = 4                  # shapes are drawn at 4x and box-filtered: anti-aliased edges
+
+
+class ShapesDataset:
+    """Procedural scenes: 1-4 objects (5 shapes x 4 colours, equal-area side 20-42% of the image
+    side, so most survive objmae's 5% rule and cover whole 8-px cells) on a textured background
+    (smooth noise + gradient + stripes, different in every image).
+
+    Instance ids are 1..k in drawing order; later objects occlude earlier ones. The largest object
+    is always drawn last (never occluded) and gives the class: `CLASSES[i] = '<colour>_<shape>'`.
+    Every image is a pure function of (seed, split, index), so two processes agree and `seed=0`
+    vs `seed=1` (or split 'train' vs 'val') give different images.
+    """
+
+    def __init__(self, num_images=2000, img_size=64, seed=0, split="train"):
+        if num_images < 1 or img_size < 8:
+            raise ValueError(f"ShapesDataset needs num_images >= 1 and img_size >= 8, got {num_images}, {img_size}")
+        self.num_images, self.img_size, self.seed = num_images, img_size, seed
+        if split not in ("train", "val"):
+            raise ValueError(f"ShapesDataset split must be 'train' or 'val', got {split!r}")
+        self.split = split
+        self.files = [f"shapes/{i:06d}.png" for i in range(num_images)]   # virtual: match regions files
+        self.classes = list(CLASSES)
+        self._targets = None
+
+    def __len__(self):
+        return self.num_images
+
+    def _objects(self, i):
+        """Sample the scene's objects; the generator goes on to the background. -> (rng, objects)"""
+        rng = np.random.default_rng([self.seed, ("train", "val").index(self.split), i])
+        S, objs = self.img_size, []
+        for _ in range(rng.integers(1, 5)):
+            side = rng.uniform(0.20, 0.42) * S          # side of the square with the object's area
+            shape = int(rng.integers(len(SHAPES)))
+            colour = int(rng.integers(len(COLOURS)))
+            # radius of the circumscribed circle giving area side^2 (ring: inner radius 0.55 R)
+            radius = side * (0.564, 0.707, 0.877, 0.877, 0.674)[shape]
+            cx, cy = rng.uniform(radius, S - radius, size=2)
+            objs.append(dict(shape=shape, colour=colour, side=side, radius=radius, cx=cx, cy=cy,
+                             angle=rng.uniform(0, 2 * np.pi), jitter=rng.normal(0, 12, 3)))
+        big = max(range(len(objs)), key=lambda j: objs[j]["side"])
+        objs.append(objs.pop(big))                      # the class object goes on top
+        return rng, objs
+
+    @staticmethod
+    def _class(o):
+        return CLASS_ID[f"{list(COLOURS)[o['colour']]}_{SHAPES[o['shape']]}"]
+
+    def target(self, i):
+        return self._class(self._objects(i)[1][-1])
+
+    @property
+    def targets(self):
+        if self._targets is None:                       # lazy: ~20 us per image, no drawing
+            self._targets = [self.target(i) for i in range(self.num_images)]
+        return self._targets
+
+    def load(self, i):
+        """-> (PIL RGB image, instance mask np.uint8 [H, W] (0 = background, 1..k), class int)"""
+        if not 0 <= i < self.num_images:
+            raise IndexError(i)
+        rng, objs = self._objects(i)
+        S, s = self.img_size, SUPERSAMPLE
+        canvas = Image.new("L", (S * s, S * s), 0)
+        draw = ImageDraw.Draw(canvas)
+        for j, o in enumerate(objs, 1):
+            cx, cy, r = o["cx"] * s, o["cy"] * s, o["radius"] * s
+            name = SHAPES[o["shape"]]
+            if name == "circle":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=j)
+            elif name == "ring":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=j, width=max(1, round(0.45 * r)))
+            else:                                       # polygons inscribed in the circle of radius r
+                n = 3 if name == "triangle" else 4
+                t = 2 * np.pi * np.arange(n) / n
+                u, v = r * np.cos(t), r * np.sin(t) * (0.65 if name == "diamond" else 1.0)
+                ca, sa = np.cos(o["angle"]), np.sin(o["angle"])
+                draw.polygon([(float(cx + a * ca - b * sa), float(cy + a * sa + b * ca)) for a, b in zip(u, v)],
+                             fill=j)
+        big = np.asarray(canvas)                                           # [sS, sS]
+        n, pix = len(objs) + 1, np.arange(S * s) // s                      # sub-pixel -> pixel row/col
+        counts = np.bincount(((pix[:, None] * S + pix[None]) * n + big).ravel(), minlength=S * S * n)
+        cover = counts.reshape(S, S, n).transpose(2, 0, 1).astype(np.float32) / (s * s)  # [k+1, S, S] shares
+        mask = cover.argmax(0).astype(np.uint8)          # most-covered id per pixel (ties: lower id)
+
+        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S                 # [S, S] in [0, 1)
+        img = cover[0][..., None] * self._background(rng, xx, yy)
+        light = rng.normal(size=2)
+        light /= np.linalg.norm(light) + 1e-6
+        for j, o in enumerate(objs, 1):                 # flat colour with a soft light gradient
+            d = ((xx * S - o["cx"]) * light[0] + (yy * S - o["cy"]) * light[1]) / o["radius"]
+            shade = np.clip(1 + 0.2 * d, 0.75, 1.25)[..., None]
+            img += cover[j][..., None] * (np.array(list(COLOURS.values())[o["colour"]]) + o["jitter"]) * shade
+        img += rng.normal(0, 3, img.shape)
+        image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+        return image, mask, self._class(objs[-1])
+
+    def _background(self, rng, xx, yy):
+        """Muted colour + smooth noise (bilinear from a 4x4 grid) + a gradient + light stripes."""
+        S = xx.shape[0]
+        base = rng.uniform(70, 180) + rng.normal(0, 15, 3)                 # [3] low saturation
+        pos = np.linspace(0, 3, S)
+        w = np.maximum(0, 1 - np.abs(pos[:, None] - np.arange(4)[None]))   # [S, 4] bilinear weights
+        grid = rng.normal(0, 22, (4, 4, 3))
+        noise = np.stack([w @ grid[..., c] @ w.T for c in range(3)], -1)    # [S, S, 3]
+        t = rng.uniform(0, 2 * np.pi, 2)
+        ramp = rng.uniform(-30, 30) * (xx * np.cos(t[0]) + yy * np.sin(t[0]) - 0.5)
+        period = rng.uniform(0.08, 0.25)
+        stripes = rng.uniform(4, 16) * np.sin(2 * np.pi * (xx * np.cos(t[1]) + yy * np.sin(t[1])) / period)
+        return base + noise + (ramp + stripes)[..., None]                  # [S, S, 3]
+
+
+def write_shapes(dataset, out_dir):
+    """Save a ShapesDataset as out_dir/images/<class>/<name>.png (ImageNet layout) and its instance
+    masks as out_dir/masks/<class>/<name>.png, for FolderDataset(images, masks_root=masks)."""
+    for sub in ("images", "masks"):
+        for c in dataset.classes:
+            os.makedirs(os.path.join(out_dir, sub, c), exist_ok=True)
+    for i, f in enumerate(dataset.files):
+        img, mask, target = dataset.load(i)
+        rel = os.path.join(dataset.classes[target], os.path.basename(f))
+        img.save(os.path.join(out_dir, "images", rel))
+        Image.fromarray(mask, "L").save(os.path.join(out_dir, "masks", rel))
+    return len(dataset)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class FolderDataset:
+    """ImageNet layout: root/<class>/<...>/<file>. Classes and files sorted, so every process and
+    every stage sees the same order; `.files` are paths relative to root ('n01440764/x.JPEG')."""
+
+    def __init__(self, root, masks_root=None):
+        if not os.path.isdir(root):
+            raise ValueError(f"image folder {root} does not exist; pass --data_path an ImageNet-layout "
+                             "folder (root/<class>/<image>)")
+        self.root, self.masks_root = root, masks_root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.files, self.targets = [], []
+        for c, name in enumerate(self.classes):
+            found = []
+            for d, _, names in os.walk(os.path.join(root, name), followlinks=True):
+                found += [os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
+                          for n in names if n.lower().endswith(EXTENSIONS)]
+            self.files += sorted(found)
+            self.targets += [c] * len(found)
+        if not self.files:
+            raise ValueError(f"image folder {root} has no images in class sub-folders; expected "
+                             f"root/<class>/<image> with one of {', '.join(EXTENSIONS)}")
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, i):
+        """-> (PIL RGB image, instance mask np.uint8 [H, W] or None, class int)"""
+        path = os.path.join(self.root, self.files[i])
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image {path} ({e}); delete or replace the file") from None
+        mask = None
+        if self.masks_root is not None:
+            mpath = os.path.join(self.masks_root, os.path.splitext(self.files[i])[0] + ".png")
+            try:
+                with Image.open(mpath) as im:
+                    mask = np.array(im)
+            except OSError as e:
+                raise ValueError(f"cannot read instance mask {mpath} ({e}); every image needs one "
+                                 "(all zeros when it has no objects)") from None
+            if mask.ndim != 2 or mask.shape != (img.height, img.width) or mask.max(initial=0) > 255:
+                raise ValueError(f"instance mask {mpath} must be a single-channel 8-bit PNG of the image's "
+                                 f"size {img.height}x{img.width}, got shape {mask.shape}")
+            mask = mask.astype(np.uint8)
+        return img, mask, self.targets[i]
+
+
+# ----------------------------------------------------------------------------- COCO instance masks
+
+def _rle_counts(counts):
+    """pycocotools' compressed RLE string -> run lengths. Each char c holds 5 bits of (c - 48),
+    least significant group first; 0x20 = more groups follow; 0x10 in the last group = negative.
+    From the 4th run on, a run is stored as the difference to the run two before it."""
+    runs, p, s = [], 0, counts.encode() if isinstance(counts, str) else counts
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = s[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x -= 1 << (5 * k)                       # sign-extend
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def _decode_segmentation(seg, h, w):
+    """One COCO `segmentation` -> bool [h, w]: polygons (list of [x1, y1, x2, y2, ...]) drawn with
+    PIL, RLE ({'size', 'counts'} with a list or a compressed string) decoded column-major."""
+    if isinstance(seg, list):
+        canvas = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(canvas)
+        for poly in seg:
+            if len(poly) >= 6:
+                draw.polygon([(float(poly[k]), float(poly[k + 1])) for k in range(0, len(poly) - 1, 2)], fill=1)
+        return np.asarray(canvas, dtype=bool)
+    rh, rw = seg["size"]
+    runs = seg["counts"] if isinstance(seg["counts"], list) else _rle_counts(seg["counts"])
+    if sum(runs) != rh * rw:
+        raise ValueError(f"RLE runs sum to {sum(runs)}, not {rh}x{rw}")
+    flat = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool)        # runs start with zeros
+    return flat.reshape((rh, rw), order="F")
+
+
+def coco_instance_masks(json_path, image_ids=None):
+    """COCO instances JSON -> {file_name: np.uint8 [H, W]}: 0 = background, instances 1..k in
+    annotation order (later ones overwrite overlaps, at most 254). Crowd annotations (iscrowd=1)
+    mark groups, not single objects, so they stay background (objmae §4.1 picks single objects)."""
+    try:
+        with open(json_path) as f:
+            coco = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read COCO annotations {json_path} ({e}); pass an instances_*.json file") from None
+    images = [im for im in coco["images"] if image_ids is None or im["id"] in set(image_ids)]
+    anns = {im["id"]: [] for im in images}
+    for a in coco.get("annotations", []):
+        if a["image_id"] in anns and not a.get("iscrowd", 0):
+            anns[a["image_id"]].append(a)
+    out = {}
+    for im in images:
+        mask = np.zeros((im["height"], im["width"]), np.uint8)
+        for k, a in enumerate(anns[im["id"]][:254], 1):
+            mask[_decode_segmentation(a["segmentation"], im["height"], im["width"])] = k
+        out[im["file_name"]] = mask
+    return out
+
+
+# ----------------------------------------------------------------------------- objects per cell
+
+def instance_cells(inst_mask, grid, min_share=0.2, min_object=0.05):
+    """Instance mask [H, W] (0 = background) -> object id per cell, np.uint8 [gh, gw].
+
+    objmae §3.2: a cell belongs to an object when >= min_share (20%) of its pixels do; when
+    several pass, the larger share wins (ties: the lower id). objmae §4.1: objects covering
+    < min_object (5%) of the image are dropped first and count as background. Ids keep their
+    values from the mask (so they may have gaps); 0 = background.
+    """
+    m = np.asarray(inst_mask)
+    (H, W), (gh, gw) = m.shape, grid
+    if H % gh or W % gw:
+        raise ValueError(f"mask size {H}x{W} is not a multiple of the grid {gh}x{gw}; resize it first")
+    area = np.bincount(m.ravel(), minlength=256)
+    keep = (area >= min_object * H * W - 1e-6) & (np.arange(len(area)) > 0)
+    ids = np.flatnonzero(keep)                                            # [n] ascending object ids
+    if len(ids) == 0:
+        return np.zeros((gh, gw), np.uint8)
+    lut = np.zeros(len(area), np.int64)
+    lut[ids] = np.arange(1, len(ids) + 1)                                 # 0 = background / dropped
+    ch, cw, n = H // gh, W // gw, len(ids) + 1
+    cell = (np.arange(H)[:, None] // ch) * gw + np.arange(W)[None] // cw  # [H, W] cell index
+    counts = np.bincount((cell * n + lut[m]).ravel(), minlength=gh * gw * n).reshape(gh * gw, n)
+    obj = counts[:, 1:]                                                   # [cells, n-1]
+    passed = np.where(obj >= min_share * ch * cw - 1e-6, obj, -1)
+    best = passed.argmax(1)                                               # first max = lower id
+    out = np.where(passed.max(1) >= 0, ids[best], 0)
+    return out.reshape(gh, gw).astype(np.uint8)
+
+
+def object_ratio(labels):
+    """Mean object ratio of region cells [N, gh, gw] (or [gh, gw]): mean over every object of
+    every image of (its cells / all cells). objmae Eq. 1 counts pixels; we count cells after the
+    20% rule, which is what the masking sees. Ids 1..254 are objects. 0.0 when there are none."""
+    lab = torch.as_tensor(labels).reshape(-1, labels.shape[-2] * labels.shape[-1]).long()
+    n, c = lab.shape
+    counts = torch.zeros(n, 256, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))[:, 1:IGNORE]
+    present = counts > 0
+    return float((counts[present].float() / c).mean()) if present.any() else 0.0
+
+
+# ----------------------------------------------------------------------------- cells -> patches
+
+def cells_to_patches(labels, factor):
+    """Region cells [B, gh, gw] -> one label per patch [B, (gh/f)*(gw/f)] (row-major patches) by
+    majority vote over each f x f block of cells. Ties go to the lowest label; ignore (255) wins
+    only when the whole patch is ignore. f = 1 is a reshape. Pairwise comparisons, O(f^4) per
+    patch: cheap for the f = 1, 2 that patch 8/16 over 8-px cells need."""
+    B, gh, gw = labels.shape
+    if gh % factor or gw % factor:
+        raise ValueError(f"grid {gh}x{gw} is not a multiple of {factor} cells per patch side")
+    if factor == 1:
+        return labels.reshape(B, gh * gw)
+    f = factor
+    v = labels.reshape(B, gh // f, f, gw // f, f).permute(0, 1, 3, 2, 4).reshape(B, -1, f * f)  # [B, L, f*f]
+    votes = (v[..., :, None] == v[..., None, :]).sum(-1)                  # [B, L, f*f] count of own label
+    real = v != IGNORE
+    votes = torch.where(real | ~real.any(-1, keepdim=True), votes, 0)    # ignore loses to any label
+    best = (votes * 256 + (255 - v.long())).argmax(-1, keepdim=True)      # most votes, then lowest label
+    return v.gather(-1, best).squeeze(-1)
+
+
+def scores_to_patches(scores, factor):
+    """Cell scores [B, gh, gw] -> mean per patch [B, (gh/f)*(gw/f)] (row-major patches)."""
+    B = scores.shape[0]
+    if factor == 1:
+        return scores.reshape(B, -1)
+    return F.avg_pool2d(scores[:, None].float(), factor).reshape(B, -1)
+
+
+# ----------------------------------------------------------------------------- the regions file
+
+def save_regions(path, labels, scores, files, meta):
+    """Write the regions file atomically (temp file in the same folder, then os.replace).
+    labels: uint8 [N, gh, gw]; scores: [N, gh, gw] (stored float16) or None; files: N paths
+    relative to the data root in dataset order; meta: dict of plain types (DESIGN.md)."""
+    labels = torch.as_tensor(labels).to(torch.uint8).contiguous()
+    if labels.dim() != 3 or labels.shape[0] != len(files):
+        raise ValueError(f"labels must be [N, gh, gw] with N = {len(files)} files, got {tuple(labels.shape)}")
+    obj = {"labels": labels, "files": [str(f) for f in files], "meta": dict(meta)}
+    if scores is not None:
+        scores = torch.as_tensor(scores).to(torch.float16).contiguous()
+        if scores.shape != labels.shape:
+            raise ValueError(f"scores shape {tuple(scores.shape)} differs from labels {tuple(labels.shape)}")
+        obj["scores"] = scores
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".regions-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_regions(path, files, input_size):
+    """Load and check a regions file against the dataset's files and --input_size.
+    -> {'labels': uint8 [N, gh, gw], 'scores': float16 [N, gh, gw] or None, 'files', 'meta'}
+    (memory-mapped: DataLoader workers share the pages)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"regions file {path} does not exist; make it with part_learn.py first")
+    try:
+        r = torch.load(path, weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a regions file ({type(e).__name__}); make it with part_learn.py") from None
+    if not isinstance(r, dict) or not {"labels", "files", "meta"} <= r.keys():
+        raise ValueError(f"{path} is not a regions file (no labels/files/meta); make it with part_learn.py")
+    labels, scores, meta = r["labels"], r.get("scores"), r["meta"]
+    if len(r["files"]) != len(files):
+        raise ValueError(f"{path} has regions for {len(r['files'])} images but the dataset has {len(files)}; "
+                         "make it with part_learn.py on the same data (--data_path / --num_images)")
+    for i, (a, b) in enumerate(zip(r["files"], files)):
+        if a != b:
+            raise ValueError(f"{path} does not match the dataset: image {i} is '{a}' there but '{b}' in "
+                             "the dataset; make it with part_learn.py on the same --data_path")
+    if meta.get("input_size") != input_size:
+        raise ValueError(f"{path} was made at input size {meta.get('input_size')} but --input_size is "
+                         f"{input_size}; pass --input_size {meta.get('input_size')} or remake the regions")
+    cell = meta.get("cell_size", 8)
+    grid = input_size // cell
+    if (not isinstance(labels, torch.Tensor) or labels.dtype != torch.uint8
+            or tuple(labels.shape) != (len(files), grid, grid)
+            or (scores is not None and tuple(scores.shape) != tuple(labels.shape))):
+        raise ValueError(f"{path} holds labels of shape {tuple(getattr(labels, 'shape', ()))}, expected uint8 "
+                         f"[{len(files)}, {grid}, {grid}] for input size {input_size} and cell size {cell} "
+                         "(and scores of the same shape); remake it with part_learn.py")
+    return {"labels": labels, "scores": scores, "files": r["files"], "meta": meta}
+
+
+# ----------------------------------------------------------------------------- pre-training samples
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """(img [3, S, S] normalised, cell_labels long [S/c, S/c], cell_scores float [S/c, S/c], target).
+
+    Cells come from the regions file (row i), else from the base's instance mask by objmae's rules
+    (`instance_cells`), else they are all 255 (ignore) with zero scores. semmae §4.1: random
+    horizontal flip is the only augmentation; image and cells flip together. The coin comes from
+    torch's RNG so DataLoader worker seeding and resume control it.
+    """
+
+    def __init__(self, base, input_size, regions=None, hflip=True, cell_size=8):
+        if input_size % cell_size:
+            raise ValueError(f"--input_size {input_size} is not a multiple of the cell size {cell_size}; "
+                             f"use a multiple of {cell_size}")
+        self.base, self.size, self.regions, self.hflip = base, input_size, regions, hflip
+        self.grid = (input_size // cell_size, input_size // cell_size)
+        if regions is not None:
+            shape = tuple(regions["labels"].shape)
+            if shape != (len(base), *self.grid):
+                raise ValueError(f"regions labels {shape} do not fit {len(base)} images on a {self.grid[0]}x"
+                                 f"{self.grid[1]} grid (input size {input_size} / cell size {cell_size}); "
+                                 f"pass the cell size the regions were made with (meta cell_size)")
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, mask, target = self.base.load(i)
+        S = self.size
+        if img.size != (S, S):
+            img = img.resize((S, S), Image.BICUBIC)
+        if self.regions is not None:
+            labels = self.regions["labels"][i].long()
+            sc = self.regions["scores"]
+            scores = sc[i].float() if sc is not None else torch.zeros(self.grid)
+        elif mask is not None:
+            if mask.shape != (S, S):
+                mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
+            labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
+            scores = torch.zeros(self.grid)
+        else:
+            labels, scores = torch.full(self.grid, IGNORE, dtype=torch.long), torch.zeros(self.grid)
+        if self.hflip and torch.rand(()) < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            labels, scores = labels.flip(-1), scores.flip(-1)
+        x = TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+        return x, labels, scores, target
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Write the built-in shapes scenes as an image folder + instance masks.")
+    p.add_argument("--write", required=True, metavar="OUT", help="output folder (gets images/ and masks/)")
+    p.add_argument("--num_images", type=int, default=2000)
+    p.add_argument("--img_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train", choices=["train", "val"])
+    a = p.parse_args()
+    ds = ShapesDataset(a.num_images, a.img_size, a.seed, a.split)
+    n = write_shapes(ds, a.write)
+    print(f"wrote {n} images of {a.img_size}x{a.img_size} in {len(ds.classes)} classes to "
+          f"{os.path.join(a.write, 'images')} and their instance masks to {os.path.join(a.write, 'masks')}")
