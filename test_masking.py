@@ -1,0 +1,539 @@
+"""Tests for masking.py: exact counts, Algorithm 1 against a slow exact reference, uniformity of every random
+choice, ObjMAE's selection/division/alignment invariants, no host sync on the hot path, argument errors."""
+import inspect
+import itertools
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import masking as M
+
+torch.set_num_threads(1)
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def num_masked(L, ratio):
+    return L - int(L * (1 - ratio))  # MAE's rounding, the contract every masking function keeps
+
+
+def assert_uniform(freq, p, draws, sigmas=5.0):
+    """Empirical frequencies `freq` (any shape) of events of probability `p` over `draws` draws."""
+    p = torch.as_tensor(p, dtype=torch.float64)
+    tol = sigmas * torch.sqrt(p * (1 - p) / draws) + 1e-12
+    assert ((freq.double() - p).abs() <= tol).all(), (freq, p)
+
+
+# ----------------------------------------------------------------------------- random masking and mask_to_ids
+
+@pytest.mark.parametrize("L,ratio", [(196, 0.75), (784, 0.75), (49, 0.6), (10, 0.7), (7, 0.0), (1, 0.5), (3, 0.99)])
+def test_random_masking_count_and_uniformity(L, ratio):
+    mask = M.random_masking(3000, L, ratio, generator=gen())
+    assert mask.dtype == torch.bool and mask.shape == (3000, L)
+    assert (mask.sum(1) == num_masked(L, ratio)).all()
+    assert_uniform(mask.double().mean(0), num_masked(L, ratio) / L, 3000)
+
+
+def test_mask_to_ids_splits_in_ascending_order():
+    mask = M.random_masking(16, 50, 0.75, generator=gen())
+    keep, masked = M.mask_to_ids(mask)
+    assert keep.shape == (16, 50 - num_masked(50, 0.75)) and masked.shape == (16, num_masked(50, 0.75))
+    assert (keep.diff(dim=1) > 0).all() and (masked.diff(dim=1) > 0).all()
+    assert not mask.gather(1, keep).any() and mask.gather(1, masked).all()
+    same = M.mask_to_ids(mask, num_masked=num_masked(50, 0.75))
+    assert torch.equal(same[0], keep) and torch.equal(same[1], masked)
+
+
+def test_mask_to_ids_refuses_unequal_rows():
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, :2] = True
+    with pytest.raises(ValueError, match="same number"):
+        M.mask_to_ids(mask)
+
+
+# ----------------------------------------------------------------------------- alpha schedule (semmae Table 3)
+
+def test_alpha_schedule():
+    assert M.alpha_schedule(0.0, 2) == 0.0 and M.alpha_schedule(1.0, 2) == 1.0
+    assert M.alpha_schedule(0.5, 2) == 0.25 and M.alpha_schedule(0.5, 1 / 2) == pytest.approx(0.5 ** 0.5)
+    assert M.alpha_schedule(0.5, 2, reverse=True) == 0.75
+    assert M.alpha_schedule(0.3, 1, reverse=True) == pytest.approx(0.7)  # Table 3 "1 -> 0", gamma = 1
+    xs = [M.alpha_schedule(p / 10, 3) for p in range(11)]
+    assert xs == sorted(xs)  # keeps increasing during training (§3.2)
+
+
+# ----------------------------------------------------------------------------- Algorithm 1 against a slow reference
+
+def reference_quota(sizes, ratio, alpha, perm):
+    """Algorithm 1 for one sample, exact rational arithmetic, the slow obvious way. perm = part order."""
+    r, a, L = Fraction(ratio), Fraction(alpha), sum(sizes)
+    mask1 = [r * s for s in sizes]                      # line 1
+    mask2, left = [Fraction(0)] * len(sizes), r * L     # lines 2-6: whole parts until the budget
+    for k in perm:
+        mask2[k] = min(Fraction(sizes[k]), max(left, Fraction(0)))
+        left -= sizes[k]
+    return [(1 - a) * m1 + a * m2 for m1, m2 in zip(mask1, mask2)]   # line 8
+
+
+def check_counts_against_reference(counts, sizes, ratio, alpha, perm):
+    """The rounding contract, for one sample: exact total, floor or ceil of the exact quota, never above the
+    size, and the extra patches go to the largest fractional parts (equal when the fractions are distinct)."""
+    quota = reference_quota(sizes, ratio, alpha, perm)
+    assert sum(counts) == num_masked(sum(sizes), ratio)
+    floors = [math.floor(q) for q in quota]
+    for c, q, f, s in zip(counts, quota, floors, sizes):
+        assert 0 <= c <= s and abs(c - q) < 1 and c in (f, math.ceil(q)), (counts, quota)
+    frac = [q - f for q, f in zip(quota, floors)]
+    got = [f for c, f, fl in zip(counts, frac, floors) if c > fl]
+    missed = [f for c, f, fl, s in zip(counts, frac, floors, sizes) if c == fl and fl < s]
+    if got and missed:
+        assert min(got) >= max(missed) - Fraction(1, 10 ** 8), (counts, quota)
+    gaps = [b - a for a, b in zip(sorted(frac), sorted(frac)[1:])]
+    if all(gap > Fraction(1, 10 ** 8) for gap in gaps):   # no ties (up to float noise): the result is unique
+        extra = sum(counts) - sum(floors)
+        best = sorted(range(len(frac)), key=lambda k: -frac[k])[:extra]
+        assert counts == [fl + (k in best) for k, fl in enumerate(floors)]
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 6, 9])
+@pytest.mark.parametrize("ratio,alpha", [(0.75, 0.0), (0.75, 1.0), (0.75, 0.5), (0.6, 0.3), (0.5, 0.91), (0.0, 0.5),
+                                         (0.3, 1 / 3)])
+def test_part_mask_counts_match_reference(K, ratio, alpha):
+    g = gen(K)
+    B = 40
+    sizes = torch.randint(0, 12, (B, K), generator=g) * (torch.rand(B, K, generator=g) > 0.2)   # some empty parts
+    sizes[0] = 0
+    sizes[0, 0] = 196 if K == 1 else 5                  # one whole part / one non-empty part
+    sizes[1] = 1                                        # many tiny parts
+    replay = torch.Generator()
+    replay.set_state(g.get_state())
+    perm = torch.rand((B, K), dtype=torch.float64, generator=replay).argsort(1)   # the documented first draw
+    counts = M.part_mask_counts(sizes, ratio, alpha, generator=g)
+    assert counts.dtype == torch.long and counts.shape == (B, K)
+    for b in range(B):
+        check_counts_against_reference(counts[b].tolist(), sizes[b].tolist(), ratio, alpha, perm[b].tolist())
+
+
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=10), st.floats(0, 0.99), st.floats(0, 1), st.integers(0, 99))
+@FAST
+def test_part_mask_counts_match_reference_hypothesis(sizes, ratio, alpha, seed):
+    g = gen(seed)
+    replay = torch.Generator()
+    replay.set_state(g.get_state())
+    perm = torch.rand((1, len(sizes)), dtype=torch.float64, generator=replay).argsort(1)[0].tolist()
+    counts = M.part_mask_counts(torch.tensor([sizes]), ratio, alpha, generator=g)[0].tolist()
+    check_counts_against_reference(counts, sizes, ratio, alpha, perm)
+
+
+def test_part_mask_counts_alpha_one_is_whole_parts_in_a_uniform_order():
+    """At alpha = 1 the distribution over outcomes is the one of a uniformly random part order."""
+    sizes, ratio, B = [6, 2, 3, 1], 0.5, 6000
+    expected = {}
+    for perm in itertools.permutations(range(4)):
+        q = reference_quota(sizes, ratio, 1.0, perm)
+        key = tuple(math.ceil(x) for x in q)  # rL = 6 is an integer: no rounding
+        expected[key] = expected.get(key, 0) + Fraction(1, 24)
+    counts = M.part_mask_counts(torch.tensor([sizes] * B), ratio, 1.0, generator=gen())
+    seen = {}
+    for row in counts.tolist():
+        seen[tuple(row)] = seen.get(tuple(row), 0) + 1
+    assert set(seen) <= set(expected)
+    for key, p in expected.items():
+        assert_uniform(torch.tensor(seen.get(key, 0) / B), float(p), B)
+
+
+def test_part_mask_counts_ties_are_random_not_by_part_order():
+    """Four equal parts, quota 1.5 each at alpha = 0: which two get the extra patch is uniform."""
+    counts = M.part_mask_counts(torch.tensor([[3, 3, 3, 3]] * 4000), 0.5, 0.0, generator=gen())
+    assert (counts.sum(1) == 6).all() and ((counts == 1) | (counts == 2)).all()
+    assert_uniform((counts == 2).double().mean(0), 0.5, 4000)
+
+
+def test_part_mask_counts_alpha_zero_is_a_share_of_every_part():
+    counts = M.part_mask_counts(torch.tensor([[100, 60, 36]]), 0.75, 0.0, generator=gen())
+    assert counts.tolist() == [[75, 45, 27]]
+
+
+# ----------------------------------------------------------------------------- semantic-guided masking
+
+LAYOUTS = {
+    "one part": lambda L, g: torch.zeros(L, dtype=torch.long),
+    "many tiny parts": lambda L, g: torch.arange(L) % 50,
+    "unequal": lambda L, g: torch.tensor([0] * (L // 2) + [1] * (L // 3) + [2] * (L - L // 2 - L // 3)),
+    "random K=6": lambda L, g: torch.randint(0, 6, (L,), generator=g),
+    "K does not divide L": lambda L, g: torch.arange(L) % 7,
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("L", [196, 49, 13])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_semantic_guided_masking_exact_count(layout, L, alpha):
+    g = gen(L)
+    labels = torch.stack([LAYOUTS[layout](L, g)[torch.randperm(L, generator=g)] for _ in range(8)])
+    num_parts = int(labels.max()) + 3  # two empty parts as well
+    for ratio in (0.75, 0.5, 0.1):
+        mask = M.semantic_guided_masking(labels, ratio, alpha, num_parts=num_parts, generator=g)
+        assert mask.dtype == torch.bool and mask.shape == labels.shape
+        assert (mask.sum(1) == num_masked(L, ratio)).all()
+        inferred = M.semantic_guided_masking(labels, ratio, alpha, generator=g)   # num_parts read from labels
+        assert (inferred.sum(1) == num_masked(L, ratio)).all()
+
+
+@given(st.integers(1, 6), st.integers(1, 60), st.integers(1, 9), st.floats(0, 0.99), st.floats(0, 1),
+       st.integers(0, 99))
+@FAST
+def test_semantic_guided_masking_counts_follow_algorithm_1(B, L, K, ratio, alpha, seed):
+    g = gen(seed)
+    labels = torch.randint(0, K, (B, L), generator=g)
+    replay = torch.Generator()
+    replay.set_state(g.get_state())
+    sizes = torch.zeros(B, K, dtype=torch.long).scatter_add_(1, labels, torch.ones_like(labels))
+    counts = M.part_mask_counts(sizes, ratio, alpha, generator=replay)   # the same draws, in the same order
+    mask = M.semantic_guided_masking(labels, ratio, alpha, num_parts=K, generator=g)
+    per_part = torch.zeros(B, K, dtype=torch.long).scatter_add_(1, labels, mask.long())
+    assert torch.equal(per_part, counts)
+    assert (mask.sum(1) == num_masked(L, ratio)).all()
+
+
+def test_semantic_guided_masking_is_uniform_inside_each_part():
+    """Per-patch masking frequencies over many draws are equal inside a part (no preference by position)."""
+    L, B = 30, 6000
+    row = torch.tensor([0] * 12 + [1] * 7 + [2] * 10 + [3])[torch.randperm(L, generator=gen(1))]
+    labels = row.expand(B, L)
+    for alpha in (0.0, 0.5, 1.0):
+        mask = M.semantic_guided_masking(labels, 0.75, alpha, num_parts=4, generator=gen(2))
+        freq = mask.double().mean(0)
+        for k in range(4):
+            inside = freq[row == k]
+            assert_uniform(inside, inside.mean(), B)
+
+
+def test_semantic_alpha_one_masks_whole_parts():
+    labels = torch.tensor([[0] * 8 + [1] * 8 + [2] * 8 + [3] * 8] * 50)   # 32 patches, M = 24: 3 whole parts
+    mask = M.semantic_guided_masking(labels, 0.75, 1.0, num_parts=4, generator=gen())
+    per_part = torch.zeros(50, 4, dtype=torch.long).scatter_add_(1, labels, mask.long())
+    assert ((per_part == 0) | (per_part == 8)).all() and (per_part.sum(1) == 24).all()
+
+
+# ----------------------------------------------------------------------------- foreground keep (semmae §4.2)
+
+def test_keep_foreground_keeps_the_best_in_ascending_order():
+    scores = torch.rand(5, 784, generator=gen())
+    keep = M.keep_foreground(scores, 0.25, generator=gen(1))
+    assert keep.shape == (5, 196) and (keep.diff(dim=1) > 0).all()
+    assert torch.equal(keep, scores.topk(196, dim=1).indices.sort(1).values)
+
+
+def test_keep_foreground_ties_are_random():
+    scores = torch.zeros(4000, 8)
+    scores[:, 0] = 1.0                                  # the one sure foreground patch, then seven ties
+    keep = M.keep_foreground(scores, 0.5, generator=gen())
+    kept = torch.zeros(4000, 8).scatter_(1, keep, 1.0)
+    assert (kept[:, 0] == 1).all()
+    assert_uniform(kept[:, 1:].mean(0), 3 / 7, 4000)
+
+
+# ----------------------------------------------------------------------------- ObjMAE
+
+def seq_len(seq_ratio, L):
+    return max(1, round(seq_ratio * L))
+
+
+def objects(ids, valid, labels):
+    """The set of labels of the valid slots of every row."""
+    lab = labels.gather(1, ids)
+    return [set(lab[b][valid[b]].tolist()) for b in range(ids.shape[0])]
+
+
+def candidates(row):
+    """Labels of choosable objects: 1..254 with at least two patches (1-patch objects cannot be split)."""
+    values, counts = torch.unique(row, return_counts=True)
+    return {v for v, c in zip(values.tolist(), counts.tolist()) if 0 < v < 255 and c >= 2}
+
+
+def check_object_masks(m, labels, seq_ratio, padding, relation):
+    """Invariants every ObjMAE output keeps, checked row by row in plain Python."""
+    B, L = labels.shape
+    n = m.src_ids.shape[1]
+    for t in m:
+        assert t.shape == (B, n)
+    assert m.src_ids.dtype == torch.long and m.src_valid.dtype == torch.bool
+    assert ((m.src_ids >= 0) & (m.src_ids < L) & (m.tgt_ids >= 0) & (m.tgt_ids < L)).all()
+    if padding != "throwout":
+        assert n == seq_len(seq_ratio, L)
+    if padding in ("throwout", "replicate"):
+        assert m.src_valid.all() and m.tgt_valid.all()
+    for b in range(B):
+        src, tgt = set(m.src_ids[b].tolist()), set(m.tgt_ids[b].tolist())
+        assert not src & tgt, "source and target share a patch"
+        src_real = m.src_ids[b][m.src_valid[b]].tolist()
+        tgt_real = m.tgt_ids[b][m.tgt_valid[b]].tolist()
+        if padding != "replicate":
+            assert len(set(src_real)) == len(src_real) and len(set(tgt_real)) == len(tgt_real)
+        assert src_real and tgt_real
+        assert m.src_valid[b].tolist() == sorted(m.src_valid[b].tolist(), reverse=True)   # padding after content
+
+
+@given(st.integers(1, 5), st.integers(2, 40), st.floats(0, 0.99), st.sampled_from(M._PADDINGS),
+       st.sampled_from(M._RELATIONS), st.booleans(), st.integers(0, 999))
+@FAST
+def test_object_wise_masking_invariants(B, L, seq_ratio, padding, relation, with_scores, seed):
+    g = gen(seed)
+    alphabet = torch.tensor([0, 1, 2, 3, 255])
+    weights = torch.rand(5, generator=g)
+    labels = alphabet[torch.multinomial(weights, B * L, replacement=True, generator=g)].view(B, L)
+    scores = torch.rand(B, L, generator=g).round(decimals=1) if with_scores else None   # with ties
+    m = M.object_wise_masking(labels, seq_ratio, padding, relation, scores, generator=g)
+    check_object_masks(m, labels, seq_ratio, padding, relation)
+    n = m.src_ids.shape[1]
+    for b in range(B):
+        cand, row = candidates(labels[b]), labels[b]
+        src_lab = set(row[m.src_ids[b][:1]].tolist())   # slot 0 is always real content of the source
+        tgt_lab = set(row[m.tgt_ids[b][:1]].tolist())
+        region = lambda lab: (row == lab).sum().item()
+        if relation == "image" or not cand:
+            src_size = L                                 # whole image
+            if padding in ("zero", "throwout"):
+                assert m.src_valid[b].sum() == min((L + 1) // 2, n) and m.tgt_valid[b].sum() == min(L // 2, n)
+            continue
+        (s,) = src_lab
+        (t,) = tgt_lab
+        if relation == "intra" or (relation == "inter" and len(cand | ({0} if region(0) >= 2 and len(cand) == 1
+                                                                     else set())) < 2):
+            assert s == t and s in cand
+            N = region(s)
+            if padding in ("zero", "throwout"):
+                assert objects(m.src_ids, m.src_valid, labels)[b] == {s} == objects(m.tgt_ids, m.tgt_valid, labels)[b]
+                assert m.src_valid[b].sum() == min((N + 1) // 2, n) and m.tgt_valid[b].sum() == min(N // 2, n)
+        else:
+            assert s != t and s in cand | {0} and t in cand | {0}
+            if 0 in (s, t):
+                assert len(cand) == 1                    # background only joins a lone object
+            if padding in ("zero", "throwout"):
+                assert m.src_valid[b].sum() == min(region(s), n) and m.tgt_valid[b].sum() == min(region(t), n)
+
+
+def test_object_is_chosen_uniformly_not_by_size_and_never_ignore():
+    B = 6000
+    row = torch.tensor([0] * 10 + [1] * 2 + [2] * 8 + [3] * 30 + [255] * 40 + [4] * 1)   # 4: a 1-patch object
+    labels = row.expand(B, -1)
+    m = M.object_wise_masking(labels, 0.2, "zero", "intra", generator=gen())
+    chosen = labels.gather(1, m.src_ids[:, :1]).squeeze(1)
+    for obj in (1, 2, 3):
+        assert_uniform((chosen == obj).double().mean(), 1 / 3, B)
+    assert not ((chosen == 0) | (chosen == 255) | (chosen == 4)).any()
+
+
+def test_intra_split_is_random_and_halves_are_equal():
+    B, L = 4000, 20
+    row = torch.tensor([0] * 9 + [5] * 11)             # one object, 11 patches: halves of 6 and 5
+    labels = row.expand(B, L)
+    m = M.object_wise_masking(labels, 0.9, "zero", "intra", generator=gen())   # n = 18: no throwing
+    assert (m.src_valid.sum(1) == 6).all() and (m.tgt_valid.sum(1) == 5).all()
+    in_src = torch.zeros(B, L).scatter_(1, torch.where(m.src_valid, m.src_ids, 0), 1.0)[:, 9:]   # 0: background
+    assert_uniform(in_src.mean(0), 6 / 11, B)
+
+
+def test_larger_halves_keep_a_random_subset_of_n():
+    B, L = 4000, 40
+    labels = torch.tensor([0] * 10 + [1] * 30).expand(B, L)   # halves of 15, n = 4
+    m = M.object_wise_masking(labels, 0.1, "zero", "intra", generator=gen())
+    assert m.src_valid.all() and m.tgt_valid.all() and m.src_ids.shape[1] == 4
+    used = torch.zeros(B, L).scatter_(1, torch.cat([m.src_ids, m.tgt_ids], 1), 1.0)[:, 10:]
+    assert_uniform(used.mean(0), 8 / 30, B)
+
+
+def test_padding_modes():
+    labels = torch.tensor([[0] * 14 + [1] * 6] * 300)       # object of 6: halves of 3, n = 5
+    L = labels.shape[1]
+    zero = M.object_wise_masking(labels, 0.25, "zero", generator=gen())
+    assert zero.src_valid.sum(1).eq(3).all() and zero.tgt_valid.sum(1).eq(3).all()
+    assert (zero.src_ids[:, 3:] == zero.src_ids[:, :1]).all()      # invalid slots repeat the first patch
+    rep = M.object_wise_masking(labels, 0.25, "replicate", generator=gen())
+    assert rep.src_valid.all() and rep.tgt_valid.all()
+    assert (labels.gather(1, rep.src_ids) == 1).all() and (labels.gather(1, rep.tgt_ids) == 1).all()
+    assert torch.equal(rep.src_ids[:, 3:], rep.src_ids[:, :2])      # cyclic repeat of the set's own patches
+    rnd = M.object_wise_masking(labels, 0.25, "random", generator=gen())
+    assert rnd.src_valid.all() and rnd.tgt_valid.all()
+    assert (labels.gather(1, rnd.src_ids[:, :3]) == 1).all() and (labels.gather(1, rnd.src_ids[:, 3:]) == 0).all()
+    everything = torch.cat([rnd.src_ids, rnd.tgt_ids], 1).sort(1).values
+    assert (everything.diff(dim=1) > 0).all()                       # ten distinct patches
+    pad = torch.zeros(300, L).scatter_(1, torch.cat([rnd.src_ids[:, 3:], rnd.tgt_ids[:, 3:]], 1), 1.0)[:, :14]
+    assert_uniform(pad.mean(0), 4 / 14, 300)                        # padding drawn uniformly from the rest
+    thr = M.object_wise_masking(torch.tensor([[0] * 4 + [1] * 6, [0] * 2 + [2] * 8]), 0.25, "throwout",
+                                generator=gen())
+    assert thr.src_ids.shape[1] == 3 and thr.src_valid.all()        # smallest half in the batch: 6 // 2
+
+
+def test_random_padding_runs_dry_only_when_2n_exceeds_L():
+    labels = torch.tensor([[1, 1, 0, 0, 0]])                  # n = round(0.8 * 5) = 4, 2n = 8 > 5
+    m = M.object_wise_masking(labels, 0.8, "random", generator=gen())
+    assert m.src_valid.sum() + m.tgt_valid.sum() == 5
+    assert not set(m.src_ids[0].tolist()) & set(m.tgt_ids[0].tolist())
+
+
+def test_inter_object_uses_two_objects_or_background_and_object():
+    B = 3000
+    two = torch.tensor([0] * 6 + [1] * 5 + [2] * 5 + [3] * 4).expand(B, -1)
+    m = M.object_wise_masking(two, 0.5, "zero", "inter", generator=gen())
+    s, t = two.gather(1, m.src_ids[:, :1]).squeeze(1), two.gather(1, m.tgt_ids[:, :1]).squeeze(1)
+    assert ((s != t) & (s > 0) & (t > 0)).all()
+    for a, b in itertools.permutations((1, 2, 3), 2):
+        assert_uniform(((s == a) & (t == b)).double().mean(), 1 / 6, B)
+    one = torch.tensor([[0] * 6 + [7] * 5 + [255] * 2] * 1000)
+    m = M.object_wise_masking(one, 0.5, "zero", "inter", generator=gen())
+    s, t = one.gather(1, m.src_ids[:, :1]).squeeze(1), one.gather(1, m.tgt_ids[:, :1]).squeeze(1)
+    assert (((s == 0) & (t == 7)) | ((s == 7) & (t == 0))).all()
+    assert_uniform((s == 7).double().mean(), 0.5, 1000)
+    assert (one.gather(1, m.src_ids)[m.src_valid] == s[:, None].expand(-1, m.src_ids.shape[1])[m.src_valid]).all()
+
+
+def test_no_object_uses_the_whole_image():
+    labels = torch.tensor([[0] * 10 + [255] * 4 + [3]] * 500)   # only a 1-patch object: no choosable object
+    L = labels.shape[1]
+    for relation in ("intra", "inter"):
+        m = M.object_wise_masking(labels, 0.9, "zero", relation, generator=gen())   # n = 14
+        assert (m.src_valid.sum(1) == 8).all() and (m.tgt_valid.sum(1) == 7).all()
+        used = torch.zeros(500, L).scatter_(1, torch.cat([m.src_ids, m.tgt_ids], 1), 1.0)
+        assert (used == 1).all()                                 # every patch, ignore included
+
+
+def test_scores_pick_the_highest_scoring_patches_first():
+    B, L = 2000, 40
+    labels = torch.tensor([0] * 10 + [1] * 30).expand(B, L)
+    scores = torch.linspace(0, 1, L).expand(B, L).clone()
+    scores[:, 30:] = 2.0                                         # ten tied best patches of the object
+    m = M.object_wise_masking(labels, 0.1, "zero", "intra", scores, generator=gen())   # n = 4: 8 of 30 used
+    used = torch.zeros(B, L).scatter_(1, torch.cat([m.src_ids, m.tgt_ids], 1), 1.0)
+    assert (used[:, :30] == 0).all()
+    assert_uniform(used[:, 30:].mean(0), 0.8, B)                 # ties among the best broken at random
+    src = torch.zeros(B, L).scatter_(1, m.src_ids, 1.0)[:, 30:]
+    assert_uniform(src.mean(0), 0.4, B)                          # and the split between halves is random
+    inter = M.object_wise_masking(torch.tensor([[1] * 10 + [2] * 10] * 4), 0.1, "zero", "inter",
+                                  torch.arange(20.).expand(4, 20), generator=gen())
+    assert (inter.src_ids.sort(1).values.remainder(10) >= 8).all() and (inter.tgt_ids.remainder(10) >= 8).all()
+
+
+def test_image_relation_is_mae_with_alpha():
+    B, L = 3000, 16
+    labels = torch.tensor([0] * 8 + [1] * 8).expand(B, L)
+    scores = torch.arange(16.).expand(B, L)                     # ignored: MAE throws out at random
+    m = M.object_wise_masking(labels, 0.25, "zero", "image", scores, generator=gen())
+    assert m.src_valid.all() and m.tgt_valid.all() and m.src_ids.shape[1] == 4
+    assert_uniform(torch.zeros(B, L).scatter_(1, m.src_ids, 1.0).mean(0), 0.25, B)
+    assert_uniform(torch.zeros(B, L).scatter_(1, m.tgt_ids, 1.0).mean(0), 0.25, B)
+
+
+# ----------------------------------------------------------------------------- batching, devices, determinism
+
+def all_calls(device, labels, scores):
+    B, L = labels.shape
+    yield M.random_masking(B, L, 0.75, device=device)
+    yield M.part_mask_counts(torch.zeros(B, 6, dtype=torch.long, device=device), 0.75, 0.3)
+    yield M.semantic_guided_masking(labels, 0.75, 0.5, num_parts=6)
+    yield M.keep_foreground(scores, 0.25)
+    yield from M.mask_to_ids(torch.zeros(B, L, dtype=torch.bool, device=device), num_masked=12)
+    for relation in M._RELATIONS:
+        for padding in ("zero", "replicate", "random"):
+            yield from M.object_wise_masking(labels, 0.25, padding, relation)
+            yield from M.object_wise_masking(labels, 0.25, padding, relation, scores)
+
+
+def test_hot_path_has_no_host_sync():
+    """On the meta device tensors have no data: any .item(), .nonzero(), bool(), boolean indexing or copy to
+    the host raises, so running there proves the hot path never waits for the device."""
+    meta = torch.device("meta")
+    labels = torch.empty(4, 16, dtype=torch.long, device=meta)
+    scores = torch.empty(4, 16, device=meta)
+    for out in all_calls(meta, labels, scores):
+        assert out.device == meta
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        labels[labels > 0]  # the probe works: boolean indexing does fail on meta
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda():
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    labels = torch.randint(0, 6, (8, 196), device=dev, generator=g)
+    mask = M.semantic_guided_masking(labels, 0.75, 0.5, num_parts=6, generator=g)
+    assert mask.is_cuda and (mask.sum(1) == 147).all()
+    m = M.object_wise_masking(labels, 0.25, "random", "inter", torch.rand(8, 196, device=dev), generator=g)
+    check_object_masks(type(m)(*(t.cpu() for t in m)), labels.cpu(), 0.25, "random", "inter")
+
+
+def test_deterministic_for_a_generator():
+    labels = torch.randint(0, 4, (6, 49), generator=gen(5))
+    scores = torch.rand(6, 49, generator=gen(6)).round(decimals=1)   # ties, which the generator breaks
+    calls = [
+        lambda g: [M.random_masking(6, 49, 0.75, generator=g)],
+        lambda g: [M.semantic_guided_masking(labels, 0.75, 0.5, num_parts=4, generator=g)],
+        lambda g: [M.keep_foreground(scores, 0.5, generator=g)],
+        lambda g: list(M.object_wise_masking(labels, 0.25, "random", "inter", scores, generator=g)),
+        lambda g: list(M.object_wise_masking(labels, 0.25, "zero", "intra", generator=g)),
+    ]
+    for call in calls:
+        a, b, c = call(gen(1)), call(gen(1)), call(gen(2))
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+LAB = torch.zeros(2, 8, dtype=torch.long)
+BAD = [
+    (lambda: M.random_masking(2, 8, 1.0), "mask_ratio"),
+    (lambda: M.random_masking(2, 8, -0.1), "mask_ratio"),
+    (lambda: M.random_masking(0, 8, 0.5), "batch_size"),
+    (lambda: M.random_masking(2, 0, 0.5), "num_patches"),
+    (lambda: M.alpha_schedule(0.5, -1), "gamma"),
+    (lambda: M.alpha_schedule(1.5, 2), "progress"),
+    (lambda: M.part_mask_counts(torch.ones(2, 3), 0.75, 0.5), "part_sizes"),
+    (lambda: M.part_mask_counts(torch.ones(3, dtype=torch.long), 0.75, 0.5), "part_sizes"),
+    (lambda: M.part_mask_counts(-torch.ones(2, 3, dtype=torch.long), 0.75, 0.5), "part_sizes"),
+    (lambda: M.part_mask_counts(torch.ones(2, 3, dtype=torch.long), 0.75, 1.5), "alpha"),
+    (lambda: M.semantic_guided_masking(LAB.float(), 0.75, 0.5), "part_labels"),
+    (lambda: M.semantic_guided_masking(LAB.bool(), 0.75, 0.5), "part_labels"),
+    (lambda: M.semantic_guided_masking(LAB[0], 0.75, 0.5), "part_labels"),
+    (lambda: M.semantic_guided_masking(LAB - 1, 0.75, 0.5), "part_labels"),
+    (lambda: M.semantic_guided_masking(LAB + 6, 0.75, 0.5, num_parts=6), "part_labels"),
+    (lambda: M.semantic_guided_masking(LAB, 1.2, 0.5), "mask_ratio"),
+    (lambda: M.semantic_guided_masking(LAB, 0.75, -0.5), "alpha"),
+    (lambda: M.semantic_guided_masking(LAB, 0.75, 0.5, num_parts=0), "num_parts"),
+    (lambda: M.keep_foreground(LAB, 0.25), "scores"),
+    (lambda: M.keep_foreground(LAB.float(), 0.0), "keep_ratio"),
+    (lambda: M.object_wise_masking(LAB, 1.0), "seq_ratio"),
+    (lambda: M.object_wise_masking(LAB, 0.25, padding="reflect"), "padding"),
+    (lambda: M.object_wise_masking(LAB, 0.25, relation="scene"), "relation"),
+    (lambda: M.object_wise_masking(LAB.float(), 0.25), "object_labels"),
+    (lambda: M.object_wise_masking(LAB[:, :1], 0.25), "object_labels"),
+    (lambda: M.object_wise_masking(LAB + 256, 0.25), "object_labels"),
+    (lambda: M.object_wise_masking(LAB, 0.25, scores=LAB), "scores"),
+    (lambda: M.object_wise_masking(LAB, 0.25, scores=torch.zeros(2, 7)), "scores"),
+    (lambda: M.mask_to_ids(LAB), "mask"),
+    (lambda: M.mask_to_ids(LAB.bool(), num_masked=9), "num_masked"),
+]
+
+
+@pytest.mark.parametrize("call,name", BAD, ids=[f"{i}-{name}" for i, (_, name) in enumerate(BAD)])
+def test_bad_arguments_raise_value_error_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_public_functions_document_shapes_and_paper_sections():
+    for name in ("random_masking", "alpha_schedule", "part_mask_counts", "semantic_guided_masking",
+                 "keep_foreground", "object_wise_masking", "mask_to_ids"):
+        doc = inspect.getdoc(getattr(M, name))
+        assert doc and ("§" in doc or "Table" in doc), name
+        assert name == "alpha_schedule" or "[B, " in doc, name
+    source = inspect.getsource(M)
+    assert ".item()" not in source and ".nonzero(" not in source and "import numpy" not in source
