@@ -1,0 +1,294 @@
+"""Stage 2: MAE pre-training with random, SemMAE or ObjMAE masking.
+
+SemMAE at paper scale (semmae.txt §4.1: ViT-B/8, 800 epochs, batch 4096, lr 2.4e-3, gamma 2):
+    torchrun --nproc_per_node=8 pretrain.py --mask semmae --gamma 2 --model mae_vit_base_patch8 \
+        --accum_iter 8 --data_path IMAGENET/train --regions parts/regions.pt
+ObjMAE (objmae.txt §4.3: ViT-S/16, CAM objects, seq_ratio 1/4):
+    torchrun --nproc_per_node=8 pretrain.py --mask objmae --seq_ratio 0.25 --model mae_vit_small_patch16 \
+        --data_path IMAGENET100/train --regions cam/regions.pt
+On a laptop, the built-in shapes data (no --data_path), a few minutes on a CPU:
+    python pretrain.py --model mae_vit_tiny_patch8 --input_size 64 --epochs 10 --batch_size 64 --blr 1e-3
+
+Each step draws one mask per image, runs the encoder on the source patches only and the decoder on
+source + target tokens (model.py), and regresses the target pixels. Random masking is the case
+source = kept, target = masked.
+"""
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+import torchvision
+from tqdm import tqdm
+
+import data
+import masking
+import model as models
+import utils
+from utils import UsageError
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and data
+    p.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS))
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
+    p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
+    p.add_argument("--regions", default=None, help="regions.pt from part_learn.py (parts or objects per cell)")
+    # masking
+    p.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
+    p.add_argument("--mask_ratio", type=float, default=0.75, help="random and semmae (MAE, SemMAE: 0.75)")
+    p.add_argument("--gamma", type=float, default=2.0, help="semmae: alpha = progress ** gamma (§3.2, Table 3)")
+    p.add_argument("--alpha", type=float, default=None, help="semmae: a fixed alpha instead of the schedule")
+    p.add_argument("--reverse", action="store_true", help="semmae: alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
+    p.add_argument("--keep_ratio", type=float, default=1.0,
+                   help="keep only this fraction of most-foreground patches before masking (SemMAE 8x8: 0.25)")
+    p.add_argument("--seq_ratio", type=float, default=0.25, help="objmae: source and target length / L (alpha, §3.3)")
+    p.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"])
+    p.add_argument("--relation", default="intra", choices=["intra", "inter", "image"])
+    # optimisation: semmae.txt §4.1 (MAE's recipe)
+    p.add_argument("--epochs", type=int, default=800)
+    p.add_argument("--warmup_epochs", type=int, default=40)
+    p.add_argument("--batch_size", type=int, default=64, help="per device; effective = batch * accum * world")
+    p.add_argument("--accum_iter", type=int, default=1)
+    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256 (2.4e-3 at 4096)")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    p.add_argument("--min_lr", type=float, default=0.0)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True)
+    # run
+    p.add_argument("--output_dir", default="output/pretrain")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-<epoch>.pth every N epochs")
+    p.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    for name in ("mask_ratio", "seq_ratio"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise UsageError(f"--{name} {getattr(args, name)} is outside [0, 1)")
+    if not 0.0 < args.keep_ratio <= 1.0:
+        raise UsageError(f"--keep_ratio {args.keep_ratio} is outside (0, 1]")
+    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha {args.alpha} is outside [0, 1]")
+    if args.gamma < 0:
+        raise UsageError(f"--gamma {args.gamma} must be >= 0")
+    if args.mask == "objmae" and args.keep_ratio < 1.0:
+        raise UsageError("--keep_ratio is for random/semmae masking; objmae already drops non-object patches")
+    if args.mask == "semmae" and args.regions is None:
+        raise UsageError("--mask semmae needs part labels: run part_learn.py first, then pass --regions "
+                         "<output_dir>/regions.pt")
+    if args.mask == "objmae" and args.regions is None and args.data_path is not None:
+        raise UsageError("--mask objmae on an image folder needs objects: run part_learn.py --method cam "
+                         "(or segmentation), then pass --regions <output_dir>/regions.pt")
+    if args.keep_ratio < 1.0 and args.regions is None:
+        raise UsageError("--keep_ratio < 1 needs foreground scores: pass --regions from part_learn.py")
+    if args.accum_iter < 1 or args.batch_size < 1 or args.epochs < 1:
+        raise UsageError("--batch_size, --accum_iter and --epochs must be >= 1")
+
+
+# ----------------------------------------------------------------------------- masks
+
+class Masker:
+    """Turns a batch of region cells into (src_ids, tgt_ids, src_valid, tgt_valid) for one step."""
+
+    def __init__(self, args, patch_size, cell_size, grid, num_parts):
+        self.args = args
+        self.factor = patch_size // cell_size        # cells per patch side; majority vote when > 1
+        self.num_patches = grid[0] * grid[1]
+        self.num_parts = num_parts                   # semmae: region ids + one slot for 'ignore'
+
+    def alpha(self, progress):
+        a = self.args
+        return a.alpha if a.alpha is not None else masking.alpha_schedule(progress, a.gamma, a.reverse)
+
+    def __call__(self, cell_labels, cell_scores, progress, generator=None):
+        a, B, L = self.args, cell_labels.shape[0], self.num_patches
+        labels = data.cells_to_patches(cell_labels, self.factor)           # [B, L]
+        if a.mask == "objmae":                                             # objmae.txt §3
+            scores = data.scores_to_patches(cell_scores, self.factor) if a.regions else None
+            m = masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation, scores,
+                                            generator=generator)
+            return m.src_ids, m.tgt_ids, m.src_valid, m.tgt_valid
+        # Foreground keep (semmae.txt §4.2): drop the least object-like patches before masking, so a
+        # patch-8 model costs what a patch-16 one does. keep = ascending patch ids.
+        keep = None
+        if a.keep_ratio < 1.0:
+            keep = masking.keep_foreground(data.scores_to_patches(cell_scores, self.factor), a.keep_ratio)
+            labels = labels.gather(1, keep)                                # [B, Lk]
+            L = keep.shape[1]
+        if a.mask == "semmae":                                             # semmae.txt §3.2, Alg. 1
+            part_labels = torch.where(labels == 255, self.num_parts - 1, labels)
+            mask = masking.semantic_guided_masking(part_labels, a.mask_ratio, self.alpha(progress),
+                                                   num_parts=self.num_parts, generator=generator)
+        else:
+            mask = masking.random_masking(B, L, a.mask_ratio, device=labels.device, generator=generator)
+        num_masked = L - int(L * (1 - a.mask_ratio))                       # MAE's rounding, no device sync
+        src_ids, tgt_ids = masking.mask_to_ids(mask, num_masked=num_masked)  # [B, L-M], [B, M]
+        if keep is not None:                                               # back to full-grid patch ids
+            src_ids, tgt_ids = keep.gather(1, src_ids), keep.gather(1, tgt_ids)
+        return src_ids, tgt_ids, None, None
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def save_reconstructions(path, net, imgs, masks):
+    """One row per image: original | visible (source) patches | reconstruction of the targets |
+    reconstruction with the visible patches pasted. Dropped patches (ObjMAE) stay dark."""
+    src_ids, tgt_ids, src_valid, tgt_valid = masks
+    p = net.patch_size
+    with torch.no_grad():
+        _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+        pred = net.pred_to_pixels(imgs, tgt_ids, pred)                     # de-normalise norm_pix_loss
+    patches = models.patchify(imgs, p)                                     # [B, L, p*p*3]
+    mean = torch.tensor(data.IMAGENET_MEAN).repeat(p * p)                  # pixel order (p, q, c)
+    std = torch.tensor(data.IMAGENET_STD).repeat(p * p)
+    blank = ((0.5 - mean) / std).expand_as(patches)                       # grey where nothing is shown
+
+    def place(canvas, ids, values, valid):
+        # padding slots repeat real ids; send them to a spare row L so they never overwrite a real patch
+        L = canvas.shape[1]
+        ids = ids if valid is None else torch.where(valid, ids, L)
+        canvas = torch.cat([canvas, canvas[:, :1]], 1)                    # [B, L+1, p*p*3]
+        canvas.scatter_(1, ids[..., None].expand_as(values), values)
+        return canvas[:, :L]
+
+    src_pixels = patches.gather(1, src_ids[..., None].expand(-1, -1, patches.shape[-1]))
+    visible = place(blank, src_ids, src_pixels, src_valid)
+    recon = place(blank, tgt_ids, pred, tgt_valid)
+    pasted = place(recon, src_ids, src_pixels, src_valid)
+    h, w = imgs.shape[2] // p, imgs.shape[3] // p
+    columns = [models.unpatchify(x, p, h, w) for x in (patches, visible, recon, pasted)]
+    grid = torch.stack(columns, 1).flatten(0, 1)                            # [B*4, 3, H, W]
+    grid = grid * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    torchvision.utils.save_image(grid.clamp(0, 1), path, nrow=4, padding=1)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    d = utils.init_distributed(args.device)
+    check_args(args)
+    torch.manual_seed(args.seed)                                           # same initial weights on every rank
+
+    # data: the shapes scenes carry their own instance masks; a folder needs a regions file
+    base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
+            if args.data_path is None else data.FolderDataset(args.data_path))
+    regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
+    cell_size = regions["meta"]["cell_size"] if regions else 8
+    dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=True, cell_size=cell_size)
+    loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
+    if len(loader) < args.accum_iter:
+        raise UsageError(f"{len(dataset)} images give {len(loader)} batches of {args.batch_size} per rank, "
+                         f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
+
+    net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
+    if net.patch_size % cell_size:
+        raise UsageError(f"patch size {net.patch_size} is not a multiple of the regions' cell size "
+                         f"{cell_size}; make the regions with a cell size that divides it")
+    num_parts = None                    # semmae: the region ids, plus one slot for 'ignore' (255)
+    if regions:
+        num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects") + 1
+    masker = Masker(args, net.patch_size, cell_size, net.grid, num_parts)
+
+    eff_batch = args.batch_size * args.accum_iter * d.world
+    base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr, betas=(0.9, 0.95))
+    start_epoch = 0
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        if ckpt.get("args", {}).get("model") != args.model:
+            raise UsageError(f"{args.resume} holds a {ckpt.get('args', {}).get('model')} model, not --model "
+                             f"{args.model}; resume with the same --model")
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = ckpt["epoch"] + 1
+    ddp = DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else net
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    if d.is_main:
+        utils.save_args(os.path.join(args.output_dir, "args.json"), args)
+    utils.print_args(d, args)
+    utils.print0(d, f"{args.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, "
+                    f"{len(dataset)} images, effective batch {eff_batch}, lr {base_lr:.2e}, "
+                    f"epochs {start_epoch}..{args.epochs - 1}")
+
+    # fixed images and masks for the pictures, drawn from their own generator so they do not
+    # disturb the training RNG (and a resumed run draws the same ones)
+    vis_set = data.PretrainDataset(base, args.input_size, regions=regions, hflip=False, cell_size=cell_size)
+    vis = [vis_set[i] for i in range(min(8, len(vis_set)))]
+    vis_imgs, vis_cells, vis_scores = (torch.stack([v[k] for v in vis]).to(d.device) for k in range(3))
+
+    iters = len(loader)
+    total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
+    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    for epoch in range(start_epoch, args.epochs):
+        # Per-epoch seeds (DiT: seed * world + rank) make a resumed run draw the same masks, flips
+        # and worker seeds as an uninterrupted one, with no RNG state to carry in the checkpoint.
+        utils.seed_all((args.seed * 100003 + epoch) * d.world + d.rank)
+        loader.sampler.set_epoch(epoch)
+        ddp.train()
+        t0, loss_sum, n_sum = time.time(), 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
+        for it, (imgs, cells, scores, _) in enumerate(bar):
+            i = epoch * iters + it
+            if it % args.accum_iter == 0:
+                lr = utils.cosine_lr(i, total_iters, warmup_iters, base_lr, args.min_lr)
+                utils.set_lr(optimizer, lr)
+            # alpha is recomputed every iteration from the fraction of training done, so it reaches
+            # 1 at the last step whatever --epochs is (Algorithm 1, line 7, per step not per epoch)
+            progress = i / max(1, total_iters - 1)
+            imgs, cells, scores = (x.to(d.device, non_blocking=True) for x in (imgs, cells, scores))
+            src_ids, tgt_ids, src_valid, tgt_valid = masker(cells, scores, progress)
+            sync = (it + 1) % args.accum_iter == 0
+            with (ddp.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()):
+                with utils.autocast(d.device):
+                    loss, _ = ddp(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+                (loss / args.accum_iter).backward()
+            if sync:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                print(f"error: loss is {loss_value} at step {i} (epoch {epoch}); stopping. The last good "
+                      f"checkpoint is kept at {ckpt_path}", file=sys.stderr, flush=True)
+                sys.exit(1)
+            loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
+            shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
+
+        train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
+        if d.is_main:
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "args": vars(args)}
+            utils.save_checkpoint(ckpt_path, state)
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                utils.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), state)
+            record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "time_s": round(time.time() - t0, 2)}
+            if args.mask == "semmae":
+                record["alpha"] = masker.alpha(progress)
+            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} ({record['time_s']}s)", flush=True)
+            if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+                g = torch.Generator(d.device).manual_seed(args.seed)
+                net.eval()
+                save_reconstructions(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"), net, vis_imgs,
+                                     masker(vis_cells, vis_scores, progress, generator=g))
+    utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    args = get_args()
+    try:
+        main(args)
+    except (UsageError, ValueError) as e:  # bad input: one line, exit 2, nothing overwritten
+        utils.die(str(e))
