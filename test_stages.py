@@ -1,4 +1,4 @@
-"""End-to-end tests of the stages on tiny models and the built-in shapes data."""
+"""Tests of data.py and end-to-end tests of the stages, on tiny models and the built-in shapes data."""
 import json
 import os
 import subprocess
@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import pretrain
@@ -42,6 +43,326 @@ def shapes_object_regions(path, num_images, input_size, cell_size=8):
 @pytest.fixture(scope="module")
 def object_regions(tmp_path_factory):
     return shapes_object_regions(str(tmp_path_factory.mktemp("regions") / "regions.pt"), 16, 32)
+
+
+# ============================================================================= data.py
+# ----------------------------------------------------------------------------- shapes
+
+def test_shapes_deterministic_and_varied():
+    a, b = data.ShapesDataset(50, img_size=48, seed=0), data.ShapesDataset(50, img_size=48, seed=0)
+    for i in (0, 7, 49):
+        img, mask, target = a.load(i)
+        img2, mask2, target2 = b.load(i)
+        assert np.array_equal(np.asarray(img), np.asarray(img2)) and np.array_equal(mask, mask2)
+        assert target == target2 == a.targets[i] == a.target(i)
+        assert img.mode == "RGB" and img.size == (48, 48)
+        assert mask.dtype == np.uint8 and mask.shape == (48, 48)
+    assert not np.array_equal(np.asarray(a.load(0)[0]), np.asarray(a.load(1)[0]))
+    other_seed = data.ShapesDataset(50, img_size=48, seed=1)
+    other_split = data.ShapesDataset(50, img_size=48, seed=0, split="val")
+    assert not np.array_equal(np.asarray(a.load(3)[0]), np.asarray(other_seed.load(3)[0]))
+    assert not np.array_equal(np.asarray(a.load(3)[0]), np.asarray(other_split.load(3)[0]))
+    assert a.files[:2] == ["shapes/000000.png", "shapes/000001.png"] and len(a) == len(a.files) == 50
+
+
+def test_shapes_mask_ids_and_classes():
+    ds = data.ShapesDataset(300, img_size=32, seed=0)
+    assert len(ds.classes) >= 10 and set(ds.targets) == set(range(len(ds.classes)))
+    for i in range(40):
+        img, mask, target = ds.load(i)
+        ids = set(np.unique(mask).tolist()) - {0}
+        k = max(ids)
+        assert 1 <= k <= 4 and ids <= set(range(1, k + 1))     # 1..k in drawing order, some occluded
+        # the class object (largest, drawn last = id k) is never occluded and has the class colour
+        colour = data.COLOURS[ds.classes[target].split("_")[0]]
+        inside = np.asarray(img)[mask == k].astype(float).mean(0)
+        assert np.abs(inside - colour).max() < 60
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def test_write_shapes_folder_round_trip(tmp_path):
+    ds = data.ShapesDataset(12, img_size=32, seed=0)
+    assert data.write_shapes(ds, str(tmp_path)) == 12
+    folder = data.FolderDataset(str(tmp_path / "images"), masks_root=str(tmp_path / "masks"))
+    expected = sorted(f"{ds.classes[ds.targets[i]]}/{i:06d}.png" for i in range(12))
+    assert folder.files == expected
+    assert folder.classes == sorted(os.listdir(tmp_path / "images"))
+    for j, rel in enumerate(folder.files):
+        i = int(rel.split("/")[1][:6])
+        img, mask, target = folder.load(j)
+        img0, mask0, target0 = ds.load(i)
+        assert np.array_equal(np.asarray(img), np.asarray(img0)) and np.array_equal(mask, mask0)
+        assert folder.classes[target] == ds.classes[target0]
+    assert data.FolderDataset(str(tmp_path / "images")).load(0)[1] is None
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        data.FolderDataset(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        data.FolderDataset(str(tmp_path / "empty"))
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "a" / "good.JPEG")
+    (root / "a" / "bad.jpg").write_bytes(b"not an image")
+    (root / "a" / "notes.txt").write_text("ignored")
+    ds = data.FolderDataset(str(root))
+    assert ds.files == ["a/bad.jpg", "a/good.JPEG"]
+    with pytest.raises(ValueError, match="bad.jpg"):
+        ds.load(0)
+    assert ds.load(1)[0].size == (8, 8)
+
+
+def test_cli_writes(tmp_path):
+    out = tmp_path / "shapes"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", str(out), "--num_images", "3",
+                           "--img_size", "16"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "wrote 3 images" in proc.stdout, proc.stderr
+    assert len(data.FolderDataset(str(out / "images"), str(out / "masks"))) == 3
+
+
+# ----------------------------------------------------------------------------- objects per cell
+
+def test_instance_cells_20_percent_rule():
+    m = np.zeros((20, 20), np.uint8)                     # 2x2 cells of 10x10 = 100 px, image 400 px
+    m[0:2, 0:10] = 1                                     # 20 px = 20% of cell (0,0): belongs; 5% of image: kept
+    m[0, 10:20] = 2
+    m[1, 10:19] = 2                                      # 19 px = 19% of cell (0,1): does not belong
+    m[10:13, 10:20] = 2                                  # 30% of cell (1,1) ...
+    m[13:17, 10:20] = 3                                  # ... loses to 40%
+    m[10:15, 0:5] = 4
+    m[10:15, 5:10] = 5                                   # 25% each: tie -> the lower id
+    assert data.instance_cells(m, (2, 2)).tolist() == [[1, 0], [4, 3]]
+    assert data.instance_cells(m, (2, 2)).dtype == np.uint8
+
+
+def test_instance_cells_drops_small_objects():
+    m = np.zeros((40, 40), np.uint8)                     # 1600 px, 8x8 cells of 5x5
+    m[0:8, 0:8] = 1                                      # 64 px = 4% of the image: dropped
+    m[20:30, 20:28] = 7                                  # 80 px = 5%: kept, id value kept
+    cells = data.instance_cells(m, (8, 8))
+    assert cells[:2, :2].max() == 0
+    assert cells[4:6, 4:6].tolist() == [[7, 7], [7, 7]] and set(np.unique(cells)) == {0, 7}
+    with pytest.raises(ValueError, match="multiple"):
+        data.instance_cells(m, (7, 7))
+
+
+def test_object_ratio():
+    labels = np.zeros((2, 4, 4), np.uint8)
+    labels[0, :2, :2] = 1                                # 4/16
+    labels[0, 3, 3] = 2                                  # 1/16
+    labels[1, :, :2] = 5                                 # 8/16
+    labels[1, :, 3] = 255                                # ignore is not an object
+    assert data.object_ratio(labels) == pytest.approx((4 + 1 + 8) / 16 / 3)
+    assert data.object_ratio(np.zeros((4, 4), np.uint8)) == 0.0
+
+
+# ----------------------------------------------------------------------------- cells -> patches
+
+def test_cells_to_patches_majority_vote():
+    cells = torch.tensor([[[1, 1, 2, 3],
+                           [2, 0, 3, 2],
+                           [255, 255, 255, 255],
+                           [255, 4, 255, 255]]])
+    # blocks: {1,1,2,0} -> 1 ; {2,3,3,2} tie -> 2 ; {255,255,255,4} -> 4 ; all ignore -> 255
+    assert data.cells_to_patches(cells, 2).tolist() == [[1, 2, 4, 255]]
+    assert torch.equal(data.cells_to_patches(cells, 1), cells.reshape(1, 16))
+    with pytest.raises(ValueError):
+        data.cells_to_patches(cells, 3)
+
+
+def test_cells_to_patches_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    cells = torch.randint(0, 4, (3, 6, 6), generator=g)
+    cells[cells == 3] = 255
+    out = data.cells_to_patches(cells, 3)
+    for b in range(3):
+        for p in range(4):
+            block = cells[b, 3 * (p // 2):3 * (p // 2) + 3, 3 * (p % 2):3 * (p % 2) + 3].flatten().tolist()
+            real = [v for v in block if v != 255] or [255]
+            best = min(set(real), key=lambda v: (-real.count(v), v))
+            assert out[b, p].item() == best
+
+
+def test_scores_to_patches_mean():
+    s = torch.arange(16.).reshape(1, 4, 4)
+    assert data.scores_to_patches(s, 2).tolist() == [[2.5, 4.5, 10.5, 12.5]]
+    assert torch.equal(data.scores_to_patches(s, 1), s.reshape(1, 16))
+
+
+# ----------------------------------------------------------------------------- the regions file
+
+def make_regions(path, n=3, grid=4, input_size=32, files=None):
+    labels = torch.randint(0, 3, (n, grid, grid), dtype=torch.uint8)
+    scores = torch.rand(n, grid, grid)
+    files = files or [f"c/{i}.png" for i in range(n)]
+    meta = {"method": "test", "kind": "objects", "input_size": input_size, "cell_size": input_size // grid,
+            "num_regions": 2, "object_ratio": 0.1}
+    data.save_regions(str(path), labels, scores, files, meta)
+    return labels, scores, files, meta
+
+
+def test_regions_round_trip(tmp_path):
+    path = tmp_path / "sub" / "regions.pt"
+    labels, scores, files, meta = make_regions(path)
+    r = data.load_regions(str(path), files, 32)
+    assert torch.equal(r["labels"], labels) and r["labels"].dtype == torch.uint8
+    assert r["scores"].dtype == torch.float16 and torch.allclose(r["scores"].float(), scores, atol=1e-3)
+    assert r["files"] == files and r["meta"] == meta
+    assert [f for f in os.listdir(path.parent)] == ["regions.pt"]          # no temp file left behind
+    data.save_regions(str(path), labels.numpy(), None, files, meta)      # numpy in, no scores
+    assert data.load_regions(str(path), files, 32)["scores"] is None
+
+
+def test_regions_errors(tmp_path):
+    path = tmp_path / "regions.pt"
+    _, _, files, meta = make_regions(path)
+    with pytest.raises(ValueError, match="part_learn.py"):
+        data.load_regions(str(tmp_path / "missing.pt"), files, 32)
+    with pytest.raises(ValueError, match=r"3 images but the dataset has 2"):
+        data.load_regions(str(path), files[:2], 32)
+    with pytest.raises(ValueError, match=r"image 1 is 'c/1.png' there but 'c/x.png'"):
+        data.load_regions(str(path), [files[0], "c/x.png", files[2]], 32)
+    with pytest.raises(ValueError, match="--input_size 32"):
+        data.load_regions(str(path), files, 64)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a regions file"):
+        data.load_regions(str(tmp_path / "junk.pt"), files, 32)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a regions file"):
+        data.load_regions(str(tmp_path / "other.pt"), files, 32)
+    data.save_regions(str(path), torch.zeros(3, 4, 4), None, files, {**meta, "cell_size": 4})
+    with pytest.raises(ValueError, match="shape"):
+        data.load_regions(str(path), files, 32)
+
+
+# ----------------------------------------------------------------------------- pre-training samples
+
+class OneSquare:
+    """A white square on black in the top-left cell, with its instance mask."""
+    files, classes, targets = ["a/0.png"], ["a"], [0]
+
+    def __init__(self, size=32, with_mask=True):
+        self.size, self.with_mask = size, with_mask
+
+    def __len__(self):
+        return 1
+
+    def load(self, i):
+        img = np.zeros((self.size, self.size, 3), np.uint8)
+        mask = np.zeros((self.size, self.size), np.uint8)
+        s = self.size // 4
+        img[:s, :s], mask[:s, :s] = 255, 1               # one 8-px cell at 32 px: 6.25% of the image
+        return Image.fromarray(img), (mask if self.with_mask else None), 0
+
+
+def white_cells(img, grid):
+    """Cells whose pixels are white after undoing the normalisation. [gh, gw] bool"""
+    x = img * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    return torch.nn.functional.avg_pool2d(x.mean(0, keepdim=True)[None], x.shape[-1] // grid)[0, 0] > 0.9
+
+
+@pytest.mark.parametrize("source", ["mask", "regions", "resized_mask"])
+def test_pretrain_flips_image_and_cells_together(source):
+    base = OneSquare(64 if source == "resized_mask" else 32)
+    regions = None
+    if source == "regions":
+        labels = torch.zeros(1, 4, 4, dtype=torch.uint8)
+        labels[0, 0, 0] = 1
+        scores = torch.zeros(1, 4, 4, dtype=torch.float16)
+        scores[0, 0, 0] = 0.75
+        regions = {"labels": labels, "scores": scores, "files": base.files, "meta": {}}
+    ds = data.PretrainDataset(base, 32, regions=regions, cell_size=8)
+    flips = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        img, cells, scores, target = ds[0]
+        assert img.shape == (3, 32, 32) and cells.shape == scores.shape == (4, 4) and target == 0
+        assert cells.dtype == torch.long and scores.dtype == torch.float32
+        assert torch.equal(cells == 1, white_cells(img, 4)) and (cells == 1).sum() == 1
+        if source == "regions":
+            assert torch.equal(scores == 0.75, cells == 1)
+        flips.add(bool(cells[0, 3] == 1))
+    assert flips == {True, False}                         # both coin sides were seen
+
+
+def test_pretrain_no_flip_no_mask_and_errors():
+    ds = data.PretrainDataset(OneSquare(with_mask=False), 32, hflip=False)
+    img, cells, scores, _ = ds[0]
+    assert (cells == 255).all() and (scores == 0).all() and white_cells(img, 4)[0, 0]
+    with pytest.raises(ValueError, match="multiple of the cell size 8"):
+        data.PretrainDataset(OneSquare(), 36)
+    regions = {"labels": torch.zeros(1, 8, 8, dtype=torch.uint8), "scores": None, "files": ["a/0.png"], "meta": {}}
+    with pytest.raises(ValueError, match="cell size"):
+        data.PretrainDataset(OneSquare(), 32, regions=regions, cell_size=8)
+
+
+def test_pretrain_on_shapes_batches():
+    ds = data.PretrainDataset(data.ShapesDataset(4, img_size=32), 32)
+    img, cells, scores, target = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert img.shape == (4, 3, 32, 32) and cells.shape == (4, 4, 4) and target.shape == (4,)
+    assert (cells > 0).any() and cells.max() <= 4
+
+
+# ----------------------------------------------------------------------------- COCO
+
+def rle_string(runs):
+    """pycocotools' compressed RLE: runs from the 4th on as differences to the run two before,
+    each value in 5-bit groups (low first), 0x20 = more follow, 0x10 of the last = sign, + 48."""
+    out = []
+    for i, x in enumerate(runs):
+        x = x - runs[i - 2] if i > 2 else x
+        more = True
+        while more:
+            c, x = x & 0x1F, x >> 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
+
+
+def rle_runs(mask):
+    """Uncompressed COCO RLE: alternating run lengths of 0s and 1s in column-major order."""
+    runs, cur, n = [], 0, 0
+    for v in mask.flatten(order="F").astype(int):
+        if v != cur:
+            runs, cur, n = runs + [n], v, 0
+        n += 1
+    return runs + [n]
+
+
+def test_coco_polygon_and_rle(tmp_path):
+    h, w = 6, 50
+    want_a = np.zeros((h, w), bool)
+    want_a[1:3, 1:4] = True                              # polygon (1,1)-(3,2): PIL fills the edges too
+    rle_mask = np.zeros((h, w), bool)
+    rle_mask[2:5, 3] = True
+    rle_mask[0, 10:45] = True                            # long runs: multi-group values, negative deltas
+    rle_mask[5, 20] = True
+    runs = rle_runs(rle_mask)
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": h, "width": w},
+                   {"id": 2, "file_name": "b.jpg", "height": h, "width": w},
+                   {"id": 3, "file_name": "c.jpg", "height": h, "width": w}],
+        "annotations": [
+            {"image_id": 1, "iscrowd": 0, "segmentation": [[1, 1, 3, 1, 3, 2, 1, 2]]},
+            {"image_id": 1, "iscrowd": 1, "segmentation": {"size": [h, w], "counts": [0, h * w]}},
+            {"image_id": 2, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": runs}},
+            {"image_id": 2, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": rle_string(runs)}},
+            {"image_id": 1, "iscrowd": 0, "segmentation": [[2, 2, 2, 2]]},   # degenerate: nothing
+        ]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    masks = data.coco_instance_masks(str(path))
+    assert sorted(masks) == ["a.jpg", "b.jpg", "c.jpg"] and masks["a.jpg"].dtype == np.uint8
+    assert np.array_equal(masks["a.jpg"], want_a.astype(np.uint8))          # crowd skipped
+    assert np.array_equal(masks["b.jpg"], rle_mask * 2)                     # string = list, later wins
+    assert not masks["c.jpg"].any()
+    assert list(data.coco_instance_masks(str(path), image_ids=[2])) == ["b.jpg"]
+    assert data._rle_counts(rle_string([5, 40, 3, 1000, 2, 7])) == [5, 40, 3, 1000, 2, 7]
+    with pytest.raises(ValueError, match="instances"):
+        data.coco_instance_masks(str(tmp_path / "missing.json"))
 
 
 # ----------------------------------------------------------------------------- pretrain.py
