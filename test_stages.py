@@ -7,10 +7,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torchvision
 from PIL import Image
 
 import data
+import model as models
+import part_learn
 import pretrain
+from utils import UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images", "16", "--batch_size", "8",
@@ -468,3 +473,261 @@ def test_pretrain_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(read_log(out)) == 2                                 # one log, written by rank 0 only
     assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == ["checkpoint-last.pth"]
+
+
+# ============================================================================= part_learn.py
+PL_TINY = ["--input_size", "32", "--num_images", "8", "--batch_size", "4", "--num_workers", "0", "--epochs", "1"]
+FILES = data.ShapesDataset(8, img_size=32, seed=0).files
+
+
+def run_part_learn(*argv):
+    part_learn.main(part_learn.get_args(PL_TINY + list(argv)))
+
+
+def learned_regions(out, files=FILES, size=32):
+    return data.load_regions(os.path.join(out, "regions.pt"), files, size)
+
+
+@pytest.fixture(scope="module")
+def encoder_ckpt(tmp_path_factory):
+    """An MAE encoder + decoder saved the way pretrain.py saves it (random weights: only loading matters)."""
+    torch.manual_seed(0)
+    net = models.MODELS["mae_vit_tiny_patch8"](img_size=32)
+    path = str(tmp_path_factory.mktemp("enc") / "checkpoint-last.pth")
+    torch.save({"model": net.state_dict(), "epoch": 0, "args": {"model": "mae_vit_tiny_patch8"}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, encoder_ckpt):
+    out = str(tmp_path_factory.mktemp("learned"))
+    run_part_learn("--method", "learned", "--encoder_weights", encoder_ckpt, "--output_dir", out)
+    return out
+
+
+# ----------------------------------------------------------------------------- learned parts
+
+def test_learned_writes_regions_checkpoint_log_pictures(learned):
+    r = learned_regions(learned)
+    assert r["meta"]["kind"] == "parts" and r["meta"]["num_regions"] == 6 and r["meta"]["cell_size"] == 8
+    assert r["labels"].shape == (8, 4, 4) and int(r["labels"].max()) < 6
+    assert r["scores"].dtype == torch.float16 and torch.allclose(r["scores"].float().amax((1, 2)), torch.ones(8))
+    with open(os.path.join(learned, "log.txt")) as f:
+        log = [json.loads(line) for line in f]
+    assert len(log) == 1 and np.isfinite(log[0]["train_loss"]) and log[0]["div_loss"] <= 1.0
+    for name in ("checkpoint-last.pth", "args.json", "parts-0000.png", "regions.png"):
+        assert os.path.isfile(os.path.join(learned, name)), name
+
+
+def test_export_only_reproduces_the_export(learned, tmp_path, encoder_ckpt):
+    out = str(tmp_path / "again")
+    run_part_learn("--method", "learned", "--encoder_weights", encoder_ckpt, "--export_only",
+        "--resume", os.path.join(learned, "checkpoint-last.pth"), "--output_dir", out)
+    a, b = learned_regions(learned), learned_regions(out)
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["scores"], b["scores"])
+    assert not os.path.exists(os.path.join(out, "log.txt"))                 # nothing trained
+
+
+def test_resume_continues_to_the_same_weights(tmp_path, encoder_ckpt):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    common = ["--method", "learned", "--encoder_weights", encoder_ckpt]
+    part_learn.main(part_learn.get_args(PL_TINY[:-1] + ["2", *common, "--output_dir", full]))
+    run_part_learn(*common, "--output_dir", part)                                     # "killed" after epoch 0
+    part_learn.main(part_learn.get_args(PL_TINY[:-1] + ["2", *common, "--output_dir", part,
+                                                     "--resume", os.path.join(part, "checkpoint-last.pth")]))
+    a, b = (torch.load(os.path.join(o, "checkpoint-last.pth"), weights_only=True)["learner"] for o in (full, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_semmae_reads_the_learned_parts(learned, tmp_path):
+    out = str(tmp_path / "pre")
+    pretrain.main(pretrain.get_args(["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images", "8",
+                                     "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "--vis_every", "0",
+                                     "--mask", "semmae", "--regions", os.path.join(learned, "regions.pt"),
+                                     "--output_dir", out]))
+    assert os.path.isfile(os.path.join(out, "checkpoint-last.pth"))
+    with pytest.raises(ValueError, match="8 images but the dataset has 12"):  # regions of other data
+        pretrain.main(pretrain.get_args(["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images",
+                                         "12", "--mask", "semmae", "--regions", os.path.join(learned, "regions.pt"),
+                                         "--output_dir", out]))
+
+
+def test_torchrun_export_equals_single_process(learned, tmp_path, encoder_ckpt):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29531",
+           os.path.join(HERE, "part_learn.py"), *PL_TINY, "--batch_size", "3", "--encoder_weights", encoder_ckpt,
+           "--export_only", "--resume", os.path.join(learned, "checkpoint-last.pth"), "--device", "cpu",
+           "--output_dir", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = learned_regions(learned), learned_regions(out)
+    assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"].float(), b["scores"].float())
+
+
+# ----------------------------------------------------------------------------- attention parts, layouts
+
+def test_attention_regions_and_heldout_iou(tmp_path, encoder_ckpt):
+    out = str(tmp_path / "attn")
+    run_part_learn("--method", "attention", "--encoder_weights", encoder_ckpt, "--eval_iou", "--eval_images", "6",
+        "--output_dir", out)
+    r = learned_regions(out)
+    assert r["meta"]["num_regions"] == 3 and int(r["labels"].max()) < 3     # one part per head of the tiny ViT
+    val = data.ShapesDataset(6, img_size=32, seed=0, split="val")
+    assert data.load_regions(os.path.join(out, "regions-val.pt"), val.files, 32)["labels"].shape == (6, 4, 4)
+    with open(os.path.join(out, "log.txt")) as f:
+        iou = json.loads(f.readlines()[-1])
+    assert 0.0 <= iou["iou_top"] <= 1.0 and 0.0 <= iou["iou_parts"] <= 1.0 and iou["method"] == "attention"
+
+
+@pytest.mark.parametrize("patch", [8, 16], ids=["vit-s8-like", "vit-s16-like"])
+def test_dino_ibot_layouts_load_the_same_encoder(tmp_path, patch):
+    """DINO's release (plain state dict), iBOT's ({'state_dict'} with head.*) and a DINO/iBOT training checkpoint
+    (teacher/student with module.backbone. prefixes) give the same parts. Width 128 -> 2 heads, as 384 -> 6."""
+    torch.manual_seed(0)
+    vit = models.VisionTransformer(img_size=32, patch_size=patch, embed_dim=128, depth=2, num_heads=2)
+    sd = vit.state_dict()
+    layouts = {"dino": sd,
+               "ibot": {"state_dict": {**sd, "head.mlp.0.weight": torch.zeros(4, 128), "head.last_layer.weight_g":
+                                       torch.zeros(4, 1)}},
+               "training": {"teacher": {f"backbone.{k}": v for k, v in sd.items()},
+                            "student": {f"module.backbone.{k}": v for k, v in sd.items()}, "epoch": 3}}
+    labels = []
+    for name, obj in layouts.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        out = str(tmp_path / name)
+        run_part_learn("--method", "attention", "--encoder_weights", str(tmp_path / f"{name}.pth"), "--output_dir", out)
+        labels.append(learned_regions(out)["labels"])
+    assert labels[0].shape == (8, 4, 4)                                    # patch 16 maps upsampled to 8-px cells
+    assert all(torch.equal(labels[0], x) for x in labels[1:])
+    assert int(labels[0].max()) < 2
+
+
+# ----------------------------------------------------------------------------- cam objects
+
+class FakeResNet(nn.Module):
+    """The layers cam_objects calls: identities up to layer4, so the 'last conv features' are the image."""
+
+    def __init__(self):
+        super().__init__()
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, nn.Identity())
+        self.fc = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 0, 0]]))     # class 0 wins, w^0 = channel 0
+            self.fc.bias.copy_(torch.tensor([10.0, 0.0]))
+
+
+def test_cam_threshold_and_20_percent_rule():
+    img = torch.zeros(1, 3, 16, 16)
+    img[0, 0, :8, :8] = 1.0                                                # cell (0, 0): all object
+    img[0, 0, 8:, :2] = 0.5                                                # cell (1, 0): 25% above 0.3 -> object
+    img[0, 0, :1, 8:] = 0.5                                                # cell (0, 1): 12.5% -> background
+    img[0, 0, 8:, 8:] = 0.2                                                # cell (1, 1): below 0.3 everywhere
+    labels, scores = part_learn.cam_objects(FakeResNet(), img, 8, 0.3, 0.2)
+    assert labels.tolist() == [[[1, 0], [1, 0]]]
+    assert torch.allclose(scores, torch.tensor([[[1.0, 0.5 / 8], [0.5 * 2 / 8, 0.2]]]))
+
+
+def test_cam_method_writes_objects(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), weights)
+    out = str(tmp_path / "cam")
+    part_learn.main(part_learn.get_args(PL_TINY[2:] + ["--input_size", "64", "--method", "cam", "--cam_arch",
+                                                    "resnet18", "--cam_weights", str(weights), "--output_dir", out]))
+    files = data.ShapesDataset(8, img_size=64, seed=0).files
+    r = learned_regions(out, files, 64)
+    assert r["meta"]["kind"] == "objects" and r["meta"]["num_regions"] == 1
+    assert set(r["labels"].unique().tolist()) <= {0, 1} and r["labels"].sum() > 0
+    assert 0.0 < r["meta"]["object_ratio"] <= 1.0 and float(r["scores"].max()) <= 1.0
+
+
+# ----------------------------------------------------------------------------- segmentation objects
+
+def test_segmentation_shapes_is_the_instance_cells_and_iou_one(tmp_path, capsys):
+    out = str(tmp_path / "seg")
+    run_part_learn("--method", "segmentation", "--output_dir", out)
+    r = learned_regions(out)
+    ds = data.ShapesDataset(8, img_size=32, seed=0)
+    expected = np.stack([data.instance_cells(ds.load(i)[1], (4, 4)) for i in range(8)])
+    assert np.array_equal(r["labels"].numpy(), expected) and r["scores"] is None
+    assert r["meta"]["object_ratio"] == pytest.approx(data.object_ratio(torch.from_numpy(expected)))
+    assert "mean object ratio" in capsys.readouterr().out
+    iou = part_learn.foreground_iou(r, ds)                                 # the truth against itself
+    assert iou["iou_top"] == 1.0 and iou["iou_parts"] == 1.0
+
+
+def hand_made_folder(root):
+    """One 32x32 image; instance 1 = top-left 16x16 (2x2 cells), 2 = a 2x16 sliver (3% of the image: dropped),
+    3 = rows 16-31 x columns 0-9 (cells of column 1 hold 2 of 8 columns = 25% >= 20%)."""
+    os.makedirs(root / "images" / "a")
+    os.makedirs(root / "masks" / "a")
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(root / "images" / "a" / "x.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16, :16] = 1
+    mask[16:, 20:22] = 2
+    mask[16:, :10] = 3
+    Image.fromarray(mask).save(root / "masks" / "a" / "x.png")
+    return [[1, 1, 0, 0], [1, 1, 0, 0], [3, 3, 0, 0], [3, 3, 0, 0]]
+
+
+def test_segmentation_mask_folder(tmp_path):
+    expected = hand_made_folder(tmp_path)
+    out = str(tmp_path / "seg")
+    run_part_learn("--method", "segmentation", "--data_path", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+        "--output_dir", out)
+    r = learned_regions(out, ["a/x.png"])
+    assert r["labels"][0].tolist() == expected and r["meta"]["num_regions"] == 3
+
+
+def test_segmentation_coco_json_polygon_and_rle(tmp_path):
+    os.makedirs(tmp_path / "coco" / "train2014")
+    Image.new("RGB", (32, 32)).save(tmp_path / "coco" / "train2014" / "x.png")
+    block = np.zeros((32, 32), np.uint8)
+    block[16:, 16:] = 1
+    flat = block.flatten(order="F")                                        # COCO RLE: column-major runs
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()     # starts with zeros
+    coco = {"images": [{"id": 7, "file_name": "x.png", "height": 32, "width": 32}],
+            "annotations": [{"image_id": 7, "iscrowd": 0, "segmentation": [[0, 0, 15, 0, 15, 15, 0, 15]]},
+                            {"image_id": 7, "iscrowd": 0, "segmentation": {"size": [32, 32], "counts": runs}}]}
+    (tmp_path / "inst.json").write_text(json.dumps(coco))
+    out = str(tmp_path / "seg")
+    run_part_learn("--method", "segmentation", "--data_path", str(tmp_path / "coco"), "--coco", str(tmp_path / "inst.json"),
+        "--output_dir", out)
+    r = learned_regions(out, ["train2014/x.png"])
+    assert r["labels"][0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("case", ["missing_weights", "unknown_layout", "not_divisible"])
+def test_bad_input_exit_2_one_line(tmp_path, encoder_ckpt, case):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "regions.pt").write_bytes(b"good regions")
+    torch.save({"foo": torch.zeros(2)}, tmp_path / "foreign.pth")
+    argv = {"missing_weights": ["--encoder_weights", str(tmp_path / "nope.pth")],
+            "unknown_layout": ["--encoder_weights", str(tmp_path / "foreign.pth")],
+            "not_divisible": ["--encoder_weights", encoder_ckpt, "--input_size", "36"]}[case]
+    code, output = run_cli("part_learn.py", *PL_TINY[2:], "--output_dir", str(out), *argv)
+    lines = [ln for ln in output.strip().splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in output, output
+    assert (out / "regions.pt").read_bytes() == b"good regions"
+
+
+def test_bad_input_in_process(tmp_path, encoder_ckpt, learned):
+    sd = torch.load(encoder_ckpt, weights_only=True)
+    del sd["model"]["blocks.0.norm1.weight"]
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="missing"):                       # never a silently random layer
+        run_part_learn("--encoder_weights", str(tmp_path / "partial.pth"), "--output_dir", str(tmp_path / "a"))
+    with pytest.raises(UsageError, match="--num_parts"):                   # a learner of another shape
+        run_part_learn("--encoder_weights", encoder_ckpt, "--num_parts", "4", "--export_only", "--resume",
+            os.path.join(learned, "checkpoint-last.pth"), "--output_dir", str(tmp_path / "b"))
+    with pytest.raises(UsageError, match="--masks"):
+        run_part_learn("--method", "segmentation", "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "c"))
+    with pytest.raises(UsageError, match="--eval_iou"):
+        run_part_learn("--method", "segmentation", "--data_path", str(tmp_path), "--masks", str(tmp_path), "--eval_iou",
+            "--output_dir", str(tmp_path / "d"))

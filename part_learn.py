@@ -1,0 +1,503 @@
+"""Stage 1: where are the parts or objects of each image? Writes <output_dir>/regions.pt for pretrain.py.
+
+--method learned       SemMAE §3.1: a frozen self-supervised ViT gives F_c and F; an attention module (Eq. 1, 2)
+                       and a blur + AdaIN decoder (Eq. 3, 4) learn N part maps by reconstructing the image
+                       (Eq. 5 + lambda x Eq. 6); argmax over the maps = part per cell, their mass = score.
+--method attention     SemMAE Table 4's "iBOT-initialized parts": the frozen encoder's last-layer class-token
+                       attention, one head per part.
+--method cam           ObjMAE §3.2, Appendix A: a ResNet's class activation map of its top class, / its maximum,
+                       pixels > 0.3 are the object, a cell is object when >= 20% of its pixels are.
+--method segmentation  ObjMAE §3.2, §4.1: instance masks (shapes, a PNG folder, or a COCO JSON), 20% cell rule,
+                       instances < 5% of the image dropped; prints the mean object ratio (ObjMAE's seq_ratio).
+
+SemMAE at paper scale (semmae.txt §4.1: ViT-S/8, 6 parts, blur 7, lambda 0.03; "2 hours on one A100"):
+    torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
+        --encoder_weights dino_deitsmall8_pretrain.pth --output_dir parts
+ObjMAE objects (objmae.txt §4.1: ResNet-50 CAM on ImageNet-100; COCO instance masks):
+    torchrun --nproc_per_node=8 part_learn.py --method cam --data_path IMAGENET100/train \
+        --cam_weights resnet50-0676ba61.pth --output_dir cam
+    python part_learn.py --method segmentation --data_path COCO --coco instances_train2014.json --output_dir coco
+    (COCO: put the images one folder down, COCO/train2014/*.jpg, as pretrain.py reads class folders)
+On a laptop, the built-in shapes data and an encoder from pretrain.py (a few minutes on a CPU):
+    python part_learn.py --method learned --encoder_weights output/pretrain/checkpoint-last.pth \
+        --input_size 64 --epochs 5 --batch_size 64 --num_images 2000 --eval_iou
+Re-export from a trained part learner without training: add --export_only --resume parts/checkpoint-last.pth.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import model as models
+import utils
+from utils import UsageError
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="learned", choices=["learned", "attention", "cam", "segmentation"])
+    # data
+    p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
+    p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
+    p.add_argument("--input_size", type=int, default=224, help="images are resized to this (no crop)")
+    p.add_argument("--cell_size", type=int, default=8, help="pixels per region cell (8: the finest patch size)")
+    # learned and attention: the frozen encoder (semmae §4.1: iBOT ViT-S; DINO, MAE and ours load too)
+    p.add_argument("--encoder_weights", default=None,
+                   help="DINO/iBOT release or training checkpoint, MAE/SemMAE or pretrain.py checkpoint")
+    p.add_argument("--num_parts", type=int, default=6, help="learned: N (semmae §4.1: 6, ViT-S's head count)")
+    p.add_argument("--blur", type=int, default=7, help="learned: blur kernel size (semmae §4.1: 7)")
+    p.add_argument("--div_weight", type=float, default=0.03, help="learned: lambda of Eq. 7 (semmae §4.1: 0.03)")
+    # cam (objmae Appendix A) and segmentation (objmae §3.2, §4.1)
+    p.add_argument("--cam_weights", default=None, help="cam: torchvision ResNet state dict (ImageNet-1k trained)")
+    p.add_argument("--cam_arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
+                   help="cam: ResNet-50 (objmae App. A); ResNet-34 for ImageNet-100 (objmae §4.1)")
+    p.add_argument("--cam_threshold", type=float, default=0.3, help="cam: object pixels have map > this")
+    p.add_argument("--min_share", type=float, default=0.2, help="a cell is object when >= this share of its pixels are")
+    p.add_argument("--min_object", type=float, default=0.05, help="segmentation: drop instances under this share")
+    p.add_argument("--masks", default=None, help="segmentation: instance PNG folder, same relative names as images")
+    p.add_argument("--coco", default=None, help="segmentation: COCO instances JSON for the images in --data_path")
+    # optimisation of the part learner (the paper gives only the cost: 2 h on one A100)
+    p.add_argument("--epochs", type=int, default=4, help="learned: about 2 A100 hours of ImageNet-1k at ViT-S/8")
+    p.add_argument("--warmup_epochs", type=int, default=1, help="learned: linear lr warm-up, then cosine")
+    p.add_argument("--batch_size", type=int, default=64, help="per device")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam")
+    # run
+    p.add_argument("--output_dir", default="output/part_learn")
+    p.add_argument("--resume", default=None, help="learned: part-learner checkpoint to continue from")
+    p.add_argument("--export_only", action="store_true", help="learned: export regions from --resume, no training")
+    p.add_argument("--eval_iou", action="store_true",
+                   help="shapes only: also export held-out images and print the foreground IoU (regions-val.pt)")
+    p.add_argument("--eval_images", type=int, default=200, help="held-out shapes images for --eval_iou")
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.input_size % args.cell_size:
+        raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size {args.cell_size}; "
+                         f"use a multiple of {args.cell_size}")
+    needs = {"learned": "encoder_weights", "attention": "encoder_weights", "cam": "cam_weights"}.get(args.method)
+    if needs and not getattr(args, needs):
+        raise UsageError(f"--method {args.method} needs --{needs} <file>")
+    if needs and not os.path.isfile(getattr(args, needs)):
+        raise UsageError(f"--{needs} {getattr(args, needs)} does not exist; check the path")
+    if (args.masks or args.coco) and args.method != "segmentation":
+        raise UsageError("--masks and --coco are for --method segmentation")
+    if args.method == "segmentation" and args.data_path is not None and (args.masks is None) == (args.coco is None):
+        raise UsageError("--method segmentation on an image folder needs exactly one of --masks <folder> or "
+                         "--coco <instances.json>")
+    if args.method == "segmentation" and args.data_path is None and (args.masks or args.coco):
+        raise UsageError("the built-in shapes data brings its own masks; --masks/--coco need --data_path")
+    if args.resume and args.method != "learned":
+        raise UsageError("--resume continues a part learner: it is for --method learned only")
+    if args.export_only and not (args.method == "learned" and args.resume):
+        raise UsageError("--export_only re-exports a trained part learner: pass --method learned --resume <ckpt>")
+    if args.eval_iou and args.data_path is not None:
+        raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
+    if not 1 <= args.num_parts <= 254:
+        raise UsageError(f"--num_parts {args.num_parts} must be in [1, 254] (labels are uint8, 255 = ignore)")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UsageError("--epochs and --batch_size must be >= 1")
+
+
+# ----------------------------------------------------------------------------- cells from maps
+
+def to_cells(maps, grid):
+    """[B, K, h, w] maps on the encoder's patch grid -> [B, K, gh, gw] on the cell grid (a patch-16 encoder's maps
+    are upsampled bilinearly to the 8-px cells before the argmax; a coarser cell grid averages)."""
+    if tuple(maps.shape[-2:]) == tuple(grid):
+        return maps
+    if grid[0] > maps.shape[-2]:
+        return F.interpolate(maps, size=tuple(grid), mode="bilinear", align_corners=False)
+    return F.adaptive_avg_pool2d(maps, tuple(grid))
+
+
+def parts_from_maps(maps, grid):
+    """Part maps [B, K, h, w] -> (labels uint8 [B, gh, gw] = argmax over the maps, scores [B, gh, gw] = the maps'
+    summed mass per cell / its maximum in the image: a small, concentrated part (an object) scores high, a part
+    spread over the background low)."""
+    cells = to_cells(maps.float(), grid)
+    mass = cells.sum(1)                                                    # [B, gh, gw]
+    return cells.argmax(1).to(torch.uint8), mass / mass.amax((1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def encoder_features(encoder, imgs):
+    """Frozen encoder -> F_c [B, C] and F [B, C, h, w] (semmae §3.1), in fp32. No graph, bf16 on CUDA."""
+    with torch.no_grad(), utils.autocast(imgs.device):
+        tokens = encoder.forward_features(imgs)                            # [B, 1+L, C]
+    tokens = tokens.float()
+    B, _, C = tokens.shape
+    h, w = imgs.shape[-2] // encoder.patch_size, imgs.shape[-1] // encoder.patch_size
+    return tokens[:, 0], tokens[:, 1:].transpose(1, 2).reshape(B, C, h, w)
+
+
+def attention_parts(encoder, imgs, grid):
+    """Table 4's baseline: last-layer class-token attention to the patches, one map per head [B, heads, h, w]."""
+    with torch.no_grad(), utils.autocast(imgs.device):
+        attn = encoder.get_last_selfattention(imgs)                        # [B, heads, 1+L, 1+L]
+    h, w = imgs.shape[-2] // encoder.patch_size, imgs.shape[-1] // encoder.patch_size
+    return parts_from_maps(attn[:, :, 0, 1:].float().unflatten(-1, (h, w)), grid)
+
+
+def build_cam_net(args):
+    """torchvision ResNet from a state-dict file; the class count comes from its fc layer."""
+    try:
+        sd = torch.load(args.cam_weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot read --cam_weights {args.cam_weights} ({type(e).__name__}); "
+                         "pass a torchvision ResNet state dict (.pth)") from None
+    if not isinstance(sd, dict) or not torch.is_tensor(sd.get("fc.weight")):
+        raise UsageError(f"--cam_weights {args.cam_weights} is not a torchvision ResNet state dict (no fc.weight)")
+    net = getattr(torchvision.models, args.cam_arch)(weights=None, num_classes=sd["fc.weight"].shape[0])
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UsageError(f"--cam_weights {args.cam_weights} does not fit --cam_arch {args.cam_arch}: "
+                         f"{str(e).splitlines()[1].strip()}") from None
+    return net.eval()
+
+
+def cam_objects(net, imgs, cell, threshold, min_share):
+    """objmae Appendix A, Eq. 2: M_c(x, y) = sum_k w_k^c f_k(x, y) for the top class c, / its maximum; pixels above
+    threshold are the object; a cell is object (1) when >= min_share of its pixels are. Score = mean map per cell."""
+    with torch.no_grad(), utils.autocast(imgs.device):
+        x = imgs
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            x = getattr(net, name)(x)
+        f = x.float()                                                      # [B, K, h, w] last conv layer
+        logits = net.fc(f.mean((2, 3)))                                    # [B, classes]
+        w = net.fc.weight.float()[logits.argmax(1)]                        # [B, K] w^c of the top class
+        cam = torch.einsum("bk,bkhw->bhw", w, f).clamp_min(0)             # Eq. 2
+    cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-12)           # range 0-1
+    cam = F.interpolate(cam[:, None], size=imgs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    share = F.avg_pool2d((cam > threshold).float()[:, None], cell)[:, 0]  # [B, gh, gw] object pixel share
+    scores = F.avg_pool2d(cam[:, None], cell)[:, 0]
+    return (share >= min_share - 1e-6).to(torch.uint8), scores
+
+
+class SegmentationCells(torch.utils.data.Dataset):
+    """Object id per cell from instance masks (objmae §3.2: 20% rule; §4.1: instances < 5% dropped)."""
+
+    def __init__(self, base, args, coco_masks=None):
+        self.base, self.args, self.coco = base, args, coco_masks
+        self.grid = (args.input_size // args.cell_size,) * 2
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if self.coco is not None:                                          # only the annotation: no image read
+            mask = self.coco[os.path.basename(self.base.files[i])]
+        else:
+            mask = self.base.load(i)[1]
+        S = self.args.input_size
+        if mask.shape != (S, S):                                           # images are resized the same way
+            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
+        return torch.from_numpy(data.instance_cells(mask, self.grid, self.args.min_share, self.args.min_object))
+
+
+def load_coco(args, base):
+    masks = data.coco_instance_masks(args.coco)
+    masks = {os.path.basename(name): m for name, m in masks.items()}
+    missing = [f for f in base.files if os.path.basename(f) not in masks]
+    if missing:
+        raise UsageError(f"{len(missing)} images in --data_path are not in --coco {args.coco} (first: {missing[0]}); "
+                         "pass the annotations of these images")
+    return masks
+
+
+# ----------------------------------------------------------------------------- export (sharded over ranks)
+
+def export(items, label_fn, grid, args, d, desc):
+    """Run label_fn over every item of `items`, rank r taking items r, r + world, ... -> (labels uint8 [N, gh, gw],
+    scores float16 [N, gh, gw] or None), in dataset order, on rank 0 (None on the other ranks)."""
+    idx = list(range(d.rank, len(items), d.world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, idx), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
+    labels, scores = [], []
+    for batch in tqdm(loader, desc=desc, disable=not d.is_main, leave=False, dynamic_ncols=True):
+        lab, sc = label_fn(batch)
+        labels.append(lab.cpu())
+        scores.append(None if sc is None else sc.to(torch.float16).cpu())
+    has_scores = any(sc is not None for sc in scores)
+    shard = (idx, torch.cat(labels) if labels else torch.empty(0, *grid, dtype=torch.uint8),
+             torch.cat(scores) if has_scores else None)                   # a rank may get no items
+    shards = [shard]
+    if d.world > 1:                                                        # one regions file, written by rank 0
+        shards = [None] * d.world if d.is_main else None
+        dist.gather_object(shard, shards, dst=0)
+        if not d.is_main:
+            return None, None
+    all_labels = torch.empty(len(items), *grid, dtype=torch.uint8)
+    all_scores = None
+    if any(sc is not None for _, _, sc in shards):
+        all_scores = torch.empty(len(items), *grid, dtype=torch.float16)
+    for ids, lab, sc in shards:
+        all_labels[ids] = lab
+        if sc is not None:
+            all_scores[ids] = sc
+    return all_labels, all_scores
+
+
+def make_regions(base, args, d, nets):
+    """The chosen method over `base` in order -> (labels, scores, meta) on rank 0."""
+    grid = (args.input_size // args.cell_size,) * 2
+    images = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
+    meta = {"method": args.method, "input_size": args.input_size, "cell_size": args.cell_size,
+            "object_ratio": None}
+    if args.method == "learned":
+        encoder, learner = nets
+
+        def label_fn(batch):
+            cls_feat, patch_feat = encoder_features(encoder, batch[0].to(d.device))
+            with torch.no_grad():
+                return parts_from_maps(learner.part_maps(cls_feat, patch_feat), grid)
+        meta.update(kind="parts", num_regions=args.num_parts, source=args.encoder_weights)
+    elif args.method == "attention":
+        encoder = nets[0]
+
+        def label_fn(batch):
+            return attention_parts(encoder, batch[0].to(d.device), grid)
+        meta.update(kind="parts", num_regions=encoder.blocks[-1].attn.num_heads, source=args.encoder_weights)
+    elif args.method == "cam":
+        net = nets[0]
+
+        def label_fn(batch):
+            return cam_objects(net, batch[0].to(d.device), args.cell_size, args.cam_threshold, args.min_share)
+        meta.update(kind="objects", num_regions=1, source=f"{args.cam_arch} {args.cam_weights}")
+    else:
+        coco = load_coco(args, base) if args.coco else None
+        images = SegmentationCells(base, args, coco)
+
+        def label_fn(batch):
+            return batch, None
+        meta.update(kind="objects", source=args.coco or args.masks or "shapes instance masks")
+    labels, scores = export(images, label_fn, grid, args, d, f"export {args.method}")
+    if labels is None:
+        return None, None, None
+    if meta["kind"] == "objects":
+        meta["object_ratio"] = data.object_ratio(labels)
+        if args.method == "segmentation":
+            real = labels[labels != data.IGNORE]
+            meta["num_regions"] = int(real.max()) if real.numel() else 0
+    return labels, scores, meta
+
+
+# ----------------------------------------------------------------------------- evaluation on shapes
+
+def foreground_iou(regions, dataset):
+    """How well regions separate objects from background, against the true object cells (instance_cells of the
+    shapes' masks on the regions' grid), mean over the images that have objects:
+      top:   IoU of the k highest-scoring cells (k = the true object cells) with the object cells (needs scores;
+             without, the object cells of an objects file);
+      parts: IoU of the union of the regions that are mostly object, i.e. whether the parts themselves split
+             objects from background, whatever their scores;
+      chance: IoU of k cells drawn at random (fixed seed), what `top` is worth without information."""
+    S, cell = regions["meta"]["input_size"], regions["meta"]["cell_size"]
+    grid = (S // cell, S // cell)
+    top, parts, chance, g = [], [], [], torch.Generator().manual_seed(0)
+    for i in range(len(dataset)):
+        mask = dataset.load(i)[1]
+        if mask.shape != (S, S):
+            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
+        true = torch.from_numpy(data.instance_cells(mask, grid) > 0).flatten()  # [gh*gw]
+        k = int(true.sum())
+        if k == 0:
+            continue
+        labels = regions["labels"][i].flatten().long()
+        if regions["scores"] is not None:
+            pred = torch.zeros_like(true)
+            pred[regions["scores"][i].flatten().float().topk(k).indices] = True
+        else:
+            pred = (labels > 0) & (labels != data.IGNORE)
+        top.append(float((pred & true).sum() / (pred | true).sum()))
+        drawn = torch.zeros_like(true)
+        drawn[torch.randperm(true.numel(), generator=g)[:k]] = True
+        chance.append(float((drawn & true).sum() / (drawn | true).sum()))
+        hits = torch.zeros(256).index_add_(0, labels, true.float())       # object cells per region id
+        sizes = torch.bincount(labels, minlength=256).float()
+        union = (hits > sizes / 2)[labels]                                 # the regions that are mostly object
+        parts.append(float((union & true).sum() / (union | true).sum()))
+    return {"iou_top": float(np.mean(top)), "iou_parts": float(np.mean(parts)), "iou_chance": float(np.mean(chance)),
+            "images": len(top)}
+
+
+# ----------------------------------------------------------------------------- pictures
+
+PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                        [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+                        [170, 255, 195], [0, 0, 0]]) / 255.0                 # 16 colours, then ignore = black
+
+
+def denormalise(imgs):
+    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
+    return (imgs.float().cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
+
+
+def save_picture(path, imgs, labels, recon=None):
+    """semmae Figure 4: one row per image: the image | its regions colour-coded (nearest upsampling, over a grey
+    copy of the image) | the reconstruction (learned)."""
+    images = denormalise(imgs)
+    ids = labels.long().cpu()
+    ids = torch.where(ids == data.IGNORE, len(PALETTE) - 1, ids % (len(PALETTE) - 1))
+    colours = PALETTE[ids].permute(0, 3, 1, 2)                             # [B, 3, gh, gw]
+    colours = F.interpolate(colours, size=images.shape[-2:], mode="nearest")
+    columns = [images, 0.7 * colours + 0.3 * images.mean(1, keepdim=True)]
+    if recon is not None:
+        columns.append(denormalise(recon))
+    grid = torch.stack(columns, 1).flatten(0, 1)                          # [B * columns, 3, H, W]
+    scale = max(1, 128 // grid.shape[-1])                                  # small demo images: enlarge
+    grid = F.interpolate(grid, scale_factor=scale, mode="nearest") if scale > 1 else grid
+    torchvision.utils.save_image(grid, path, nrow=len(columns), padding=1)
+
+
+# ----------------------------------------------------------------------------- training the part learner
+
+def train_learner(args, d, base, encoder):
+    """semmae §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the PartLearner."""
+    torch.manual_seed(args.seed)                                           # same initial weights on every rank
+    width = encoder.cls_token.shape[-1]
+    learner = models.PartLearner(width, args.num_parts, args.blur, encoder.patch_size).to(d.device)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr)
+    start_epoch = 0
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        if "learner" not in ckpt:
+            raise UsageError(f"{args.resume} is not a part_learn.py checkpoint; --resume takes this stage's "
+                             "checkpoint-last.pth (the encoder goes in --encoder_weights)")
+        try:
+            learner.load_state_dict(ckpt["learner"])
+        except RuntimeError:
+            raise UsageError(f"{args.resume} was trained with --num_parts {ckpt['args'].get('num_parts')} on "
+                             f"{ckpt['args'].get('encoder_weights')}; pass the same --num_parts and an encoder "
+                             "of the same width") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = ckpt["epoch"] + 1
+    if args.export_only:
+        return learner.eval()
+
+    dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)  # resize + flip
+    loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
+    if len(loader) == 0:
+        raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
+                         "use a smaller --batch_size")
+    ddp = DDP(learner, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else learner
+    vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
+    vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)   # 8 fixed images
+    utils.print0(d, f"part learner: {sum(p.numel() for p in learner.parameters()) / 1e6:.2f}M params, "
+                    f"{len(dataset)} images, epochs {start_epoch}..{args.epochs - 1}")
+    iters = len(loader)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    for epoch in range(start_epoch, args.epochs):
+        utils.seed_all((args.seed * 100003 + epoch) * d.world + d.rank)  # resume = same flips and order
+        loader.sampler.set_epoch(epoch)
+        learner.train()
+        t0, sums, n = time.time(), torch.zeros(3), 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
+        for it, (imgs, _, _, _) in enumerate(bar):
+            lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
+            utils.set_lr(optimizer, lr)
+            imgs = imgs.to(d.device, non_blocking=True)
+            cls_feat, patch_feat = encoder_features(encoder, imgs)        # F_c [B, C], F [B, C, h, w]
+            maps, recon = ddp(cls_feat, patch_feat, imgs.shape[-2:])        # Eq. 1-4
+            rec = F.mse_loss(recon, imgs)                                  # Eq. 5
+            div = models.diversity_loss(maps)                              # Eq. 6
+            loss = rec + args.div_weight * div                             # Eq. 7
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if not math.isfinite(loss.item()):
+                print(f"error: loss is {loss.item()} at epoch {epoch}; stopping. The last good checkpoint is kept "
+                      f"at {ckpt_path}", file=sys.stderr, flush=True)
+                sys.exit(1)
+            sums, n = sums + torch.tensor([loss.item(), rec.item(), div.item()]), n + 1
+            bar.set_postfix(loss=f"{loss.item():.4f}", div=f"{div.item():.3f}", lr=f"{lr:.2e}")
+        loss, rec, div = (utils.all_reduce_mean(v / n, d) for v in sums.tolist())
+        if d.is_main:
+            utils.save_checkpoint(ckpt_path, {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "epoch": epoch, "args": vars(args)})
+            record = {"epoch": epoch, "train_loss": loss, "rec_loss": rec, "div_loss": div, "lr": lr,
+                      "time_s": round(time.time() - t0, 2)}
+            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            print(f"epoch {epoch}: loss {loss:.4f} (rec {rec:.4f}, div {div:.4f}) ({record['time_s']}s)", flush=True)
+            learner.eval()
+            with torch.no_grad():
+                maps, recon = learner(*encoder_features(encoder, vis_imgs), vis_imgs.shape[-2:])
+            labels, _ = parts_from_maps(maps, (args.input_size // args.cell_size,) * 2)
+            save_picture(os.path.join(args.output_dir, f"parts-{epoch:04d}.png"), vis_imgs, labels, recon)
+    return learner.eval()
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    d = utils.init_distributed(args.device)
+    check_args(args)
+    base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
+            if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks))
+    nets = ()
+    if args.method in ("learned", "attention"):
+        # sizes and patch size from the checkpoint; any missing encoder key is an error, never a random encoder
+        encoder = models.build_encoder_from_checkpoint(args.encoder_weights, img_size=args.input_size)
+        encoder = encoder.to(d.device).eval().requires_grad_(False)
+        utils.print0(d, f"encoder {args.encoder_weights}: width {encoder.cls_token.shape[-1]}, patch "
+                        f"{encoder.patch_size}, {len(encoder.blocks)} blocks, "
+                        f"{encoder.blocks[-1].attn.num_heads} heads")
+        nets = (encoder,)
+    elif args.method == "cam":
+        nets = (build_cam_net(args).to(d.device),)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    if d.is_main:
+        utils.save_args(os.path.join(args.output_dir, "args.json"), args)
+    utils.print_args(d, args)
+    if args.method == "learned":
+        nets = (nets[0], train_learner(args, d, base, nets[0]))
+
+    labels, scores, meta = make_regions(base, args, d, nets)
+    out = os.path.join(args.output_dir, "regions.pt")
+    if d.is_main:
+        data.save_regions(out, labels, scores, base.files, meta)
+        vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
+        n = min(8, len(base))
+        save_picture(os.path.join(args.output_dir, "regions.png"), torch.stack([vis[i][0] for i in range(n)]),
+                     labels[:n])
+        ratio = "" if meta["object_ratio"] is None else (
+            f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio)")
+        print(f"wrote {out}: {meta['kind']} of {len(base)} images on a {labels.shape[1]}x{labels.shape[2]} grid, "
+              f"{meta['num_regions']} regions{ratio}", flush=True)
+
+    if args.eval_iou:                                                      # held-out images: another split
+        val = data.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.seed, split="val")
+        labels, scores, meta = make_regions(val, args, d, nets)
+        if d.is_main:
+            out = os.path.join(args.output_dir, "regions-val.pt")
+            data.save_regions(out, labels, scores, val.files, meta)
+            iou = foreground_iou(data.load_regions(out, val.files, args.input_size), val)
+            utils.append_log(os.path.join(args.output_dir, "log.txt"), {"method": args.method, **iou})
+            print(f"foreground IoU on {iou['images']} held-out shapes images ({args.method}): "
+                  f"top-scoring cells {iou['iou_top']:.3f}, mostly-object regions {iou['iou_parts']:.3f} "
+                  f"(random cells {iou['iou_chance']:.3f})", flush=True)
+    utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    args = get_args()
+    try:
+        main(args)
+    except (UsageError, ValueError) as e:  # bad input: one line, exit 2, nothing overwritten
+        utils.die(str(e))
