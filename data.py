@@ -56,7 +56,9 @@ class ShapesDataset:
         if split not in ("train", "val"):
             raise ValueError(f"ShapesDataset split must be 'train' or 'val', got {split!r}")
         self.split = split
-        self.files = [f"shapes/{i:06d}.png" for i in range(num_images)]   # virtual: match regions files
+        # virtual names, matched against a regions file's: the seed and split are part of the name so a
+        # regions file made from other scenes fails at load instead of labelling the wrong images
+        self.files = [f"shapes-{split}-{seed}/{i:06d}.png" for i in range(num_images)]
         self.classes = list(CLASSES)
         self._targets = None
 

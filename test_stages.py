@@ -67,7 +67,8 @@ def test_shapes_deterministic_and_varied():
     other_split = data.ShapesDataset(50, img_size=48, seed=0, split="val")
     assert not np.array_equal(np.asarray(a.load(3)[0]), np.asarray(other_seed.load(3)[0]))
     assert not np.array_equal(np.asarray(a.load(3)[0]), np.asarray(other_split.load(3)[0]))
-    assert a.files[:2] == ["shapes/000000.png", "shapes/000001.png"] and len(a) == len(a.files) == 50
+    assert a.files[:2] == ["shapes-train-0/000000.png", "shapes-train-0/000001.png"]
+    assert other_seed.files != a.files != other_split.files and len(a) == len(a.files) == 50
 
 
 def test_shapes_mask_ids_and_classes():
