@@ -25,6 +25,12 @@ from PIL import Image, ImageDraw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def denormalise(imgs):
+    """[B, 3, H, W] normalised images -> [0, 1] pixels on the CPU, for pictures."""
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    return (imgs.float().cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
 IGNORE = 255                     # region id of a cell with no label (DESIGN.md, the regions file)
 
 

@@ -343,22 +343,17 @@ PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 2
                         [170, 255, 195], [0, 0, 0]]) / 255.0                 # 16 colours, then ignore = black
 
 
-def denormalise(imgs):
-    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
-    return (imgs.float().cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
-
-
 def save_picture(path, imgs, labels, recon=None):
     """semmae Figure 4: one row per image: the image | its regions colour-coded (nearest upsampling, over a grey
     copy of the image) | the reconstruction (learned)."""
-    images = denormalise(imgs)
+    images = data.denormalise(imgs)
     ids = labels.long().cpu()
     ids = torch.where(ids == data.IGNORE, len(PALETTE) - 1, ids % (len(PALETTE) - 1))
     colours = PALETTE[ids].permute(0, 3, 1, 2)                             # [B, 3, gh, gw]
     colours = F.interpolate(colours, size=images.shape[-2:], mode="nearest")
     columns = [images, 0.7 * colours + 0.3 * images.mean(1, keepdim=True)]
     if recon is not None:
-        columns.append(denormalise(recon))
+        columns.append(data.denormalise(recon))
     grid = torch.stack(columns, 1).flatten(0, 1)                          # [B * columns, 3, H, W]
     scale = max(1, 128 // grid.shape[-1])                                  # small demo images: enlarge
     grid = F.interpolate(grid, scale_factor=scale, mode="nearest") if scale > 1 else grid

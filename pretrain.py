@@ -169,8 +169,7 @@ def save_reconstructions(path, net, imgs, masks):
     h, w = imgs.shape[2] // p, imgs.shape[3] // p
     columns = [models.unpatchify(x, p, h, w) for x in (patches, visible, recon, pasted)]
     grid = torch.stack(columns, 1).flatten(0, 1)                            # [B*4, 3, H, W]
-    grid = grid * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
-    torchvision.utils.save_image(grid.clamp(0, 1), path, nrow=4, padding=1)
+    torchvision.utils.save_image(data.denormalise(grid), path, nrow=4, padding=1)
 
 
 # ----------------------------------------------------------------------------- main
