@@ -5,6 +5,7 @@
 - `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), optionally with
   instance masks in a parallel folder (same relative path, .png).
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
+- `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
 - The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
 - Objects per cell from an instance mask (objmae §3.2's 20% rule, §4.1's 5% rule): `instance_cells`.
 - Cells to patches inside the training loop: `cells_to_patches`, `scores_to_patches`.
@@ -20,6 +21,7 @@ import tempfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
@@ -356,6 +358,43 @@ def scores_to_patches(scores, factor):
     if factor == 1:
         return scores.reshape(B, -1)
     return F.avg_pool2d(scores[:, None].float(), factor).reshape(B, -1)
+
+
+# ----------------------------------------------------------------------------- classification sets
+
+class CIFAR100:
+    """torchvision's CIFAR-100 with data.py's .load(i) -> (PIL, mask None, class) interface (32x32 images; the
+    transforms resize them to --input_size, objmae.txt §4.1)."""
+
+    def __init__(self, root, train, download):
+        try:
+            self.ds = torchvision.datasets.CIFAR100(root, train=train, download=download)
+        except RuntimeError as e:
+            raise ValueError(f"CIFAR-100 is not in {root} ({e}); pass --download, or --data_path the folder "
+                             "that holds cifar-100-python/") from None
+        self.classes = self.ds.classes
+        self.files = [f"{'train' if train else 'test'}/{i:05d}" for i in range(len(self.ds))]  # for regions files
+
+    def __len__(self):
+        return len(self.ds)
+
+    def load(self, i):
+        img, target = self.ds[i]
+        return img, None, target
+
+
+class Classification(torch.utils.data.Dataset):
+    """(transform(image), class) from any data.py-style dataset with .load(i)."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, _, target = self.base.load(i)
+        return self.transform(img), target
 
 
 # ----------------------------------------------------------------------------- the regions file

@@ -300,7 +300,6 @@ def test_object_wise_masking_invariants(B, L, seq_ratio, padding, relation, with
         tgt_lab = set(row[m.tgt_ids[b][:1]].tolist())
         region = lambda lab: (row == lab).sum().item()
         if relation == "image" or not cand:
-            src_size = L                                 # whole image
             if padding in ("zero", "throwout"):
                 assert m.src_valid[b].sum() == min((L + 1) // 2, n) and m.tgt_valid[b].sum() == min(L // 2, n)
             continue

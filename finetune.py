@@ -1,0 +1,528 @@
+"""Stage 3: fine-tuning, linear probing (--linprobe) and evaluation (--eval) of a pre-trained ViT encoder.
+
+Full fine-tuning with MAE's recipe (semmae.txt Tables 2, 5; objmae.txt Tables 2-3), ViT-B/16 on ImageNet, 8 GPUs x
+32 x accum 4 = 1024 images per step:
+    torchrun --nproc_per_node=8 finetune.py --model vit_base_patch16 --finetune output/pretrain/checkpoint-last.pth \
+        --data_path IMAGENET --accum_iter 4
+SemMAE's ViT-B/8 (patch 8, 28x28 grid): the same with --model vit_base_patch8 --finetune semmae_vit_base_patch8.pth
+ObjMAE on CIFAR-100 (objmae.txt Tables 2-3: 90 epochs, batch 256, lr 1e-3, min lr 1e-5; their Lookahead wrapper
+around AdamW is left out), images resized to 224:
+    torchrun --nproc_per_node=8 finetune.py --model vit_small_patch16 --finetune CKPT --dataset cifar100 \
+        --data_path data/cifar100 --download --epochs 90 --blr 1e-3 --min_lr 1e-5
+Linear probing with MAE's recipe (LARS, batch 16384 = 8 GPUs x 512 x accum 4), and SemMAE's 8x8 probe on the 1/4 most
+foreground patches (semmae.txt §4.2) with the regions of train/ and val/ from part_learn.py:
+    torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_base_patch16 --finetune CKPT --data_path IMAGENET \
+        --accum_iter 4
+    torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_base_patch8 --finetune CKPT --data_path IMAGENET \
+        --accum_iter 4 --regions parts/regions.pt --val_regions parts_val/regions.pt --keep_ratio 0.25
+Top-1/top-5 of a trained model (ours, or an official fine-tuned MAE checkpoint {'model': ...}) without training:
+    python finetune.py --eval --resume output/finetune/checkpoint-last.pth --model vit_base_patch16 --data_path IMAGENET
+On a laptop, the built-in shapes data (no --data_path), a few minutes each on a CPU, after pretrain.py's laptop run.
+RandAugment's colour operations would change the colour that is half of a shapes class, hence --aa none; SGD for the
+probe because LARS's steps are tiny at batch 64 (see --opt):
+    python finetune.py --model vit_tiny_patch8 --input_size 64 --finetune output/pretrain/checkpoint-last.pth \
+        --epochs 15 --warmup_epochs 2 --batch_size 64 --blr 5e-3 --aa none --mixup 0 --cutmix 0 --reprob 0 \
+        --crop_min 0.35
+    python finetune.py --linprobe --opt sgd --global_pool --model vit_tiny_patch8 --input_size 64 \
+        --finetune output/pretrain/checkpoint-last.pth --epochs 10 --warmup_epochs 1 --batch_size 64
+
+Flags left at their default (None) take the recipe of the mode: fine-tuning (MAE's main_finetune: AdamW, blr 5e-4,
+layer decay 0.65, wd 0.05, drop path 0.1, 100 epochs, 5 warm-up, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
+RandAugment m9 n2, random erasing 0.25, global average pooling) or linear probing (MAE's main_linprobe: LARS,
+blr 0.1, wd 0, 90 epochs, 10 warm-up, RandomResizedCrop + flip only, class token, BatchNorm without affine).
+The saved models use timm's key names: model-timm.pth loads into timm's VisionTransformer unchanged.
+"""
+import argparse
+import contextlib
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import data
+import masking
+import model as models
+import utils
+from utils import UsageError
+
+# MAE's main_finetune and main_linprobe; batch_size per device (MAE: 32 x 32 GPUs = 1024, 512 x 32 GPUs = 16384)
+RECIPES = {"finetune": dict(batch_size=32, epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, weight_decay=0.05),
+           "linprobe": dict(batch_size=512, epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.0, weight_decay=0.0)}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and mode
+    p.add_argument("--model", default="vit_base_patch16", choices=sorted(models.VITS))
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--finetune", default=None, help="pre-trained encoder: ours, MAE's, SemMAE's or a timm state dict")
+    p.add_argument("--linprobe", action="store_true", help="train only a linear head on the frozen encoder")
+    p.add_argument("--eval", action="store_true", help="top-1/top-5 of --resume on the validation set, no training")
+    p.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=None,
+                   help="mean of the patch tokens + fc_norm (fine-tuning default) or the class token (--no-global_pool,"
+                        " linear probing default), as MAE")
+    p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth (fine-tuning)")
+    # data
+    p.add_argument("--data_path", default=None, help="folder with train/ and val/ (ImageNet layout), or CIFAR-100's "
+                                                     "root with --dataset cifar100; omitted = built-in shapes")
+    p.add_argument("--dataset", default="folder", choices=["folder", "cifar100"])
+    p.add_argument("--download", action="store_true", help="cifar100: download into --data_path if missing")
+    p.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
+    p.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images (other scenes)")
+    p.add_argument("--regions", default=None, help="regions.pt of the training images (foreground scores)")
+    p.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
+    p.add_argument("--keep_ratio", type=float, default=1.0,
+                   help="linear probing on the most foreground fraction of patches (SemMAE 8x8: 0.25)")
+    # augmentation (fine-tuning; MAE's main_finetune flags)
+    p.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
+    p.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to size/crop_pct, centre crop")
+    p.add_argument("--aa", default="rand-m9-n2", help="RandAugment 'rand-m<magnitude>-n<ops>' or 'none'")
+    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    # optimisation; None = the mode's recipe (RECIPES)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--warmup_epochs", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=None, help="per device; effective = batch * accum * world")
+    p.add_argument("--accum_iter", type=int, default=1)
+    p.add_argument("--blr", type=float, default=None, help="lr = blr * effective batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    p.add_argument("--min_lr", type=float, default=None)
+    p.add_argument("--weight_decay", type=float, default=None)
+    p.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (fine-tuning; 1 = off)")
+    p.add_argument("--opt", default="lars", choices=["lars", "sgd"],
+                   help="linear probing: LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
+    # run
+    p.add_argument("--output_dir", default="output/finetune")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval)")
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Fill the mode's recipe into the flags left at None, then refuse combinations that cannot work."""
+    for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.global_pool is None:
+        args.global_pool = not args.linprobe
+    patch = models.VITS[args.model].keywords["patch_size"]
+    if args.input_size % patch:
+        raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of "
+                         f"{args.model}; use a multiple of {patch}")
+    if args.eval and not args.resume:
+        raise UsageError("--eval needs the trained model: pass --resume CKPT")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained checkpoint (pretrain.py's "
+                         "checkpoint-last.pth, MAE's or SemMAE's released .pth, a timm state dict)")
+    if args.eval and args.finetune:
+        raise UsageError("--eval evaluates --resume (a model with its head); drop --finetune")
+    if not 0.0 < args.keep_ratio <= 1.0:
+        raise UsageError(f"--keep_ratio {args.keep_ratio} is outside (0, 1]")
+    if args.keep_ratio < 1.0 and not args.linprobe:
+        raise UsageError("--keep_ratio is for --linprobe (semmae.txt §4.2; also with --eval of a probe); "
+                         "fine-tuning sees every patch")
+    if (args.regions or args.val_regions) and args.keep_ratio == 1.0:
+        raise UsageError("--regions / --val_regions are read only with --keep_ratio < 1")
+    if args.keep_ratio < 1.0 and args.data_path is not None and not (args.val_regions and (args.regions or args.eval)):
+        raise UsageError("--keep_ratio < 1 on real images needs foreground scores: run part_learn.py on train/ and "
+                         "val/, then pass --regions <train regions.pt> --val_regions <val regions.pt>")
+    if args.dataset == "cifar100" and args.data_path is None:
+        raise UsageError("--dataset cifar100 needs --data_path (the folder holding cifar-100-python/)")
+    if not (0.0 < args.crop_min <= 1.0 and 0.0 < args.crop_pct <= 1.0):
+        raise UsageError("--crop_min and --crop_pct must be in (0, 1]")
+    if not (0.0 <= args.smoothing < 1.0 and 0.0 <= args.reprob <= 1.0 and args.mixup >= 0 and args.cutmix >= 0):
+        raise UsageError("--smoothing must be in [0, 1), --reprob in [0, 1], --mixup and --cutmix >= 0")
+    if min(args.batch_size, args.accum_iter, args.epochs) < 1 or args.warmup_epochs < 0:
+        raise UsageError("--batch_size, --accum_iter and --epochs must be >= 1, --warmup_epochs >= 0")
+    randaug(args.aa)
+
+
+def randaug(aa):
+    """'rand-m9-n2' -> (magnitude 9, 2 ops), 'none' -> None. timm's 'mstd0.5' (noise on the magnitude) has no
+    torchvision counterpart, so MAE's rand-m9-mstd0.5-inc1 becomes a fixed magnitude 9."""
+    if aa == "none":
+        return None
+    m = re.fullmatch(r"rand-m(\d+)-n(\d+)", aa)
+    if not m:
+        raise UsageError(f"--aa {aa} is not 'rand-m<magnitude>-n<ops>' (e.g. rand-m9-n2) or 'none'")
+    return int(m[1]), int(m[2])
+
+
+# ----------------------------------------------------------------------------- data
+
+class Foreground(data.PretrainDataset):
+    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe. No crop, so the cells stay on
+    the image (only a joint flip, as in pre-training). Scores come from the regions file, else object cells
+    (id 1..254 of the regions or of the base's instance masks) count 1 and background 0."""
+
+    def __getitem__(self, i):
+        img, cells, scores, target = super().__getitem__(i)
+        if self.regions is None or self.regions["scores"] is None:
+            scores = ((cells > 0) & (cells != data.IGNORE)).float()
+        return img, target, scores
+
+
+def build_transform(args, train):
+    """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip + RandAugment + random
+    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    size, mean, std = args.input_size, data.IMAGENET_MEAN, data.IMAGENET_STD
+    if not train:
+        head = [v2.Resize(int(size / args.crop_pct), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+    else:
+        head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic, antialias=True),
+                v2.RandomHorizontalFlip()]
+        if not args.linprobe and randaug(args.aa):
+            magnitude, ops = randaug(args.aa)
+            head.append(v2.RandAugment(ops, magnitude, interpolation=bicubic,
+                                       fill=[round(255 * m) for m in mean]))  # timm fills with the mean colour
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if train and not args.linprobe and args.reprob > 0:
+        tail.append(v2.RandomErasing(args.reprob, value="random"))
+    return v2.Compose(head + tail)
+
+
+def build_datasets(args):
+    """-> (train set (None with --eval), validation set, class names). Items are (img, class) or, with
+    keep_ratio < 1, (img, class, cell scores)."""
+    splits = [False] if args.eval else [True, False]  # is it the training split; --eval never scans train/
+    if args.data_path is None:
+        bases = [data.ShapesDataset(args.num_images if train else args.num_val_images, img_size=args.input_size,
+                                    seed=args.seed, split="train" if train else "val") for train in splits]
+    elif args.dataset == "cifar100":
+        bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
+    else:
+        dirs = [os.path.join(args.data_path, "train" if train else "val") for train in splits]
+        for folder in dirs:
+            if not os.path.isdir(folder):
+                raise UsageError(f"{folder} does not exist; --data_path needs train/ and val/ in ImageNet layout "
+                                 "(<split>/<class>/<image>)")
+        bases = [data.FolderDataset(folder) for folder in dirs]
+    if bases[0].classes != bases[-1].classes:
+        raise UsageError(f"train and val have different classes ({len(bases[0].classes)} vs "
+                         f"{len(bases[-1].classes)}); both need the same class folders")
+    sets = []
+    for base, train in zip(bases, splits):
+        if args.keep_ratio == 1.0:
+            sets.append(data.Classification(base, build_transform(args, train)))
+            continue
+        path = args.regions if train else args.val_regions
+        regions = data.load_regions(path, base.files, args.input_size) if path else None
+        if regions and regions["scores"] is None and regions["meta"].get("kind") != "objects":
+            raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs part_learn.py's scores")
+        cell = regions["meta"]["cell_size"] if regions else 8
+        sets.append(Foreground(base, args.input_size, regions=regions, hflip=train, cell_size=cell))
+    return (None if args.eval else sets[0]), sets[-1], bases[0].classes
+
+
+# ----------------------------------------------------------------------------- model
+
+def layer_id(name, depth):
+    """BEiT/MAE layer-wise lr decay: the embeddings are layer 0, block i is layer i+1, the rest depth+1."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups_lrd(net, weight_decay, layer_decay):
+    """One AdamW group per (layer, decay or not); lr_scale = layer_decay ** (depth + 1 - layer) (utils.set_lr)."""
+    depth, groups = len(net.blocks), {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, no_decay = layer_id(name, depth), utils.no_weight_decay(name, p)
+        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                  "lr_scale": layer_decay ** (depth + 1 - layer)})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017), as MAE's linear probe uses it: SGD with momentum where the step of each weight
+    matrix is rescaled to trust * |w| / |g + wd w| (its size follows the weight, not the gradient); biases and
+    other 1-d tensors take plain SGD steps without weight decay."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                step = p.grad
+                if p.ndim > 1:
+                    step = step.add(p, alpha=g["weight_decay"])
+                    w, u = p.norm(), step.norm()
+                    step = step * torch.where((w > 0) & (u > 0), g["trust"] * w / u, torch.ones_like(w))
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(step)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def build_model(args, num_classes):
+    """The --model ViT with a new head: Linear (trunc-normal std 2e-5, MAE fine-tuning) or, for --linprobe,
+    BatchNorm without affine + Linear (std 0.01) on a frozen encoder (MAE's linear probe)."""
+    net = models.VITS[args.model](img_size=args.input_size, num_classes=num_classes, global_pool=args.global_pool,
+                                  drop_path_rate=0.0 if args.linprobe else args.drop_path)
+    nn.init.trunc_normal_(net.head.weight, std=0.01 if args.linprobe else 2e-5)
+    nn.init.zeros_(net.head.bias)
+    if args.linprobe:
+        net.requires_grad_(False)
+        net.head = nn.Sequential(nn.BatchNorm1d(net.head.in_features, affine=False, eps=1e-6), net.head)
+        net.head.requires_grad_(True)
+    return net
+
+
+def load_pretrained(net, path, verbose=True):
+    """Encoder weights from any layout model.load_encoder_checkpoint reads, position embedding interpolated to
+    net's grid. Missing and unexpected keys are printed; anything missing but the head (and fc_norm, which global
+    pooling starts fresh, as MAE) stops the run. -> (missing, unexpected)."""
+    try:
+        sd, info = models.load_encoder_checkpoint(path)
+    except ValueError:
+        obj = models.read_checkpoint(path)
+        if isinstance(obj, dict) and "learner" in obj:  # part_learn.py trains a part learner on a frozen encoder
+            encoder = obj.get("args", {}).get("encoder_weights")
+            raise UsageError(f"{path} is a part_learn.py checkpoint: it holds the part learner, not an encoder; "
+                             f"pass the encoder it ran on, --finetune {encoder}") from None
+        raise
+    want = (net.patch_embed.proj.out_channels, len(net.blocks), net.patch_size)
+    have = (info["embed_dim"], info["depth"], info["patch_size"])
+    if want != have:
+        raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but --model has {want}; "
+                         "pass the matching --model")
+    sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)  # e.g. 14x14 -> 28x28, cls kept
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if verbose:
+        print(f"loaded {path} ({info['layout']} layout): missing {missing}, unexpected {unexpected}", flush=True)
+    fresh = ("head.", "fc_norm.") if net.global_pool else ("head.",)
+    if any(not k.startswith(fresh) for k in missing):
+        raise UsageError(f"{path} lacks encoder weights {[k for k in missing if not k.startswith(fresh)][:6]}; "
+                         "it is not a complete encoder for --model (or pass --global_pool for a fc_norm checkpoint)")
+    return missing, unexpected
+
+
+def load_trained(net, ckpt, args, path):
+    """A checkpoint of this script (or a plain/{'model'} state dict with a head, e.g. MAE's fine-tuned ViTs)."""
+    old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    for flag in ("model", "linprobe", "global_pool"):
+        if flag in old and old[flag] != getattr(args, flag):
+            raise UsageError(f"{path} was trained with {flag}={old[flag]} but this run has {flag}="
+                             f"{getattr(args, flag)}; pass the flags it was trained with")
+    sd = dict(ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
+    if "pos_embed" in sd and sd["pos_embed"].shape != net.pos_embed.shape:
+        sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a size mismatch: other --model or number of classes
+        raise UsageError(f"{path} does not fit --model {args.model} with this dataset's classes: "
+                         f"{str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise UsageError(f"{path} does not fit the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+
+
+def timm_state_dict(net):
+    """The weights under timm's names. A linear probe's BatchNorm (no affine, eval statistics) is folded into the
+    linear layer, so timm's VisionTransformer loads the result as a plain head: W' = W / sqrt(var + eps),
+    b' = b - W' mean."""
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
+    head = net.head
+    if isinstance(head, nn.Sequential):
+        bn, lin = head
+        w = lin.weight / (bn.running_var + bn.eps).sqrt()  # [C, D]
+        sd["head.weight"], sd["head.bias"] = w, lin.bias - w @ bn.running_mean
+    else:
+        sd["head.weight"], sd["head.bias"] = head.weight, head.bias
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- train and evaluate
+
+def keep_ids(scores, net, args, generator=None):
+    """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (semmae.txt §4.2)."""
+    factor = net.patch_size // (args.input_size // scores.shape[-1])  # cells per patch side
+    return masking.keep_foreground(data.scores_to_patches(scores, factor), args.keep_ratio, generator=generator)
+
+
+def forward(net, trainable, imgs, ids, linprobe):
+    """Logits [B, C]. Fine-tuning: the whole (DDP) model. Linear probe: features of the frozen encoder under
+    no_grad (class token, or the mean of the kept patch tokens with global_pool), then the (DDP) head, so DDP syncs
+    only the head's gradients."""
+    if not linprobe:
+        return trainable(imgs)
+    with torch.no_grad():
+        x = net.forward_features(imgs, ids)  # [B, 1+n, D]
+        feats = net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]  # [B, D]
+    return trainable(feats)
+
+
+@torch.no_grad()
+def evaluate(net, loader, d, args):
+    """Top-1 and top-5 accuracy over the validation set; each rank takes every world-th image, counts are summed."""
+    net.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=d.device)  # top-1 hits, top-5 hits, images
+    g = torch.Generator(d.device).manual_seed(args.seed + d.rank)   # ties in keep_foreground: same every epoch
+    for imgs, target, *scores in loader:
+        imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
+        ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
+        with utils.autocast(d.device):
+            logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
+        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]  # [B, k]
+        batch = torch.tensor(len(target), device=d.device)
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), batch]).to(counts)
+    if d.world > 1:
+        dist.all_reduce(counts)
+    return {"acc1": (counts[0] / counts[2]).item(), "acc5": (counts[1] / counts[2]).item(), "n": int(counts[2])}
+
+
+def soft_cross_entropy(logits, target):
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def make_mixup(args, num_classes):
+    """MixUp or CutMix on the batch, chosen 50/50 when both are on (timm's switch_prob 0.5); None when off."""
+    if args.linprobe:
+        return None
+    ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
+          ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    return v2.RandomChoice(ops) if ops else None
+
+
+def main(args):
+    d = utils.init_distributed(args.device)
+    check_args(args)
+    torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
+    train_set, val_set, classes = build_datasets(args)
+    net = build_model(args, len(classes))
+    if args.finetune:
+        load_pretrained(net, args.finetune, verbose=d.is_main)
+    net.to(d.device)
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world)),
+                                             batch_size=args.batch_size, num_workers=args.num_workers,
+                                             pin_memory=d.device.type == "cuda")
+    if args.eval:
+        load_trained(net, utils.load_checkpoint(args.resume), args, args.resume)
+        stats = evaluate(net, val_loader, d, args)
+        utils.print0(d, f"{args.resume}: top-1 {100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
+                        f"on {stats['n']} validation images")
+        utils.cleanup_distributed()
+        return stats
+
+    loader = utils.make_loader(train_set, args.batch_size, args.num_workers, True, args.seed, d)
+    if len(loader) < args.accum_iter:
+        raise UsageError(f"{len(train_set)} images give {len(loader)} batches of {args.batch_size} per rank, "
+                         f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
+    eff_batch = args.batch_size * args.accum_iter * d.world
+    base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    if not args.linprobe:
+        optimizer = torch.optim.AdamW(param_groups_lrd(net, args.weight_decay, args.layer_decay), lr=base_lr)
+    elif args.opt == "lars":  # MAE's probe (batch 16384); a step moves w by ~lr * trust * |w|, too little at batch 64
+        optimizer = LARS(net.head.parameters(), lr=base_lr, weight_decay=args.weight_decay)
+    else:  # small batches: SGD with momentum, the usual probe optimiser (DINO, MoCo v3)
+        optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
+    start_epoch, max_acc1 = 0, 0.0
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        load_trained(net, ckpt, args, args.resume)
+        if "optimizer" not in ckpt:
+            raise UsageError(f"{args.resume} has no optimizer state; --resume continues a run of this script")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0)
+    module = net.head if args.linprobe else net
+    trainable = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else module
+    mixup = make_mixup(args, len(classes))
+    smoothing = 0.0 if args.linprobe else args.smoothing
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    if d.is_main:
+        utils.save_args(os.path.join(args.output_dir, "args.json"), args)
+    utils.print_args(d, args)
+    trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    utils.print0(d, f"{args.model}{' (linear probe)' if args.linprobe else ''}: {trained / 1e6:.2f}M trained "
+                    f"params, {len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
+                    f"effective batch {eff_batch}, lr {base_lr:.2e}, epochs {start_epoch}..{args.epochs - 1}")
+
+    iters = len(loader)
+    total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
+    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    for epoch in range(start_epoch, args.epochs):
+        # per-epoch seeds: a resumed run draws the same crops, mixes and drop paths as an uninterrupted one
+        utils.seed_all((args.seed * 100003 + epoch) * d.world + d.rank)
+        loader.sampler.set_epoch(epoch)
+        net.train(not args.linprobe)  # linear probe: the encoder stays in eval mode, only the head trains
+        module.train()
+        t0, loss_sum, n_sum = time.time(), 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
+        for it, (imgs, target, *scores) in enumerate(bar):
+            if it % args.accum_iter == 0:
+                lr = utils.cosine_lr(epoch * iters + it, total_iters, warmup_iters, base_lr, args.min_lr)
+                utils.set_lr(optimizer, lr)
+            imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
+            ids = keep_ids(scores[0].to(d.device), net, args) if scores else None
+            if mixup is not None:
+                imgs, soft = mixup(imgs, target)  # [B, C] mixed one-hot targets
+            else:
+                soft = F.one_hot(target, len(classes)).float()
+            soft = soft * (1 - smoothing) + smoothing / len(classes)  # smoothing commutes with mixing (timm)
+            sync = (it + 1) % args.accum_iter == 0
+            with (trainable.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()):
+                with utils.autocast(d.device):
+                    loss = soft_cross_entropy(forward(net, trainable, imgs, ids, args.linprobe), soft)
+                (loss / args.accum_iter).backward()
+            if sync:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                print(f"error: loss is {loss_value} at epoch {epoch} step {it}; stopping. The last good checkpoint "
+                      f"is kept at {ckpt_path}", file=sys.stderr, flush=True)
+                sys.exit(1)
+            loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+
+        train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
+        stats = evaluate(net, val_loader, d, args)
+        max_acc1 = max(max_acc1, stats["acc1"])
+        if d.is_main:
+            utils.save_checkpoint(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)})
+            record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
+                      "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
+                      "time_s": round(time.time() - t0, 2)}
+            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 {100 * stats['acc1']:.2f}% top-5 "
+                  f"{100 * stats['acc5']:.2f}% (max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
+    if d.is_main:
+        path = os.path.join(args.output_dir, "model-timm.pth")
+        utils.save_checkpoint(path, timm_state_dict(net))
+        print(f"{path} loads into timm.models.vision_transformer.VisionTransformer(img_size={args.input_size}, "
+              f"patch_size={net.patch_size}, embed_dim={net.cls_token.shape[-1]}, depth={len(net.blocks)}, "
+              f"num_heads={net.blocks[0].attn.num_heads}, num_classes={len(classes)}, "
+              f"global_pool='{'avg' if args.global_pool else 'token'}')", flush=True)
+    utils.cleanup_distributed()
+    return {"max_acc1": max_acc1}
+
+
+if __name__ == "__main__":
+    args = get_args()
+    try:
+        main(args)
+    except (UsageError, ValueError) as e:  # bad input: one line, exit 2, nothing overwritten
+        utils.die(str(e))
