@@ -33,11 +33,8 @@ blr 0.1, wd 0, 90 epochs, 10 warm-up, RandomResizedCrop + flip only, class token
 The saved models use timm's key names: model-timm.pth loads into timm's VisionTransformer unchanged.
 """
 import argparse
-import contextlib
-import math
 import os
 import re
-import sys
 import time
 
 import torch
@@ -482,7 +479,7 @@ def main(args):
                 soft = F.one_hot(target, len(classes)).float()
             soft = soft * (1 - smoothing) + smoothing / len(classes)  # smoothing commutes with mixing (timm)
             sync = (it + 1) % args.accum_iter == 0
-            with (trainable.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()):
+            with utils.no_sync_unless(trainable, sync, d):
                 with utils.autocast(d.device):
                     loss = soft_cross_entropy(forward(net, trainable, imgs, ids, args.linprobe), soft)
                 (loss / args.accum_iter).backward()
@@ -490,10 +487,7 @@ def main(args):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                print(f"error: loss is {loss_value} at epoch {epoch} step {it}; stopping. The last good checkpoint "
-                      f"is kept at {ckpt_path}", file=sys.stderr, flush=True)
-                sys.exit(1)
+            utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path)
             loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
 
@@ -521,8 +515,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args()
-    try:
-        main(args)
-    except (UsageError, ValueError) as e:  # bad input: one line, exit 2, nothing overwritten
-        utils.die(str(e))
+    utils.run_stage(main, get_args)

@@ -24,9 +24,7 @@ On a laptop, the built-in shapes data and an encoder from pretrain.py (a few min
 Re-export from a trained part learner without training: add --export_only --resume parts/checkpoint-last.pth.
 """
 import argparse
-import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -415,10 +413,7 @@ def train_learner(args, d, base, encoder):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if not math.isfinite(loss.item()):
-                print(f"error: loss is {loss.item()} at epoch {epoch}; stopping. The last good checkpoint is kept "
-                      f"at {ckpt_path}", file=sys.stderr, flush=True)
-                sys.exit(1)
+            utils.stop_if_not_finite(loss.item(), f"epoch {epoch} step {it}", ckpt_path)
             sums, n = sums + torch.tensor([loss.item(), rec.item(), div.item()]), n + 1
             bar.set_postfix(loss=f"{loss.item():.4f}", div=f"{div.item():.3f}", lr=f"{lr:.2e}")
         loss, rec, div = (utils.all_reduce_mean(v / n, d) for v in sums.tolist())
@@ -491,8 +486,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args()
-    try:
-        main(args)
-    except (UsageError, ValueError) as e:  # bad input: one line, exit 2, nothing overwritten
-        utils.die(str(e))
+    utils.run_stage(main, get_args)

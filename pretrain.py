@@ -14,10 +14,7 @@ source + target tokens (model.py), and regresses the target pixels. Random maski
 source = kept, target = masked.
 """
 import argparse
-import contextlib
-import math
 import os
-import sys
 import time
 
 import torch
@@ -249,7 +246,7 @@ def main(args):
             imgs, cells, scores = (x.to(d.device, non_blocking=True) for x in (imgs, cells, scores))
             src_ids, tgt_ids, src_valid, tgt_valid = masker(cells, scores, progress)
             sync = (it + 1) % args.accum_iter == 0
-            with (ddp.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()):
+            with utils.no_sync_unless(ddp, sync, d):
                 with utils.autocast(d.device):
                     loss, _ = ddp(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
                 (loss / args.accum_iter).backward()
@@ -257,10 +254,7 @@ def main(args):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                print(f"error: loss is {loss_value} at step {i} (epoch {epoch}); stopping. The last good "
-                      f"checkpoint is kept at {ckpt_path}", file=sys.stderr, flush=True)
-                sys.exit(1)
+            utils.stop_if_not_finite(loss_value, f"step {i} (epoch {epoch})", ckpt_path)
             loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
             shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
@@ -286,8 +280,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args()
-    try:
-        main(args)
-    except (UsageError, ValueError) as e:  # bad input: one line, exit 2, nothing overwritten
-        utils.die(str(e))
+    utils.run_stage(main, get_args)

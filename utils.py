@@ -26,6 +26,24 @@ def die(msg):
     sys.exit(2)
 
 
+def run_stage(main, get_args):
+    """A stage's entry point: bad input (UsageError, or a ValueError from data.py/model.py/masking.py)
+    becomes one line and exit 2. Stages validate everything before writing, so nothing is overwritten."""
+    args = get_args()
+    try:
+        main(args)
+    except (UsageError, ValueError) as e:
+        die(str(e))
+
+
+def stop_if_not_finite(loss_value, where, ckpt_path):
+    """A NaN/inf loss ends the run (exit 1) before anything is saved, so the last good checkpoint stays."""
+    if not math.isfinite(loss_value):
+        print(f"error: loss is {loss_value} at {where}; stopping. The last good checkpoint is kept at "
+              f"{ckpt_path}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 # ----------------------------------------------------------------------------- distributed
 
 class Dist(NamedTuple):
@@ -116,6 +134,12 @@ def param_groups(model, weight_decay):
             (no_decay if no_weight_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def no_sync_unless(model, sync, d):
+    """Gradient accumulation under DDP: all-reduce only on the micro-step that updates the weights
+    (the forward and backward of the other micro-steps run inside this context)."""
+    return model.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()
 
 
 def autocast(device):
