@@ -460,8 +460,7 @@ def main(args):
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     for epoch in range(start_epoch, args.epochs):
-        # per-epoch seeds: a resumed run draws the same crops, mixes and drop paths as an uninterrupted one
-        utils.seed_all((args.seed * 100003 + epoch) * d.world + d.rank)
+        utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
         loader.sampler.set_epoch(epoch)
         net.train(not args.linprobe)  # linear probe: the encoder stays in eval mode, only the head trains
         module.train()

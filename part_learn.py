@@ -396,7 +396,7 @@ def train_learner(args, d, base, encoder):
     iters = len(loader)
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     for epoch in range(start_epoch, args.epochs):
-        utils.seed_all((args.seed * 100003 + epoch) * d.world + d.rank)  # resume = same flips and order
+        utils.seed_epoch(args.seed, epoch, d)  # resume = same flips and order
         loader.sampler.set_epoch(epoch)
         learner.train()
         t0, sums, n = time.time(), torch.zeros(3), 0

@@ -228,9 +228,7 @@ def main(args):
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     for epoch in range(start_epoch, args.epochs):
-        # Per-epoch seeds (DiT: seed * world + rank) make a resumed run draw the same masks, flips
-        # and worker seeds as an uninterrupted one, with no RNG state to carry in the checkpoint.
-        utils.seed_all((args.seed * 100003 + epoch) * d.world + d.rank)
+        utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
         loader.sampler.set_epoch(epoch)
         ddp.train()
         t0, loss_sum, n_sum = time.time(), 0.0, 0

@@ -98,6 +98,13 @@ def print0(d, *args, **kwargs):
 
 # ----------------------------------------------------------------------------- seeding
 
+def seed_epoch(seed, epoch, d):
+    """Seed every RNG from (seed, epoch, rank) at the start of an epoch: a resumed run draws the same
+    masks, flips and worker seeds as an uninterrupted one, with no RNG state in the checkpoint, and
+    each rank draws its own (DiT: seed * world + rank)."""
+    seed_all((seed * 100003 + epoch) * d.world + d.rank)
+
+
 def seed_all(seed):
     """Seed every RNG a run touches. Callers pass global_seed * world + rank (DiT's rule),
     so ranks draw different masks and flips but a run is reproducible."""
