@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -266,27 +267,45 @@ def _decode_segmentation(seg, h, w):
     return flat.reshape((rh, rw), order="F")
 
 
+class CocoMasks(Mapping):
+    """{file_name: np.uint8 [H, W] instance ids} that decodes an image's mask only when it is read:
+    all of COCO train2014 decoded at once would not fit in memory."""
+
+    def __init__(self, images, anns):
+        self.images = {im["file_name"]: im for im in images}
+        self.anns = anns                                                    # image id -> annotations
+
+    def __getitem__(self, name):
+        im = self.images[name]
+        mask = np.zeros((im["height"], im["width"]), np.uint8)
+        for k, a in enumerate(self.anns[im["id"]][:254], 1):
+            mask[_decode_segmentation(a["segmentation"], im["height"], im["width"])] = k
+        return mask
+
+    def __iter__(self):
+        return iter(self.images)
+
+    def __len__(self):
+        return len(self.images)
+
+
 def coco_instance_masks(json_path, image_ids=None):
-    """COCO instances JSON -> {file_name: np.uint8 [H, W]}: 0 = background, instances 1..k in
-    annotation order (later ones overwrite overlaps, at most 254). Crowd annotations (iscrowd=1)
-    mark groups, not single objects, so they stay background (objmae §4.1 picks single objects)."""
+    """COCO instances JSON -> a CocoMasks mapping {file_name: np.uint8 [H, W]}: 0 = background,
+    instances 1..k in annotation order (later ones overwrite overlaps, at most 254). Crowd annotations
+    (iscrowd=1) mark groups, not single objects, so they stay background (objmae §4.1 picks single
+    objects). Masks are decoded when read, one image at a time."""
     try:
         with open(json_path) as f:
             coco = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read COCO annotations {json_path} ({e}); pass an instances_*.json file") from None
-    images = [im for im in coco["images"] if image_ids is None or im["id"] in set(image_ids)]
+    wanted = None if image_ids is None else set(image_ids)
+    images = [im for im in coco["images"] if wanted is None or im["id"] in wanted]
     anns = {im["id"]: [] for im in images}
     for a in coco.get("annotations", []):
         if a["image_id"] in anns and not a.get("iscrowd", 0):
             anns[a["image_id"]].append(a)
-    out = {}
-    for im in images:
-        mask = np.zeros((im["height"], im["width"]), np.uint8)
-        for k, a in enumerate(anns[im["id"]][:254], 1):
-            mask[_decode_segmentation(a["segmentation"], im["height"], im["width"])] = k
-        out[im["file_name"]] = mask
-    return out
+    return CocoMasks(images, anns)
 
 
 # ----------------------------------------------------------------------------- objects per cell

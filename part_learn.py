@@ -208,9 +208,8 @@ class SegmentationCells(torch.utils.data.Dataset):
 
 
 def load_coco(args, base):
-    masks = data.coco_instance_masks(args.coco)
-    masks = {os.path.basename(name): m for name, m in masks.items()}
-    missing = [f for f in base.files if os.path.basename(f) not in masks]
+    masks = data.coco_instance_masks(args.coco)                            # decoded lazily, per image
+    missing = [f for f in base.files if os.path.basename(f) not in masks]  # COCO file_name is a bare name
     if missing:
         raise UsageError(f"{len(missing)} images in --data_path are not in --coco {args.coco} (first: {missing[0]}); "
                          "pass the annotations of these images")
