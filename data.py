@@ -350,6 +350,14 @@ def object_ratio(labels):
     return float((counts[present].float() / c).mean()) if present.any() else 0.0
 
 
+def mask_cells(mask, size, grid, min_share=0.2, min_object=0.05):
+    """An instance mask of any size -> object id per cell of a size x size image, np.uint8 [gh, gw]: the
+    mask is resized the way its image is (nearest, so ids stay ids), then `instance_cells`."""
+    if mask.shape != (size, size):
+        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+    return instance_cells(mask, grid, min_share, min_object)
+
+
 # ----------------------------------------------------------------------------- cells -> patches
 
 def cells_to_patches(labels, factor):
@@ -514,9 +522,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             sc = self.regions["scores"]
             scores = sc[i].float() if sc is not None else torch.zeros(self.grid)
         elif mask is not None:
-            if mask.shape != (S, S):
-                mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
-            labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
+            labels = torch.from_numpy(mask_cells(mask, S, self.grid)).long()
             scores = torch.zeros(self.grid)
         else:
             labels, scores = torch.full(self.grid, IGNORE, dtype=torch.long), torch.zeros(self.grid)

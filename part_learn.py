@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -201,10 +200,8 @@ class SegmentationCells(torch.utils.data.Dataset):
             mask = self.coco[os.path.basename(self.base.files[i])]
         else:
             mask = self.base.load(i)[1]
-        S = self.args.input_size
-        if mask.shape != (S, S):                                           # images are resized the same way
-            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
-        return torch.from_numpy(data.instance_cells(mask, self.grid, self.args.min_share, self.args.min_object))
+        a = self.args
+        return torch.from_numpy(data.mask_cells(mask, a.input_size, self.grid, a.min_share, a.min_object))
 
 
 def load_coco(args, base):
@@ -307,10 +304,7 @@ def foreground_iou(regions, dataset):
     grid = (S // cell, S // cell)
     top, parts, chance, g = [], [], [], torch.Generator().manual_seed(0)
     for i in range(len(dataset)):
-        mask = dataset.load(i)[1]
-        if mask.shape != (S, S):
-            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
-        true = torch.from_numpy(data.instance_cells(mask, grid) > 0).flatten()  # [gh*gw]
+        true = torch.from_numpy(data.mask_cells(dataset.load(i)[1], S, grid) > 0).flatten()  # [gh*gw]
         k = int(true.sum())
         if k == 0:
             continue
