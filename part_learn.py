@@ -249,7 +249,10 @@ def export(items, label_fn, grid, args, d, desc):
 def make_regions(base, args, d, nets):
     """The chosen method over `base` in order -> (labels, scores, meta) on rank 0."""
     grid = (args.input_size // args.cell_size,) * 2
-    images = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
+    if args.method == "segmentation":                                      # only the masks are read
+        images = SegmentationCells(base, args, load_coco(args, base) if args.coco else None)
+    else:
+        images = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
     meta = {"method": args.method, "input_size": args.input_size, "cell_size": args.cell_size,
             "object_ratio": None}
     if args.method == "learned":
@@ -273,9 +276,6 @@ def make_regions(base, args, d, nets):
             return cam_objects(net, batch[0].to(d.device), args.cell_size, args.cam_threshold, args.min_share)
         meta.update(kind="objects", num_regions=1, source=f"{args.cam_arch} {args.cam_weights}")
     else:
-        coco = load_coco(args, base) if args.coco else None
-        images = SegmentationCells(base, args, coco)
-
         def label_fn(batch):
             return batch, None
         meta.update(kind="objects", source=args.coco or args.masks or "shapes instance masks")
