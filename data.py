@@ -8,7 +8,7 @@
 - `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
 - The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
 - Objects per cell from an instance mask (objmae §3.2's 20% rule, §4.1's 5% rule): `instance_cells`.
-- Cells to patches inside the training loop: `cells_to_patches`, `scores_to_patches`.
+- Cells to patches inside the training loop: `cells_to_patches` (parts), `scores_to_patches`.
 - The joint random-resized crop (MAE's pre-training crop, objmae §4.2's random crop) as pure functions on
   tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores), `resized_crop_mask`.
 - `PretrainDataset`: image + region cells, cropped (optional) and flipped together (semmae §4.1: flip only).
@@ -320,6 +320,12 @@ def instance_cells(inst_mask, grid, min_share=0.2, min_object=0.05):
     several pass, the larger share wins (ties: the lower id). objmae §4.1: objects covering
     < min_object (5%) of the image are dropped first and count as background. Ids keep their
     values from the mask (so they may have gaps); 0 = background.
+
+    The rule is on a patch's own pixels, so objects are made with cells the size of the model's patches (objmae
+    §4.1: patch 16 in every experiment): part_learn.py --cell_size 16 for a patch-16 model, and PretrainDataset
+    at the patch size for the shapes' masks. Finer cells cannot be merged into it afterwards (a majority vote of
+    8-px cells turns a patch that is 25-50% object into background), so pretrain.py refuses object regions whose
+    cell size is not its patch size.
     """
     m = np.asarray(inst_mask)
     (H, W), (gh, gw) = m.shape, grid
@@ -345,7 +351,9 @@ def instance_cells(inst_mask, grid, min_share=0.2, min_object=0.05):
 def object_ratio(labels):
     """Mean object ratio of region cells [N, gh, gw] (or [gh, gw]): mean over every object of
     every image of (its cells / all cells). objmae Eq. 1 counts pixels; we count cells after the
-    20% rule, which is what the masking sees. Ids 1..254 are objects. 0.0 when there are none."""
+    20% rule, which is what the masking sees: object cells are the model's patches (`instance_cells`), so this
+    is the seq_ratio hint of a model whose patch is the cell size. Ids 1..254 are objects. 0.0 when there are
+    none."""
     lab = torch.as_tensor(labels).reshape(-1, labels.shape[-2] * labels.shape[-1]).long()
     n, c = lab.shape
     counts = torch.zeros(n, 256, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))[:, 1:IGNORE]
@@ -363,11 +371,13 @@ def mask_cells(mask, size, grid, min_share=0.2, min_object=0.05):
 
 # ----------------------------------------------------------------------------- cells -> patches
 
-def cells_to_patches(labels, factor):
-    """Region cells [B, gh, gw] -> one label per patch [B, (gh/f)*(gw/f)] (row-major patches) by
-    majority vote over each f x f block of cells. Ties go to the lowest label; ignore (255) wins
-    only when the whole patch is ignore. f = 1 is a reshape. Pairwise comparisons, O(f^4) per
-    patch: cheap for the f = 1, 2 that patch 8/16 over 8-px cells need."""
+def cells_to_patches(labels, factor, generator=None):
+    """Part cells [B, gh, gw] -> one part per patch [B, (gh/f)*(gw/f)] (row-major patches) by majority vote over
+    each f x f block of cells, ties broken at random (uniform over the tied parts: a lowest-id rule would favour
+    part 0, and a patch-16 model over 8-px cells has a tie in about one patch in five). Ignore (255) wins only
+    when the whole patch is ignore. f = 1 is a reshape. For parts only: objects need ObjMAE's 20% pixel rule on
+    the patch's own pixels (objmae §3.2), which cells cannot give, so object regions are made at the patch size.
+    Pairwise comparisons, O(f^4) per patch: cheap for the f = 1, 2 that patch 8/16 over 8-px cells need."""
     B, gh, gw = labels.shape
     if gh % factor or gw % factor:
         raise ValueError(f"grid {gh}x{gw} is not a multiple of {factor} cells per patch side")
@@ -378,7 +388,9 @@ def cells_to_patches(labels, factor):
     votes = (v[..., :, None] == v[..., None, :]).sum(-1)                  # [B, L, f*f] count of own label
     real = v != IGNORE
     votes = torch.where(real | ~real.any(-1, keepdim=True), votes, 0)    # ignore loses to any label
-    best = (votes * 256 + (255 - v.long())).argmax(-1, keepdim=True)      # most votes, then lowest label
+    # most votes first; among the cells of tied labels (equally many cells each) a uniform random key picks one
+    key = torch.rand(v.shape, device=v.device, generator=generator)       # [B, L, f*f] in [0, 1)
+    best = (votes + key).argmax(-1, keepdim=True)
     return v.gather(-1, best).squeeze(-1)
 
 

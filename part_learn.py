@@ -48,7 +48,10 @@ def get_args(argv=None):
     p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
     p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
     p.add_argument("--input_size", type=int, default=224, help="images are resized to this (no crop)")
-    p.add_argument("--cell_size", type=int, default=8, help="pixels per region cell (8: the finest patch size)")
+    p.add_argument("--cell_size", type=int, default=None,
+                   help="pixels per region cell; default 8 for parts (SemMAE learns them at 8x8, §4.2; a patch-16 "
+                        "model votes over them), 16 for objects: the patch size of the model that will use them, "
+                        "since the 20%% rule is on a patch's own pixels (ObjMAE §3.2; patch 16 everywhere, §4.1)")
     # learned and attention: the frozen encoder (semmae §4.1: iBOT ViT-S; DINO, MAE and ours load too)
     p.add_argument("--encoder_weights", default=None,
                    help="DINO/iBOT release or training checkpoint, MAE/SemMAE or pretrain.py checkpoint")
@@ -83,6 +86,10 @@ def get_args(argv=None):
 
 
 def check_args(args):
+    if args.cell_size is None:
+        args.cell_size = 16 if args.method in ("cam", "segmentation") else 8
+    if args.cell_size < 1:
+        raise UsageError(f"--cell_size {args.cell_size} must be >= 1")
     if args.input_size % args.cell_size:
         raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size {args.cell_size}; "
                          f"use a multiple of {args.cell_size}")
@@ -460,7 +467,7 @@ def main(args):
         save_picture(os.path.join(args.output_dir, "regions.png"), torch.stack([vis[i][0] for i in range(n)]),
                      labels[:n])
         ratio = "" if meta["object_ratio"] is None else (
-            f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio)")
+            f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio for a patch-{args.cell_size} model)")
         print(f"wrote {out}: {meta['kind']} of {len(base)} images on a {labels.shape[1]}x{labels.shape[2]} grid, "
               f"{meta['num_regions']} regions{ratio}", flush=True)
 

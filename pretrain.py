@@ -114,7 +114,7 @@ class Masker:
 
     def __init__(self, args, patch_size, cell_size, grid, num_parts):
         self.args = args
-        self.factor = patch_size // cell_size        # cells per patch side; majority vote when > 1
+        self.factor = patch_size // cell_size        # cells per patch side; > 1 only for parts (main)
         self.num_patches = grid[0] * grid[1]
         self.num_parts = num_parts                   # semmae: region ids + one slot for 'ignore'
 
@@ -124,7 +124,7 @@ class Masker:
 
     def __call__(self, cell_labels, cell_scores, progress, generator=None):
         a, B, L = self.args, cell_labels.shape[0], self.num_patches
-        labels = data.cells_to_patches(cell_labels, self.factor)           # [B, L]
+        labels = data.cells_to_patches(cell_labels, self.factor, generator)  # [B, L] vote, random ties
         if a.mask == "objmae":                                             # objmae.txt §3
             scores = data.scores_to_patches(cell_scores, self.factor) if a.regions else None
             m = masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation, scores,
@@ -148,6 +148,25 @@ class Masker:
         if keep is not None:                                               # back to full-grid patch ids
             src_ids, tgt_ids = keep.gather(1, src_ids), keep.gather(1, tgt_ids)
         return src_ids, tgt_ids, None, None
+
+
+def region_cell_size(args, regions, patch_size):
+    """The cell size the pre-training samples carry. Objects follow objmae §3.2's 20% rule on each patch's own
+    pixels: the shapes' masks are turned into cells the size of a patch, and a regions file of objects must have
+    been made at this model's patch size (a vote over finer cells loses half-covered objects). Parts may be finer
+    than the patch: Masker takes a vote of their cells, ties at random (or export them at the patch size, the
+    maps pooled over the patch: part_learn.py --cell_size)."""
+    if regions is None:
+        return patch_size
+    cell_size = regions["meta"]["cell_size"]
+    if patch_size % cell_size:
+        raise UsageError(f"{args.regions} has {cell_size}-px cells, coarser than the {patch_size}-px patches of "
+                         f"{args.model}; remake it with part_learn.py --cell_size {patch_size}")
+    if regions["meta"].get("kind") == "objects" and cell_size != patch_size:
+        raise UsageError(f"{args.regions} holds objects on {cell_size}-px cells, but the 20% rule (ObjMAE §3.2) "
+                         f"must see each {patch_size}-px patch's own pixels; remake it with part_learn.py "
+                         f"--cell_size {patch_size}")
+    return cell_size
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -194,7 +213,8 @@ def main(args):
     base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
             if args.data_path is None else data.FolderDataset(args.data_path))
     regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
-    cell_size = regions["meta"]["cell_size"] if regions else 8
+    patch_size = models.MODELS[args.model].keywords["patch_size"]
+    cell_size = region_cell_size(args, regions, patch_size)
     dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=args.hflip, cell_size=cell_size,
                                    crop_scale=args.crop_scale, crop_ratio=tuple(args.crop_ratio))
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
@@ -203,9 +223,6 @@ def main(args):
                          f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
 
     net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
-    if net.patch_size % cell_size:
-        raise UsageError(f"patch size {net.patch_size} is not a multiple of the regions' cell size "
-                         f"{cell_size}; make the regions with a cell size that divides it")
     num_parts = None                    # semmae: the region ids, plus one slot for 'ignore' (255)
     if regions:
         num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects") + 1

@@ -9,6 +9,8 @@ import torch
 from torchvision.transforms import v2
 
 import data
+import part_learn
+import pretrain
 
 
 # ============================================================================= slow references
@@ -161,3 +163,131 @@ def test_joint_crop_regions_then_flip():
         assert np.array_equal(cells.numpy(), ref_l) and np.allclose(sc.numpy(), ref_s, atol=1e-6)
         flips.add(flip)
     assert flips == {True, False}
+
+
+# ============================================================================= objects and parts at the patch size
+
+def masker_patch_labels(monkeypatch, cells, patch, cell, mask="objmae", regions=None):
+    """The per-patch labels pretrain.Masker computes from a batch of cells (recorded as it asks for them)."""
+    seen = []
+    real = data.cells_to_patches
+
+    def record(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+    monkeypatch.setattr(data, "cells_to_patches", record)
+    argv = ["--mask", mask] + (["--regions", regions] if regions else [])
+    grid = (cells.shape[-2] * cell // patch,) * 2
+    masker = pretrain.Masker(pretrain.get_args(argv), patch, cell, grid, 8)
+    masker(cells, torch.zeros(cells.shape), 0.0)
+    assert len(seen) == 1
+    return seen[0]
+
+
+@pytest.fixture(scope="module")
+def scenes_224():
+    ds = data.ShapesDataset(12, img_size=224, seed=5)
+    return ds, [ds.load(i)[1] for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_objects_per_patch_are_the_pixel_rule_builtin_shapes(monkeypatch, scenes_224, patch):
+    """pretrain.py on the shapes (no --regions): the object per patch the masker sees is ObjMAE's 20% rule on the
+    patch's own pixels after the 5% rule, image by image, at patch 16 and at patch 8."""
+    ds, masks = scenes_224
+    args = pretrain.get_args(["--mask", "objmae"])
+    cell = pretrain.region_cell_size(args, None, patch)
+    samples = data.PretrainDataset(ds, 224, hflip=False, cell_size=cell)
+    cells = torch.stack([samples[i][1] for i in range(len(ds))])
+    seen = masker_patch_labels(monkeypatch, cells, patch, cell)
+    for i, mask in enumerate(masks):
+        assert np.array_equal(seen[i].reshape(224 // patch, 224 // patch).numpy(), pixel_rule(mask, patch)), i
+    assert (seen > 0).sum() > 0
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_objects_per_patch_are_the_pixel_rule_segmentation_regions(tmp_path, monkeypatch, scenes_224, patch):
+    """part_learn.py --method segmentation (16-px cells by default: ObjMAE's patch) -> pretrain.py's masker; the
+    printed seq_ratio hint is the object ratio of those patches."""
+    ds, masks = scenes_224
+    out = str(tmp_path / "seg")
+    argv = ["--method", "segmentation", "--input_size", "224", "--num_images", "12", "--seed", "5",
+            "--batch_size", "4", "--num_workers", "0", "--output_dir", out] + \
+        (["--cell_size", "8"] if patch == 8 else [])                     # the default is 16
+    part_learn.main(part_learn.get_args(argv))
+    path = f"{out}/regions.pt"
+    regions = data.load_regions(path, ds.files, 224)
+    args = pretrain.get_args(["--mask", "objmae", "--regions", path])
+    cell = pretrain.region_cell_size(args, regions, patch)
+    samples = data.PretrainDataset(ds, 224, regions=regions, hflip=False, cell_size=cell)
+    cells = torch.stack([samples[i][1] for i in range(len(ds))])
+    seen = masker_patch_labels(monkeypatch, cells, patch, cell, regions=path)
+    reference = np.stack([pixel_rule(m, patch) for m in masks])
+    for i in range(len(masks)):
+        assert np.array_equal(seen[i].reshape(224 // patch, 224 // patch).numpy(), reference[i]), i
+    assert regions["meta"]["object_ratio"] == pytest.approx(data.object_ratio(torch.from_numpy(reference)))
+
+
+def test_objects_on_finer_cells_are_refused_at_a_coarser_patch(tmp_path):
+    """An object regions file on 8-px cells (every file made before this rule) cannot feed a patch-16 model: one
+    line that says how to remake it. Parts on 8-px cells can (a vote), and cells coarser than the patch cannot."""
+    args = pretrain.get_args(["--mask", "objmae", "--regions", "r.pt", "--model", "mae_vit_small_patch16"])
+    objects = {"meta": {"kind": "objects", "cell_size": 8}}
+    with pytest.raises(pretrain.UsageError, match=r"20% rule.*remake it with part_learn.py --cell_size 16"):
+        pretrain.region_cell_size(args, objects, 16)
+    assert pretrain.region_cell_size(args, objects, 8) == 8
+    assert pretrain.region_cell_size(args, {"meta": {"kind": "parts", "cell_size": 8}}, 16) == 8
+    with pytest.raises(pretrain.UsageError, match="coarser than the 8-px patches.*--cell_size 8"):
+        pretrain.region_cell_size(args, {"meta": {"kind": "objects", "cell_size": 16}}, 8)
+
+
+class IdentityResNet(torch.nn.Module):
+    """cam_objects' layers as identities: the CAM of the top class is the image's channel 0."""
+
+    def __init__(self):
+        super().__init__()
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, torch.nn.Identity())
+        self.fc = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
+            self.fc.bias.copy_(torch.tensor([10.0, 0.0]))
+
+
+def test_cam_objects_per_patch_are_the_pixel_rule(scenes_224):
+    """--method cam at its default 16-px cells: a patch is object when >= 20% of its pixels are above the CAM
+    threshold (ObjMAE §3.2, Appendix A)."""
+    _, masks = scenes_224
+    img = torch.zeros(len(masks), 3, 224, 224)
+    img[:, 0] = torch.from_numpy((np.stack(masks) > 0).astype(np.float32))
+    args = part_learn.get_args(["--method", "cam", "--cam_weights", __file__])
+    part_learn.check_args(args)
+    assert args.cell_size == 16
+    labels, _ = part_learn.cam_objects(IdentityResNet(), img, args.cell_size, args.cam_threshold, args.min_share)
+    for i, m in enumerate(masks):
+        assert np.array_equal(labels[i].numpy(), pixel_rule((m > 0).astype(np.uint8), 16, min_object=0.0))
+
+
+def test_part_votes_favour_no_part(monkeypatch):
+    """Parts on 8-px cells seen by a patch-16 model: with cells drawn uniformly from 6 parts (no part preferred;
+    about a third of the patches are ties), every part gets 1/6 of the patches within sampling noise."""
+    K, B = 6, 300
+    cells = torch.randint(0, K, (B, 28, 28), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    seen = masker_patch_labels(monkeypatch, cells, 16, 8, mask="semmae", regions="r.pt")
+    shares = torch.bincount(seen.flatten(), minlength=K).double() / seen.numel()
+    noise = math.sqrt((1 / K) * (1 - 1 / K) / seen.numel())                # binomial sd, patches independent
+    assert (shares - 1 / K).abs().max() < 5 * noise, shares
+    blocks = cells.reshape(B, 14, 2, 14, 2).permute(0, 1, 3, 2, 4).reshape(B, 196, 4)
+    counts = torch.nn.functional.one_hot(blocks, K).sum(2)                 # [B, L, K] cells of each part
+    top = counts.max(-1).values
+    assert (counts.gather(-1, seen[..., None])[..., 0] == top).all()       # always one of the most-voted parts
+    assert ((counts == top[..., None]).sum(-1) > 1).float().mean() > 0.3   # ties are common here
+
+
+def test_parts_exported_at_the_patch_size_pool_the_maps():
+    """part_learn.py --cell_size 16 over an encoder's 8-px maps: the maps averaged over each patch, then the
+    argmax (the paper's way to put parts on coarser patches)."""
+    maps = torch.rand(2, 6, 28, 28, generator=torch.Generator().manual_seed(0))
+    labels, scores = part_learn.parts_from_maps(maps, (14, 14))
+    assert torch.equal(labels.long(), torch.nn.functional.avg_pool2d(maps, 2).argmax(1))
