@@ -63,9 +63,18 @@ def get_args(argv=None):
     p.add_argument("--accum_iter", type=int, default=1)
     p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256 (2.4e-3 at 4096)")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    p.add_argument("--min_lr", type=float, default=0.0)
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine (MAE's code: 0; ObjMAE Table 2: 1e-5)")
+    p.add_argument("--weight_decay", type=float, default=0.05, help="MAE, SemMAE §4.1, ObjMAE Table 2: 0.05")
+    p.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+                   help="AdamW betas: MAE's pre-training (0.9, 0.95), which SemMAE follows (§4.1, 'the most common "
+                        "setting'); ObjMAE Table 2: 0.9 0.999")
+    p.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
+    p.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table 2)")
+    p.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
+    p.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
+    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="regress each target patch's normalised pixels: MAE's recommendation (MAE §4, Table 1d); "
+                        "SemMAE's paper does not say and its released code defaults to off; ObjMAE does not say")
     # run
     p.add_argument("--output_dir", default="output/pretrain")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
@@ -105,6 +114,11 @@ def check_args(args):
     # patches are still the crop's most foreground ones (SemMAE §4.2's rule, applied to what the model sees).
     if args.accum_iter < 1 or args.batch_size < 1 or args.epochs < 1:
         raise UsageError("--batch_size, --accum_iter and --epochs must be >= 1")
+    if args.lookahead and (args.lookahead_k < 1 or not 0.0 < args.lookahead_alpha <= 1.0):
+        raise UsageError(f"--lookahead_k {args.lookahead_k} must be >= 1 and --lookahead_alpha "
+                         f"{args.lookahead_alpha} in (0, 1]")
+    if not (0.0 <= args.opt_betas[0] < 1.0 and 0.0 <= args.opt_betas[1] < 1.0 and args.opt_eps > 0):
+        raise UsageError(f"--opt_betas {args.opt_betas[0]} {args.opt_betas[1]} must be in [0, 1) and --opt_eps > 0")
 
 
 # ----------------------------------------------------------------------------- masks
@@ -230,7 +244,10 @@ def main(args):
 
     eff_batch = args.batch_size * args.accum_iter * d.world
     base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr,
+                                  betas=tuple(args.opt_betas), eps=args.opt_eps)
+    if args.lookahead:                                                     # ObjMAE Table 2
+        optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
     start_epoch = 0
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
@@ -238,7 +255,7 @@ def main(args):
             raise UsageError(f"{args.resume} holds a {ckpt.get('args', {}).get('model')} model, not --model "
                              f"{args.model}; resume with the same --model")
         net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch = ckpt["epoch"] + 1
     ddp = DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else net
 
@@ -256,7 +273,9 @@ def main(args):
     vis = [vis_set[i] for i in range(min(8, len(vis_set)))]
     vis_imgs, vis_cells, vis_scores = (torch.stack([v[k] for v in vis]).to(d.device) for k in range(3))
 
-    iters = len(loader)
+    # Each optimizer step averages exactly accum_iter micro-batches: the len(loader) % accum_iter left at the end of
+    # an epoch are skipped, the same in every epoch, so no step mixes two epochs' batches.
+    iters = len(loader) // args.accum_iter * args.accum_iter               # micro-batches used per epoch
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     for epoch in range(start_epoch, args.epochs):
@@ -264,8 +283,10 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         ddp.train()
         t0, loss_sum, n_sum = time.time(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
         for it, (imgs, cells, scores, _) in enumerate(bar):
+            if it == iters:                                                # the leftover micro-batches
+                break
             i = epoch * iters + it
             if it % args.accum_iter == 0:
                 lr = utils.cosine_lr(i, total_iters, warmup_iters, base_lr, args.min_lr)
@@ -288,6 +309,7 @@ def main(args):
             loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
             shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
+        bar.close()
 
         train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
         if d.is_main:

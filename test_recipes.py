@@ -9,8 +9,10 @@ import torch
 from torchvision.transforms import v2
 
 import data
+import finetune
 import part_learn
 import pretrain
+import utils
 
 
 # ============================================================================= slow references
@@ -291,3 +293,134 @@ def test_parts_exported_at_the_patch_size_pool_the_maps():
     maps = torch.rand(2, 6, 28, 28, generator=torch.Generator().manual_seed(0))
     labels, scores = part_learn.parts_from_maps(maps, (14, 14))
     assert torch.equal(labels.long(), torch.nn.functional.avg_pool2d(maps, 2).argmax(1))
+
+
+# ============================================================================= Lookahead, ObjMAE's optimiser
+
+def tiny_problem(seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    data_ = [(torch.randn(16, 5), torch.randn(16, 3)) for _ in range(13)]
+    return net, data_
+
+
+def train_steps(net, opt, batches):
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+
+
+def test_lookahead_matches_a_slow_reference():
+    """Zhang et al. 2019, Alg. 1 written out: k inner AdamW steps, then slow += alpha (fast - slow), fast = slow."""
+    k, alpha = 3, 0.4
+    net, batches = tiny_problem()
+    ref = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    opt = utils.Lookahead(torch.optim.AdamW(net.parameters(), lr=0.05, betas=(0.9, 0.999), eps=1e-8), k, alpha)
+    inner = torch.optim.AdamW(ref, lr=0.05, betas=(0.9, 0.999), eps=1e-8)
+    slow = [p.detach().clone() for p in ref]
+    ref_net = lambda x: torch.tanh(x @ ref[0].T + ref[1]) @ ref[2].T + ref[3]     # noqa: E731
+    train_steps(net, opt, batches)
+    for t, (x, y) in enumerate(batches, 1):
+        inner.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(ref_net(x), y).backward()
+        inner.step()
+        if t % k == 0:
+            with torch.no_grad():
+                for p, s in zip(ref, slow):
+                    s += alpha * (p - s)
+                    p.copy_(s)
+    assert opt.steps == 13
+    for p, r in zip(net.parameters(), ref):
+        assert torch.allclose(p, r, atol=1e-6, rtol=0)
+    for s, r in zip(opt.slow, slow):
+        assert torch.allclose(s, r, atol=1e-6, rtol=0)
+    assert not torch.allclose(list(net.parameters())[0], opt.slow[0])     # step 13: fast moved since the sync
+
+
+def test_lookahead_resume_is_bit_identical(tmp_path):
+    """Stopped after 7 steps (between two syncs), saved with torch.save, loaded into a fresh model and optimizer:
+    the next 6 steps give the same weights, bit for bit, as 13 steps in one go."""
+    net, batches = tiny_problem()
+    opt = utils.Lookahead(torch.optim.AdamW(net.parameters(), lr=0.05), k=5, alpha=0.5)
+    train_steps(net, opt, batches)
+
+    net2, _ = tiny_problem()
+    opt2 = utils.Lookahead(torch.optim.AdamW(net2.parameters(), lr=0.05), k=5, alpha=0.5)
+    train_steps(net2, opt2, batches[:7])
+    torch.save({"model": net2.state_dict(), "optimizer": opt2.state_dict()}, tmp_path / "ckpt.pth")
+    ckpt = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    net3, _ = tiny_problem(seed=1)                                           # other initial weights
+    opt3 = utils.Lookahead(torch.optim.AdamW(net3.parameters(), lr=0.05), k=5, alpha=0.5)
+    net3.load_state_dict(ckpt["model"])
+    utils.load_optimizer(opt3, ckpt["optimizer"], "ckpt.pth")
+    train_steps(net3, opt3, batches[7:])
+    assert opt3.steps == 13
+    for a, b in zip(net.parameters(), net3.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(utils.UsageError, match="saved with --lookahead; resume it with --lookahead"):
+        utils.load_optimizer(torch.optim.AdamW(net3.parameters()), ckpt["optimizer"], "ckpt.pth")
+
+
+PRE_TINY = ["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images", "20", "--batch_size", "4",
+            "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--vis_every", "0"]
+
+
+def test_pretrain_objmae_optimiser_resume_bit_identical(tmp_path):
+    """ObjMAE Table 2's optimiser (AdamW (0.9, 0.999), eps 1e-8, Lookahead, min lr 1e-5) in pretrain.py, with a
+    crop: a run resumed after epoch 0 ends with the same weights as an uninterrupted one."""
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    common = PRE_TINY + ["--mask", "objmae", "--epochs", "2", "--opt_betas", "0.9", "0.999", "--opt_eps", "1e-8",
+                         "--lookahead", "--lookahead_k", "3", "--min_lr", "1e-5", "--crop_scale", "0.2", "1.0",
+                         "--no-hflip"]
+    pretrain.main(pretrain.get_args(common + ["--save_every", "1", "--output_dir", full]))
+    pretrain.main(pretrain.get_args(common + ["--resume", f"{full}/checkpoint-0.pth", "--output_dir", resumed]))
+    a = torch.load(f"{full}/checkpoint-last.pth", weights_only=True)
+    b = torch.load(f"{resumed}/checkpoint-last.pth", weights_only=True)
+    assert a["optimizer"]["steps"] == b["optimizer"]["steps"] == 10         # 5 batches x 2 epochs
+    assert a["optimizer"]["inner"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    with pytest.raises(utils.UsageError, match="resume it with --lookahead"):
+        pretrain.main(pretrain.get_args(PRE_TINY + ["--mask", "objmae", "--epochs", "3", "--resume",
+                                                    f"{full}/checkpoint-last.pth", "--output_dir", str(tmp_path / "c")]))
+
+
+# ============================================================================= gradient accumulation
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that checks, at every step, which micro-batch gradients make up the gradient it applies: a hook on one
+    weight records each backward's contribution (the gradient of loss / accum_iter) since the last step."""
+    steps = []
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        self.watch = self.param_groups[0]["params"][0]
+        self.pending = []
+        self.watch.register_hook(lambda g: self.pending.append(g.detach().clone()))
+
+    def step(self, closure=None):
+        total = self.pending[0].clone()
+        for g in self.pending[1:]:
+            total += g
+        RecordingAdamW.steps.append((len(self.pending), torch.equal(self.watch.grad, total)))
+        self.pending = []
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_every_step_is_the_mean_of_exactly_accum_iter_batches(tmp_path, monkeypatch, stage):
+    """20 images in batches of 4 = 5 micro-batches per epoch with --accum_iter 2: the fifth is left out in every
+    epoch, so each step's gradient is the sum of exactly 2 contributions of loss / 2 (the mean over 2 batches),
+    never 3 with the last epoch's leftover."""
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    RecordingAdamW.steps = []
+    out = str(tmp_path / "out")
+    if stage == "pretrain":
+        pretrain.main(pretrain.get_args(PRE_TINY + ["--epochs", "3", "--accum_iter", "2", "--output_dir", out]))
+    else:
+        finetune.main(finetune.get_args(
+            ["--model", "vit_tiny_patch8", "--input_size", "32", "--num_images", "20", "--num_val_images", "4",
+             "--batch_size", "4", "--num_workers", "0", "--epochs", "3", "--warmup_epochs", "0", "--aa", "none",
+             "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--accum_iter", "2", "--output_dir", out]))
+    assert RecordingAdamW.steps == [(2, True)] * 6                         # 2 steps in each of 3 epochs
