@@ -2,6 +2,9 @@
 Lookahead and ObjMAE's optimiser flags, gradient accumulation, and the documented commands."""
 from fractions import Fraction
 import math
+import os
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ import finetune
 import part_learn
 import pretrain
 import utils
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ============================================================================= slow references
@@ -424,3 +429,56 @@ def test_every_step_is_the_mean_of_exactly_accum_iter_batches(tmp_path, monkeypa
              "--batch_size", "4", "--num_workers", "0", "--epochs", "3", "--warmup_epochs", "0", "--aa", "none",
              "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--accum_iter", "2", "--output_dir", out]))
     assert RecordingAdamW.steps == [(2, True)] * 6                         # 2 steps in each of 3 epochs
+
+
+# ============================================================================= the documented commands
+
+STAGES = {"pretrain.py": pretrain, "part_learn.py": part_learn, "finetune.py": finetune}
+
+
+def commands(text):
+    """Every `python X.py ...` / `torchrun ... X.py ...` of a stage in a text: fenced blocks and docstrings
+    line by line (backslash continuations joined, '# ...' comments dropped), and inline `code` spans."""
+    text = text.replace("\\\n", " ")
+    found = re.findall(r"`([^`\n]*\b(?:python|torchrun)\b[^`\n]*)`", text)
+    found += [ln for ln in text.splitlines() if re.match(r"\s*(python|torchrun)\s", ln)]
+    out = []
+    for cmd in found:
+        words = shlex.split(cmd.split(" #")[0])
+        script = next((w for w in words if w.endswith(".py")), None)
+        if script in STAGES:
+            out.append((script, words[words.index(script) + 1:], cmd.strip()))
+    return out
+
+
+def documented():
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = commands(f.read())
+    return readme, {name: commands(mod.__doc__) for name, mod in STAGES.items()}
+
+
+def test_every_documented_command_parses_and_has_the_papers_flags():
+    readme, docs = documented()
+    assert len(readme) >= 20 and all(len(docs[name]) >= 4 for name in STAGES), (len(readme), docs)
+    for source, cmds in [("README.md", readme)] + [(f"{n} docstring", c) for n, c in docs.items()]:
+        seen = set()
+        for script, argv, cmd in cmds:
+            try:
+                args = STAGES[script].get_args(argv)
+            except SystemExit:
+                pytest.fail(f"{source}: does not parse: {cmd}")
+            if script == "pretrain.py":
+                pretrain.check_args(args)                                  # reads no file
+                if args.mask == "semmae" and args.model == "mae_vit_base_patch8":
+                    assert args.keep_ratio == 0.25, f"{source}: SemMAE 8x8 without --keep_ratio 0.25: {cmd}"
+                seen.add((args.mask, args.model, args.keep_ratio, tuple(args.crop_scale or ()), args.lookahead,
+                          tuple(args.opt_betas), args.min_lr, args.seq_ratio, args.hflip))
+            if script == "finetune.py" and args.linprobe and args.model == "vit_base_patch8":
+                assert args.keep_ratio == 0.25, f"{source}: SemMAE 8x8 probe without --keep_ratio 0.25: {cmd}"
+        if source in ("README.md", "pretrain.py docstring"):             # one command per reported setting
+            assert ("random", "mae_vit_base_patch16", 1.0, (0.2, 1.0), False, (0.9, 0.95), 0.0, 0.25, True) in seen
+            assert ("semmae", "mae_vit_base_patch16", 1.0, (), False, (0.9, 0.95), 0.0, 0.25, True) in seen
+            assert ("semmae", "mae_vit_base_patch8", 0.25, (), False, (0.9, 0.95), 0.0, 0.25, True) in seen
+            for seq in (0.25, 0.34):                                       # Table 4 (CAM), Table 5 (COCO)
+                assert ("objmae", "mae_vit_small_patch16", 1.0, (0.2, 1.0), True, (0.9, 0.999), 1e-5, seq,
+                        False) in seen
