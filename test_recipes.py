@@ -1,10 +1,13 @@
 """Tests of the paper-exact recipes: objects and parts at the model's patch size, the joint random-resized crop,
 Lookahead and ObjMAE's optimiser flags, gradient accumulation, and the documented commands."""
+import contextlib
 from fractions import Fraction
 import math
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -482,3 +485,49 @@ def test_every_documented_command_parses_and_has_the_papers_flags():
             for seq in (0.25, 0.34):                                       # Table 4 (CAM), Table 5 (COCO)
                 assert ("objmae", "mae_vit_small_patch16", 1.0, (0.2, 1.0), True, (0.9, 0.999), 1e-5, seq,
                         False) in seen
+
+
+# ============================================================================= bad input
+
+@pytest.mark.parametrize("flags,message", [
+    (["--crop_scale", "0.5", "0.2"], "--crop_scale 0.5 0.2 must be 0 < MIN <= MAX <= 1"),
+    (["--crop_scale", "0", "1"], "--crop_scale 0.0 1.0 must be"),
+    (["--crop_ratio", "1.3", "0.7"], "--crop_ratio 1.3 0.7 must be 0 < MIN <= MAX"),
+    (["--opt_betas", "0.9", "1.0"], "--opt_betas 0.9 1.0 must be in"),
+    (["--opt_eps", "0"], "--opt_eps > 0"),
+    (["--lookahead", "--lookahead_k", "0"], "--lookahead_k 0 must be >= 1"),
+    (["--lookahead", "--lookahead_alpha", "1.5"], "--lookahead_alpha 1.5 in"),
+])
+def test_bad_recipe_flags_are_one_clear_line(flags, message):
+    with pytest.raises(utils.UsageError, match=re.escape(message)):
+        pretrain.check_args(pretrain.get_args(flags))
+    if "--crop" not in flags[0]:                                           # finetune has the optimiser flags
+        with pytest.raises(utils.UsageError, match=re.escape(message)):
+            finetune.check_args(finetune.get_args(flags))
+
+
+def test_part_learn_cell_size_defaults_and_bad_value():
+    for method, cell in (("learned", 8), ("attention", 8), ("cam", 16), ("segmentation", 16)):
+        args = part_learn.get_args(["--method", method])
+        with pytest.raises(utils.UsageError) if method != "segmentation" else contextlib.nullcontext():
+            part_learn.check_args(args)                                    # learned/attention/cam: no weights
+        assert args.cell_size == cell
+    with pytest.raises(utils.UsageError, match="--cell_size 0 must be >= 1"):
+        part_learn.check_args(part_learn.get_args(["--method", "segmentation", "--cell_size", "0"]))
+
+
+def test_pretrain_cli_refuses_objects_on_finer_cells(tmp_path):
+    """The command line: exit 2, one 'error:' line naming the fix, nothing written."""
+    ds = data.ShapesDataset(4, img_size=32)
+    labels = torch.from_numpy(np.stack([data.instance_cells(ds.load(i)[1], (4, 4)) for i in range(4)]))
+    meta = {"method": "segmentation", "kind": "objects", "input_size": 32, "cell_size": 8, "num_regions": 4,
+            "object_ratio": 0.1}
+    data.save_regions(str(tmp_path / "r.pt"), labels, None, ds.files, meta)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"), "--model", "mae_vit_small_patch16",
+                           "--input_size", "32", "--num_images", "4", "--mask", "objmae", "--regions",
+                           str(tmp_path / "r.pt"), "--output_dir", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--cell_size 16" in errors[0] and not out.exists()
