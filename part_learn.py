@@ -9,13 +9,26 @@
                        pixels > 0.3 are the object, a cell is object when >= 20% of its pixels are.
 --method segmentation  ObjMAE §3.2, §4.1: instance masks (shapes, a PNG folder, or a COCO JSON), 20% cell rule,
                        instances < 5% of the image dropped; prints the mean object ratio (ObjMAE's seq_ratio).
+Objects are made on cells the size of the pre-training model's patch (default 16, ObjMAE's ViT-S/16), so the 20%
+rule sees each patch's own pixels; parts on 8-px cells (a patch-16 model takes a vote of 2x2 cells, or export them
+with --cell_size 16: the maps pooled over the patch).
 
-SemMAE at paper scale (semmae.txt §4.1: ViT-S/8, 6 parts, blur 7, lambda 0.03; "2 hours on one A100"):
+The papers' settings, on 8 GPUs. SemMAE's parts (§4.1: a frozen self-supervised ViT-S on 8x8 patches, 6 parts,
+blur 7, lambda 0.03; "2 hours on one A100"), on 8-px cells for a ViT-B/8 (SemMAE Table 1 right, Tables 2, 5):
     torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
         --encoder_weights dino_deitsmall8_pretrain.pth --output_dir parts
-ObjMAE objects (objmae.txt §4.1: ResNet-50 CAM on ImageNet-100; COCO instance masks):
-    torchrun --nproc_per_node=8 part_learn.py --method cam --data_path IMAGENET100/train \
-        --cam_weights resnet50-0676ba61.pth --output_dir cam
+the same parts for a ViT-B/16 (Table 1 left): the maps pooled over each 16-px patch, then the argmax, no training:
+    torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
+        --encoder_weights dino_deitsmall8_pretrain.pth --export_only --resume parts/checkpoint-last.pth \
+        --cell_size 16 --output_dir parts16
+the parts of the validation images, for SemMAE's ViT-B/8 linear probe on the most foreground patches (finetune.py):
+    torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/val \
+        --encoder_weights dino_deitsmall8_pretrain.pth --export_only --resume parts/checkpoint-last.pth \
+        --output_dir parts_val
+ObjMAE's objects on 16-px cells, the patch of its ViT-S/16 (§4.1): CAM of an ImageNet-1k ResNet-34 on ImageNet-100
+(§4.1; Appendix A names a ResNet-50) for Table 4, and COCO's instance masks for Table 5:
+    torchrun --nproc_per_node=8 part_learn.py --method cam --cam_arch resnet34 --cam_weights resnet34-b627a593.pth \
+        --data_path IMAGENET100/train --output_dir cam
     python part_learn.py --method segmentation --data_path COCO --coco instances_train2014.json --output_dir coco
     (COCO: put the images one folder down, COCO/train2014/*.jpg, as pretrain.py reads class folders)
 On a laptop, the built-in shapes data and an encoder from pretrain.py (a few minutes on a CPU):
@@ -48,7 +61,10 @@ def get_args(argv=None):
     p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
     p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
     p.add_argument("--input_size", type=int, default=224, help="images are resized to this (no crop)")
-    p.add_argument("--cell_size", type=int, default=8, help="pixels per region cell (8: the finest patch size)")
+    p.add_argument("--cell_size", type=int, default=None,
+                   help="pixels per region cell; default 8 for parts (SemMAE learns them at 8x8, §4.2; a patch-16 "
+                        "model votes over them), 16 for objects: the patch size of the model that will use them, "
+                        "since the 20%% rule is on a patch's own pixels (ObjMAE §3.2; patch 16 everywhere, §4.1)")
     # learned and attention: the frozen encoder (semmae §4.1: iBOT ViT-S; DINO, MAE and ours load too)
     p.add_argument("--encoder_weights", default=None,
                    help="DINO/iBOT release or training checkpoint, MAE/SemMAE or pretrain.py checkpoint")
@@ -83,6 +99,10 @@ def get_args(argv=None):
 
 
 def check_args(args):
+    if args.cell_size is None:
+        args.cell_size = 16 if args.method in ("cam", "segmentation") else 8
+    if args.cell_size < 1:
+        raise UsageError(f"--cell_size {args.cell_size} must be >= 1")
     if args.input_size % args.cell_size:
         raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size {args.cell_size}; "
                          f"use a multiple of {args.cell_size}")
@@ -460,7 +480,7 @@ def main(args):
         save_picture(os.path.join(args.output_dir, "regions.png"), torch.stack([vis[i][0] for i in range(n)]),
                      labels[:n])
         ratio = "" if meta["object_ratio"] is None else (
-            f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio)")
+            f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio for a patch-{args.cell_size} model)")
         print(f"wrote {out}: {meta['kind']} of {len(base)} images on a {labels.shape[1]}x{labels.shape[2]} grid, "
               f"{meta['num_regions']} regions{ratio}", flush=True)
 

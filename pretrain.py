@@ -1,11 +1,32 @@
 """Stage 2: MAE pre-training with random, SemMAE or ObjMAE masking.
 
-SemMAE at paper scale (semmae.txt §4.1: ViT-B/8, 800 epochs, batch 4096, lr 2.4e-3, gamma 2):
-    torchrun --nproc_per_node=8 pretrain.py --mask semmae --gamma 2 --model mae_vit_base_patch8 \
-        --accum_iter 8 --data_path IMAGENET/train --regions parts/regions.pt
-ObjMAE (objmae.txt §4.3: ViT-S/16, CAM objects, seq_ratio 1/4):
+The papers' settings, on 8 GPUs (effective batch = --batch_size x --accum_iter x 8); the flags not shown keep their
+defaults: 800 epochs, 40 warm-up, --blr 1.5e-4, weight decay 0.05, mask ratio 0.75, gamma 2, normalised pixels.
+After fine-tuning or probing with finetune.py, each paper reports:
+
+MAE ViT-B/16, random masking, MAE's RandomResizedCrop(0.2-1) + flip, batch 4096 (SemMAE's baseline: Table 1 left
+linear probing 63.7%, Table 2 fine-tuning 83.26%; MAE's own paper, 1600 epochs: 68.0% / 83.6%):
+    torchrun --nproc_per_node=8 pretrain.py --mask random --model mae_vit_base_patch16 --crop_scale 0.2 1.0 \
+        --batch_size 64 --accum_iter 8 --data_path IMAGENET/train --output_dir mae16
+SemMAE ViT-B/16 (§4.1: flip only, batch 4096, lr 2.4e-3; Table 1 left: linear probing 65.0%; Table 2: fine-tuning
+83.34%), parts exported at the patch size (part_learn.py --cell_size 16):
+    torchrun --nproc_per_node=8 pretrain.py --mask semmae --gamma 2 --model mae_vit_base_patch16 \
+        --batch_size 64 --accum_iter 8 --data_path IMAGENET/train --regions parts16/regions.pt --output_dir semmae16
+SemMAE ViT-B/8 (§4.2: only the 1/4 most foreground patches are used; Table 1 right: linear probing 68.7%,
+Table 2 and 5: fine-tuning 84.5%):
+    torchrun --nproc_per_node=8 pretrain.py --mask semmae --gamma 2 --model mae_vit_base_patch8 --keep_ratio 0.25 \
+        --batch_size 64 --accum_iter 8 --data_path IMAGENET/train --regions parts/regions.pt --output_dir semmae8
+ObjMAE ViT-S/16 on ImageNet-100 with CAM objects (Table 2 optimiser: AdamW (0.9, 0.999) + Lookahead, min lr 1e-5;
+Table 3: batch 128; §4.2: random crop, scale not given, MAE's used; Table 4, seq_ratio 1/4: fine-tuning on
+ImageNet-100 88.69% top-1, 98.06% top-5):
     torchrun --nproc_per_node=8 pretrain.py --mask objmae --seq_ratio 0.25 --model mae_vit_small_patch16 \
-        --data_path IMAGENET100/train --regions cam/regions.pt
+        --batch_size 16 --crop_scale 0.2 1.0 --no-hflip --opt_betas 0.9 0.999 --lookahead --min_lr 1e-5 \
+        --data_path IMAGENET100/train --regions cam/regions.pt --output_dir objmae
+ObjMAE ViT-S/16 on COCO with segmentation objects (Table 5, seq_ratio 0.34 = COCO's mean object ratio: fine-tuning
+on ImageNet-100 87.52% top-1, linear probing 29.84%, fine-tuning on CIFAR-100 81.80%):
+    torchrun --nproc_per_node=8 pretrain.py --mask objmae --seq_ratio 0.34 --model mae_vit_small_patch16 \
+        --batch_size 16 --crop_scale 0.2 1.0 --no-hflip --opt_betas 0.9 0.999 --lookahead --min_lr 1e-5 \
+        --data_path COCO --regions coco/regions.pt --output_dir objmae_coco
 On a laptop, the built-in shapes data (no --data_path), a few minutes on a CPU:
     python pretrain.py --model mae_vit_tiny_patch8 --input_size 64 --epochs 10 --batch_size 64 --blr 1e-3
 
@@ -32,8 +53,9 @@ from utils import UsageError
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model and data
-    p.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS))
-    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
+                   help="MAE's and SemMAE Table 1 left's ViT-B/16; SemMAE's main model is ViT-B/8, ObjMAE's ViT-S/16")
+    p.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
     p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
     p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
     p.add_argument("--regions", default=None, help="regions.pt from part_learn.py (parts or objects per cell)")
@@ -45,19 +67,40 @@ def get_args(argv=None):
     p.add_argument("--reverse", action="store_true", help="semmae: alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
     p.add_argument("--keep_ratio", type=float, default=1.0,
                    help="keep only this fraction of most-foreground patches before masking (SemMAE 8x8: 0.25)")
-    p.add_argument("--seq_ratio", type=float, default=0.25, help="objmae: source and target length / L (alpha, §3.3)")
-    p.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"])
-    p.add_argument("--relation", default="intra", choices=["intra", "inter", "image"])
-    # optimisation: semmae.txt §4.1 (MAE's recipe)
-    p.add_argument("--epochs", type=int, default=800)
-    p.add_argument("--warmup_epochs", type=int, default=40)
-    p.add_argument("--batch_size", type=int, default=64, help="per device; effective = batch * accum * world")
+    p.add_argument("--seq_ratio", type=float, default=0.25,
+                   help="objmae: source and target length / L (alpha, §3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
+    p.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"],
+                   help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which")
+    p.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
+                   help="objmae: source and target from one object (§3, Table 6's best), two objects, or the image")
+    # augmentation of image and region cells together (data.PretrainDataset)
+    p.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random-resized crop area range, e.g. 0.2 1.0 (MAE; ObjMAE §4.2 'randomly cropped', its scale "
+                        "unstated); default: no crop, the whole image resized (SemMAE §4.1: flip only)")
+    p.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
+                   help="aspect ratio range of the crop (torchvision's RandomResizedCrop default, as MAE)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flip (SemMAE §4.1, MAE); --no-hflip: ObjMAE §4.2 names only the crop")
+    # optimisation: SemMAE §4.1 (MAE's recipe); ObjMAE's is Table 2-3 (see the commands above)
+    p.add_argument("--epochs", type=int, default=800, help="SemMAE §4.1, ObjMAE Table 3: 800")
+    p.add_argument("--warmup_epochs", type=int, default=40, help="SemMAE §4.1, ObjMAE Table 3: 40")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="per device; effective = batch * accum * world (SemMAE: 4096; ObjMAE Table 3: 128)")
     p.add_argument("--accum_iter", type=int, default=1)
     p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256 (2.4e-3 at 4096)")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    p.add_argument("--min_lr", type=float, default=0.0)
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine (MAE's code: 0; ObjMAE Table 2: 1e-5)")
+    p.add_argument("--weight_decay", type=float, default=0.05, help="MAE, SemMAE §4.1, ObjMAE Table 2: 0.05")
+    p.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+                   help="AdamW betas: MAE's pre-training (0.9, 0.95), which SemMAE follows (§4.1, 'the most common "
+                        "setting'); ObjMAE Table 2: 0.9 0.999")
+    p.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
+    p.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table 2)")
+    p.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
+    p.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
+    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="regress each target patch's normalised pixels: MAE's recommendation (MAE §3, Table 1d); "
+                        "SemMAE's paper does not say and its released code defaults to off; ObjMAE does not say")
     # run
     p.add_argument("--output_dir", default="output/pretrain")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
@@ -89,8 +132,19 @@ def check_args(args):
                          "(or segmentation), then pass --regions <output_dir>/regions.pt")
     if args.keep_ratio < 1.0 and args.regions is None:
         raise UsageError("--keep_ratio < 1 needs foreground scores: pass --regions from part_learn.py")
+    if args.crop_scale is not None and not 0.0 < args.crop_scale[0] <= args.crop_scale[1] <= 1.0:
+        raise UsageError(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]} must be 0 < MIN <= MAX <= 1")
+    if not 0.0 < args.crop_ratio[0] <= args.crop_ratio[1]:
+        raise UsageError(f"--crop_ratio {args.crop_ratio[0]} {args.crop_ratio[1]} must be 0 < MIN <= MAX")
+    # A crop mixes with --keep_ratio: the foreground scores are cropped with the image (by area), so the kept
+    # patches are still the crop's most foreground ones (SemMAE §4.2's rule, applied to what the model sees).
     if args.accum_iter < 1 or args.batch_size < 1 or args.epochs < 1:
         raise UsageError("--batch_size, --accum_iter and --epochs must be >= 1")
+    if args.lookahead and (args.lookahead_k < 1 or not 0.0 < args.lookahead_alpha <= 1.0):
+        raise UsageError(f"--lookahead_k {args.lookahead_k} must be >= 1 and --lookahead_alpha "
+                         f"{args.lookahead_alpha} in (0, 1]")
+    if not (0.0 <= args.opt_betas[0] < 1.0 and 0.0 <= args.opt_betas[1] < 1.0 and args.opt_eps > 0):
+        raise UsageError(f"--opt_betas {args.opt_betas[0]} {args.opt_betas[1]} must be in [0, 1) and --opt_eps > 0")
 
 
 # ----------------------------------------------------------------------------- masks
@@ -100,7 +154,7 @@ class Masker:
 
     def __init__(self, args, patch_size, cell_size, grid, num_parts):
         self.args = args
-        self.factor = patch_size // cell_size        # cells per patch side; majority vote when > 1
+        self.factor = patch_size // cell_size        # cells per patch side; > 1 only for parts (main)
         self.num_patches = grid[0] * grid[1]
         self.num_parts = num_parts                   # semmae: region ids + one slot for 'ignore'
 
@@ -110,7 +164,7 @@ class Masker:
 
     def __call__(self, cell_labels, cell_scores, progress, generator=None):
         a, B, L = self.args, cell_labels.shape[0], self.num_patches
-        labels = data.cells_to_patches(cell_labels, self.factor)           # [B, L]
+        labels = data.cells_to_patches(cell_labels, self.factor, generator)  # [B, L] vote, random ties
         if a.mask == "objmae":                                             # objmae.txt §3
             scores = data.scores_to_patches(cell_scores, self.factor) if a.regions else None
             m = masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation, scores,
@@ -134,6 +188,25 @@ class Masker:
         if keep is not None:                                               # back to full-grid patch ids
             src_ids, tgt_ids = keep.gather(1, src_ids), keep.gather(1, tgt_ids)
         return src_ids, tgt_ids, None, None
+
+
+def region_cell_size(args, regions, patch_size):
+    """The cell size the pre-training samples carry. Objects follow objmae §3.2's 20% rule on each patch's own
+    pixels: the shapes' masks are turned into cells the size of a patch, and a regions file of objects must have
+    been made at this model's patch size (a vote over finer cells loses half-covered objects). Parts may be finer
+    than the patch: Masker takes a vote of their cells, ties at random (or export them at the patch size, the
+    maps pooled over the patch: part_learn.py --cell_size)."""
+    if regions is None:
+        return patch_size
+    cell_size = regions["meta"]["cell_size"]
+    if patch_size % cell_size:
+        raise UsageError(f"{args.regions} has {cell_size}-px cells, coarser than the {patch_size}-px patches of "
+                         f"{args.model}; remake it with part_learn.py --cell_size {patch_size}")
+    if regions["meta"].get("kind") == "objects" and cell_size != patch_size:
+        raise UsageError(f"{args.regions} holds objects on {cell_size}-px cells, but the 20% rule (ObjMAE §3.2) "
+                         f"must see each {patch_size}-px patch's own pixels; remake it with part_learn.py "
+                         f"--cell_size {patch_size}")
+    return cell_size
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -180,17 +253,16 @@ def main(args):
     base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
             if args.data_path is None else data.FolderDataset(args.data_path))
     regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
-    cell_size = regions["meta"]["cell_size"] if regions else 8
-    dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=True, cell_size=cell_size)
+    patch_size = models.MODELS[args.model].keywords["patch_size"]
+    cell_size = region_cell_size(args, regions, patch_size)
+    dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=args.hflip, cell_size=cell_size,
+                                   crop_scale=args.crop_scale, crop_ratio=tuple(args.crop_ratio))
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) < args.accum_iter:
         raise UsageError(f"{len(dataset)} images give {len(loader)} batches of {args.batch_size} per rank, "
                          f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
 
     net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
-    if net.patch_size % cell_size:
-        raise UsageError(f"patch size {net.patch_size} is not a multiple of the regions' cell size "
-                         f"{cell_size}; make the regions with a cell size that divides it")
     num_parts = None                    # semmae: the region ids, plus one slot for 'ignore' (255)
     if regions:
         num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects") + 1
@@ -198,7 +270,10 @@ def main(args):
 
     eff_batch = args.batch_size * args.accum_iter * d.world
     base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr,
+                                  betas=tuple(args.opt_betas), eps=args.opt_eps)
+    if args.lookahead:                                                     # ObjMAE Table 2
+        optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
     start_epoch = 0
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
@@ -206,7 +281,7 @@ def main(args):
             raise UsageError(f"{args.resume} holds a {ckpt.get('args', {}).get('model')} model, not --model "
                              f"{args.model}; resume with the same --model")
         net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch = ckpt["epoch"] + 1
     ddp = DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else net
 
@@ -224,7 +299,9 @@ def main(args):
     vis = [vis_set[i] for i in range(min(8, len(vis_set)))]
     vis_imgs, vis_cells, vis_scores = (torch.stack([v[k] for v in vis]).to(d.device) for k in range(3))
 
-    iters = len(loader)
+    # Each optimizer step averages exactly accum_iter micro-batches: the len(loader) % accum_iter left at the end of
+    # an epoch are skipped, the same in every epoch, so no step mixes two epochs' batches.
+    iters = len(loader) // args.accum_iter * args.accum_iter               # micro-batches used per epoch
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     for epoch in range(start_epoch, args.epochs):
@@ -232,8 +309,10 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         ddp.train()
         t0, loss_sum, n_sum = time.time(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
         for it, (imgs, cells, scores, _) in enumerate(bar):
+            if it == iters:                                                # the leftover micro-batches
+                break
             i = epoch * iters + it
             if it % args.accum_iter == 0:
                 lr = utils.cosine_lr(i, total_iters, warmup_iters, base_lr, args.min_lr)
@@ -256,6 +335,7 @@ def main(args):
             loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
             shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
+        bar.close()
 
         train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
         if d.is_main:

@@ -175,8 +175,9 @@ def test_cells_to_patches_majority_vote():
                            [2, 0, 3, 2],
                            [255, 255, 255, 255],
                            [255, 4, 255, 255]]])
-    # blocks: {1,1,2,0} -> 1 ; {2,3,3,2} tie -> 2 ; {255,255,255,4} -> 4 ; all ignore -> 255
-    assert data.cells_to_patches(cells, 2).tolist() == [[1, 2, 4, 255]]
+    # blocks: {1,1,2,0} -> 1 ; {2,3,3,2} tie -> 2 or 3 at random ; {255,255,255,4} -> 4 ; all ignore -> 255
+    outs = {tuple(data.cells_to_patches(cells, 2, torch.Generator().manual_seed(s))[0].tolist()) for s in range(20)}
+    assert outs == {(1, 2, 4, 255), (1, 3, 4, 255)}
     assert torch.equal(data.cells_to_patches(cells, 1), cells.reshape(1, 16))
     with pytest.raises(ValueError):
         data.cells_to_patches(cells, 3)
@@ -191,8 +192,8 @@ def test_cells_to_patches_matches_a_loop():
         for p in range(4):
             block = cells[b, 3 * (p // 2):3 * (p // 2) + 3, 3 * (p % 2):3 * (p % 2) + 3].flatten().tolist()
             real = [v for v in block if v != 255] or [255]
-            best = min(set(real), key=lambda v: (-real.count(v), v))
-            assert out[b, p].item() == best
+            tied = {v for v in real if real.count(v) == max(map(real.count, real))}  # ties: any of them
+            assert out[b, p].item() in tied
 
 
 def test_scores_to_patches_mean():
@@ -651,7 +652,7 @@ def test_cam_method_writes_objects(tmp_path):
 
 def test_segmentation_shapes_is_the_instance_cells_and_iou_one(tmp_path, capsys):
     out = str(tmp_path / "seg")
-    run_part_learn("--method", "segmentation", "--output_dir", out)
+    run_part_learn("--method", "segmentation", "--cell_size", "8", "--output_dir", out)
     r = learned_regions(out)
     ds = data.ShapesDataset(8, img_size=32, seed=0)
     expected = np.stack([data.instance_cells(ds.load(i)[1], (4, 4)) for i in range(8)])
@@ -680,7 +681,7 @@ def test_segmentation_mask_folder(tmp_path):
     expected = hand_made_folder(tmp_path)
     out = str(tmp_path / "seg")
     run_part_learn("--method", "segmentation", "--data_path", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
-        "--output_dir", out)
+        "--cell_size", "8", "--output_dir", out)
     r = learned_regions(out, ["a/x.png"])
     assert r["labels"][0].tolist() == expected and r["meta"]["num_regions"] == 3
 
@@ -699,7 +700,7 @@ def test_segmentation_coco_json_polygon_and_rle(tmp_path):
     (tmp_path / "inst.json").write_text(json.dumps(coco))
     out = str(tmp_path / "seg")
     run_part_learn("--method", "segmentation", "--data_path", str(tmp_path / "coco"), "--coco", str(tmp_path / "inst.json"),
-        "--output_dir", out)
+        "--cell_size", "8", "--output_dir", out)
     r = learned_regions(out, ["train2014/x.png"])
     assert r["labels"][0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]]
 

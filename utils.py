@@ -129,6 +129,57 @@ def set_lr(optimizer, lr):
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+class Lookahead:
+    """Lookahead (Zhang et al., NeurIPS 2019, "k steps forward, 1 step back") around any torch optimizer, as
+    ObjMAE Table 2 wraps AdamW. The inner optimizer moves the (fast) weights as usual; after every k of its steps
+    the slow weights move alpha of the way to the fast ones, slow += alpha * (fast - slow), and the fast weights
+    restart from there. `param_groups` are the inner optimizer's (set_lr works); `state_dict` holds the inner
+    state, the slow weights and the step counter, so a resumed run continues bit for bit."""
+
+    def __init__(self, optimizer, k=5, alpha=0.5):
+        if k < 1 or not 0.0 < alpha <= 1.0:
+            raise UsageError(f"Lookahead needs k >= 1 and alpha in (0, 1], got k {k}, alpha {alpha}")
+        self.optimizer, self.k, self.alpha, self.steps = optimizer, k, alpha, 0
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.slow = [p.detach().clone() for p in self.params]            # slow weights start at the fast ones
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self):
+        self.optimizer.step()                                             # k steps forward ...
+        self.steps += 1
+        if self.steps % self.k == 0:                                      # ... 1 step back
+            for fast, slow in zip(self.params, self.slow):
+                slow.add_(fast - slow, alpha=self.alpha)
+                fast.copy_(slow)
+
+    def state_dict(self):
+        return {"inner": self.optimizer.state_dict(), "slow": [s.clone() for s in self.slow], "steps": self.steps,
+                "k": self.k, "alpha": self.alpha}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["inner"])
+        for slow, saved in zip(self.slow, state["slow"], strict=True):
+            slow.copy_(saved)
+        self.steps = state["steps"]
+
+
+def load_optimizer(optimizer, state, path):
+    """Resume an optimizer (plain or Lookahead) from a checkpoint's state; a run saved with the other kind is bad
+    input: one line that says which flag to use."""
+    saved = isinstance(state, dict) and "slow" in state
+    if saved != isinstance(optimizer, Lookahead):
+        raise UsageError(f"{path} was saved {'with' if saved else 'without'} --lookahead; resume it "
+                         f"{'with' if saved else 'without'} --lookahead")
+    optimizer.load_state_dict(state)
+
+
 def no_weight_decay(name, param):
     """Biases, norms, position embeddings and tokens are not decayed (MAE, timm)."""
     return param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
