@@ -96,44 +96,33 @@ def check_args(args):
 # ----------------------------------------------------------------------------- masks
 
 class Masker:
-    """Turns a batch of region cells into (src_ids, tgt_ids, src_valid, tgt_valid) for one step."""
+    """Turns a batch of region cells into (src_ids, tgt_ids, src_valid, tgt_valid) for one step: the cells
+    become one label (and score) per patch, the rest is masking.py."""
 
     def __init__(self, args, patch_size, cell_size, grid, num_parts):
         self.args = args
         self.factor = patch_size // cell_size        # cells per patch side; majority vote when > 1
         self.num_patches = grid[0] * grid[1]
-        self.num_parts = num_parts                   # semmae: region ids + one slot for 'ignore'
+        self.num_parts = num_parts                   # semmae: region ids 0..num_parts-1; 'ignore' (255) is one more
 
     def alpha(self, progress):
         a = self.args
         return a.alpha if a.alpha is not None else masking.alpha_schedule(progress, a.gamma, a.reverse)
 
     def __call__(self, cell_labels, cell_scores, progress, generator=None):
-        a, B, L = self.args, cell_labels.shape[0], self.num_patches
+        a = self.args
         labels = data.cells_to_patches(cell_labels, self.factor)           # [B, L]
+        scores = data.scores_to_patches(cell_scores, self.factor)          # [B, L]
         if a.mask == "objmae":                                             # objmae.txt §3
-            scores = data.scores_to_patches(cell_scores, self.factor) if a.regions else None
-            m = masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation, scores,
-                                            generator=generator)
-            return m.src_ids, m.tgt_ids, m.src_valid, m.tgt_valid
-        # Foreground keep (semmae.txt §4.2): drop the least object-like patches before masking, so a
-        # patch-8 model costs what a patch-16 one does. keep = ascending patch ids.
-        keep = None
-        if a.keep_ratio < 1.0:
-            keep = masking.keep_foreground(data.scores_to_patches(cell_scores, self.factor), a.keep_ratio)
-            labels = labels.gather(1, keep)                                # [B, Lk]
-            L = keep.shape[1]
-        if a.mask == "semmae":                                             # semmae.txt §3.2, Alg. 1
-            part_labels = torch.where(labels == 255, self.num_parts - 1, labels)
-            mask = masking.semantic_guided_masking(part_labels, a.mask_ratio, self.alpha(progress),
-                                                   num_parts=self.num_parts, generator=generator)
-        else:
-            mask = masking.random_masking(B, L, a.mask_ratio, device=labels.device, generator=generator)
-        num_masked = L - int(L * (1 - a.mask_ratio))                       # MAE's rounding, no device sync
-        src_ids, tgt_ids = masking.mask_to_ids(mask, num_masked=num_masked)  # [B, L-M], [B, M]
-        if keep is not None:                                               # back to full-grid patch ids
-            src_ids, tgt_ids = keep.gather(1, src_ids), keep.gather(1, tgt_ids)
-        return src_ids, tgt_ids, None, None
+            return masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation,
+                                               scores if a.regions else None, generator=generator)
+        # random or SemMAE (semmae.txt §3.2, Alg. 1), after the foreground keep of §4.2 when --keep_ratio < 1
+        # (drop the least object-like patches, so a patch-8 model costs what a patch-16 one does)
+        alpha = self.alpha(progress) if a.mask == "semmae" else None      # None: MAE's random masking
+        src_ids, tgt_ids = masking.source_target_ids(labels, a.mask_ratio, alpha, num_parts=self.num_parts,
+                                                     ignore_label=data.IGNORE, scores=scores,
+                                                     keep_ratio=a.keep_ratio, generator=generator)
+        return src_ids, tgt_ids, None, None                                # [B, Lk-M], [B, M]: no padding
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -191,9 +180,9 @@ def main(args):
     if net.patch_size % cell_size:
         raise UsageError(f"patch size {net.patch_size} is not a multiple of the regions' cell size "
                          f"{cell_size}; make the regions with a cell size that divides it")
-    num_parts = None                    # semmae: the region ids, plus one slot for 'ignore' (255)
+    num_parts = None                    # semmae: the region ids 0..num_parts-1 ('ignore', 255, is one more)
     if regions:
-        num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects") + 1
+        num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects")
     masker = Masker(args, net.patch_size, cell_size, net.grid, num_parts)
 
     eff_batch = args.batch_size * args.accum_iter * d.world
