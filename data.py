@@ -26,6 +26,8 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
+from utils import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -210,7 +212,8 @@ class FolderDataset:
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot read image {path} ({e}); delete or replace the file") from None
+            # read during training: a UsageError here, the stage has no other place to say it (exit 2)
+            raise UsageError(f"cannot read image {path} ({e}); delete or replace the file") from None
         mask = None
         if self.masks_root is not None:
             mpath = os.path.join(self.masks_root, os.path.splitext(self.files[i])[0] + ".png")
@@ -218,10 +221,10 @@ class FolderDataset:
                 with Image.open(mpath) as im:
                     mask = np.array(im)
             except OSError as e:
-                raise ValueError(f"cannot read instance mask {mpath} ({e}); every image needs one "
+                raise UsageError(f"cannot read instance mask {mpath} ({e}); every image needs one "
                                  "(all zeros when it has no objects)") from None
             if mask.ndim != 2 or mask.shape != (img.height, img.width) or mask.max(initial=0) > 255:
-                raise ValueError(f"instance mask {mpath} must be a single-channel 8-bit PNG of the image's "
+                raise UsageError(f"instance mask {mpath} must be a single-channel 8-bit PNG of the image's "
                                  f"size {img.height}x{img.width}, got shape {mask.shape}")
             mask = mask.astype(np.uint8)
         return img, mask, self.targets[i]
@@ -262,7 +265,7 @@ def _decode_segmentation(seg, h, w):
     rh, rw = seg["size"]
     runs = seg["counts"] if isinstance(seg["counts"], list) else _rle_counts(seg["counts"])
     if sum(runs) != rh * rw:
-        raise ValueError(f"RLE runs sum to {sum(runs)}, not {rh}x{rw}")
+        raise UsageError(f"RLE runs sum to {sum(runs)}, not {rh}x{rw}: the COCO annotations are damaged")  # read lazily
     flat = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool)        # runs start with zeros
     return flat.reshape((rh, rw), order="F")
 

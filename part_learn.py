@@ -102,8 +102,12 @@ def check_args(args):
         raise UsageError("--resume continues a part learner: it is for --method learned only")
     if args.export_only and not (args.method == "learned" and args.resume):
         raise UsageError("--export_only re-exports a trained part learner: pass --method learned --resume <ckpt>")
+    if args.eval_iou and args.eval_images < 1:
+        raise UsageError(f"--eval_images {args.eval_images} must be >= 1")
     if args.eval_iou and args.data_path is not None:
         raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
+    if args.blur < 1 or args.blur % 2 == 0:
+        raise UsageError(f"--blur {args.blur} must be an odd kernel size (semmae §4.1: 7)")
     if not 1 <= args.num_parts <= 254:
         raise UsageError(f"--num_parts {args.num_parts} must be in [1, 254] (labels are uint8, 255 = ignore)")
     if args.epochs < 1 or args.batch_size < 1:
@@ -205,7 +209,8 @@ class SegmentationCells(torch.utils.data.Dataset):
 
 
 def load_coco(args, base):
-    masks = data.coco_instance_masks(args.coco)                            # decoded lazily, per image
+    with utils.user_input():                                               # not a COCO JSON: exit 2
+        masks = data.coco_instance_masks(args.coco)                        # decoded lazily, per image
     missing = [f for f in base.files if os.path.basename(f) not in masks]  # COCO file_name is a bare name
     if missing:
         raise UsageError(f"{len(missing)} images in --data_path are not in --coco {args.coco} (first: {missing[0]}); "
@@ -430,12 +435,14 @@ def train_learner(args, d, base, encoder):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
-    base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
-            if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks))
+    with utils.user_input():                                               # a bad folder or checkpoint: exit 2
+        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
+                if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks))
     nets = ()
     if args.method in ("learned", "attention"):
         # sizes and patch size from the checkpoint; any missing encoder key is an error, never a random encoder
-        encoder = models.build_encoder_from_checkpoint(args.encoder_weights, img_size=args.input_size)
+        with utils.user_input():
+            encoder = models.build_encoder_from_checkpoint(args.encoder_weights, img_size=args.input_size)
         encoder = encoder.to(d.device).eval().requires_grad_(False)
         utils.print0(d, f"encoder {args.encoder_weights}: width {encoder.cls_token.shape[-1]}, patch "
                         f"{encoder.patch_size}, {len(encoder.blocks)} blocks, "

@@ -166,17 +166,19 @@ def main(args):
     torch.manual_seed(args.seed)                                           # same initial weights on every rank
 
     # data: the shapes scenes carry their own instance masks; a folder needs a regions file
-    base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
-            if args.data_path is None else data.FolderDataset(args.data_path))
-    regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
-    cell_size = regions["meta"]["cell_size"] if regions else 8
-    dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=True, cell_size=cell_size)
+    with utils.user_input():                                               # a bad folder, file or size: exit 2
+        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
+                if args.data_path is None else data.FolderDataset(args.data_path))
+        regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
+        cell_size = regions["meta"]["cell_size"] if regions else 8
+        dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=True, cell_size=cell_size)
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) < args.accum_iter:
         raise UsageError(f"{len(dataset)} images give {len(loader)} batches of {args.batch_size} per rank, "
                          f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
 
-    net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
+    with utils.user_input():                                               # --input_size not a multiple of the patch
+        net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
     if net.patch_size % cell_size:
         raise UsageError(f"patch size {net.patch_size} is not a multiple of the regions' cell size "
                          f"{cell_size}; make the regions with a cell size that divides it")
