@@ -7,7 +7,8 @@
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
 - `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
 - The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
-- Objects per cell from an instance mask (objmae §3.2's 20% rule, §4.1's 5% rule): `instance_cells`.
+- Objects per cell from an instance mask (objmae §3.2's 20% rule, §4.1's 5% rule): `mask_cells` (a mask of
+  any size, resized as its image) over `instance_cells`.
 - Cells to patches inside the training loop: `cells_to_patches`, `scores_to_patches`.
 - `PretrainDataset`: image + region cells, flipped together (semmae §4.1: the only augmentation).
 
@@ -494,7 +495,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     """(img [3, S, S] normalised, cell_labels long [S/c, S/c], cell_scores float [S/c, S/c], target).
 
     Cells come from the regions file (row i), else from the base's instance mask by objmae's rules
-    (`instance_cells`), else they are all 255 (ignore) with zero scores. semmae §4.1: random
+    (`mask_cells`), else they are all 255 (ignore) with zero scores. semmae §4.1: random
     horizontal flip is the only augmentation; image and cells flip together. The coin comes from
     torch's RNG so DataLoader worker seeding and resume control it.
     """

@@ -298,7 +298,7 @@ def make_regions(base, args, d, nets):
 # ----------------------------------------------------------------------------- evaluation on shapes
 
 def foreground_iou(regions, dataset):
-    """How well regions separate objects from background, against the true object cells (instance_cells of the
+    """How well regions separate objects from background, against the true object cells (mask_cells of the
     shapes' masks on the regions' grid), mean over the images that have objects:
       top:   IoU of the k highest-scoring cells (k = the true object cells) with the object cells (needs scores;
              without, the object cells of an objects file);
