@@ -16,6 +16,7 @@
 """
 import argparse
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from utils import UsageError
 
@@ -37,6 +38,29 @@ def denormalise(imgs):
     """[B, 3, H, W] normalised images -> [0, 1] pixels on the CPU, for pictures."""
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     return (imgs.float().cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
+
+
+def save_with_headings(path, images, headings):
+    """Pictures that explain themselves: images [R * C, 3, H, W] in [0, 1], row by row, C = len(headings) per
+    row -> one PNG: torchvision's grid (1-px black lines) under a white band with each column's heading, drawn
+    with PIL's built-in font. Images narrower than their heading are enlarged by a whole factor (nearest), so
+    each image pixel becomes a block of one colour; otherwise the cells hold the images' pixels as save_image
+    writes them."""
+    font = ImageFont.load_default()
+    boxes = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), h, font=font) for h in headings]
+    scale = max(1, math.ceil((max(b[2] for b in boxes) + 4) / images.shape[-1]))
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(images, nrow=len(headings), padding=1)            # [3, H', W']
+    pixels = grid.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # as save_image
+    band = max(b[3] for b in boxes) + 6                                   # the headings' height + a margin
+    canvas = Image.new("RGB", (pixels.shape[1], band + pixels.shape[0]), "white")
+    canvas.paste(Image.fromarray(pixels), (0, band))
+    draw, width = ImageDraw.Draw(canvas), images.shape[-1]
+    for c, (heading, box) in enumerate(zip(headings, boxes)):
+        left = 1 + c * (width + 1)                                        # column c's first pixel in the grid
+        draw.text((left + (width - box[2]) // 2, 3), heading, fill="black", font=font)
+    canvas.save(path)
 IGNORE = 255                     # region id of a cell with no label (DESIGN.md, the regions file)
 
 

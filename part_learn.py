@@ -339,9 +339,10 @@ PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 2
                         [170, 255, 195], [0, 0, 0]]) / 255.0                 # 16 colours, then ignore = black
 
 
-def save_picture(path, imgs, labels, recon=None):
+def save_picture(path, imgs, labels, recon=None, kind="parts"):
     """semmae Figure 4: one row per image: the image | its regions colour-coded (nearest upsampling, over a grey
-    copy of the image) | the reconstruction (learned)."""
+    copy of the image) | the reconstruction (learned), under the headings image | parts (or objects) |
+    reconstruction."""
     images = data.denormalise(imgs)
     ids = labels.long().cpu()
     ids = torch.where(ids == data.IGNORE, len(PALETTE) - 1, ids % (len(PALETTE) - 1))
@@ -353,7 +354,7 @@ def save_picture(path, imgs, labels, recon=None):
     grid = torch.stack(columns, 1).flatten(0, 1)                          # [B * columns, 3, H, W]
     scale = max(1, 128 // grid.shape[-1])                                  # small demo images: enlarge
     grid = F.interpolate(grid, scale_factor=scale, mode="nearest") if scale > 1 else grid
-    torchvision.utils.save_image(grid, path, nrow=len(columns), padding=1)
+    data.save_with_headings(path, grid, ["image", kind, "reconstruction"][:len(columns)])
 
 
 # ----------------------------------------------------------------------------- training the part learner
@@ -465,7 +466,7 @@ def main(args):
         vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
         n = min(8, len(base))
         save_picture(os.path.join(args.output_dir, "regions.png"), torch.stack([vis[i][0] for i in range(n)]),
-                     labels[:n])
+                     labels[:n], kind=meta["kind"])
         ratio = "" if meta["object_ratio"] is None else (
             f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio)")
         print(f"wrote {out}: {meta['kind']} of {len(base)} images on a {labels.shape[1]}x{labels.shape[2]} grid, "

@@ -19,7 +19,6 @@ import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-import torchvision
 from tqdm import tqdm
 
 import data
@@ -129,7 +128,7 @@ class Masker:
 
 def save_reconstructions(path, net, imgs, masks):
     """One row per image: original | visible (source) patches | reconstruction of the targets |
-    reconstruction with the visible patches pasted. Dropped patches (ObjMAE) stay dark."""
+    reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE) stay grey."""
     src_ids, tgt_ids, src_valid, tgt_valid = masks
     p = net.patch_size
     with torch.no_grad():
@@ -155,7 +154,7 @@ def save_reconstructions(path, net, imgs, masks):
     h, w = imgs.shape[2] // p, imgs.shape[3] // p
     columns = [models.unpatchify(x, p, h, w) for x in (patches, visible, recon, pasted)]
     grid = torch.stack(columns, 1).flatten(0, 1)                            # [B*4, 3, H, W]
-    torchvision.utils.save_image(data.denormalise(grid), path, nrow=4, padding=1)
+    data.save_with_headings(path, data.denormalise(grid), ["original", "visible", "reconstruction", "pasted"])
 
 
 # ----------------------------------------------------------------------------- main
