@@ -343,7 +343,8 @@ def test_foreground_iou_values():
     meta = {"input_size": 32, "cell_size": 8}
     iou = part_learn.foreground_iou({"labels": labels, "scores": scores, "meta": meta}, ds)
     assert iou["images"] == 2
-    assert iou["iou_top"] == pytest.approx((3 / 5 + 1) / 2) and iou["iou_parts"] == pytest.approx((4 / 6 + 0) / 2)
+    assert iou["iou_top"] == pytest.approx((3 / 5 + 1) / 2)
+    assert iou["iou_parts"] == pytest.approx((4 / 6 + 0) / 2)
     # an objects file without scores: the object cells are its labels (region 1 of a: 4 of 6 cells right)
     iou = part_learn.foreground_iou({"labels": labels, "scores": None, "meta": meta}, ds)
     assert iou["iou_top"] == pytest.approx((4 / 6 + 2 / 4) / 2)
