@@ -266,12 +266,12 @@ def mask_to_ids(mask, *, num_masked=None):
 def source_target_ids(part_labels, mask_ratio, alpha=None, *, num_parts=None, ignore_label=None, scores=None,
                       keep_ratio=1.0, generator=None):
     """The index sets an MAE step takes under random or SemMAE masking, with SemMAE's foreground keep
-    (semmae.txt §4.2) when keep_ratio < 1: keep_foreground -> mask inside the kept set -> mask_to_ids ->
+    (SemMAE §4.2) when keep_ratio < 1: keep_foreground -> mask inside the kept set -> mask_to_ids ->
     map the ids back to the full patch grid.
 
     part_labels: integer [B, L], as for semantic_guided_masking (with num_parts and ignore_label passed on).
     alpha: in [0, 1] for SemMAE (§3.2, e.g. alpha_schedule(progress, 2)); None for MAE's random masking
-        (semmae.txt Table 3 "Random masking"), where part_labels only give B, L and the device.
+        (SemMAE Table 3 "Random masking"), where part_labels only give B, L and the device.
     scores: float [B, L], foreground likelihood per patch; needed when keep_ratio < 1, unused otherwise.
     keep_ratio: in (0, 1]. The kept set has L_k = max(1, int(L * keep_ratio)) patches (L_k = L for 1); the
         others are in neither set, the model never sees them.

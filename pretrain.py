@@ -115,7 +115,7 @@ class Masker:
         if a.mask == "objmae":                                             # objmae.txt §3
             return masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation,
                                                scores if a.regions else None, generator=generator)
-        # random or SemMAE (semmae.txt §3.2, Alg. 1), after the foreground keep of §4.2 when --keep_ratio < 1
+        # random or SemMAE (SemMAE §3.2, Alg. 1), after the foreground keep of §4.2 when --keep_ratio < 1
         # (drop the least object-like patches, so a patch-8 model costs what a patch-16 one does)
         alpha = self.alpha(progress) if a.mask == "semmae" else None      # None: MAE's random masking
         src_ids, tgt_ids = masking.source_target_ids(labels, a.mask_ratio, alpha, num_parts=self.num_parts,
