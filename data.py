@@ -7,7 +7,8 @@
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
 - `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
 - The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
-- Objects per cell from an instance mask (objmae §3.2's 20% rule, §4.1's 5% rule): `instance_cells`.
+- Objects per cell from an instance mask (objmae §3.2's 20% rule, §4.1's 5% rule): `mask_cells` (a mask of
+  any size, resized as its image) over `instance_cells`.
 - Cells to patches inside the training loop: `cells_to_patches` (parts), `scores_to_patches`.
 - The joint random-resized crop (MAE's pre-training crop, objmae §4.2's random crop) as pure functions on
   tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores), `resized_crop_mask`.
@@ -27,7 +28,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+from utils import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,6 +40,29 @@ def denormalise(imgs):
     """[B, 3, H, W] normalised images -> [0, 1] pixels on the CPU, for pictures."""
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     return (imgs.float().cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
+
+
+def save_with_headings(path, images, headings):
+    """Pictures that explain themselves: images [R * C, 3, H, W] in [0, 1], row by row, C = len(headings) per
+    row -> one PNG: torchvision's grid (1-px black lines) under a white band with each column's heading, drawn
+    with PIL's built-in font. Images narrower than their heading are enlarged by a whole factor (nearest), so
+    each image pixel becomes a block of one colour; otherwise the cells hold the images' pixels as save_image
+    writes them."""
+    font = ImageFont.load_default()
+    boxes = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), h, font=font) for h in headings]
+    scale = max(1, math.ceil((max(b[2] for b in boxes) + 4) / images.shape[-1]))
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(images, nrow=len(headings), padding=1)            # [3, H', W']
+    pixels = grid.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # as save_image
+    band = max(b[3] for b in boxes) + 6                                   # the headings' height + a margin
+    canvas = Image.new("RGB", (pixels.shape[1], band + pixels.shape[0]), "white")
+    canvas.paste(Image.fromarray(pixels), (0, band))
+    draw, width = ImageDraw.Draw(canvas), images.shape[-1]
+    for c, (heading, box) in enumerate(zip(headings, boxes)):
+        left = 1 + c * (width + 1)                                        # column c's first pixel in the grid
+        draw.text((left + (width - box[2]) // 2, 3), heading, fill="black", font=font)
+    canvas.save(path)
 IGNORE = 255                     # region id of a cell with no label (DESIGN.md, the regions file)
 
 
@@ -213,7 +239,8 @@ class FolderDataset:
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot read image {path} ({e}); delete or replace the file") from None
+            # read during training: a UsageError here, the stage has no other place to say it (exit 2)
+            raise UsageError(f"cannot read image {path} ({e}); delete or replace the file") from None
         mask = None
         if self.masks_root is not None:
             mpath = os.path.join(self.masks_root, os.path.splitext(self.files[i])[0] + ".png")
@@ -221,10 +248,10 @@ class FolderDataset:
                 with Image.open(mpath) as im:
                     mask = np.array(im)
             except OSError as e:
-                raise ValueError(f"cannot read instance mask {mpath} ({e}); every image needs one "
+                raise UsageError(f"cannot read instance mask {mpath} ({e}); every image needs one "
                                  "(all zeros when it has no objects)") from None
             if mask.ndim != 2 or mask.shape != (img.height, img.width) or mask.max(initial=0) > 255:
-                raise ValueError(f"instance mask {mpath} must be a single-channel 8-bit PNG of the image's "
+                raise UsageError(f"instance mask {mpath} must be a single-channel 8-bit PNG of the image's "
                                  f"size {img.height}x{img.width}, got shape {mask.shape}")
             mask = mask.astype(np.uint8)
         return img, mask, self.targets[i]
@@ -265,7 +292,7 @@ def _decode_segmentation(seg, h, w):
     rh, rw = seg["size"]
     runs = seg["counts"] if isinstance(seg["counts"], list) else _rle_counts(seg["counts"])
     if sum(runs) != rh * rw:
-        raise ValueError(f"RLE runs sum to {sum(runs)}, not {rh}x{rw}")
+        raise UsageError(f"RLE runs sum to {sum(runs)}, not {rh}x{rw}: the COCO annotations are damaged")  # read lazily
     flat = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool)        # runs start with zeros
     return flat.reshape((rh, rw), order="F")
 

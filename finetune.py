@@ -431,10 +431,11 @@ def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
     torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
-    train_set, val_set, classes = build_datasets(args)
-    net = build_model(args, len(classes))
-    if args.finetune:
-        load_pretrained(net, args.finetune, verbose=d.is_main)
+    with utils.user_input():                       # a bad folder, regions file or checkpoint: exit 2
+        train_set, val_set, classes = build_datasets(args)
+        net = build_model(args, len(classes))
+        if args.finetune:
+            load_pretrained(net, args.finetune, verbose=d.is_main)
     net.to(d.device)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world)),
                                              batch_size=args.batch_size, num_workers=args.num_workers,

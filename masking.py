@@ -1,11 +1,11 @@
 """Which patches a masked autoencoder sees and which it rebuilds: MAE, SemMAE and ObjMAE masking.
 
 Read it top to bottom, it follows the papers:
-  1. MAE's random masking, the baseline both papers start from.
+  1. MAE's random masking, the baseline both papers start from, and its rounding (`masked_count`).
   2. SemMAE (semmae.txt §3.2, Algorithm 1): a per-part budget that moves from "mask a portion of every
      part" (alpha = 0) to "mask whole parts" (alpha = 1) as training goes (alpha = progress ** gamma),
      then a uniform random subset inside each part. Plus the 8x8-patch trick of §4.2: keep only the
-     most foreground-like patches.
+     most foreground-like patches. `source_target_ids` is a whole step: keep, mask, index sets.
   3. ObjMAE (objmae.txt §3): one object per image, its patches split into a source half (encoder input)
      and a target half (what the decoder rebuilds), both aligned to a fixed length n; everything else
      in the image is dropped.
@@ -17,7 +17,11 @@ docstring says so, and is deterministic for a given `torch.Generator` (which mus
 Ties are always broken at random, never by patch or part order: we sort keys made of an integer part
 plus uniform float64 noise in [0, 1), or shuffle first and then sort stably.
 
-Imports only torch: copy this file into another project as it is.
+Imports only torch: copy this file into another project as it is. What a training step needs from it:
+  random or SemMAE:  src_ids, tgt_ids = source_target_ids(part_labels, 0.75, alpha, num_parts=K,
+                                                          ignore_label=255, scores=scores, keep_ratio=0.25)
+  ObjMAE:            src_ids, tgt_ids, src_valid, tgt_valid = object_wise_masking(object_labels, 0.25)
+then the model's encoder takes the src_ids patches and its decoder rebuilds the tgt_ids patches.
 """
 from typing import NamedTuple
 
@@ -69,12 +73,17 @@ def _noise(shape, device, generator):
     return torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
 
 
-def _num_masked(num_patches, mask_ratio):
-    """MAE's rounding: keep int(L * (1 - ratio)) patches, mask the rest."""
+# ----------------------------------------------------------------------------- 1. MAE
+
+def masked_count(num_patches, mask_ratio):
+    """MAE's rounding (MAE's `random_masking`: len_keep = int(L * (1 - mask_ratio))): of L patches keep
+    int(L * (1 - mask_ratio)) and mask the rest, M = L - int(L * (1 - mask_ratio)). Every mask in this file has
+    exactly M masked patches per row (196 patches at 0.75: M = 147; SemMAE §3.2 keeps MAE's 75%). Plain Python
+    ints and floats in, an int out: no tensor, no device sync."""
+    _check_count(num_patches, "num_patches", 1)
+    _check_ratio(mask_ratio, "mask_ratio")
     return num_patches - int(num_patches * (1 - mask_ratio))
 
-
-# ----------------------------------------------------------------------------- 1. MAE
 
 def random_masking(batch_size, num_patches, mask_ratio, *, device=None, generator=None):
     """MAE's uniform random masking (the baseline of both papers; semmae.txt Table 3 "Random masking").
@@ -85,7 +94,7 @@ def random_masking(batch_size, num_patches, mask_ratio, *, device=None, generato
     _check_count(batch_size, "batch_size", 1)
     _check_count(num_patches, "num_patches", 1)
     _check_ratio(mask_ratio, "mask_ratio")
-    num_keep = num_patches - _num_masked(num_patches, mask_ratio)
+    num_keep = num_patches - masked_count(num_patches, mask_ratio)
     order = _noise((batch_size, num_patches), device, generator).argsort(dim=1)  # [B, L] a random permutation
     mask = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=order.device)
     return mask.scatter_(1, order[:, num_keep:], True)
@@ -130,7 +139,7 @@ def part_mask_counts(part_sizes, mask_ratio, alpha, *, generator=None):
     sizes = part_sizes.long()                                              # [B, K]
     B, K = sizes.shape
     total = sizes.sum(1, keepdim=True).double()                            # [B, 1] L per sample
-    # M in float64 is the same IEEE arithmetic as Python's int(L * (1 - r)), so it matches _num_masked.
+    # M in float64 is the same IEEE arithmetic as Python's int(L * (1 - r)), so it matches masked_count.
     budget = (total - torch.floor(total * (1.0 - mask_ratio))).long()     # [B, 1] M per sample
 
     # Line 1: the same share of every part.
@@ -160,28 +169,39 @@ def part_mask_counts(part_sizes, mask_ratio, alpha, *, generator=None):
     return base.long() + (rank < extra).long()
 
 
-def semantic_guided_masking(part_labels, mask_ratio, alpha, *, num_parts=None, generator=None):
+def semantic_guided_masking(part_labels, mask_ratio, alpha, *, num_parts=None, ignore_label=None, generator=None):
     """SemMAE's semantic-guided masking (semmae.txt §3.2): Algorithm 1's count per part, then a uniformly
     random subset of that many patches inside each part.
 
-    part_labels: integer [B, L], the part of every patch in 0..num_parts-1 (argmax of the part maps).
+    part_labels: integer [B, L], the part of every patch in 0..num_parts-1 (argmax of the part maps), or
+        ignore_label.
     mask_ratio: in [0, 1) (0.75 in the paper). alpha: in [0, 1], e.g. alpha_schedule(progress, 2).
-    num_parts: K. Pass it on the training path; when None it is read from the labels (max + 1), which
-        costs one device sync.
+    num_parts: K. Pass it on the training path; when None it is read from the labels (max + 1 over the
+        labels that are not ignore_label), which costs one device sync.
+    ignore_label: None, or the label of patches that belong to no part (255 in a regions file: cells no
+        method could label). Those patches form one extra part K, masked by Algorithm 1 like the real
+        parts (given a real part's id instead, they would be masked as if they belonged to that part).
     Returns a bool mask [B, L], True = masked, exactly M = L - int(L * (1 - mask_ratio)) per row.
     """
     _check_labels(part_labels, "part_labels")
     _check_ratio(mask_ratio, "mask_ratio")
     _check_ratio(alpha, "alpha", high_inclusive=True)
+    labels = part_labels.long()                                           # [B, L]
+    if ignore_label is not None:
+        _check_count(ignore_label, "ignore_label", 0)
+        ignored = labels == ignore_label                                  # [B, L]
+        labels = torch.where(ignored, 0, labels)                          # checked below as a part id
     if num_parts is None:
-        lo, hi = (int(v) for v in torch.aminmax(part_labels))             # the documented sync
+        lo, hi = (int(v) for v in torch.aminmax(labels))                  # the documented sync
         if lo < 0:
             raise ValueError(f"part_labels must be >= 0, got a minimum of {lo}")
         num_parts = hi + 1
     else:
         _check_count(num_parts, "num_parts", 1)
-        _check_range_on_cpu(part_labels, 0, num_parts - 1, "part_labels")
-    labels = part_labels.long()                                           # [B, L]
+        _check_range_on_cpu(labels, 0, num_parts - 1, "part_labels")
+    if ignore_label is not None:                                          # the ignored patches: one more part, K
+        labels = torch.where(ignored, num_parts, labels)
+        num_parts += 1
     B, L = labels.shape
     sizes = torch.zeros(B, num_parts, dtype=torch.long, device=labels.device)
     sizes.scatter_add_(1, labels, torch.ones_like(labels))               # [B, K] patches per part
@@ -241,6 +261,43 @@ def mask_to_ids(mask, *, num_masked=None):
         raise ValueError(f"num_masked must be <= L = {L}, got {num_masked}")
     order = mask.to(torch.uint8).argsort(dim=1, stable=True)              # kept, then masked, each ascending
     return order[:, :L - num_masked], order[:, L - num_masked:]
+
+
+def source_target_ids(part_labels, mask_ratio, alpha=None, *, num_parts=None, ignore_label=None, scores=None,
+                      keep_ratio=1.0, generator=None):
+    """The index sets an MAE step takes under random or SemMAE masking, with SemMAE's foreground keep
+    (SemMAE §4.2) when keep_ratio < 1: keep_foreground -> mask inside the kept set -> mask_to_ids ->
+    map the ids back to the full patch grid.
+
+    part_labels: integer [B, L], as for semantic_guided_masking (with num_parts and ignore_label passed on).
+    alpha: in [0, 1] for SemMAE (§3.2, e.g. alpha_schedule(progress, 2)); None for MAE's random masking
+        (SemMAE Table 3 "Random masking"), where part_labels only give B, L and the device.
+    scores: float [B, L], foreground likelihood per patch; needed when keep_ratio < 1, unused otherwise.
+    keep_ratio: in (0, 1]. The kept set has L_k = max(1, int(L * keep_ratio)) patches (L_k = L for 1); the
+        others are in neither set, the model never sees them.
+    Returns (src_ids [B, L_k - M], tgt_ids [B, M]), M = masked_count(L_k, mask_ratio): patch ids in [0, L),
+    ascending, disjoint, together the kept set. Draws from the generator in this order: keep_foreground,
+    then the masking. No device sync when num_parts is given (or alpha is None).
+    """
+    _check_labels(part_labels, "part_labels")
+    if not isinstance(keep_ratio, (int, float)) or isinstance(keep_ratio, bool) or not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    labels, keep = part_labels, None
+    if keep_ratio < 1:
+        if scores is None:
+            raise ValueError("scores [B, L] are needed to keep the foreground (keep_ratio < 1)")
+        keep = keep_foreground(scores, keep_ratio, generator=generator)   # [B, L_k] ascending patch ids
+        labels = labels.gather(1, keep)                                   # [B, L_k] the kept patches' parts
+    B, L = labels.shape
+    if alpha is None:
+        mask = random_masking(B, L, mask_ratio, device=labels.device, generator=generator)
+    else:
+        mask = semantic_guided_masking(labels, mask_ratio, alpha, num_parts=num_parts, ignore_label=ignore_label,
+                                       generator=generator)
+    src_ids, tgt_ids = mask_to_ids(mask, num_masked=masked_count(L, mask_ratio))   # ids in the kept set
+    if keep is not None:                                                  # back to full-grid patch ids
+        src_ids, tgt_ids = keep.gather(1, src_ids), keep.gather(1, tgt_ids)
+    return src_ids, tgt_ids
 
 
 # ----------------------------------------------------------------------------- 3. ObjMAE

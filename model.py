@@ -4,9 +4,9 @@ the SemMAE part learner (semmae.txt §3.1) and the loaders for released checkpoi
 Parameter names follow timm/MAE/DINO (patch_embed.proj, cls_token, pos_embed, blocks.{i}.attn.qkv, norm, ...),
 so official MAE, SemMAE, DINO, iBOT and timm weights load after prefix stripping, and our encoders load into timm.
 """
-import argparse
 import math
 import os
+from argparse import Namespace  # only to read MAE/SemMAE checkpoints, which pickle their args as one
 from functools import partial
 
 import torch
@@ -345,8 +345,8 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist; check the path")
     try:
-        # MAE/SemMAE training checkpoints carry an argparse.Namespace: allow that plain container, nothing else
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # MAE/SemMAE training checkpoints carry an argparse Namespace: allow that plain container, nothing else
+        with torch.serialization.safe_globals([Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: say which, not a pickle traceback
         raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
@@ -375,7 +375,7 @@ def checkpoint_num_heads(obj, embed_dim):
     if isinstance(model_args, dict) and model_args.get("num_heads"):
         return int(model_args["num_heads"])
     args = obj.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    args = vars(args) if isinstance(args, Namespace) else args
     name = args.get("model") if isinstance(args, dict) else None
     named = (MODELS.get(name) or VITS.get(name)) if isinstance(name, str) else None
     if named and named.keywords["embed_dim"] == embed_dim:
@@ -541,8 +541,3 @@ def diversity_loss(maps):
     sim = m @ m.transpose(1, 2)  # [B, N, N] cosine similarities
     eye = torch.eye(m.shape[1], dtype=sim.dtype, device=sim.device)
     return ((sim - eye) ** 2).sum(dim=(1, 2)).mean() / m.shape[1] ** 2
-
-
-def part_learner_loss(imgs, recon, maps, lam=0.03):
-    """Eq. 7: Eq. 5 reconstruction MSE + lam * Eq. 6 diversity (lam = 0.03, semmae §4.1)."""
-    return F.mse_loss(recon, imgs) + lam * diversity_loss(maps)

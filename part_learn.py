@@ -122,8 +122,12 @@ def check_args(args):
         raise UsageError("--resume continues a part learner: it is for --method learned only")
     if args.export_only and not (args.method == "learned" and args.resume):
         raise UsageError("--export_only re-exports a trained part learner: pass --method learned --resume <ckpt>")
+    if args.eval_iou and args.eval_images < 1:
+        raise UsageError(f"--eval_images {args.eval_images} must be >= 1")
     if args.eval_iou and args.data_path is not None:
         raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
+    if args.blur < 1 or args.blur % 2 == 0:
+        raise UsageError(f"--blur {args.blur} must be an odd kernel size (semmae §4.1: 7)")
     if not 1 <= args.num_parts <= 254:
         raise UsageError(f"--num_parts {args.num_parts} must be in [1, 254] (labels are uint8, 255 = ignore)")
     if args.epochs < 1 or args.batch_size < 1:
@@ -225,7 +229,8 @@ class SegmentationCells(torch.utils.data.Dataset):
 
 
 def load_coco(args, base):
-    masks = data.coco_instance_masks(args.coco)                            # decoded lazily, per image
+    with utils.user_input():                                               # not a COCO JSON: exit 2
+        masks = data.coco_instance_masks(args.coco)                        # decoded lazily, per image
     missing = [f for f in base.files if os.path.basename(f) not in masks]  # COCO file_name is a bare name
     if missing:
         raise UsageError(f"{len(missing)} images in --data_path are not in --coco {args.coco} (first: {missing[0]}); "
@@ -313,7 +318,7 @@ def make_regions(base, args, d, nets):
 # ----------------------------------------------------------------------------- evaluation on shapes
 
 def foreground_iou(regions, dataset):
-    """How well regions separate objects from background, against the true object cells (instance_cells of the
+    """How well regions separate objects from background, against the true object cells (mask_cells of the
     shapes' masks on the regions' grid), mean over the images that have objects:
       top:   IoU of the k highest-scoring cells (k = the true object cells) with the object cells (needs scores;
              without, the object cells of an objects file);
@@ -354,9 +359,10 @@ PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 2
                         [170, 255, 195], [0, 0, 0]]) / 255.0                 # 16 colours, then ignore = black
 
 
-def save_picture(path, imgs, labels, recon=None):
+def save_picture(path, imgs, labels, recon=None, kind="parts"):
     """semmae Figure 4: one row per image: the image | its regions colour-coded (nearest upsampling, over a grey
-    copy of the image) | the reconstruction (learned)."""
+    copy of the image) | the reconstruction (learned), under the headings image | parts (or objects) |
+    reconstruction."""
     images = data.denormalise(imgs)
     ids = labels.long().cpu()
     ids = torch.where(ids == data.IGNORE, len(PALETTE) - 1, ids % (len(PALETTE) - 1))
@@ -368,7 +374,7 @@ def save_picture(path, imgs, labels, recon=None):
     grid = torch.stack(columns, 1).flatten(0, 1)                          # [B * columns, 3, H, W]
     scale = max(1, 128 // grid.shape[-1])                                  # small demo images: enlarge
     grid = F.interpolate(grid, scale_factor=scale, mode="nearest") if scale > 1 else grid
-    torchvision.utils.save_image(grid, path, nrow=len(columns), padding=1)
+    data.save_with_headings(path, grid, ["image", kind, "reconstruction"][:len(columns)])
 
 
 # ----------------------------------------------------------------------------- training the part learner
@@ -450,12 +456,14 @@ def train_learner(args, d, base, encoder):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
-    base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
-            if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks))
+    with utils.user_input():                                               # a bad folder or checkpoint: exit 2
+        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
+                if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks))
     nets = ()
     if args.method in ("learned", "attention"):
         # sizes and patch size from the checkpoint; any missing encoder key is an error, never a random encoder
-        encoder = models.build_encoder_from_checkpoint(args.encoder_weights, img_size=args.input_size)
+        with utils.user_input():
+            encoder = models.build_encoder_from_checkpoint(args.encoder_weights, img_size=args.input_size)
         encoder = encoder.to(d.device).eval().requires_grad_(False)
         utils.print0(d, f"encoder {args.encoder_weights}: width {encoder.cls_token.shape[-1]}, patch "
                         f"{encoder.patch_size}, {len(encoder.blocks)} blocks, "
@@ -478,7 +486,7 @@ def main(args):
         vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
         n = min(8, len(base))
         save_picture(os.path.join(args.output_dir, "regions.png"), torch.stack([vis[i][0] for i in range(n)]),
-                     labels[:n])
+                     labels[:n], kind=meta["kind"])
         ratio = "" if meta["object_ratio"] is None else (
             f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio for a patch-{args.cell_size} model)")
         print(f"wrote {out}: {meta['kind']} of {len(base)} images on a {labels.shape[1]}x{labels.shape[2]} grid, "

@@ -40,7 +40,6 @@ import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-import torchvision
 from tqdm import tqdm
 
 import data
@@ -150,44 +149,33 @@ def check_args(args):
 # ----------------------------------------------------------------------------- masks
 
 class Masker:
-    """Turns a batch of region cells into (src_ids, tgt_ids, src_valid, tgt_valid) for one step."""
+    """Turns a batch of region cells into (src_ids, tgt_ids, src_valid, tgt_valid) for one step: the cells
+    become one label (and score) per patch, the rest is masking.py."""
 
     def __init__(self, args, patch_size, cell_size, grid, num_parts):
         self.args = args
         self.factor = patch_size // cell_size        # cells per patch side; > 1 only for parts (main)
         self.num_patches = grid[0] * grid[1]
-        self.num_parts = num_parts                   # semmae: region ids + one slot for 'ignore'
+        self.num_parts = num_parts                   # semmae: region ids 0..num_parts-1; 'ignore' (255) is one more
 
     def alpha(self, progress):
         a = self.args
         return a.alpha if a.alpha is not None else masking.alpha_schedule(progress, a.gamma, a.reverse)
 
     def __call__(self, cell_labels, cell_scores, progress, generator=None):
-        a, B, L = self.args, cell_labels.shape[0], self.num_patches
+        a = self.args
         labels = data.cells_to_patches(cell_labels, self.factor, generator)  # [B, L] vote, random ties
+        scores = data.scores_to_patches(cell_scores, self.factor)          # [B, L]
         if a.mask == "objmae":                                             # objmae.txt §3
-            scores = data.scores_to_patches(cell_scores, self.factor) if a.regions else None
-            m = masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation, scores,
-                                            generator=generator)
-            return m.src_ids, m.tgt_ids, m.src_valid, m.tgt_valid
-        # Foreground keep (semmae.txt §4.2): drop the least object-like patches before masking, so a
-        # patch-8 model costs what a patch-16 one does. keep = ascending patch ids.
-        keep = None
-        if a.keep_ratio < 1.0:
-            keep = masking.keep_foreground(data.scores_to_patches(cell_scores, self.factor), a.keep_ratio)
-            labels = labels.gather(1, keep)                                # [B, Lk]
-            L = keep.shape[1]
-        if a.mask == "semmae":                                             # semmae.txt §3.2, Alg. 1
-            part_labels = torch.where(labels == 255, self.num_parts - 1, labels)
-            mask = masking.semantic_guided_masking(part_labels, a.mask_ratio, self.alpha(progress),
-                                                   num_parts=self.num_parts, generator=generator)
-        else:
-            mask = masking.random_masking(B, L, a.mask_ratio, device=labels.device, generator=generator)
-        num_masked = L - int(L * (1 - a.mask_ratio))                       # MAE's rounding, no device sync
-        src_ids, tgt_ids = masking.mask_to_ids(mask, num_masked=num_masked)  # [B, L-M], [B, M]
-        if keep is not None:                                               # back to full-grid patch ids
-            src_ids, tgt_ids = keep.gather(1, src_ids), keep.gather(1, tgt_ids)
-        return src_ids, tgt_ids, None, None
+            return masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation,
+                                               scores if a.regions else None, generator=generator)
+        # random or SemMAE (SemMAE §3.2, Alg. 1), after the foreground keep of §4.2 when --keep_ratio < 1
+        # (drop the least object-like patches, so a patch-8 model costs what a patch-16 one does)
+        alpha = self.alpha(progress) if a.mask == "semmae" else None      # None: MAE's random masking
+        src_ids, tgt_ids = masking.source_target_ids(labels, a.mask_ratio, alpha, num_parts=self.num_parts,
+                                                     ignore_label=data.IGNORE, scores=scores,
+                                                     keep_ratio=a.keep_ratio, generator=generator)
+        return src_ids, tgt_ids, None, None                                # [B, Lk-M], [B, M]: no padding
 
 
 def region_cell_size(args, regions, patch_size):
@@ -213,7 +201,7 @@ def region_cell_size(args, regions, patch_size):
 
 def save_reconstructions(path, net, imgs, masks):
     """One row per image: original | visible (source) patches | reconstruction of the targets |
-    reconstruction with the visible patches pasted. Dropped patches (ObjMAE) stay dark."""
+    reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE) stay grey."""
     src_ids, tgt_ids, src_valid, tgt_valid = masks
     p = net.patch_size
     with torch.no_grad():
@@ -239,7 +227,7 @@ def save_reconstructions(path, net, imgs, masks):
     h, w = imgs.shape[2] // p, imgs.shape[3] // p
     columns = [models.unpatchify(x, p, h, w) for x in (patches, visible, recon, pasted)]
     grid = torch.stack(columns, 1).flatten(0, 1)                            # [B*4, 3, H, W]
-    torchvision.utils.save_image(data.denormalise(grid), path, nrow=4, padding=1)
+    data.save_with_headings(path, data.denormalise(grid), ["original", "visible", "reconstruction", "pasted"])
 
 
 # ----------------------------------------------------------------------------- main
@@ -250,22 +238,24 @@ def main(args):
     torch.manual_seed(args.seed)                                           # same initial weights on every rank
 
     # data: the shapes scenes carry their own instance masks; a folder needs a regions file
-    base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
-            if args.data_path is None else data.FolderDataset(args.data_path))
-    regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
-    patch_size = models.MODELS[args.model].keywords["patch_size"]
-    cell_size = region_cell_size(args, regions, patch_size)
-    dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=args.hflip, cell_size=cell_size,
-                                   crop_scale=args.crop_scale, crop_ratio=tuple(args.crop_ratio))
+    with utils.user_input():                                               # a bad folder, file or size: exit 2
+        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
+                if args.data_path is None else data.FolderDataset(args.data_path))
+        regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
+        patch_size = models.MODELS[args.model].keywords["patch_size"]
+        cell_size = region_cell_size(args, regions, patch_size)
+        dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=args.hflip, cell_size=cell_size,
+                                       crop_scale=args.crop_scale, crop_ratio=tuple(args.crop_ratio))
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) < args.accum_iter:
         raise UsageError(f"{len(dataset)} images give {len(loader)} batches of {args.batch_size} per rank, "
                          f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
 
-    net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
-    num_parts = None                    # semmae: the region ids, plus one slot for 'ignore' (255)
+    with utils.user_input():                                               # --input_size not a multiple of the patch
+        net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
+    num_parts = None                    # semmae: the region ids 0..num_parts-1 ('ignore', 255, is one more)
     if regions:
-        num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects") + 1
+        num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects")
     masker = Masker(args, net.patch_size, cell_size, net.grid, num_parts)
 
     eff_batch = args.batch_size * args.accum_iter * d.world

@@ -51,6 +51,14 @@ def test_mask_to_ids_splits_in_ascending_order():
     assert torch.equal(same[0], keep) and torch.equal(same[1], masked)
 
 
+def test_masked_count_is_maes_rounding():
+    # MAE keeps int(L * (1 - r)), rounding down: 49 * 0.25 = 12.25 keeps 12; 100 * (1 - 0.9) is 9.99.. in floating
+    # point, so 91 of 100 are masked, not 90
+    cases = {(196, 0.75): 147, (784, 0.75): 588, (49, 0.75): 37, (100, 0.9): 91, (10, 0.7): 7, (7, 0.0): 0,
+             (1, 0.5): 1, (3, 0.99): 3}
+    assert {k: M.masked_count(*k) for k in cases} == cases
+
+
 def test_mask_to_ids_refuses_unequal_rows():
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, :2] = True
@@ -221,6 +229,53 @@ def test_semantic_alpha_one_masks_whole_parts():
     mask = M.semantic_guided_masking(labels, 0.75, 1.0, num_parts=4, generator=gen())
     per_part = torch.zeros(50, 4, dtype=torch.long).scatter_add_(1, labels, mask.long())
     assert ((per_part == 0) | (per_part == 8)).all() and (per_part.sum(1) == 24).all()
+
+
+def test_ignore_label_is_one_more_part():
+    """ignore_label = the same draws as relabelling the ignored patches K by hand (what a caller had to do)."""
+    g = gen(3)
+    labels = torch.randint(0, 4, (8, 40), generator=g)
+    labels[torch.rand(8, 40, generator=g) < 0.3] = 255
+    by_hand = torch.where(labels == 255, 4, labels)
+    for alpha in (0.0, 0.6, 1.0):
+        got = M.semantic_guided_masking(labels, 0.75, alpha, num_parts=4, ignore_label=255, generator=gen(1))
+        want = M.semantic_guided_masking(by_hand, 0.75, alpha, num_parts=5, generator=gen(1))
+        assert torch.equal(got, want)
+        inferred = M.semantic_guided_masking(labels, 0.75, alpha, ignore_label=255, generator=gen(1))  # K read: 4
+        assert torch.equal(inferred, want)
+    # alpha = 1, M = one whole part of 4: the ignored patches are masked as a part of their own, not with part 0
+    row = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [255] * 4)
+    mask = M.semantic_guided_masking(row.expand(400, 16), 0.25, 1.0, num_parts=3, ignore_label=255, generator=gen())
+    assert all(mask[:, row == k].all(1).logical_or(~mask[:, row == k].any(1)).all() for k in (0, 1, 2, 255))
+    assert_uniform(mask[:, row == 255].all(1).double().mean(), 0.25, 400)
+    with pytest.raises(ValueError, match="part_labels"):                 # a label K is not a part when K parts
+        M.semantic_guided_masking(row.expand(2, 16) % 255 + 1, 0.25, 1.0, num_parts=3, ignore_label=255)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.0, 1.0])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.25])
+def test_source_target_ids_is_keep_mask_and_map_back(alpha, keep_ratio):
+    """The pipeline by hand, with the same generator draws, gives the same ids; the ids are the kept set."""
+    B, L, K = 6, 64, 3
+    labels = torch.randint(0, K, (B, L), generator=gen(1))
+    labels[:, ::5] = 255
+    scores = torch.rand(B, L, generator=gen(2))
+    src, tgt = M.source_target_ids(labels, 0.75, alpha, num_parts=K, ignore_label=255, scores=scores,
+                                   keep_ratio=keep_ratio, generator=gen(3))
+    g = gen(3)
+    keep = M.keep_foreground(scores, keep_ratio, generator=g) if keep_ratio < 1 else torch.arange(L).expand(B, L)
+    Lk = keep.shape[1]
+    inner = labels.gather(1, keep)
+    mask = (M.random_masking(B, Lk, 0.75, generator=g) if alpha is None else
+            M.semantic_guided_masking(torch.where(inner == 255, K, inner), 0.75, alpha, num_parts=K + 1, generator=g))
+    want_src, want_tgt = M.mask_to_ids(mask)
+    assert torch.equal(src, keep.gather(1, want_src)) and torch.equal(tgt, keep.gather(1, want_tgt))
+    assert tgt.shape == (B, M.masked_count(Lk, 0.75)) and src.shape == (B, Lk - M.masked_count(Lk, 0.75))
+    both = torch.cat([src, tgt], 1).sort(1).values
+    assert torch.equal(both, keep)                                        # disjoint, together the kept set
+    assert (src.diff(dim=1) > 0).all() and (tgt.diff(dim=1) > 0).all()
+    if keep_ratio < 1:                                                    # the kept set: the best-scoring quarter
+        assert torch.equal(both, scores.topk(16, dim=1).indices.sort(1).values)
 
 
 # ----------------------------------------------------------------------------- foreground keep (semmae §4.2)
@@ -438,7 +493,10 @@ def all_calls(device, labels, scores):
     yield M.random_masking(B, L, 0.75, device=device)
     yield M.part_mask_counts(torch.zeros(B, 6, dtype=torch.long, device=device), 0.75, 0.3)
     yield M.semantic_guided_masking(labels, 0.75, 0.5, num_parts=6)
+    yield M.semantic_guided_masking(labels, 0.75, 0.5, num_parts=5, ignore_label=5)
     yield M.keep_foreground(scores, 0.25)
+    yield from M.source_target_ids(labels, 0.75, 0.5, num_parts=5, ignore_label=5, scores=scores, keep_ratio=0.5)
+    yield from M.source_target_ids(labels, 0.75, None, scores=scores, keep_ratio=0.5)
     yield from M.mask_to_ids(torch.zeros(B, L, dtype=torch.bool, device=device), num_masked=12)
     for relation in M._RELATIONS:
         for padding in ("zero", "replicate", "random"):
@@ -476,6 +534,7 @@ def test_deterministic_for_a_generator():
         lambda g: [M.random_masking(6, 49, 0.75, generator=g)],
         lambda g: [M.semantic_guided_masking(labels, 0.75, 0.5, num_parts=4, generator=g)],
         lambda g: [M.keep_foreground(scores, 0.5, generator=g)],
+        lambda g: list(M.source_target_ids(labels, 0.75, 0.5, num_parts=4, scores=scores, keep_ratio=0.5, generator=g)),
         lambda g: list(M.object_wise_masking(labels, 0.25, "random", "inter", scores, generator=g)),
         lambda g: list(M.object_wise_masking(labels, 0.25, "zero", "intra", generator=g)),
     ]
@@ -507,6 +566,12 @@ BAD = [
     (lambda: M.semantic_guided_masking(LAB, 1.2, 0.5), "mask_ratio"),
     (lambda: M.semantic_guided_masking(LAB, 0.75, -0.5), "alpha"),
     (lambda: M.semantic_guided_masking(LAB, 0.75, 0.5, num_parts=0), "num_parts"),
+    (lambda: M.semantic_guided_masking(LAB, 0.75, 0.5, ignore_label=-1), "ignore_label"),
+    (lambda: M.masked_count(0, 0.75), "num_patches"),
+    (lambda: M.masked_count(8, 1.0), "mask_ratio"),
+    (lambda: M.source_target_ids(LAB, 0.75, keep_ratio=0.5), "scores"),
+    (lambda: M.source_target_ids(LAB, 0.75, keep_ratio=0.0, scores=LAB.float()), "keep_ratio"),
+    (lambda: M.source_target_ids(LAB.float(), 0.75), "part_labels"),
     (lambda: M.keep_foreground(LAB, 0.25), "scores"),
     (lambda: M.keep_foreground(LAB.float(), 0.0), "keep_ratio"),
     (lambda: M.object_wise_masking(LAB, 1.0), "seq_ratio"),
@@ -529,10 +594,10 @@ def test_bad_arguments_raise_value_error_naming_the_argument(call, name):
 
 
 def test_public_functions_document_shapes_and_paper_sections():
-    for name in ("random_masking", "alpha_schedule", "part_mask_counts", "semantic_guided_masking",
-                 "keep_foreground", "object_wise_masking", "mask_to_ids"):
+    for name in ("masked_count", "random_masking", "alpha_schedule", "part_mask_counts", "semantic_guided_masking",
+                 "keep_foreground", "mask_to_ids", "source_target_ids", "object_wise_masking"):
         doc = inspect.getdoc(getattr(M, name))
         assert doc and ("§" in doc or "Table" in doc), name
-        assert name == "alpha_schedule" or "[B, " in doc, name
+        assert name in ("alpha_schedule", "masked_count") or "[B, " in doc, name
     source = inspect.getsource(M)
     assert ".item()" not in source and ".nonzero(" not in source and "import numpy" not in source

@@ -414,7 +414,7 @@ def test_part_learner_shapes_and_training():
     first = None
     for _ in range(30):
         maps, recon = pl(cls_feat, patch_feat, (32, 32))
-        loss = M.part_learner_loss(imgs, recon, maps)
+        loss = torch.nn.functional.mse_loss(recon, imgs) + 0.03 * M.diversity_loss(maps)   # Eq. 7, as part_learn.py
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()

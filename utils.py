@@ -16,8 +16,22 @@ import torch.distributed as dist
 
 # ----------------------------------------------------------------------------- errors
 
-class UsageError(Exception):
-    """Bad input from the user (a flag, a file). The stages print it as one line and exit 2."""
+class UsageError(ValueError):
+    """Bad input from the user (a flag, a file). The stages print it as one line and exit 2. A ValueError, so
+    code that checks values (and tests) catch it as one; a plain ValueError is a bug and keeps its traceback."""
+
+
+@contextlib.contextmanager
+def user_input():
+    """Around the calls that read what the user gave (data.py's datasets and regions files, model.py's
+    checkpoints and sizes): the ValueError they raise to refuse it becomes a UsageError. Only there: a
+    ValueError anywhere else is a bug."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def die(msg):
@@ -27,12 +41,12 @@ def die(msg):
 
 
 def run_stage(main, get_args):
-    """A stage's entry point: bad input (UsageError, or a ValueError from data.py/model.py/masking.py)
-    becomes one line and exit 2. Stages validate everything before writing, so nothing is overwritten."""
+    """A stage's entry point: bad input (a UsageError) becomes one line and exit 2. Stages validate
+    everything before writing, so nothing is overwritten. Any other exception is a bug: its traceback shows."""
     args = get_args()
     try:
         main(args)
-    except (UsageError, ValueError) as e:
+    except UsageError as e:
         die(str(e))
 
 
