@@ -237,7 +237,8 @@ class FolderDataset:
             self.files += sorted(found)
             self.targets += [c] * len(found)
         if self.skipped and os.environ.get("RANK", "0") == "0":  # class counts must not shrink in silence
-            shown = ", ".join(self.skipped[:5]) + (f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else "")
+            more = len(self.skipped) - 5
+            shown = ", ".join(self.skipped[:5]) + (f" and {more} more" if more > 0 else "")
             print(f"{root}: skipped {len(self.skipped)} files that are not images in class folders ({shown}); "
                   f"images are {' '.join(EXTENSIONS)} in root/<class>/", flush=True)
         if not self.files:

@@ -101,8 +101,9 @@ def get_args(argv=None):
                    help="linear probing: LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
     # run
     p.add_argument("--output_dir", default="output/finetune")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval); 'auto': "
-                                                   "this --output_dir's checkpoint-last.pth if there is one, else start")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval); "
+                                                   "'auto': this --output_dir's checkpoint-last.pth if there is one, "
+                                                   "else start")
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

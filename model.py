@@ -343,7 +343,8 @@ VITS = {name[len("mae_"):]: partial(VisionTransformer, **{k: ctor.keywords[k] fo
 def names_that_fit(embed_dim, depth, patch_size, names=VITS):
     """The model names among `names` whose encoder has these sizes (for load errors that name the fix)."""
     return [n for n, c in names.items()
-            if (c.keywords["embed_dim"], c.keywords["depth"], c.keywords["patch_size"]) == (embed_dim, depth, patch_size)]
+            if (c.keywords["embed_dim"], c.keywords["depth"], c.keywords["patch_size"])
+            == (embed_dim, depth, patch_size)]
 
 
 # ----------------------------------------------------------------------------- released checkpoints

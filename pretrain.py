@@ -209,9 +209,10 @@ def main(args):
         L = masker.num_patches if args.keep_ratio == 1.0 else max(1, int(masker.num_patches * args.keep_ratio))
         num_masked = L - int(L * (1 - args.mask_ratio))
         if not 0 < num_masked < L:
+            larger = "--input_size" + (" or --keep_ratio" if args.keep_ratio < 1.0 else "")
             raise UsageError(f"--mask_ratio {args.mask_ratio} masks {num_masked} of the {L} patches "
                              f"{'kept' if args.keep_ratio < 1.0 else 'of an image'}; it must mask at least one and "
-                             f"leave one (or pass a larger --input_size{' or --keep_ratio' if args.keep_ratio < 1 else ''})")
+                             f"leave one (or pass a larger {larger})")
 
     eff_batch = args.batch_size * args.accum_iter * d.world
     base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
@@ -222,7 +223,8 @@ def main(args):
         if not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt:  # e.g. an official MAE/SemMAE file
             raise UsageError(f"{args.resume} is not a checkpoint of pretrain.py (no args and optimizer state; "
                              "released MAE/SemMAE weights?); --resume continues a pretrain.py run from its "
-                             f"checkpoint-last.pth; to fine-tune released weights: finetune.py --finetune {args.resume}")
+                             f"checkpoint-last.pth; to fine-tune released weights: finetune.py --finetune "
+                             f"{args.resume}")
         if ckpt["args"].get("model") != args.model:
             raise UsageError(f"{args.resume} holds a {ckpt['args'].get('model')} model, not --model "
                              f"{args.model}; resume with --model {ckpt['args'].get('model')}")

@@ -228,7 +228,8 @@ def test_args_json_only_once_the_run_starts(tmp_path, encoder_ckpt):
                          ("part_learn", ["--resume", str(tmp_path / "pre.pth")])]:
         out = tmp_path / stage
         with pytest.raises(UsageError):
-            STAGES[stage].main(STAGES[stage].get_args(stage_argv(stage, encoder_ckpt) + extra + ["--output_dir", str(out)]))
+            argv = stage_argv(stage, encoder_ckpt) + extra + ["--output_dir", str(out)]
+            STAGES[stage].main(STAGES[stage].get_args(argv))
         assert not (out / "args.json").exists(), stage
 
 
