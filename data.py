@@ -4,6 +4,8 @@
   fly from (seed, split, index); nothing on disk, nothing downloaded.
 - `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), optionally with
   instance masks in a parallel folder (same relative path, .png).
+- `to_rgb`: any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) as the RGB image it shows;
+  `unreadable_images`: every image of a folder that cannot be decoded, listed at once.
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
 - `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
 - The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
@@ -15,6 +17,7 @@
 - `PretrainDataset`: image + region cells, cropped (optional) and flipped together (semmae §4.1: flip only).
 
     python data.py --write OUT --num_images 200 --img_size 64    # shapes as an image folder + masks
+    python data.py --verify IMAGENET/train IMAGENET/val             # list every unreadable image, exit 2 if any
 """
 import argparse
 import json
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from utils import UsageError
 
@@ -204,7 +208,41 @@ def write_shapes(dataset, out_dir):
 
 # ----------------------------------------------------------------------------- image folders
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)   # what a bad file raises in PIL
+
+
+def to_rgb(im):
+    """Any PIL image -> an 8-bit RGB image that looks like the file does in a viewer:
+    - 16-bit grey ('I;16', 'I;16B', ...): value * 255 / 65535 (PIL's convert would clip at 255: mostly white);
+      32-bit integer ('I'): the same when the values fit 0..65535 (a 16-bit PNG or TIFF opened as 'I'), else
+      its min..max stretched to 0..255; float ('F'): 0..1 -> 0..255 when the values are in [0, 1], else
+      stretched min..max;
+    - transparency (RGBA, LA, PA, or P/L/RGB with a transparent colour): composited over white, as a page
+      shows it (dropping the alpha would bring back whatever colour the transparent pixels happen to hold);
+    - the rest (1, L, P, RGB, CMYK, YCbCr) through PIL's convert('RGB').
+    Multi-frame files (GIF, TIFF): the first frame."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)
+        if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+            a = a * (255 / 65535)
+        elif im.mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255
+        else:
+            a = (a - lo) * (255 / max(hi - lo, 1e-12))
+        grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
+
+
+def read_rgb(path):
+    """Open and fully decode an image file -> PIL RGB (to_rgb). Raises one of IMAGE_ERRORS for a bad file."""
+    with Image.open(path) as im:
+        return to_rgb(im)
 
 
 class FolderDataset:
@@ -218,13 +256,20 @@ class FolderDataset:
         self.root, self.masks_root = root, masks_root
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         self.files, self.targets = [], []
+        self.skipped = sorted(e.name for e in os.scandir(root) if not e.is_dir())   # not in a class folder
         for c, name in enumerate(self.classes):
             found = []
             for d, _, names in os.walk(os.path.join(root, name), followlinks=True):
-                found += [os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
-                          for n in names if n.lower().endswith(EXTENSIONS)]
+                for n in names:
+                    rel = os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
+                    (found if n.lower().endswith(EXTENSIONS) else self.skipped).append(rel)
             self.files += sorted(found)
             self.targets += [c] * len(found)
+        if self.skipped and os.environ.get("RANK", "0") == "0":  # class counts must not shrink in silence
+            more = len(self.skipped) - 5
+            shown = ", ".join(self.skipped[:5]) + (f" and {more} more" if more > 0 else "")
+            print(f"{root}: skipped {len(self.skipped)} files that are not images in class folders ({shown}); "
+                  f"images are {' '.join(EXTENSIONS)} in root/<class>/", flush=True)
         if not self.files:
             raise ValueError(f"image folder {root} has no images in class sub-folders; expected "
                              f"root/<class>/<image> with one of {', '.join(EXTENSIONS)}")
@@ -236,11 +281,11 @@ class FolderDataset:
         """-> (PIL RGB image, instance mask np.uint8 [H, W] or None, class int)"""
         path = os.path.join(self.root, self.files[i])
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            img = read_rgb(path)
+        except IMAGE_ERRORS as e:
             # read during training: a UsageError here, the stage has no other place to say it (exit 2)
-            raise UsageError(f"cannot read image {path} ({e}); delete or replace the file") from None
+            raise UsageError(f"cannot read image {path} ({e}); delete or replace the file (python data.py --verify "
+                             f"{self.root} lists every unreadable image at once)") from None
         mask = None
         if self.masks_root is not None:
             mpath = os.path.join(self.masks_root, os.path.splitext(self.files[i])[0] + ".png")
@@ -255,6 +300,31 @@ class FolderDataset:
                                  f"size {img.height}x{img.width}, got shape {mask.shape}")
             mask = mask.astype(np.uint8)
         return img, mask, self.targets[i]
+
+
+class _ReadCheck(torch.utils.data.Dataset):
+    """'' for a readable image of a FolderDataset, else why it is not (for unreadable_images' workers)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        try:
+            read_rgb(os.path.join(self.folder.root, self.folder.files[i]))
+            return ""
+        except IMAGE_ERRORS as e:
+            return f"{type(e).__name__}: {e}"
+
+
+def unreadable_images(folder, num_workers=0):
+    """Decode every image of a FolderDataset -> [(relative file, reason)] for those that cannot be read, all at
+    once before training (the loader would stop at the first one, mid-epoch)."""
+    loader = torch.utils.data.DataLoader(_ReadCheck(folder), batch_size=None, num_workers=num_workers)
+    reasons = tqdm(loader, total=len(folder), desc=f"verify {folder.root}", leave=False, dynamic_ncols=True)
+    return [(folder.files[i], why) for i, why in enumerate(reasons) if why]
 
 
 # ----------------------------------------------------------------------------- COCO instance masks
@@ -484,9 +554,12 @@ def save_regions(path, labels, scores, files, meta):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".regions-", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; others read it like a checkpoint (0644 under umask 022)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -688,13 +761,31 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Write the built-in shapes scenes as an image folder + instance masks.")
-    p.add_argument("--write", required=True, metavar="OUT", help="output folder (gets images/ and masks/)")
+    p = argparse.ArgumentParser(description="Write the built-in shapes scenes as an image folder + instance masks, "
+                                            "or list every unreadable image of image folders.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--write", metavar="OUT", help="output folder (gets images/ and masks/)")
+    what.add_argument("--verify", nargs="+", metavar="FOLDER",
+                      help="image folders (root/<class>/<image>): decode every image, list all unreadable ones")
     p.add_argument("--num_images", type=int, default=2000)
     p.add_argument("--img_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train", choices=["train", "val"])
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="--verify: decoding processes")
     a = p.parse_args()
+    if a.verify:
+        bad, total = [], 0
+        for root in a.verify:
+            try:
+                folder = FolderDataset(root)
+            except ValueError as e:
+                p.exit(2, f"error: {e}\n")
+            bad += [(os.path.join(root, f), why) for f, why in unreadable_images(folder, a.num_workers)]
+            total += len(folder)
+        for path, why in bad:
+            print(f"{path}: {why}")
+        print(f"{len(bad)} of {total} images cannot be read" + ("; delete or replace them" if bad else ""))
+        raise SystemExit(2 if bad else 0)
     ds = ShapesDataset(a.num_images, a.img_size, a.seed, a.split)
     n = write_shapes(ds, a.write)
     print(f"wrote {n} images of {a.img_size}x{a.img_size} in {len(ds.classes)} classes to "

@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-output/demo}
-small="--input_size 64 --batch_size 64 --num_workers 2"
+# --resume auto: running the demo again continues each stage where it stopped (a finished one is skipped)
+small="--input_size 64 --batch_size 64 --num_workers 2 --resume auto"
 pre="--model mae_vit_tiny_patch8 $small --epochs 10 --warmup_epochs 1 --blr 1e-3 --vis_every 5"
 
 python pretrain.py $pre --mask random --output_dir "$out/mae"

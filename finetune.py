@@ -121,7 +121,9 @@ def get_args(argv=None):
                    help="linear probing: LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
     # run
     p.add_argument("--output_dir", default="output/finetune")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval)")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval); "
+                                                   "'auto': this --output_dir's checkpoint-last.pth if there is one, "
+                                                   "else start")
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -135,6 +137,15 @@ def check_args(args):
             setattr(args, k, v)
     if args.global_pool is None:
         args.global_pool = not args.linprobe
+    utils.check_ranges(args, {  # every numeric flag; the finer rules follow
+        "input_size": (8, 4096), "drop_path": (0, 1), "num_images": (1, 10**6), "num_val_images": (1, 10**6),
+        "keep_ratio": (0, 1), "crop_min": (0, 1), "crop_pct": (0, 1), "reprob": (0, 1), "mixup": (0, 100),
+        "cutmix": (0, 100), "smoothing": (0, 1), "epochs": (1, None), "warmup_epochs": (0, None),
+        "batch_size": (1, None), "accum_iter": (1, None), "blr": (0, 10), "lr": (0, 10), "min_lr": (0, 10),
+        "weight_decay": (0, 1), "layer_decay": (0, 1), "num_workers": (0, 256), "seed": (0, 2**32 - 1),
+        "opt_betas": (0, 1), "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1)})
+    if args.drop_path >= 1.0:
+        raise UsageError(f"--drop_path {args.drop_path} must be < 1: at 1 every block would be dropped")
     patch = models.VITS[args.model].keywords["patch_size"]
     if args.input_size % patch:
         raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of "
@@ -328,8 +339,10 @@ def load_pretrained(net, path, verbose=True):
     want = (net.patch_embed.proj.out_channels, len(net.blocks), net.patch_size)
     have = (info["embed_dim"], info["depth"], info["patch_size"])
     if want != have:
-        raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but --model has {want}; "
-                         "pass the matching --model")
+        fit = models.names_that_fit(*have)
+        fix = (f"pass --model {' or '.join(fit)}" if fit else
+               f"no --model has these sizes (choices: {', '.join(sorted(models.VITS))})")
+        raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but --model has {want}; {fix}")
     sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)  # e.g. 14x14 -> 28x28, cls kept
     missing, unexpected = net.load_state_dict(sd, strict=False)
     if verbose:
@@ -344,11 +357,23 @@ def load_pretrained(net, path, verbose=True):
 def load_trained(net, ckpt, args, path):
     """A checkpoint of this script (or a plain/{'model'} state dict with a head, e.g. MAE's fine-tuned ViTs)."""
     old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    weights = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
+    if str(old.get("model", "")).startswith("mae_") or any(str(k).startswith("decoder") for k in weights):
+        raise UsageError(f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); start fine-tuning "
+                         f"from it with --finetune {path} (--resume continues a finetune.py run, --eval evaluates one)")
+    if "learner" in ckpt:
+        raise UsageError(f"{path} is a part_learn.py checkpoint (a part learner, no classifier); --resume takes the "
+                         "checkpoint-last.pth of a finetune.py run")
     for flag in ("model", "linprobe", "global_pool"):
         if flag in old and old[flag] != getattr(args, flag):
+            fix = {"model": f"--model {old[flag]}", "linprobe": "--linprobe" if old[flag] else "no --linprobe",
+                   "global_pool": "--global_pool" if old[flag] else "--no-global_pool"}[flag]
             raise UsageError(f"{path} was trained with {flag}={old[flag]} but this run has {flag}="
-                             f"{getattr(args, flag)}; pass the flags it was trained with")
+                             f"{getattr(args, flag)}; pass {fix}")
     sd = dict(ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
+    if not any(str(k).startswith("head.") for k in sd):
+        raise UsageError(f"{path} holds an encoder without a classifier (released pre-trained weights?); start "
+                         f"fine-tuning from it with --finetune {path}")
     if "pos_embed" in sd and sd["pos_embed"].shape != net.pos_embed.shape:
         sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
     try:
@@ -430,6 +455,8 @@ def make_mixup(args, num_classes):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
+    if not args.eval:  # --eval writes nothing
+        utils.prepare_output_dir(args, d)  # resolves --resume auto
     torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
     with utils.user_input():                       # a bad folder, regions file or checkpoint: exit 2
         train_set, val_set, classes = build_datasets(args)
@@ -441,6 +468,8 @@ def main(args):
                                              batch_size=args.batch_size, num_workers=args.num_workers,
                                              pin_memory=d.device.type == "cuda")
     if args.eval:
+        if args.resume == "auto":  # evaluate this --output_dir's last checkpoint
+            args.resume = os.path.join(args.output_dir, "checkpoint-last.pth")
         load_trained(net, utils.load_checkpoint(args.resume), args, args.resume)
         stats = evaluate(net, val_loader, d, args)
         utils.print0(d, f"{args.resume}: top-1 {100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
@@ -476,9 +505,7 @@ def main(args):
     mixup = make_mixup(args, len(classes))
     smoothing = 0.0 if args.linprobe else args.smoothing
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    if d.is_main:
-        utils.save_args(os.path.join(args.output_dir, "args.json"), args)
+    utils.start_run(args, d)
     utils.print_args(d, args)
     trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
     utils.print0(d, f"{args.model}{' (linear probe)' if args.linprobe else ''}: {trained / 1e6:.2f}M trained "

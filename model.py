@@ -323,16 +323,28 @@ mae_vit_large_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=1
                                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # MAE
 mae_vit_small_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=384, depth=12, num_heads=6,
                                 decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3)  # ObjMAE Table 1
+mae_vit_small_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=384, depth=12, num_heads=6,
+                               decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3)  # DINO ViT-S/8's encoder
+mae_vit_huge_patch14 = partial(MaskedAutoencoderViT, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                               decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # MAE
 mae_vit_tiny_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=96, depth=4, num_heads=3,
                               decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)  # CPU demos and tests
 
 MODELS = {"mae_vit_base_patch16": mae_vit_base_patch16, "mae_vit_base_patch8": mae_vit_base_patch8,
           "mae_vit_large_patch16": mae_vit_large_patch16, "mae_vit_small_patch16": mae_vit_small_patch16,
-          "mae_vit_tiny_patch8": mae_vit_tiny_patch8}
+          "mae_vit_tiny_patch8": mae_vit_tiny_patch8, "mae_vit_small_patch8": mae_vit_small_patch8,
+          "mae_vit_huge_patch14": mae_vit_huge_patch14}
 # classifiers with the same encoder sizes: "vit_base_patch16", ... (kwargs: img_size, num_classes, drop_path_rate, ...)
 VITS = {name[len("mae_"):]: partial(VisionTransformer, **{k: ctor.keywords[k] for k in
                                                           ("patch_size", "embed_dim", "depth", "num_heads")})
         for name, ctor in MODELS.items()}
+
+
+def names_that_fit(embed_dim, depth, patch_size, names=VITS):
+    """The model names among `names` whose encoder has these sizes (for load errors that name the fix)."""
+    return [n for n, c in names.items()
+            if (c.keywords["embed_dim"], c.keywords["depth"], c.keywords["patch_size"])
+            == (embed_dim, depth, patch_size)]
 
 
 # ----------------------------------------------------------------------------- released checkpoints
@@ -349,6 +361,11 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: say which, not a pickle traceback
+        with open(path, "rb") as f:
+            head = f.read(40)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip (or a pickle)
+            raise ValueError(f"{path} is not a checkpoint (it starts with {head[:20]!r}, not the bytes torch.save "
+                             "writes); pass the .pth file itself") from None
         raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
 
 

@@ -87,7 +87,8 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam")
     # run
     p.add_argument("--output_dir", default="output/part_learn")
-    p.add_argument("--resume", default=None, help="learned: part-learner checkpoint to continue from")
+    p.add_argument("--resume", default=None, help="learned: part-learner checkpoint to continue from; 'auto': this "
+                                                   "--output_dir's checkpoint-last.pth if there is one, else start")
     p.add_argument("--export_only", action="store_true", help="learned: export regions from --resume, no training")
     p.add_argument("--eval_iou", action="store_true",
                    help="shapes only: also export held-out images and print the foreground IoU (regions-val.pt)")
@@ -101,8 +102,13 @@ def get_args(argv=None):
 def check_args(args):
     if args.cell_size is None:
         args.cell_size = 16 if args.method in ("cam", "segmentation") else 8
-    if args.cell_size < 1:
-        raise UsageError(f"--cell_size {args.cell_size} must be >= 1")
+    utils.check_ranges(args, {  # every numeric flag; the finer rules follow
+        "num_images": (1, 10**6), "input_size": (8, 4096), "cell_size": (1, 4096), "num_parts": (1, 254),
+        "blur": (1, 99), "div_weight": (0, None), "cam_threshold": (0, 1), "min_share": (0, 1), "min_object": (0, 1),
+        "epochs": (1, None), "warmup_epochs": (0, None), "batch_size": (1, None), "lr": (0, 10),
+        "eval_images": (1, 10**6), "num_workers": (0, 256), "seed": (0, 2**32 - 1)})
+    if args.blur % 2 == 0:
+        raise UsageError(f"--blur {args.blur} must be an odd kernel size (semmae §4.1: 7)")
     if args.input_size % args.cell_size:
         raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size {args.cell_size}; "
                          f"use a multiple of {args.cell_size}")
@@ -118,20 +124,21 @@ def check_args(args):
                          "--coco <instances.json>")
     if args.method == "segmentation" and args.data_path is None and (args.masks or args.coco):
         raise UsageError("the built-in shapes data brings its own masks; --masks/--coco need --data_path")
-    if args.resume and args.method != "learned":
-        raise UsageError("--resume continues a part learner: it is for --method learned only")
-    if args.export_only and not (args.method == "learned" and args.resume):
-        raise UsageError("--export_only re-exports a trained part learner: pass --method learned --resume <ckpt>")
-    if args.eval_iou and args.eval_images < 1:
-        raise UsageError(f"--eval_images {args.eval_images} must be >= 1")
     if args.eval_iou and args.data_path is not None:
         raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
-    if args.blur < 1 or args.blur % 2 == 0:
-        raise UsageError(f"--blur {args.blur} must be an odd kernel size (semmae §4.1: 7)")
     if not 1 <= args.num_parts <= 254:
         raise UsageError(f"--num_parts {args.num_parts} must be in [1, 254] (labels are uint8, 255 = ignore)")
     if args.epochs < 1 or args.batch_size < 1:
         raise UsageError("--epochs and --batch_size must be >= 1")
+
+
+def check_resume(args):
+    """After --resume auto is resolved (utils.prepare_output_dir): a path, or None for a new run."""
+    if args.resume and args.method != "learned":
+        raise UsageError(f"--resume continues a part learner: it is for --method learned only; --method "
+                         f"{args.method} writes into an --output_dir that holds no checkpoint-last.pth")
+    if args.export_only and not (args.method == "learned" and args.resume):
+        raise UsageError("--export_only re-exports a trained part learner: pass --method learned --resume <ckpt>")
 
 
 # ----------------------------------------------------------------------------- cells from maps
@@ -399,6 +406,7 @@ def train_learner(args, d, base, encoder):
                              "of the same width") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch = ckpt["epoch"] + 1
+    utils.start_run(args, d)
     if args.export_only:
         return learner.eval()
 
@@ -456,6 +464,8 @@ def train_learner(args, d, base, encoder):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
+    utils.prepare_output_dir(args, d)                                      # resolves --resume auto
+    check_resume(args)
     with utils.user_input():                                               # a bad folder or checkpoint: exit 2
         base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
                 if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks))
@@ -472,9 +482,8 @@ def main(args):
     elif args.method == "cam":
         nets = (build_cam_net(args).to(d.device),)
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    if d.is_main:
-        utils.save_args(os.path.join(args.output_dir, "args.json"), args)
+    if args.method != "learned":  # a learned run starts once its --resume checkpoint is read (train_learner)
+        utils.start_run(args, d)
     utils.print_args(d, args)
     if args.method == "learned":
         nets = (nets[0], train_learner(args, d, base, nets[0]))

@@ -102,7 +102,8 @@ def get_args(argv=None):
                         "SemMAE's paper does not say and its released code defaults to off; ObjMAE does not say")
     # run
     p.add_argument("--output_dir", default="output/pretrain")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto': this --output_dir's "
+                                                   "checkpoint-last.pth if there is one, else start")
     p.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-<epoch>.pth every N epochs")
     p.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
     p.add_argument("--num_workers", type=int, default=4)
@@ -112,9 +113,17 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    for name in ("mask_ratio", "seq_ratio"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise UsageError(f"--{name} {getattr(args, name)} is outside [0, 1)")
+    utils.check_ranges(args, {  # every numeric flag (the open ends of the ratios are checked below)
+        "input_size": (8, 4096), "num_images": (1, 10**6), "mask_ratio": (0, 1), "gamma": (0, None),
+        "alpha": (0, 1), "keep_ratio": (0, 1), "seq_ratio": (0, 1), "epochs": (1, None), "warmup_epochs": (0, None),
+        "batch_size": (1, None), "accum_iter": (1, None), "blr": (0, 10), "lr": (0, 10), "min_lr": (0, 10),
+        "weight_decay": (0, 1), "save_every": (0, None), "vis_every": (0, None), "num_workers": (0, 256),
+        "seed": (0, 2**32 - 1), "crop_scale": (0, 1), "crop_ratio": (0, 100), "opt_betas": (0, 1),
+        "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1)})
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UsageError(f"--mask_ratio {args.mask_ratio} is outside (0, 1): some patches must be masked and some seen")
+    if not 0.0 <= args.seq_ratio < 1.0:
+        raise UsageError(f"--seq_ratio {args.seq_ratio} is outside [0, 1)")
     if not 0.0 < args.keep_ratio <= 1.0:
         raise UsageError(f"--keep_ratio {args.keep_ratio} is outside (0, 1]")
     if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
@@ -235,6 +244,7 @@ def save_reconstructions(path, net, imgs, masks):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
+    utils.prepare_output_dir(args, d)                                      # resolves --resume auto
     torch.manual_seed(args.seed)                                           # same initial weights on every rank
 
     # data: the shapes scenes carry their own instance masks; a folder needs a regions file
@@ -257,6 +267,14 @@ def main(args):
     if regions:
         num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects")
     masker = Masker(args, net.patch_size, cell_size, net.grid, num_parts)
+    if args.mask != "objmae":  # MAE's rounding must leave at least one patch to see and one to predict
+        L = masker.num_patches if args.keep_ratio == 1.0 else max(1, int(masker.num_patches * args.keep_ratio))
+        num_masked = masking.masked_count(L, args.mask_ratio)
+        if not 0 < num_masked < L:
+            larger = "--input_size" + (" or --keep_ratio" if args.keep_ratio < 1.0 else "")
+            raise UsageError(f"--mask_ratio {args.mask_ratio} masks {num_masked} of the {L} patches "
+                             f"{'kept' if args.keep_ratio < 1.0 else 'of an image'}; it must mask at least one and "
+                             f"leave one (or pass a larger {larger})")
 
     eff_batch = args.batch_size * args.accum_iter * d.world
     base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
@@ -267,17 +285,20 @@ def main(args):
     start_epoch = 0
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
-        if ckpt.get("args", {}).get("model") != args.model:
-            raise UsageError(f"{args.resume} holds a {ckpt.get('args', {}).get('model')} model, not --model "
-                             f"{args.model}; resume with the same --model")
+        if not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt:  # e.g. an official MAE/SemMAE file
+            raise UsageError(f"{args.resume} is not a checkpoint of pretrain.py (no args and optimizer state; "
+                             "released MAE/SemMAE weights?); --resume continues a pretrain.py run from its "
+                             f"checkpoint-last.pth; to fine-tune released weights: finetune.py --finetune "
+                             f"{args.resume}")
+        if ckpt["args"].get("model") != args.model:
+            raise UsageError(f"{args.resume} holds a {ckpt['args'].get('model')} model, not --model "
+                             f"{args.model}; resume with --model {ckpt['args'].get('model')}")
         net.load_state_dict(ckpt["model"])
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch = ckpt["epoch"] + 1
     ddp = DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else net
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    if d.is_main:
-        utils.save_args(os.path.join(args.output_dir, "args.json"), args)
+    utils.start_run(args, d)
     utils.print_args(d, args)
     utils.print0(d, f"{args.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, "
                     f"{len(dataset)} images, effective batch {eff_batch}, lr {base_lr:.2e}, "

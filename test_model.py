@@ -27,11 +27,12 @@ def tiny_mae(**kw):
 @pytest.mark.parametrize("name", sorted(M.MODELS))
 def test_mae_constructors_shapes_and_grads(name):
     real = name in ("mae_vit_tiny_patch8", "mae_vit_small_patch16")
+    size = 32 if real else 224  # meta tensors cost nothing; 224 fits patch 8, 14 and 16
     with torch.device("cpu" if real else "meta"):
-        m = M.MODELS[name](img_size=32, norm_pix_loss=True)
+        m = M.MODELS[name](img_size=size, norm_pix_loss=True)
         p = m.patch_size
-        L = (32 // p) ** 2
-        imgs = torch.randn(2, 3, 32, 32)
+        L = (size // p) ** 2
+        imgs = torch.randn(2, 3, size, size)
     src, tgt = rand_ids(2, L, L // 4, L - L // 4)
     loss, pred = m(imgs, src.to(imgs.device), tgt.to(imgs.device))
     assert loss.shape == () and pred.shape == (2, L - L // 4, p * p * 3)
@@ -45,10 +46,11 @@ def test_mae_constructors_shapes_and_grads(name):
 @pytest.mark.parametrize("name", sorted(M.VITS))
 def test_vit_constructors_match_mae_encoders(name):
     real = name == "vit_tiny_patch8"
+    size = 32 if real else 224  # meta tensors cost nothing; 224 fits patch 8, 14 and 16
     with torch.device("cpu" if real else "meta"):
-        vit = M.VITS[name](img_size=32, num_classes=5, drop_path_rate=0.1, global_pool=True)
-        mae = M.MODELS["mae_" + name](img_size=32)
-        logits = vit(torch.randn(2, 3, 32, 32))
+        vit = M.VITS[name](img_size=size, num_classes=5, drop_path_rate=0.1, global_pool=True)
+        mae = M.MODELS["mae_" + name](img_size=size)
+        logits = vit(torch.randn(2, 3, size, size))
     assert logits.shape == (2, 5)
     logits.sum().backward()
     assert vit.pos_embed.grad is not None  # learned in the classifier

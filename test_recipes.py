@@ -495,8 +495,8 @@ def test_every_documented_command_parses_and_has_the_papers_flags():
     (["--crop_ratio", "1.3", "0.7"], "--crop_ratio 1.3 0.7 must be 0 < MIN <= MAX"),
     (["--opt_betas", "0.9", "1.0"], "--opt_betas 0.9 1.0 must be in"),
     (["--opt_eps", "0"], "--opt_eps > 0"),
-    (["--lookahead", "--lookahead_k", "0"], "--lookahead_k 0 must be >= 1"),
-    (["--lookahead", "--lookahead_alpha", "1.5"], "--lookahead_alpha 1.5 in"),
+    (["--lookahead", "--lookahead_k", "0"], "--lookahead_k 0 is out of range"),
+    (["--lookahead", "--lookahead_alpha", "1.5"], "--lookahead_alpha 1.5 is out of range"),
 ])
 def test_bad_recipe_flags_are_one_clear_line(flags, message):
     with pytest.raises(utils.UsageError, match=re.escape(message)):
@@ -512,7 +512,7 @@ def test_part_learn_cell_size_defaults_and_bad_value():
         with pytest.raises(utils.UsageError) if method != "segmentation" else contextlib.nullcontext():
             part_learn.check_args(args)                                    # learned/attention/cam: no weights
         assert args.cell_size == cell
-    with pytest.raises(utils.UsageError, match="--cell_size 0 must be >= 1"):
+    with pytest.raises(utils.UsageError, match="--cell_size 0 is out of range"):
         part_learn.check_args(part_learn.get_args(["--method", "segmentation", "--cell_size", "0"]))
 
 

@@ -556,7 +556,7 @@ def test_pretrain_semmae_reads_the_learned_parts(learned, tmp_path):
     with pytest.raises(ValueError, match="8 images but the dataset has 12"):  # regions of other data
         pretrain.main(pretrain.get_args(["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images",
                                          "12", "--mask", "semmae", "--regions", os.path.join(learned, "regions.pt"),
-                                         "--output_dir", out]))
+                                         "--output_dir", str(tmp_path / "other")]))
 
 
 def test_torchrun_export_equals_single_process(learned, tmp_path, encoder_ckpt):
@@ -937,7 +937,8 @@ def test_finetune_bad_input_exit_2_and_checkpoint_untouched(tmp_path, case):
     ckpt.write_bytes(b"a good checkpoint")
     argv = {"missing_finetune": ["--finetune", str(tmp_path / "missing.pth")],
             "not_divisible": ["--input_size", "36"],
-            "cifar_missing": ["--dataset", "cifar100", "--data_path", str(tmp_path / "nothing")]}[case]
+            "cifar_missing": ["--dataset", "cifar100", "--data_path", str(tmp_path / "nothing"),
+                              "--resume", "auto"]}[case]  # auto: get past the used-folder check to the data
     code, output = run_cli("finetune.py", *FT_TINY, "--output_dir", str(out), *argv)
     lines = [ln for ln in output.strip().splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in output, output

@@ -1,12 +1,15 @@
 """What the three stages share: torchrun/DDP setup, the lr schedule, atomic checkpoints,
 the JSON-lines log, seeding and the data loader. Nothing here knows about a paper.
 """
+import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import sys
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
@@ -42,12 +45,36 @@ def die(msg):
 
 def run_stage(main, get_args):
     """A stage's entry point: bad input (a UsageError) becomes one line and exit 2. Stages validate
-    everything before writing, so nothing is overwritten. Any other exception is a bug: its traceback shows."""
+    everything before writing, so nothing is overwritten. Any other exception is a bug: its traceback shows.
+    Ctrl-C is one line too (exit 130): checkpoints are written to a temporary file and renamed, so the
+    last one stays whole whenever the run is stopped."""
     args = get_args()
     try:
         main(args)
     except UsageError as e:
         die(str(e))
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one line is enough
+            last = os.path.join(args.output_dir, "checkpoint-last.pth")
+            kept = (f"{last} is kept as it was; continue with --resume auto" if os.path.isfile(last)
+                    else "no checkpoint was written yet")
+            print(f"\ninterrupted: {kept}", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def check_ranges(args, ranges):
+    """ranges: {flag name: (low, high)}, both inclusive, None = unbounded. A flag left at None is not
+    checked; a value outside, NaN or infinite is bad input naming the flag."""
+    for name, (low, high) in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        values = value if isinstance(value, (tuple, list)) else [value]       # nargs flags: every number
+        if not all(math.isfinite(v) and (low is None or v >= low) and (high is None or v <= high) for v in values):
+            value = " ".join(str(v) for v in values)
+            bound = (f"in [{low}, {high}]" if low is not None and high is not None
+                     else f">= {low}" if low is not None else f"<= {high}")
+            raise UsageError(f"--{name} {value} is out of range: it must be {bound}")
 
 
 def stop_if_not_finite(loss_value, where, ckpt_path):
@@ -113,9 +140,10 @@ def print0(d, *args, **kwargs):
 # ----------------------------------------------------------------------------- seeding
 
 def seed_epoch(seed, epoch, d):
-    """Seed every RNG from (seed, epoch, rank) at the start of an epoch: a resumed run draws the same
-    masks, flips and worker seeds as an uninterrupted one, with no RNG state in the checkpoint, and
-    each rank draws its own (DiT: seed * world + rank)."""
+    """Seed every RNG of the training process from (seed, epoch, rank) at the start of an epoch: a
+    resumed run draws the same masks, mixes and drop paths as an uninterrupted one, with no RNG state in
+    the checkpoint, and each rank draws its own (DiT: seed * world + rank). What a sample draws (flip,
+    crop, RandAugment, erasing) is seeded per sample by SeededSamples, in whichever worker loads it."""
     seed_all((seed * 100003 + epoch) * d.world + d.rank)
 
 
@@ -225,21 +253,28 @@ def autocast(device):
 
 def make_loader(dataset, batch_size, num_workers, train, seed, d):
     """DataLoader with a DistributedSampler under torchrun. The caller calls
-    `loader.sampler.set_epoch(epoch)` so each epoch (and a resumed one) gets the same order."""
+    `loader.sampler.set_epoch(epoch)` so each epoch (and a resumed one) gets the same order.
+
+    The samplers yield (epoch, index) and SeededSamples seeds each sample from (seed, epoch, index), so
+    a sample's random choices do not depend on which worker draws it, on --num_workers, or on when the
+    workers were started: persistent workers (started once, at the first epoch after a (re)start) give
+    a resumed run the same samples as an uninterrupted one. The loader draws its workers' base seed from
+    its own generator, never from the training process's RNG, whose draws (masks, mixes) must not depend
+    on whether this epoch started the workers."""
     if d.world > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, d.world, d.rank, shuffle=train,
-                                                      seed=seed, drop_last=train)
+        sampler = DistributedEpochSampler(dataset, d.world, d.rank, shuffle=train, seed=seed, drop_last=train)
     else:
         sampler = EpochSampler(dataset, shuffle=train, seed=seed)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=d.device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
-        worker_init_fn=seed_worker)
+        generator=torch.Generator().manual_seed(seed))
 
 
 class EpochSampler(torch.utils.data.Sampler):
     """Single-process counterpart of DistributedSampler: the order depends only on (seed, epoch),
-    never on the global RNG, so a resumed run sees the same batches as an uninterrupted one."""
+    never on the global RNG, so a resumed run sees the same batches as an uninterrupted one.
+    Yields (epoch, index) for SeededSamples."""
 
     def __init__(self, dataset, shuffle, seed):
         self.n, self.shuffle, self.seed, self.epoch = len(dataset), shuffle, seed, 0
@@ -248,20 +283,63 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = range(self.n)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        return iter([(self.epoch, i) for i in order])
 
     def __len__(self):
         return self.n
 
 
-def seed_worker(worker_id):
-    # torch seeds each worker from the main process RNG; numpy and random must follow it.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+class DistributedEpochSampler(torch.utils.data.DistributedSampler):
+    """torch's DistributedSampler (this rank's share of the (seed, epoch) order), yielding (epoch, index)."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return iter([(epoch, i) for i in super().__iter__()])
+
+
+def sample_seed(seed, epoch, index):
+    """A 63-bit seed that is a pure function of (run seed, epoch, sample index): a hash, so nearby
+    triples give unrelated seeds and no two triples share one in practice."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """dataset[(epoch, i)] = dataset[i] drawn with python's, numpy's and torch's CPU RNGs seeded from
+    sample_seed(seed, epoch, i): every random choice in a sample (flip, crop, RandAugment, erasing)
+    is a pure function of those three numbers. With --num_workers 0 the samples are drawn in the training
+    process: there the RNG states are put back afterwards, so the masks and mixes are not disturbed (a
+    worker skips that: saving and restoring costs ~0.15 ms a sample, seeding ~0.02 ms)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def seed_rngs(self, epoch, i):
+        s = sample_seed(self.seed, epoch, i)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.default_generator.manual_seed(s)  # the CPU generator only: a CUDA one is the training loop's
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if torch.utils.data.get_worker_info() is not None:  # a DataLoader worker: nothing else draws here
+            self.seed_rngs(epoch, i)
+            return self.dataset[i]
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        self.seed_rngs(epoch, i)
+        try:
+            return self.dataset[i]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
 
 # ----------------------------------------------------------------------------- checkpoints and logs
@@ -270,19 +348,82 @@ def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a run killed mid-save never leaves a
     half-written checkpoint where a good one was."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk mid-save: the last good checkpoint stays, no stray .tmp
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def not_a_checkpoint(path):
+    """Why a file cannot be a torch.save file (zip, or the legacy pickle that starts with 0x80), as a
+    short phrase; None when it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "it is empty"
+    text = head.decode("utf-8", errors="replace").splitlines()[0][:40]
+    return f"it starts with {text!r}, not the bytes torch.save writes"
 
 
 def load_checkpoint(path):
-    """Open one of our checkpoints (only tensors and plain types, so weights_only works)."""
+    """Open a checkpoint of this project's stages (only tensors and plain types, so weights_only works;
+    official MAE training checkpoints also carry an argparse.Namespace, allowed so the stage can say what
+    the file is)."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist; check the --resume path")
+    why = not_a_checkpoint(path)
+    if why:
+        raise UsageError(f"{path} is not a checkpoint ({why}); --resume takes the checkpoint-last.pth "
+                         "a run of this stage wrote")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
         raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); "
                          "is it a complete file written by this project?") from None
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+def prepare_output_dir(args, d):
+    """Checked before any work. --output_dir must be a folder this process can write (or can create),
+    and a new run never overwrites a finished or killed one: a folder that holds checkpoint-last.pth
+    needs --resume. `--resume auto` continues from that checkpoint-last.pth when there is one and starts
+    a new run when there is none (what a preemptible cluster job wants); args.resume becomes the path."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--output_dir {out} is a file, not a folder; pass a folder")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the folder is made later, when the run starts: check its parent
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output_dir {out} is inside {existing}, which is a file; pass a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--output_dir {out}: cannot write in {existing} ({e.strerror}); pass a folder you can "
+                         "write to") from None
+    last = os.path.join(out, "checkpoint-last.pth")
+    if args.resume == "auto":
+        args.resume = last if os.path.isfile(last) else None
+        print0(d, f"--resume auto: continuing from {last}" if args.resume else
+                  f"--resume auto: {out} holds no checkpoint-last.pth, starting a new run")
+    elif args.resume is None and os.path.isfile(last):
+        raise UsageError(f"--output_dir {out} already holds a run ({last}); continue it with --resume auto, or "
+                         "pass another --output_dir")
+
+
+def start_run(args, d):
+    """The run is known to start (every input checked): make --output_dir and write args.json (rank 0)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    if d.is_main:
+        save_args(os.path.join(args.output_dir, "args.json"), args)
 
 
 def append_log(path, record):
