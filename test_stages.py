@@ -654,7 +654,7 @@ def test_cam_method_writes_objects(tmp_path):
     ds = data.PretrainDataset(data.ShapesDataset(8, img_size=64, seed=0), 64, hflip=False)
     net = torchvision.models.resnet18(num_classes=10)
     net.load_state_dict(torch.load(weights, weights_only=True))
-    labels, scores = part_learn.cam_objects(net.eval(), torch.stack([ds[i][0] for i in range(8)]), 8, 0.3, 0.2)
+    labels, scores = part_learn.cam_objects(net.eval(), torch.stack([ds[i][0] for i in range(8)]), 16, 0.3, 0.2)
     assert torch.equal(r["labels"], labels) and torch.allclose(r["scores"].float(), scores, atol=1e-3)
 
 
