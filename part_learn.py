@@ -47,6 +47,8 @@ def get_args(argv=None):
     # data
     p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
     p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
+    p.add_argument("--data_seed", type=int, default=0,
+                   help="which built-in shapes scenes (--seed changes only the training randomness)")
     p.add_argument("--input_size", type=int, default=224, help="images are resized to this (no crop)")
     p.add_argument("--cell_size", type=int, default=8, help="pixels per region cell (8: the finest patch size)")
     # learned and attention: the frozen encoder (semmae §4.1: iBOT ViT-S; DINO, MAE and ours load too)
@@ -430,7 +432,7 @@ def train_learner(args, d, base, encoder):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
-    base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
+    base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
             if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks))
     nets = ()
     if args.method in ("learned", "attention"):
@@ -465,7 +467,7 @@ def main(args):
               f"{meta['num_regions']} regions{ratio}", flush=True)
 
     if args.eval_iou:                                                      # held-out images: another split
-        val = data.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.seed, split="val")
+        val = data.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.data_seed, split="val")
         labels, scores, meta = make_regions(val, args, d, nets)
         if d.is_main:
             out = os.path.join(args.output_dir, "regions-val.pt")
