@@ -55,7 +55,8 @@ def test_every_table_is_made_from_its_runs(quick):
         rows = table_rows(os.path.join(quick, f"{name}.md"))
         assert rows, name
         for label, cells in rows.items():
-            assert cells[-2] == "2", (name, label, cells)     # n: both seeds of every row
+            # n: both seeds of every row; the reference without pre-training is one run
+            assert cells[-2] == ("1" if label.startswith("no pre-training") else "2"), (name, label, cells)
             assert "-" not in cells[1:-2] or name == "semmae-parts" and label.startswith("random"), (name, cells)
     # a cell is the mean +- std of its runs' last records
     acc = [100 * study.last_epoch(study.read_log(run_folder(quick, f"probe-random_s{s}-")))["val_acc1"]
@@ -101,7 +102,7 @@ def test_complete_runs_are_skipped_and_unfinished_ones_continue(tmp_path, capsys
     args = ["--table", "objmae-relation", "--quick", "--seeds", "1", "--epochs", "2", "--in_process", "--out", out]
     run_study(*args)
     capsys.readouterr()
-    pre, ft = run_folder(out, "pretrain-objmae_s0-"), run_folder(out, "finetune-objmae_s0-")
+    pre, ft = run_folder(out, "pretrain-objmae_s0-"), run_folder(out, "probe-objmae_s0-")
     before = {p: open(os.path.join(p, "log.txt")).read() for p in (pre, ft)}
     run_study(*args)                                                       # everything complete: nothing runs
     assert "[1/" not in capsys.readouterr().out
@@ -152,7 +153,7 @@ def test_the_cli_runs_stages_as_subprocesses(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "### objmae-relation" in proc.stdout
-    info = json.load(open(os.path.join(run_folder(out, "pretrain-objmae_inter_s0-"), "study.json")))
+    info = json.load(open(os.path.join(run_folder(out, "pretrain-objmae_relationinter_s0-"), "study.json")))
     assert info["cpu_s"] > 0 and info["command"].startswith("python pretrain.py ")
     assert "--relation inter" in info["command"] and "--data_seed 0" in info["command"]
 
