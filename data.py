@@ -584,8 +584,11 @@ def load_regions(path, files, input_size):
                          "make it with part_learn.py on the same data (--data_path / --num_images)")
     for i, (a, b) in enumerate(zip(r["files"], files)):
         if a != b:
+            # built-in scenes are named shapes-<split>-<data seed>/..., so the fix is the seed, not a path
+            same = ("the same built-in scenes (--data_seed, --num_images)" if a.startswith("shapes-")
+                    or b.startswith("shapes-") else "the same --data_path")
             raise ValueError(f"{path} does not match the dataset: image {i} is '{a}' there but '{b}' in "
-                             "the dataset; make it with part_learn.py on the same --data_path")
+                             f"the dataset; make it with part_learn.py on {same}")
     if meta.get("input_size") != input_size:
         raise ValueError(f"{path} was made at input size {meta.get('input_size')} but --input_size is "
                          f"{input_size}; pass --input_size {meta.get('input_size')} or remake the regions")

@@ -89,6 +89,8 @@ def get_args(argv=None):
     p.add_argument("--download", action="store_true", help="cifar100: download into --data_path if missing")
     p.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
     p.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images (other scenes)")
+    p.add_argument("--data_seed", type=int, default=0,
+                   help="shapes: which scenes (--seed changes only the training randomness)")
     p.add_argument("--regions", default=None, help="regions.pt of the training images (foreground scores)")
     p.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
     p.add_argument("--keep_ratio", type=float, default=1.0,
@@ -234,7 +236,7 @@ def build_datasets(args):
     splits = [False] if args.eval else [True, False]  # is it the training split; --eval never scans train/
     if args.data_path is None:
         bases = [data.ShapesDataset(args.num_images if train else args.num_val_images, img_size=args.input_size,
-                                    seed=args.seed, split="train" if train else "val") for train in splits]
+                                    seed=args.data_seed, split="train" if train else "val") for train in splits]
     elif args.dataset == "cifar100":
         bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
     else:

@@ -60,6 +60,8 @@ def get_args(argv=None):
     # data
     p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
     p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
+    p.add_argument("--data_seed", type=int, default=0,
+                   help="which built-in shapes scenes (--seed changes only the training randomness)")
     p.add_argument("--input_size", type=int, default=224, help="images are resized to this (no crop)")
     p.add_argument("--cell_size", type=int, default=None,
                    help="pixels per region cell; default 8 for parts (SemMAE learns them at 8x8, §4.2; a patch-16 "
@@ -467,7 +469,7 @@ def main(args):
     utils.prepare_output_dir(args, d)                                      # resolves --resume auto
     check_resume(args)
     with utils.user_input():                                               # a bad folder or checkpoint: exit 2
-        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
+        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
                 if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks))
     nets = ()
     if args.method in ("learned", "attention"):
@@ -502,7 +504,7 @@ def main(args):
               f"{meta['num_regions']} regions{ratio}", flush=True)
 
     if args.eval_iou:                                                      # held-out images: another split
-        val = data.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.seed, split="val")
+        val = data.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.data_seed, split="val")
         labels, scores, meta = make_regions(val, args, d, nets)
         if d.is_main:
             out = os.path.join(args.output_dir, "regions-val.pt")

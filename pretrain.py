@@ -57,6 +57,8 @@ def get_args(argv=None):
     p.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
     p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
     p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
+    p.add_argument("--data_seed", type=int, default=0,
+                   help="which built-in shapes scenes (--seed changes only the training randomness)")
     p.add_argument("--regions", default=None, help="regions.pt from part_learn.py (parts or objects per cell)")
     # masking
     p.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
@@ -249,7 +251,7 @@ def main(args):
 
     # data: the shapes scenes carry their own instance masks; a folder needs a regions file
     with utils.user_input():                                               # a bad folder, file or size: exit 2
-        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.seed)
+        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
                 if args.data_path is None else data.FolderDataset(args.data_path))
         regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
         patch_size = models.MODELS[args.model].keywords["patch_size"]

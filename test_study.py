@@ -1,0 +1,252 @@
+"""Tests of study.py (the ablation tables) and of the stages' --data_seed, on the --quick budget."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import finetune
+import study
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_study(*argv):
+    """study.main in this process; -> what it printed."""
+    study.main(list(argv))
+
+
+def table_rows(path):
+    """{row label: [cells]} of the first markdown table in a study .md file."""
+    rows = {}
+    for line in open(path):
+        if line.startswith("| ") and not line.startswith("| row "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def run_folder(out, prefix):
+    """The one run folder under out whose name starts with prefix."""
+    found = [n for n in os.listdir(out) if n.startswith(prefix)]
+    assert len(found) == 1, (prefix, found)
+    return os.path.join(out, found[0])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """Every table at the quick budget with 2 seeds, the stages run in this process (made once)."""
+    out = str(tmp_path_factory.mktemp("study"))
+    run_study("--table", "all", "--quick", "--seeds", "2", "--in_process", "--out", out)
+    return out
+
+
+# ----------------------------------------------------------------------------- tables from the runs' logs
+
+def test_every_table_is_made_from_its_runs(quick):
+    for name in study.TABLES:
+        rows = table_rows(os.path.join(quick, f"{name}.md"))
+        assert rows, name
+        for label, cells in rows.items():
+            # n: both seeds of every row; the reference without pre-training is one run
+            assert cells[-2] == ("1" if label.startswith("no pre-training") else "2"), (name, label, cells)
+            assert "-" not in cells[1:-2] or name == "semmae-parts" and label.startswith("random"), (name, cells)
+    # a cell is the mean +- std of its runs' last records
+    acc = [100 * study.last_epoch(study.read_log(run_folder(quick, f"probe-random_s{s}-")))["val_acc1"]
+           for s in (0, 1)]
+    cell = table_rows(os.path.join(quick, "semmae-masking.md"))["random masking (MAE)"][1]
+    assert cell == f"{np.mean(acc):.1f} +- {np.std(acc, ddof=1):.1f}"
+    assert os.path.isfile(os.path.join(quick, "unseen-object.png"))
+
+
+def test_a_changed_log_changes_the_table(quick, tmp_path):
+    out = str(tmp_path / "copy")
+    shutil.copytree(quick, out)
+    for seed, acc in ((0, 0.9), (1, 0.5)):
+        path = os.path.join(run_folder(out, f"probe-random_s{seed}-"), "log.txt")
+        records = study.read_log(os.path.dirname(path))
+        records[-1]["val_acc1"] = acc
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    path = os.path.join(run_folder(out, "parts-learned-"), "log.txt")
+    records = study.read_log(os.path.dirname(path))
+    next(r for r in records if "iou_top" in r)["iou_top"] = 0.777
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    run_study("--table", "all", "--quick", "--seeds", "2", "--report", "--out", out)
+    assert table_rows(os.path.join(out, "semmae-masking.md"))["random masking (MAE)"][1] == "70.0 +- 28.3"
+    parts = table_rows(os.path.join(out, "semmae-parts.md"))
+    assert parts["random masking (no parts)"][1] == "70.0 +- 28.3"
+    assert parts["SemMAE on learned parts"][2] == "0.777"
+
+
+def test_report_of_missing_runs_says_so(tmp_path):
+    run_study("--table", "objmae-padding", "--quick", "--report", "--out", str(tmp_path))
+    rows = table_rows(str(tmp_path / "objmae-padding.md"))
+    assert set(rows) == {"zero", "replicate", "random", "throwout"}
+    assert all(cells[1] == "-" and cells[2] == "0" for cells in rows.values())
+    assert os.listdir(tmp_path) == ["objmae-padding.md"]                  # --report runs nothing
+
+
+# ----------------------------------------------------------------------------- skip, redo, resume
+
+def test_complete_runs_are_skipped_and_unfinished_ones_continue(tmp_path, capsys):
+    out = str(tmp_path)
+    args = ["--table", "objmae-relation", "--quick", "--seeds", "1", "--epochs", "2", "--in_process", "--out", out]
+    run_study(*args)
+    capsys.readouterr()
+    pre, ft = run_folder(out, "pretrain-objmae_s0-"), run_folder(out, "probe-objmae_s0-")
+    before = {p: open(os.path.join(p, "log.txt")).read() for p in (pre, ft)}
+    run_study(*args)                                                       # everything complete: nothing runs
+    assert "[1/" not in capsys.readouterr().out
+    assert {p: open(os.path.join(p, "log.txt")).read() for p in (pre, ft)} == before
+
+    # killed after epoch 0 of 2: the log has one record and the checkpoint says epoch 0 -> --resume
+    ckpt = torch.load(os.path.join(pre, "checkpoint-last.pth"), weights_only=True)
+    ckpt["epoch"] = 0
+    torch.save(ckpt, os.path.join(pre, "checkpoint-last.pth"))
+    with open(os.path.join(pre, "log.txt"), "w") as f:
+        f.write(before[pre].splitlines()[0] + "\n")
+    run_study(*args)
+    printed = capsys.readouterr().out
+    assert printed.count("  done ") == 1 and os.path.basename(pre) in printed
+    assert f"resume={os.path.join(pre, 'checkpoint-last.pth')}" in open(os.path.join(pre, "output.txt")).read()
+    assert [r["epoch"] for r in study.read_log(pre)] == [0, 1]
+
+    # killed between the last checkpoint and its log line: nothing to continue, the run starts again
+    with open(os.path.join(pre, "log.txt"), "w") as f:
+        f.write(before[pre].splitlines()[0] + "\n")
+    run_study(*args)
+    assert [r["epoch"] for r in study.read_log(pre)] == [0, 1]
+    assert "resume=None" in open(os.path.join(pre, "output.txt")).read()
+
+
+def test_identical_runs_are_shared_between_tables(tmp_path):
+    s = study.Study(study.QUICK, 3, str(tmp_path))
+    assert s.objmae(1, padding="zero").name == s.objmae(1).name == s.objmae(1, seq_ratio=0.25).name
+    assert s.objmae(1, relation="inter").name != s.objmae(1).name != s.objmae(2).name
+    learned = s.parts("learned")
+    assert s.pretrain(0, mask="semmae", regions=learned, gamma=2.0).name == \
+        s.pretrain(0, mask="semmae", regions=learned).name
+    runs = {}
+    for make in study.TABLES.values():
+        for r in study.table_runs(make(s), s.seeds):
+            runs.setdefault(r.name, r)
+    per_table = sum(len(study.table_runs(make(s), s.seeds)) for make in study.TABLES.values())
+    assert len(runs) < per_table
+    # the same budget for every row: pre-training runs differ only in their key flags and seed
+    common = study.pretrain_flags(s.b)
+    assert all(r.flags[:len(common)] == common for r in runs.values() if r.kind == "pretrain")
+
+
+def test_the_cli_runs_stages_as_subprocesses(tmp_path):
+    out = str(tmp_path)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "study.py"), "--table", "objmae-relation", "--quick",
+                           "--seeds", "1", "--out", out], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "### objmae-relation" in proc.stdout
+    info = json.load(open(os.path.join(run_folder(out, "pretrain-objmae_relationinter_s0-"), "study.json")))
+    assert info["cpu_s"] > 0 and info["command"].startswith("python pretrain.py ")
+    assert "--relation inter" in info["command"] and "--data_seed 0" in info["command"]
+
+
+def test_a_failing_run_stops_the_study_with_its_command(tmp_path, capsys):
+    s = study.Study(study.QUICK, 1, str(tmp_path))
+    bad = study.Run("pretrain", "pretrain.py", study.pretrain_flags(s.b) + ["--mask", "semmae"], "bad", 1)
+    with pytest.raises(SystemExit) as e:
+        study.execute([bad], str(tmp_path), 1, True)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "failed (exit 2)" in err and "--mask semmae needs part labels" in err and "python pretrain.py" in err
+
+
+@pytest.mark.parametrize("argv, says", [([], "nothing to do"), (["--table", "all", "--seeds", "0"], ">= 1"),
+                                        (["--summary", "no/such/folder"], "not a folder")])
+def test_bad_input_is_one_line_and_exit_2(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- measurements and pictures
+
+def test_rollout_is_the_product_of_mixed_attention():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(1, 3, 5, 5, generator=g).softmax(-1) for _ in range(3)]
+    mixed = [0.5 * a.mean(1)[0] + 0.5 * torch.eye(5) for a in maps]        # rows already sum to 1
+    assert torch.allclose(study.rollout(maps)[0], mixed[2] @ mixed[1] @ mixed[0], atol=1e-6)
+    assert torch.allclose(study.rollout(maps)[0].sum(-1), torch.ones(5))
+
+
+def test_hidden_object_error_is_relative_to_the_patch_mean(quick):
+    size = study.QUICK["input_size"]
+    net = study.load_mae(os.path.join(run_folder(quick, "pretrain-random_s0-"), "checkpoint-last.pth"), size)
+    imgs, labels = study.shapes_objects(4, size, 8)
+    tgt, pixels, heat, share = study.hide_object(net, imgs[0], labels[0])
+    obj = labels[0][tgt[0]]
+    assert (obj == obj[0]).all() and obj[0] > 0 and int((labels[0] == obj[0]).sum()) == tgt.shape[1]
+    visible = torch.ones(labels.shape[1], dtype=torch.bool)
+    visible[tgt[0]] = False
+    assert 0 < share < 1 and abs(heat[visible].sum() - share) < 1e-5 and heat.sum() <= 1 + 1e-5
+    log = study.read_log(run_folder(quick, "unseen-random_objmae-recipe_s0-"))
+    train = next(r for r in log if r.get("split") == "train")
+    assert train["images"] == study.QUICK["unseen_images"] and train["rel_error"] > 0
+
+
+def test_pictures_have_their_headings(quick, capsys):
+    run_study("--pictures", "--quick", "--in_process", "--out", quick)
+    for name, columns in (("semmae-masks.png", 7), ("objmae-masks.png", 5), ("unseen-object.png", 6)):
+        img = np.asarray(Image.open(os.path.join(quick, name)).convert("L"))
+        assert img.shape[1] == columns * 98 + 2
+        assert (img[:14] < 128).any()                                     # dark heading text on the white band
+
+
+def test_summary_lists_each_run_with_its_result(quick):
+    text = study.summary(quick)
+    probe = os.path.basename(run_folder(quick, "probe-random_s0-"))
+    acc = 100 * study.last_epoch(study.read_log(os.path.join(quick, probe)))["val_acc1"]
+    assert re.search(rf"\| {probe} \| finetune.py \| linear probe of pretrain-random_s0-\w+ \| top-1 {acc:.1f}%", text)
+    iou = next(r for r in study.read_log(run_folder(quick, "parts-learned-")) if "iou_top" in r)["iou_top"]
+    assert f"IoU {iou:.3f} top cells" in text
+
+
+# ----------------------------------------------------------------------------- --data_seed in the stages
+
+def test_data_seed_picks_the_scenes_and_seed_only_the_training(tmp_path):
+    from test_stages import run_cli, TINY
+    regions = str(tmp_path / "parts")
+    code, text = run_cli("part_learn.py", "--method", "segmentation", "--input_size", "32", "--num_images", "16",
+                         "--seed", "3", "--data_seed", "1", "--cell_size", "8", "--num_workers", "0", "--output_dir", regions)
+    assert code == 0, text
+    assert torch.load(os.path.join(regions, "regions.pt"), weights_only=True)["files"][0] == "shapes-train-1/000000.png"
+    # another training seed on the same scenes reads the regions file
+    code, text = run_cli("pretrain.py", *TINY, "--epochs", "1", "--mask", "semmae", "--seed", "5", "--data_seed", "1",
+                         "--regions", os.path.join(regions, "regions.pt"), "--output_dir", str(tmp_path / "p"))
+    assert code == 0, text
+    # other scenes: one line that names the flag to fix
+    code, text = run_cli("pretrain.py", *TINY, "--epochs", "1", "--mask", "semmae", "--seed", "1",
+                         "--regions", os.path.join(regions, "regions.pt"), "--output_dir", str(tmp_path / "q"))
+    assert code == 2 and "--data_seed" in text and "--data_path" not in text
+    args = finetune.get_args(["--model", "vit_tiny_patch8", "--input_size", "32", "--num_images", "8",
+                              "--num_val_images", "4", "--seed", "7", "--data_seed", "2"])
+    finetune.check_args(args)
+    train, val, _ = finetune.build_datasets(args)
+    assert train.base.files[0] == "shapes-train-2/000000.png" and val.base.files[0] == "shapes-val-2/000000.png"
+
+
+def test_regions_mismatch_on_a_folder_still_blames_data_path(tmp_path):
+    files = ["a/1.png", "a/2.png"]
+    meta = {"method": "segmentation", "kind": "objects", "input_size": 32, "cell_size": 8, "num_regions": 1}
+    data.save_regions(str(tmp_path / "r.pt"), torch.zeros(2, 4, 4, dtype=torch.uint8), None, files, meta)
+    with pytest.raises(ValueError, match="same --data_path"):
+        data.load_regions(str(tmp_path / "r.pt"), ["a/1.png", "b/2.png"], 32)
