@@ -9,12 +9,15 @@
 - The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
 - Objects per cell from an instance mask (objmae §3.2's 20% rule, §4.1's 5% rule): `instance_cells`.
 - Cells to patches inside the training loop: `cells_to_patches`, `scores_to_patches`.
-- `PretrainDataset`: image + region cells, flipped together (semmae §4.1: the only augmentation).
+- The joint random-resized crop (MAE's pre-training crop, objmae §4.2's random crop) as pure functions on
+  tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores), `resized_crop_mask`.
+- `PretrainDataset`: image + region cells, cropped (optional) and flipped together (semmae §4.1: flip only).
 
     python data.py --write OUT --num_images 200 --img_size 64    # shapes as an image folder + masks
 """
 import argparse
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -485,22 +488,125 @@ def load_regions(path, files, input_size):
     return {"labels": labels, "scores": scores, "files": r["files"], "meta": meta}
 
 
+# ----------------------------------------------------------------------------- joint random-resized crop
+# MAE pre-trains on RandomResizedCrop(scale 0.2-1, bicubic) + flip (MAE Table 1f: crops beat resize-only), ObjMAE
+# §4.2 "randomly cropped into 224x224", SemMAE §4.1 "only random horizontal flipping". The crop is drawn on the
+# image already resized to S x S, so the region cells (made on that S x S image) and the image share one box.
+# Pure functions on tensors, any device, one image or a batch, so a GPU input path can call the same ones.
+
+def crop_box(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random crop box (top, left, h, w) in pixels of a size x size image, drawn from torch's global RNG by
+    torchvision's RandomResizedCrop rule: up to 10 tries of an area share uniform in `scale` and an aspect ratio
+    (w / h) log-uniform in `ratio`; the first that fits is placed uniformly at random; if none fits, the largest
+    centred box whose aspect ratio is inside `ratio`."""
+    log_ratio = torch.log(torch.tensor(ratio))                            # float32, as torchvision draws it
+    for _ in range(10):
+        area = size * size * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]))).item()
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= size and 0 < h <= size:
+            top = int(torch.randint(0, size - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, size - w + 1, size=(1,)).item())
+            return top, left, h, w
+    h = w = size                                                          # a square image: clip to the ratios
+    if min(ratio) > 1:
+        h = int(round(size / min(ratio)))
+    elif max(ratio) < 1:
+        w = int(round(size * max(ratio)))
+    return (size - h) // 2, (size - w) // 2, h, w
+
+
+def _boxes(box, n):
+    """One box (top, left, h, w) or n of them ([n, 4]) -> a list of n int 4-tuples."""
+    rows = torch.as_tensor(box).reshape(-1, 4).tolist()
+    if len(rows) not in (1, n):
+        raise ValueError(f"{len(rows)} crop boxes for {n} images")
+    return [tuple(int(v) for v in r) for r in (rows * n if len(rows) == 1 else rows)]
+
+
+def resized_crop(x, box, size):
+    """Pixels in [0, 1], [3, H, W] or [B, 3, H, W] -> the box (top, left, h, w), or one box per image [B, 4],
+    resized to size x size: bicubic with antialias (MAE's crop uses PIL bicubic), clipped to [0, 1] as PIL's
+    8-bit output is. The same dtype and device as x."""
+    one = x.dim() == 3
+    xs = x[None] if one else x
+    out = []
+    for img, (t, l, h, w) in zip(xs, _boxes(box, len(xs))):
+        patch = img[None, :, t:t + h, l:l + w].float()
+        if (h, w) != (size, size):
+            patch = F.interpolate(patch, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        out.append(patch.clamp(0, 1).to(x.dtype))
+    out = torch.cat(out)
+    return out[0] if one else out
+
+
+def _axis_map(start, length, size, g):
+    """One axis of a crop on a grid of g cells over `size` pixels: the box spans pixels [start, start + length),
+    split into g output cells. -> (nearest input cell per output cell [g], long: the cell under the output cell's
+    centre; area weights [g, g], float64: the share of output cell j that lies in input cell i)."""
+    j = torch.arange(g, dtype=torch.long)
+    nearest = ((2 * g * start + (2 * j + 1) * length) // (2 * size)).clamp(0, g - 1)   # exact integer arithmetic
+    edges = start + torch.arange(g + 1, dtype=torch.float64) * length / g             # output cell edges, pixels
+    cells = torch.arange(g + 1, dtype=torch.float64) * size / g                        # input cell edges, pixels
+    overlap = (torch.minimum(edges[1:, None], cells[None, 1:]) -
+               torch.maximum(edges[:-1, None], cells[None, :-1])).clamp_min(0)         # [g_out, g_in]
+    return nearest, overlap / (length / g)
+
+
+def resized_crop_cells(labels, scores, box, size):
+    """Region cells of a size x size image, labels [gh, gw] or [B, gh, gw] and scores of the same shape (or None),
+    -> the cells of the crop `box` (top, left, h, w in pixels; or [B, 4]) resized to size x size, on the same grid.
+    Region ids are resampled nearest (the input cell under each output cell's centre: ids stay ids); scores by
+    area (the mean of the input cells' scores weighted by how much of the output cell each covers)."""
+    one = labels.dim() == 2
+    lab = labels[None] if one else labels
+    sc = None if scores is None else (scores[None] if one else scores)
+    B, gh, gw = lab.shape
+    out_lab, out_sc = [], []
+    for b, (t, l, h, w) in enumerate(_boxes(box, B)):
+        (ny, wy), (nx, wx) = _axis_map(t, h, size, gh), _axis_map(l, w, size, gw)
+        out_lab.append(lab[b][ny.to(lab.device)][:, nx.to(lab.device)])
+        if sc is not None:
+            wy, wx = wy.to(sc.device), wx.to(sc.device)
+            out_sc.append((wy @ sc[b].double() @ wx.T).to(sc.dtype))      # [gh, gw] area-weighted means
+    out_lab = torch.stack(out_lab)
+    out_sc = None if sc is None else torch.stack(out_sc)
+    return (out_lab[0], None if out_sc is None else out_sc[0]) if one else (out_lab, out_sc)
+
+
+def resized_crop_mask(mask, box, size):
+    """Instance mask np.uint8 [size, size] -> the crop box (top, left, h, w) resized to size x size, nearest (the
+    source pixel under each output pixel's centre, exact integer arithmetic): ids stay ids."""
+    t, l, h, w = box
+    y = t + ((2 * np.arange(size) + 1) * h) // (2 * size)
+    x = l + ((2 * np.arange(size) + 1) * w) // (2 * size)
+    return np.ascontiguousarray(mask[y[:, None], x[None]])
+
+
 # ----------------------------------------------------------------------------- pre-training samples
 
 class PretrainDataset(torch.utils.data.Dataset):
     """(img [3, S, S] normalised, cell_labels long [S/c, S/c], cell_scores float [S/c, S/c], target).
 
     Cells come from the regions file (row i), else from the base's instance mask by objmae's rules
-    (`instance_cells`), else they are all 255 (ignore) with zero scores. semmae §4.1: random
-    horizontal flip is the only augmentation; image and cells flip together. The coin comes from
-    torch's RNG so DataLoader worker seeding and resume control it.
+    (`instance_cells` at `cell_size`: pass the model's patch size, so the 20% rule is on each patch's own pixels,
+    objmae §3.2), else they are all 255 (ignore) with zero scores.
+
+    Augmentation, in this order: the whole image resized to S x S (PIL bicubic); with `crop_scale`, a random-
+    resized crop of that S x S image (`crop_box`, then `resized_crop` back to S x S) and of its cells
+    (`resized_crop_cells`; an instance mask is cropped at the pixel level and its cells recomputed, so the 20% and
+    5% rules hold on the crop); then, with `hflip`, a horizontal flip of image and cells together; then the
+    ImageNet normalisation. semmae §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
+    choice comes from torch's global RNG, in this order (box, then coin), so worker seeding and resume control it.
     """
 
-    def __init__(self, base, input_size, regions=None, hflip=True, cell_size=8):
+    def __init__(self, base, input_size, regions=None, hflip=True, cell_size=8, crop_scale=None,
+                 crop_ratio=(3 / 4, 4 / 3)):
         if input_size % cell_size:
             raise ValueError(f"--input_size {input_size} is not a multiple of the cell size {cell_size}; "
                              f"use a multiple of {cell_size}")
         self.base, self.size, self.regions, self.hflip = base, input_size, regions, hflip
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.grid = (input_size // cell_size, input_size // cell_size)
         if regions is not None:
             shape = tuple(regions["labels"].shape)
@@ -517,19 +623,28 @@ class PretrainDataset(torch.utils.data.Dataset):
         S = self.size
         if img.size != (S, S):
             img = img.resize((S, S), Image.BICUBIC)
+        x = TF.to_tensor(img)                                              # [3, S, S] in [0, 1]
+        labels, scores = None, torch.zeros(self.grid)
         if self.regions is not None:
             labels = self.regions["labels"][i].long()
             sc = self.regions["scores"]
-            scores = sc[i].float() if sc is not None else torch.zeros(self.grid)
-        elif mask is not None:
-            labels = torch.from_numpy(mask_cells(mask, S, self.grid)).long()
-            scores = torch.zeros(self.grid)
-        else:
-            labels, scores = torch.full(self.grid, IGNORE, dtype=torch.long), torch.zeros(self.grid)
+            scores = sc[i].float() if sc is not None else scores
+        elif mask is not None and mask.shape != (S, S):
+            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))  # as its image, ids stay ids
+        elif mask is None:
+            labels = torch.full(self.grid, IGNORE, dtype=torch.long)
+        if self.crop_scale is not None:
+            box = crop_box(S, self.crop_scale, self.crop_ratio)
+            x = resized_crop(x, box, S)
+            if labels is not None:
+                labels, scores = resized_crop_cells(labels, scores, box, S)
+            else:
+                mask = resized_crop_mask(mask, box, S)
+        if labels is None:                                                 # objmae §3.2, §4.1 on the (cropped) mask
+            labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
         if self.hflip and torch.rand(()) < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            labels, scores = labels.flip(-1), scores.flip(-1)
-        x = TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+            x, labels, scores = x.flip(-1), labels.flip(-1), scores.flip(-1)
+        x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
         return x, labels, scores, target
 
 

@@ -48,6 +48,14 @@ def get_args(argv=None):
     p.add_argument("--seq_ratio", type=float, default=0.25, help="objmae: source and target length / L (alpha, §3.3)")
     p.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"])
     p.add_argument("--relation", default="intra", choices=["intra", "inter", "image"])
+    # augmentation of image and region cells together (data.PretrainDataset)
+    p.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random-resized crop area range, e.g. 0.2 1.0 (MAE; ObjMAE §4.2 'randomly cropped', its scale "
+                        "unstated); default: no crop, the whole image resized (SemMAE §4.1: flip only)")
+    p.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
+                   help="aspect ratio range of the crop (torchvision's RandomResizedCrop default, as MAE)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flip (SemMAE §4.1, MAE); --no-hflip: ObjMAE §4.2 names only the crop")
     # optimisation: semmae.txt §4.1 (MAE's recipe)
     p.add_argument("--epochs", type=int, default=800)
     p.add_argument("--warmup_epochs", type=int, default=40)
@@ -89,6 +97,12 @@ def check_args(args):
                          "(or segmentation), then pass --regions <output_dir>/regions.pt")
     if args.keep_ratio < 1.0 and args.regions is None:
         raise UsageError("--keep_ratio < 1 needs foreground scores: pass --regions from part_learn.py")
+    if args.crop_scale is not None and not 0.0 < args.crop_scale[0] <= args.crop_scale[1] <= 1.0:
+        raise UsageError(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]} must be 0 < MIN <= MAX <= 1")
+    if not 0.0 < args.crop_ratio[0] <= args.crop_ratio[1]:
+        raise UsageError(f"--crop_ratio {args.crop_ratio[0]} {args.crop_ratio[1]} must be 0 < MIN <= MAX")
+    # A crop mixes with --keep_ratio: the foreground scores are cropped with the image (by area), so the kept
+    # patches are still the crop's most foreground ones (SemMAE §4.2's rule, applied to what the model sees).
     if args.accum_iter < 1 or args.batch_size < 1 or args.epochs < 1:
         raise UsageError("--batch_size, --accum_iter and --epochs must be >= 1")
 
@@ -181,7 +195,8 @@ def main(args):
             if args.data_path is None else data.FolderDataset(args.data_path))
     regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
     cell_size = regions["meta"]["cell_size"] if regions else 8
-    dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=True, cell_size=cell_size)
+    dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=args.hflip, cell_size=cell_size,
+                                   crop_scale=args.crop_scale, crop_ratio=tuple(args.crop_ratio))
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) < args.accum_iter:
         raise UsageError(f"{len(dataset)} images give {len(loader)} batches of {args.batch_size} per rank, "
