@@ -46,7 +46,8 @@ def get_args(argv=None):
     p.add_argument("--keep_ratio", type=float, default=1.0,
                    help="keep only this fraction of most-foreground patches before masking (SemMAE 8x8: 0.25)")
     p.add_argument("--seq_ratio", type=float, default=0.25, help="objmae: source and target length / L (alpha, §3.3)")
-    p.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"])
+    p.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"],
+                   help="objmae §3.3; throwout's length is the batch minimum, read on the host: one sync a step")
     p.add_argument("--relation", default="intra", choices=["intra", "inter", "image"])
     # augmentation of image and region cells together (data.PretrainDataset)
     p.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
@@ -69,9 +70,21 @@ def get_args(argv=None):
     # run
     p.add_argument("--output_dir", default="output/pretrain")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
-    p.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-<epoch>.pth every N epochs")
+    p.add_argument("--ckpt_every", type=int, default=1,
+                   help="write checkpoint-last.pth (what --resume continues from) every N epochs and after the last "
+                        "one; a ViT-B MAE with its AdamW state is 1.3 GB")
+    p.add_argument("--save_every", type=int, default=0,
+                   help="also keep a numbered copy checkpoint-<epoch>.pth every N epochs (0 = none)")
+    p.add_argument("--log_every", type=int, default=20,
+                   help="read the loss on the host (a device sync), update the bar and stop on NaN every N steps")
     p.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
     p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--image_cache", default=None, metavar="FILE",
+                   help="fast input path: decode and resize every image once into FILE (uint8, 3*S*S bytes an image: "
+                        "ImageNet-1k at 224 px is 193 GB; written by the first run that names it, on a filesystem "
+                        "every node sees), then load uint8 batches and crop, flip and normalise them on the device. "
+                        "Omitted: PIL decodes every image in every epoch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (same result, faster on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
@@ -105,6 +118,8 @@ def check_args(args):
     # patches are still the crop's most foreground ones (SemMAE §4.2's rule, applied to what the model sees).
     if args.accum_iter < 1 or args.batch_size < 1 or args.epochs < 1:
         raise UsageError("--batch_size, --accum_iter and --epochs must be >= 1")
+    if args.log_every < 1 or args.ckpt_every < 1 or args.save_every < 0:
+        raise UsageError("--log_every and --ckpt_every must be >= 1, --save_every >= 0")
 
 
 # ----------------------------------------------------------------------------- masks
@@ -195,8 +210,13 @@ def main(args):
             if args.data_path is None else data.FolderDataset(args.data_path))
     regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
     cell_size = regions["meta"]["cell_size"] if regions else 8
-    dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=args.hflip, cell_size=cell_size,
-                                   crop_scale=args.crop_scale, crop_ratio=tuple(args.crop_ratio))
+    augment = dict(regions=regions, hflip=args.hflip, cell_size=cell_size, crop_scale=args.crop_scale,
+                   crop_ratio=tuple(args.crop_ratio))
+    if args.image_cache:                # fast path: uint8 images from the cache, crop/flip/normalise on the device
+        cache = data.open_image_cache(args.image_cache, base, args.input_size, args.num_workers, d.rank, d.world)
+        dataset = data.CachedPretrainDataset(base, cache, args.input_size, **augment)
+    else:
+        dataset = data.PretrainDataset(base, args.input_size, **augment)
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) < args.accum_iter:
         raise UsageError(f"{len(dataset)} images give {len(loader)} batches of {args.batch_size} per rank, "
@@ -213,7 +233,8 @@ def main(args):
 
     eff_batch = args.batch_size * args.accum_iter * d.world
     base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr, betas=(0.9, 0.95),
+                                  fused=True if d.device.type == "cuda" else None)  # one kernel for all params
     start_epoch = 0
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
@@ -224,6 +245,7 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch = ckpt["epoch"] + 1
     ddp = DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else net
+    step_net = torch.compile(ddp) if args.compile else ddp    # the weights stay net's: checkpoints keep their names
 
     os.makedirs(args.output_dir, exist_ok=True)
     if d.is_main:
@@ -246,9 +268,10 @@ def main(args):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
         loader.sampler.set_epoch(epoch)
         ddp.train()
-        t0, loss_sum, n_sum = time.time(), 0.0, 0
+        # the loss is summed on the device and read every --log_every steps: no host sync in the other steps
+        t0, loss_sum, n_sum = time.time(), torch.zeros((), dtype=torch.float64, device=d.device), 0
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
-        for it, (imgs, cells, scores, _) in enumerate(bar):
+        for it, (imgs, cells, scores, _, *choices) in enumerate(bar):
             i = epoch * iters + it
             if it % args.accum_iter == 0:
                 lr = utils.cosine_lr(i, total_iters, warmup_iters, base_lr, args.min_lr)
@@ -257,26 +280,33 @@ def main(args):
             # 1 at the last step whatever --epochs is (Algorithm 1, line 7, per step not per epoch)
             progress = i / max(1, total_iters - 1)
             imgs, cells, scores = (x.to(d.device, non_blocking=True) for x in (imgs, cells, scores))
+            if args.image_cache:        # uint8 -> the default path's tensors; the boxes stay on the CPU
+                flips, boxes = choices
+                imgs = data.device_batch(imgs, flips, boxes if args.crop_scale else None)
             src_ids, tgt_ids, src_valid, tgt_valid = masker(cells, scores, progress)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(ddp, sync, d):
                 with utils.autocast(d.device):
-                    loss, _ = ddp(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+                    loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
                 (loss / args.accum_iter).backward()
             if sync:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()
-            utils.stop_if_not_finite(loss_value, f"step {i} (epoch {epoch})", ckpt_path)
-            loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
-            shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
+            loss_sum += loss.detach()
+            n_sum += 1
+            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
+                loss_value = loss_sum.item() / n_sum                      # the sync: the epoch's mean so far
+                utils.stop_if_not_finite(loss_value, f"one of steps {i - (it % args.log_every)}..{i} (epoch {epoch})",
+                                         ckpt_path)                       # before any checkpoint of this epoch
+                shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
 
-        train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
+        train_loss = utils.all_reduce_mean(loss_value, d)
         if d.is_main:
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                      "args": vars(args)}
-            utils.save_checkpoint(ckpt_path, state)
+            if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
+                utils.save_checkpoint(ckpt_path, state)
             if args.save_every and (epoch + 1) % args.save_every == 0:
                 utils.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), state)
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "time_s": round(time.time() - t0, 2)}
