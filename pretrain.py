@@ -84,7 +84,9 @@ def get_args(argv=None):
                         "ImageNet-1k at 224 px is 193 GB; written by the first run that names it, on a filesystem "
                         "every node sees), then load uint8 batches and crop, flip and normalise them on the device. "
                         "Omitted: PIL decodes every image in every epoch")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (same result, faster on a GPU)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (the same result, faster on a GPU); a backend name after it, e.g. "
+                        "aot_eager, traces without generating kernels (to find a problem, or on a CPU with no compiler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
@@ -120,6 +122,9 @@ def check_args(args):
         raise UsageError("--batch_size, --accum_iter and --epochs must be >= 1")
     if args.log_every < 1 or args.ckpt_every < 1 or args.save_every < 0:
         raise UsageError("--log_every and --ckpt_every must be >= 1, --save_every >= 0")
+    if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
+        raise UsageError(f"--compile {args.compile} is not a torch.compile backend; choose from "
+                         f"{', '.join(torch.compiler.list_backends())}")
 
 
 # ----------------------------------------------------------------------------- masks
@@ -245,7 +250,7 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch = ckpt["epoch"] + 1
     ddp = DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else net
-    step_net = torch.compile(ddp) if args.compile else ddp    # the weights stay net's: checkpoints keep their names
+    step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp   # checkpoints keep net's names
 
     os.makedirs(args.output_dir, exist_ok=True)
     if d.is_main:
