@@ -770,7 +770,8 @@ def write_image_cache(path, base, size, num_workers, rank, world):
     offsets = offsets[0]
     lo, hi = rank * n // world, (rank + 1) * n // world
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(_CacheRows(base, size, with_masks), range(lo, hi)),
-                                         batch_size=64, num_workers=num_workers)
+                                         batch_size=64, num_workers=num_workers,
+                                         generator=torch.Generator())   # leaves the global RNG (the run's) alone
     fd = os.open(tmp, os.O_WRONLY)
     try:
         i = lo
