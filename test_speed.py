@@ -217,10 +217,10 @@ def test_ckpt_every_and_save_every(tmp_path, monkeypatch):
                                                                                      state["epoch"])),
                                                                         real(path, state)))
     out = str(tmp_path / "out")
-    pretrain.main(pretrain.get_args(TINY + ["--epochs", "5", "--ckpt_every", "2", "--save_every", "3",
-                                            "--output_dir", out]))
-    assert saved == [("checkpoint-last.pth", 1), ("checkpoint-2.pth", 2), ("checkpoint-last.pth", 3),
-                     ("checkpoint-last.pth", 4)]                           # every 2nd epoch and the last one
+    pretrain.main(pretrain.get_args(TINY + ["--num_images", "8", "--epochs", "4", "--ckpt_every", "3",
+                                            "--save_every", "2", "--output_dir", out]))
+    assert saved == [("checkpoint-1.pth", 1), ("checkpoint-last.pth", 2),   # last: every 3rd epoch and at the end
+                     ("checkpoint-last.pth", 3), ("checkpoint-3.pth", 3)]
 
 
 def test_save_checkpoint_fsyncs_before_the_rename(tmp_path, monkeypatch):
