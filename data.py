@@ -454,6 +454,8 @@ def save_regions(path, labels, scores, files, meta):
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())                    # on disk before the name points at it
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
