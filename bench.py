@@ -169,16 +169,20 @@ def write_jpegs(root, n, size=(500, 375), quality=90):
     return data.FolderDataset(root)
 
 
-def loader_rate(dataset, batch=64, repeats=1):
-    """Images/s of one worker's job done in this process: __getitem__ of a batch of images and the collate."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=0, shuffle=False)
-    torch.manual_seed(0)
-    best = 0.0
-    for _ in range(repeats):                        # the best pass: the least disturbed by the rest of the machine
-        start = time.perf_counter()
-        n = sum(len(b[0]) for b in loader)
-        best = max(best, n / (time.perf_counter() - start))
-    return best
+def next_batch(dataset, batch=64):
+    """A function that returns the next batch of a DataLoader over `dataset` with no worker processes, so one call
+    is one worker's job for one batch: __getitem__ of 64 images and the collate (the loader restarts when done)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=0, shuffle=False, drop_last=True)
+    it = iter(loader)
+
+    def fn():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(loader)
+            return next(it)
+    return fn
 
 
 def bench_loader(device, args):
@@ -190,13 +194,17 @@ def bench_loader(device, args):
         cache = data.open_image_cache(os.path.join(tmp, "cache.pt"), base, S, num_workers=0)
         write_rate = n / (time.perf_counter() - start)
         print(f"\n### loader: one DataLoader worker, {n} JPEGs of 500x375 at quality 90 ({kb:.0f} KB), {S} px, "
-              f"batches of 64 ({torch.get_num_threads()} threads in this process, best of {args.loader_repeats})\n")
+              f"batches of 64 (median of {args.repeats} batches, the paths interleaved)\n")
         print("| input path | augmentation | images/s per worker | vs default | batch bytes |")
         print("|---|---|---:|---:|---:|")
         for name, crop in (("flip (SemMAE)", None), ("crop 0.2-1 + flip (MAE)", (0.2, 1.0))):
-            slow = loader_rate(data.PretrainDataset(base, S, crop_scale=crop), repeats=args.loader_repeats)
-            fast = loader_rate(data.CachedPretrainDataset(base, cache, S, crop_scale=crop), repeats=args.loader_repeats)
-            print(f"| default (PIL decode + resize, float32) | {name} | {slow:.0f} | 1x | {64 * 3 * S * S * 4 / 2**20:.1f} MiB |")
+            torch.manual_seed(0)
+            ms = timed_ms({"default": next_batch(data.PretrainDataset(base, S, crop_scale=crop)),
+                           "fast": next_batch(data.CachedPretrainDataset(base, cache, S, crop_scale=crop))},
+                          args.repeats, torch.device("cpu"), warmup=1)
+            slow, fast = 64e3 / ms["default"], 64e3 / ms["fast"]
+            print(f"| default (PIL decode + resize, float32) | {name} | {slow:.0f} | 1x | "
+                  f"{64 * 3 * S * S * 4 / 2**20:.1f} MiB |")
             print(f"| `--image_cache` (uint8 rows) | {name} | {fast:.0f} | {fast / slow:.0f}x | "
                   f"{64 * 3 * S * S / 2**20:.1f} MiB |", flush=True)
         imgs = torch.randint(0, 256, (64, 3, S, S), dtype=torch.uint8).to(device)
@@ -234,7 +242,8 @@ def loop_seconds(argv, out, device):
 
 
 def bench_end_to_end(device, args, step_ms):
-    """The end-to-end rows of the pretrain section."""
+    """The end-to-end rows of the pretrain section: images/s of the whole loop, each beside the step alone measured
+    just before it (step_ms for the first row)."""
     S, batch, n = 224, args.batch_size, args.loader_images
     with tempfile.TemporaryDirectory() as tmp:
         base = write_jpegs(os.path.join(tmp, "images"), n)
@@ -245,13 +254,17 @@ def bench_end_to_end(device, args, step_ms):
                 "--data_path", base.root, "--regions", os.path.join(tmp, "regions.pt"), "--batch_size", str(batch),
                 "--epochs", str(args.loop_epochs), "--warmup_epochs", "1", "--vis_every", "0",
                 "--ckpt_every", "1000000", "--num_workers", str(args.num_workers)]
-        step_rate = batch * 1e3 / step_ms
+        spawn = multiprocessing.get_context("spawn")
         for name, extra in (("default input path", []), ("`--image_cache`", ["--image_cache", cache])):
+            if step_ms is None:                     # the step alone again, right before the loop: on a shared
+                with spawn.Pool(1) as pool:         # machine the load changes between the rows
+                    step_ms = pool.apply(step_time, ("objmae", 1 / 16, device, batch, args.repeats))[0]
             epoch_s = loop_seconds(argv + extra, os.path.join(tmp, f"out{len(extra)}"), device)
-            rate = (n // batch) * batch / epoch_s
+            rate, step_rate = (n // batch) * batch / epoch_s, batch * 1e3 / step_ms
             print(f"| pretrain.py loop, ObjMAE 1/16, {name}, {args.num_workers} workers | {batch * 1e3 / rate:.1f} | "
                   f"{rate:.1f} images/s | {rate / step_rate:.0%} of the step alone ({step_rate:.1f} images/s) | |",
                   flush=True)
+            step_ms = None
 
 
 # ----------------------------------------------------------------------------- sharded regions export
@@ -324,7 +337,6 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median is reported)")
     p.add_argument("--batch_size", type=int, default=64, help="pretrain section: images per step")
     p.add_argument("--loader_images", type=int, default=256, help="loader, pretrain: JPEGs written for the input path")
-    p.add_argument("--loader_repeats", type=int, default=2, help="loader: passes over the JPEGs (the best is reported)")
     p.add_argument("--loop_epochs", type=int, default=4, help="pretrain: epochs of the end-to-end loop (>= 3)")
     p.add_argument("--num_workers", type=int, default=4, help="pretrain: DataLoader workers (pretrain.py's default)")
     p.add_argument("--export_images", type=int, default=100_000, help="export: synthetic images")
@@ -333,8 +345,8 @@ def main(argv=None):
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
         p.error(f"--sections: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(SECTIONS)}")
-    if args.repeats < 1 or args.loader_repeats < 1:
-        p.error("--repeats and --loader_repeats must be >= 1")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.loop_epochs < 3 or args.loader_images < args.batch_size:
         p.error("--loop_epochs must be >= 3 and --loader_images >= --batch_size")
     if args.device == "cuda" and not torch.cuda.is_available():
