@@ -150,7 +150,7 @@ def bench_pretrain(device, args):
         base_ms = base_ms or ms
         ref = paper[round(1 / ratio)] if kind == "objmae" else ""
         print(f"| {name} | {ms:.1f} | {base_ms / ms:.2f}x | {ref} | {peak:.0f} |", flush=True)
-    bench_end_to_end(device, args, ms)              # ms: the last setting, ObjMAE 1/16
+    bench_end_to_end(device, args)
 
 
 # ----------------------------------------------------------------------------- input path and end to end
@@ -241,10 +241,15 @@ def loop_seconds(argv, out, device):
     return statistics.median(times)
 
 
-def bench_end_to_end(device, args, step_ms):
-    """The end-to-end rows of the pretrain section: images/s of the whole loop, each beside the step alone measured
-    just before it (step_ms for the first row)."""
+def bench_end_to_end(device, args):
+    """The end-to-end rows of the pretrain section: images/s of pretrain.py's whole loop beside the step alone,
+    measured just before and just after it (on a shared machine the load changes from minute to minute)."""
     S, batch, n = 224, args.batch_size, args.loader_images
+    spawn = multiprocessing.get_context("spawn")
+
+    def step_rate():
+        with spawn.Pool(1) as pool:
+            return batch * 1e3 / pool.apply(step_time, ("objmae", 1 / 16, device, batch, args.repeats))[0]
     with tempfile.TemporaryDirectory() as tmp:
         base = write_jpegs(os.path.join(tmp, "images"), n)
         object_regions(base, S, os.path.join(tmp, "regions.pt"))
@@ -254,17 +259,19 @@ def bench_end_to_end(device, args, step_ms):
                 "--data_path", base.root, "--regions", os.path.join(tmp, "regions.pt"), "--batch_size", str(batch),
                 "--epochs", str(args.loop_epochs), "--warmup_epochs", "1", "--vis_every", "0",
                 "--ckpt_every", "1000000", "--num_workers", str(args.num_workers)]
-        spawn = multiprocessing.get_context("spawn")
-        for name, extra in (("default input path", []), ("`--image_cache`", ["--image_cache", cache])):
-            if step_ms is None:                     # the step alone again, right before the loop: on a shared
-                with spawn.Pool(1) as pool:         # machine the load changes between the rows
-                    step_ms = pool.apply(step_time, ("objmae", 1 / 16, device, batch, args.repeats))[0]
+        print(f"\nEnd to end: `pretrain.py --mask objmae --seq_ratio 0.0625 --model mae_vit_small_patch16 "
+              f"--batch_size {batch} --num_workers {args.num_workers}` on {n} JPEGs of 500x375 with object regions, "
+              f"images/s of epochs 1..{args.loop_epochs - 2} (log.txt), beside the step alone (ObjMAE 1/16 row) "
+              f"measured just before and after:\n")
+        print("| input path | loop images/s | step alone images/s | loop / step |")
+        print("|---|---:|---:|---:|")
+        before = step_rate()
+        for name, extra in (("default (PIL)", []), ("`--image_cache`", ["--image_cache", cache])):
             epoch_s = loop_seconds(argv + extra, os.path.join(tmp, f"out{len(extra)}"), device)
-            rate, step_rate = (n // batch) * batch / epoch_s, batch * 1e3 / step_ms
-            print(f"| pretrain.py loop, ObjMAE 1/16, {name}, {args.num_workers} workers | {batch * 1e3 / rate:.1f} | "
-                  f"{rate:.1f} images/s | {rate / step_rate:.0%} of the step alone ({step_rate:.1f} images/s) | |",
-                  flush=True)
-            step_ms = None
+            after = step_rate()
+            rate, step = (n // batch) * batch / epoch_s, (before + after) / 2
+            print(f"| {name} | {rate:.1f} | {step:.1f} ({before:.1f}, {after:.1f}) | {rate / step:.0%} |", flush=True)
+            before = after
 
 
 # ----------------------------------------------------------------------------- sharded regions export
@@ -337,7 +344,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median is reported)")
     p.add_argument("--batch_size", type=int, default=64, help="pretrain section: images per step")
     p.add_argument("--loader_images", type=int, default=256, help="loader, pretrain: JPEGs written for the input path")
-    p.add_argument("--loop_epochs", type=int, default=4, help="pretrain: epochs of the end-to-end loop (>= 3)")
+    p.add_argument("--loop_epochs", type=int, default=5, help="pretrain: epochs of the end-to-end loop (>= 3)")
     p.add_argument("--num_workers", type=int, default=4, help="pretrain: DataLoader workers (pretrain.py's default)")
     p.add_argument("--export_images", type=int, default=100_000, help="export: synthetic images")
     args = p.parse_args(argv)
