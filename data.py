@@ -12,6 +12,8 @@
 - The joint random-resized crop (MAE's pre-training crop, objmae §4.2's random crop) as pure functions on
   tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores), `resized_crop_mask`.
 - `PretrainDataset`: image + region cells, cropped (optional) and flipped together (semmae §4.1: flip only).
+- The fast input path (--image_cache): `open_image_cache` (uint8 images decoded once), `CachedPretrainDataset`
+  (the same samples, uint8), `device_batch` (crop, flip, normalise on the device).
 
     python data.py --write OUT --num_images 200 --img_size 64    # shapes as an image folder + masks
 """
