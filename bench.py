@@ -13,17 +13,35 @@ Sections (SECTIONS below, one function each):
            ObjMAE at seq_ratio 1/2, 1/4, 1/8, 1/16, with the speed-up over the baseline and peak memory.
            Each setting runs in its own process so its peak memory is its own. On a CPU use few repeats:
                python bench.py --sections pretrain --repeats 3
+           Then the end-to-end row: images/s of pretrain.py's whole loop (loader with --num_workers workers, masks,
+           step) for ObjMAE seq_ratio 1/16 on --loader_images real-size JPEGs with object regions, with the default
+           input path and with --image_cache, beside the step alone. Goal: the fast path >= 90% of the step alone.
+  loader   images/s of one DataLoader worker (__getitem__ + collate, batches of 64, at 224 px) on --loader_images
+           JPEGs of 500x375 at quality 90 (about ImageNet's mean size) that it writes itself: the default path (PIL
+           decode + resize every time, float32 batches) and the fast path (--image_cache: uint8 rows from the cache),
+           with flip only (SemMAE) and with MAE's random-resized crop; the fast path's device side (device_batch) and
+           the one-time cost of writing the cache. Goal: the fast path >= 10x the default per worker.
+  export   rank 0's peak memory and the time of part_learn.py's sharded regions export for --export_images
+           synthetic images (28x28 cells with scores, 2 ranks on gloo): what no process may hold is the whole file.
 Timing: a few warm-up rounds, then the median of --repeats calls, the calls of one table interleaved;
 on CUDA each call is synchronised.
 """
 import argparse
+import json
 import multiprocessing
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
+import data
 import masking
 import model as models
 
@@ -132,9 +150,190 @@ def bench_pretrain(device, args):
         base_ms = base_ms or ms
         ref = paper[round(1 / ratio)] if kind == "objmae" else ""
         print(f"| {name} | {ms:.1f} | {base_ms / ms:.2f}x | {ref} | {peak:.0f} |", flush=True)
+    bench_end_to_end(device, args)
 
 
-SECTIONS = {"masking": bench_masking, "pretrain": bench_pretrain}
+# ----------------------------------------------------------------------------- input path and end to end
+
+def write_jpegs(root, n, size=(500, 375), quality=90):
+    """n photo-sized JPEGs in 4 class folders: smooth random colour fields with grain, about 100 KB each at 500x375
+    and quality 90 (ImageNet's mean image is about 400x350 and 110 KB). -> data.FolderDataset"""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = os.path.join(root, f"class{i % 4}")
+        os.makedirs(folder, exist_ok=True)
+        low = Image.fromarray(rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8))
+        img = np.asarray(low.resize(size, Image.BICUBIC), dtype=np.float32) + rng.normal(0, 20, (size[1], size[0], 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:06d}.jpg"),
+                                                                     quality=quality)
+    return data.FolderDataset(root)
+
+
+def next_batch(dataset, batch=64):
+    """A function that returns the next batch of a DataLoader over `dataset` with no worker processes, so one call
+    is one worker's job for one batch: __getitem__ of 64 images and the collate (the loader restarts when done)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=0, shuffle=False, drop_last=True)
+    it = iter(loader)
+
+    def fn():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(loader)
+            return next(it)
+    return fn
+
+
+def bench_loader(device, args):
+    S, n = 224, args.loader_images
+    with tempfile.TemporaryDirectory() as tmp:
+        base = write_jpegs(os.path.join(tmp, "images"), n)
+        kb = sum(os.path.getsize(os.path.join(base.root, f)) for f in base.files) / n / 1e3
+        start = time.perf_counter()
+        cache = data.open_image_cache(os.path.join(tmp, "cache.pt"), base, S, num_workers=0)
+        write_rate = n / (time.perf_counter() - start)
+        print(f"\n### loader: one DataLoader worker, {n} JPEGs of 500x375 at quality 90 ({kb:.0f} KB), {S} px, "
+              f"batches of 64 (median of {args.repeats} batches, the paths interleaved)\n")
+        print("| input path | augmentation | images/s per worker | vs default | batch bytes |")
+        print("|---|---|---:|---:|---:|")
+        for name, crop in (("flip (SemMAE)", None), ("crop 0.2-1 + flip (MAE)", (0.2, 1.0))):
+            torch.manual_seed(0)
+            ms = timed_ms({"default": next_batch(data.PretrainDataset(base, S, crop_scale=crop)),
+                           "fast": next_batch(data.CachedPretrainDataset(base, cache, S, crop_scale=crop))},
+                          args.repeats, torch.device("cpu"), warmup=1)
+            slow, fast = 64e3 / ms["default"], 64e3 / ms["fast"]
+            print(f"| default (PIL decode + resize, float32) | {name} | {slow:.0f} | 1x | "
+                  f"{64 * 3 * S * S * 4 / 2**20:.1f} MiB |")
+            print(f"| `--image_cache` (uint8 rows) | {name} | {fast:.0f} | {fast / slow:.0f}x | "
+                  f"{64 * 3 * S * S / 2**20:.1f} MiB |", flush=True)
+        imgs = torch.randint(0, 256, (64, 3, S, S), dtype=torch.uint8).to(device)
+        flips = torch.rand(64) < 0.5
+        torch.manual_seed(0)
+        boxes = torch.tensor([data.crop_box(S, (0.2, 1.0)) for _ in range(64)])
+        ms = timed_ms({"flip": lambda: data.device_batch(imgs, flips),
+                       "crop": lambda: data.device_batch(imgs, flips, boxes)}, args.repeats, device)
+        print(f"\nDevice side of the fast path, `data.device_batch` on {device.type} for 64 images: flip + normalise "
+              f"{ms['flip']:.1f} ms ({64e3 / ms['flip']:.0f} images/s), with the crop {ms['crop']:.1f} ms "
+              f"({64e3 / ms['crop']:.0f} images/s). Writing the cache (once): {write_rate:.0f} images/s in one "
+              f"process; {3 * S * S / 1e3:.1f} KB an image on disk (ImageNet-1k: 193 GB).")
+
+
+def object_regions(base, S, path):
+    """A regions file of 1-4 random rectangular objects per image on 8-px cells (bench's object_layout)."""
+    g = S // 8
+    labels = object_layout(len(base), g, torch.Generator().manual_seed(0)).reshape(-1, g, g)
+    meta = {"method": "segmentation", "kind": "objects", "input_size": S, "cell_size": 8, "num_regions": 4,
+            "object_ratio": data.object_ratio(labels), "source": "bench.py"}
+    data.save_regions(path, labels, None, base.files, meta)
+
+
+def loop_seconds(argv, out, device):
+    """Seconds per epoch of `python pretrain.py argv`, the median of epochs 1 .. E-2 of its log.txt (epoch 0 starts
+    the workers, the last one also writes the checkpoint)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.join(here, "pretrain.py"), *argv, "--device", device.type,
+                           "--output_dir", out], capture_output=True, text=True, cwd=here)
+    if proc.returncode:
+        raise RuntimeError(f"pretrain.py failed:\n{proc.stdout}{proc.stderr}")
+    with open(os.path.join(out, "log.txt")) as f:
+        times = [json.loads(line)["time_s"] for line in f][1:-1]
+    return statistics.median(times)
+
+
+def bench_end_to_end(device, args):
+    """The end-to-end rows of the pretrain section: images/s of pretrain.py's whole loop beside the step alone,
+    measured just before and just after it (on a shared machine the load changes from minute to minute)."""
+    S, batch, n = 224, args.batch_size, args.loader_images
+    spawn = multiprocessing.get_context("spawn")
+
+    def step_rate():
+        with spawn.Pool(1) as pool:
+            return batch * 1e3 / pool.apply(step_time, ("objmae", 1 / 16, device, batch, args.repeats))[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        base = write_jpegs(os.path.join(tmp, "images"), n)
+        object_regions(base, S, os.path.join(tmp, "regions.pt"))
+        cache = os.path.join(tmp, "cache.pt")
+        data.open_image_cache(cache, base, S, num_workers=0)
+        argv = ["--model", "mae_vit_small_patch16", "--mask", "objmae", "--seq_ratio", str(1 / 16),
+                "--data_path", base.root, "--regions", os.path.join(tmp, "regions.pt"), "--batch_size", str(batch),
+                "--epochs", str(args.loop_epochs), "--warmup_epochs", "1", "--vis_every", "0",
+                "--ckpt_every", "1000000", "--num_workers", str(args.num_workers)]
+        print(f"\nEnd to end: `pretrain.py --mask objmae --seq_ratio 0.0625 --model mae_vit_small_patch16 "
+              f"--batch_size {batch} --num_workers {args.num_workers}` on {n} JPEGs of 500x375 with object regions, "
+              f"images/s of epochs 1..{args.loop_epochs - 2} (log.txt), beside the step alone (ObjMAE 1/16 row) "
+              f"measured just before and after:\n")
+        print("| input path | loop images/s | step alone images/s | loop / step |")
+        print("|---|---:|---:|---:|")
+        before = step_rate()
+        for name, extra in (("default (PIL)", []), ("`--image_cache`", ["--image_cache", cache])):
+            epoch_s = loop_seconds(argv + extra, os.path.join(tmp, f"out{len(extra)}"), device)
+            after = step_rate()
+            rate, step = (n // batch) * batch / epoch_s, (before + after) / 2
+            print(f"| {name} | {rate:.1f} | {step:.1f} ({before:.1f}, {after:.1f}) | {rate / step:.0%} |", flush=True)
+            before = after
+
+
+# ----------------------------------------------------------------------------- sharded regions export
+
+def export_rank(rank, world, port, n, queue):
+    """One rank of a synthetic regions export through part_learn's export + merge_shards; rank 0 reports
+    (resident memory before, peak resident memory, seconds)."""
+    import part_learn
+    import utils
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    d = utils.init_distributed("cpu")
+    out = os.path.join(os.environ["BENCH_EXPORT_DIR"], "regions.pt")
+    grid = (28, 28)
+    files = [f"synthetic/{i:07d}.JPEG" for i in range(n)]
+
+    def label_fn(ids):                              # any labels and scores, made from the image index
+        cells = torch.arange(grid[0] * grid[1]).reshape(1, *grid)
+        return ((ids[:, None, None] + cells) % 7).to(torch.uint8), (ids[:, None, None] % 5 + 0.5 * cells) / 400
+    args = argparse.Namespace(batch_size=256, num_workers=0)
+    before = rss_mib()
+    start = time.perf_counter()
+    obj_cells, objs, top = part_learn.export(range(n), label_fn, grid, True, args, d, "export", out)
+    meta = {"method": "bench", "kind": "objects", "input_size": 224, "cell_size": 8, "num_regions": 6,
+            "object_ratio": obj_cells / (objs * grid[0] * grid[1])}
+    part_learn.merge_shards(out, n, grid, True, files, meta, d)
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        queue.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seconds))
+    utils.cleanup_distributed()
+
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def bench_export(device, args):
+    n, world = args.export_images, 2
+    size = n * 28 * 28 * 3 / 2**20
+    spawn = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["BENCH_EXPORT_DIR"] = tmp
+        queue = spawn.Queue()
+        port = 29500 + os.getpid() % 1000
+        procs = [spawn.Process(target=export_rank, args=(r, world, port, n, queue)) for r in range(world)]
+        for proc in procs:
+            proc.start()
+        before, peak, seconds = queue.get()
+        for proc in procs:
+            proc.join()
+        r = torch.load(os.path.join(tmp, "regions.pt"), weights_only=True, mmap=True)
+        assert r["labels"].shape == (n, 28, 28) and int(r["labels"][n - 1, 0, 5]) == (n - 1 + 5) % 7
+    print(f"\n### export: sharded regions export, {n} synthetic images, 28x28 cells + float16 scores "
+          f"({size:.0f} MiB file), {world} ranks (gloo, CPU)\n")
+    print("| rank 0 resident memory before | rank 0 peak | peak - before | file | seconds |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {before:.0f} MiB | {peak:.0f} MiB | {peak - before:.0f} MiB | {size:.0f} MiB | {seconds:.1f} |")
+
+
+SECTIONS = {"masking": bench_masking, "pretrain": bench_pretrain, "loader": bench_loader, "export": bench_export}
 
 
 def main(argv=None):
@@ -144,6 +343,10 @@ def main(argv=None):
                    help=f"comma-separated list of sections: {', '.join(SECTIONS)}")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median is reported)")
     p.add_argument("--batch_size", type=int, default=64, help="pretrain section: images per step")
+    p.add_argument("--loader_images", type=int, default=256, help="loader, pretrain: JPEGs written for the input path")
+    p.add_argument("--loop_epochs", type=int, default=5, help="pretrain: epochs of the end-to-end loop (>= 3)")
+    p.add_argument("--num_workers", type=int, default=4, help="pretrain: DataLoader workers (pretrain.py's default)")
+    p.add_argument("--export_images", type=int, default=100_000, help="export: synthetic images")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -151,6 +354,8 @@ def main(argv=None):
         p.error(f"--sections: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(SECTIONS)}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.loop_epochs < 3 or args.loader_images < args.batch_size:
+        p.error("--loop_epochs must be >= 3 and --loader_images >= --batch_size")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for but CUDA is not available; use --device cpu")
     device = torch.device(args.device)

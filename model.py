@@ -78,10 +78,12 @@ def interpolate_pos_embed(pos_embed, grid, src_grid=None):
 
 
 def key_mask(valid):
-    """valid [B, N] bool (True = a real token) -> SDPA mask [B, 1, 1, N] (True = may be attended to), or None when
-    every slot is valid so SDPA keeps its fast no-mask kernels. Queries are not masked: an invalid slot still gets an
-    output (never read), and every row keeps the always-valid cls key, so no row is all -inf."""
-    if valid is None or bool(valid.all()):  # one host sync; only padded (ObjMAE zero-padding) batches pay it
+    """valid [B, N] bool (True = a real token) -> SDPA mask [B, 1, 1, N] (True = may be attended to); None stays None
+    (random/SemMAE masks have no padding, so SDPA keeps its no-mask kernels). The mask is passed as it is, even when
+    every slot happens to be valid: testing that would be a host-device sync in every step. Queries are not masked:
+    an invalid slot still gets an output (never read), and every row keeps the always-valid cls key, so no row is
+    all -inf."""
+    if valid is None:
         return None
     return valid[:, None, None, :]
 

@@ -38,6 +38,7 @@ Re-export from a trained part learner without training: add --export_only --resu
 """
 import argparse
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -96,6 +97,13 @@ def get_args(argv=None):
                    help="shapes only: also export held-out images and print the foreground IoU (regions-val.pt)")
     p.add_argument("--eval_images", type=int, default=200, help="held-out shapes images for --eval_iou")
     p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--image_cache", default=None, metavar="FILE",
+                   help="fast input path (learned, attention, cam): decode and resize every image once into FILE "
+                        "(uint8, 3*S*S bytes an image: ImageNet-1k at 224 px is 193 GB; written by the first run that "
+                        "names it, on a filesystem every node sees; pretrain.py reads the same file), then flip and "
+                        "normalise uint8 batches on the device. Omitted: PIL decodes every image in every epoch")
+    p.add_argument("--log_every", type=int, default=20,
+                   help="learned: read the losses on the host (a device sync), update the bar, stop on NaN every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
@@ -130,8 +138,11 @@ def check_args(args):
         raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
     if not 1 <= args.num_parts <= 254:
         raise UsageError(f"--num_parts {args.num_parts} must be in [1, 254] (labels are uint8, 255 = ignore)")
-    if args.epochs < 1 or args.batch_size < 1:
-        raise UsageError("--epochs and --batch_size must be >= 1")
+    if args.epochs < 1 or args.batch_size < 1 or args.log_every < 1:
+        raise UsageError("--epochs, --batch_size and --log_every must be >= 1")
+    if args.image_cache and args.method == "segmentation":
+        raise UsageError("--image_cache is for the methods that read images (learned, attention, cam); "
+                         "--method segmentation reads only the masks")
 
 
 def check_resume(args):
@@ -162,6 +173,13 @@ def parts_from_maps(maps, grid):
     cells = to_cells(maps.float(), grid)
     mass = cells.sum(1)                                                    # [B, gh, gw]
     return cells.argmax(1).to(torch.uint8), mass / mass.amax((1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def batch_images(batch, device):
+    """A DataLoader batch -> its normalised images [B, 3, S, S] on the device. The fast path's batches are uint8 with
+    their flips beside them (data.CachedPretrainDataset): data.device_batch flips and normalises them there."""
+    imgs = batch[0].to(device, non_blocking=True)
+    return data.device_batch(imgs, batch[4]) if imgs.dtype == torch.uint8 else imgs
 
 
 def encoder_features(encoder, imgs):
@@ -249,42 +267,107 @@ def load_coco(args, base):
 
 # ----------------------------------------------------------------------------- export (sharded over ranks)
 
-def export(items, label_fn, grid, args, d, desc):
-    """Run label_fn over every item of `items`, rank r taking items r, r + world, ... -> (labels uint8 [N, gh, gw],
-    scores float16 [N, gh, gw] or None), in dataset order, on rank 0 (None on the other ranks)."""
-    idx = list(range(d.rank, len(items), d.world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, idx), batch_size=args.batch_size,
+def object_counts(labels):
+    """Region cells uint8 [B, gh, gw] -> (cells of all objects, number of objects, largest id other than ignore or
+    -1): the sums behind data.object_ratio (ids 1..254 are objects) and the segmentation's region count, integers
+    that add up over batches and ranks in any order, so a sharded export gives the single-process meta."""
+    lab = labels.reshape(labels.shape[0], -1).long()
+    counts = torch.zeros(lab.shape[0], 256, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))
+    objects = counts[:, 1:data.IGNORE]
+    real = lab[lab != data.IGNORE]
+    return int(objects.sum()), int((objects > 0).sum()), int(real.max()) if real.numel() else -1
+
+
+def export(items, label_fn, grid, has_scores, args, d, desc, out):
+    """Run label_fn over every item, rank r taking the r-th contiguous block of items, and write the rows to this
+    rank's shard <out>.rank<r>.tmp as they come (labels uint8 [rows, gh, gw], then scores float16), so a rank holds
+    one batch, never its whole share. -> (object cells, objects, largest id) summed / maxed over all ranks."""
+    n, cells = len(items), grid[0] * grid[1]
+    lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(lo, hi)), batch_size=args.batch_size,
                                          num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
-    labels, scores = [], []
-    for batch in tqdm(loader, desc=desc, disable=not d.is_main, leave=False, dynamic_ncols=True):
-        lab, sc = label_fn(batch)
-        labels.append(lab.cpu())
-        scores.append(None if sc is None else sc.to(torch.float16).cpu())
-    has_scores = any(sc is not None for sc in scores)
-    shard = (idx, torch.cat(labels) if labels else torch.empty(0, *grid, dtype=torch.uint8),
-             torch.cat(scores) if has_scores else None)                   # a rank may get no items
-    shards = [shard]
-    if d.world > 1:                                                        # one regions file, written by rank 0
-        shards = [None] * d.world if d.is_main else None
-        dist.gather_object(shard, shards, dst=0)
-        if not d.is_main:
-            return None, None
-    all_labels = torch.empty(len(items), *grid, dtype=torch.uint8)
-    all_scores = None
-    if any(sc is not None for _, _, sc in shards):
-        all_scores = torch.empty(len(items), *grid, dtype=torch.float16)
-    for ids, lab, sc in shards:
-        all_labels[ids] = lab
-        if sc is not None:
-            all_scores[ids] = sc
-    return all_labels, all_scores
+    sums, top, row = torch.zeros(2, dtype=torch.long), -1, 0
+    fd = os.open(f"{out}.rank{d.rank}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not d.is_main, leave=False, dynamic_ncols=True):
+            lab, sc = label_fn(batch)
+            lab = lab.to(torch.uint8).cpu()
+            data.pwrite_all(fd, lab, row * cells)
+            if has_scores:
+                data.pwrite_all(fd, sc.to(torch.float16).cpu(), (hi - lo) * cells + 2 * row * cells)
+            obj_cells, objs, batch_top = object_counts(lab)
+            sums, top, row = sums + torch.tensor([obj_cells, objs]), max(top, batch_top), row + len(lab)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if d.world > 1:                                      # NCCL reduces device tensors only
+        sums, tops = sums.to(d.device), torch.tensor([top], device=d.device)
+        dist.all_reduce(sums)
+        dist.all_reduce(tops, op=dist.ReduceOp.MAX)
+        sums, top = sums.cpu(), int(tops)
+    return int(sums[0]), int(sums[1]), top
 
 
-def make_regions(base, args, d, nets):
-    """The chosen method over `base` in order -> (labels, scores, meta) on rank 0."""
+def merge_shards(out, n, grid, has_scores, files, meta, d):
+    """The regions file `out` (data.save_regions' format, atomic) from the ranks' shards, without any process
+    holding it: rank 0 reserves the final file (data.reserve_tensor_file: torch.save without the tensors' bytes)
+    and copies each shard's bytes to their place in it, 16 MB at a time, then renames it into place and deletes the
+    shards. The shards are next to `out`, so it must be on a filesystem every node sees."""
+    if d.world > 1:
+        dist.barrier()                                   # every shard is on disk
+    if d.is_main:
+        cells, folder = grid[0] * grid[1], os.path.dirname(os.path.abspath(out))
+        obj = {"labels": data.fake_tensor((n, *grid), torch.uint8), "files": [str(f) for f in files],
+               "meta": dict(meta)}                       # the keys in save_regions' order
+        if has_scores:
+            obj["scores"] = data.fake_tensor((n, *grid), torch.float16)
+        tmp_fd, tmp = tempfile.mkstemp(dir=folder, prefix=".regions-", suffix=".tmp")
+        os.close(tmp_fd)
+        try:
+            offsets = data.reserve_tensor_file(tmp, obj)
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                for r in range(d.world):
+                    lo, hi = r * n // d.world, (r + 1) * n // d.world
+                    with open(f"{out}.rank{r}.tmp", "rb") as shard:       # labels, then scores: read in order
+                        copy_bytes(shard, fd, offsets["labels"] + lo * cells, (hi - lo) * cells)
+                        if has_scores:
+                            copy_bytes(shard, fd, offsets["scores"] + 2 * lo * cells, 2 * (hi - lo) * cells)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, out)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        utils.fsync_dir(folder)
+        for r in range(d.world):
+            os.unlink(f"{out}.rank{r}.tmp")
+    if d.world > 1:
+        dist.barrier()                                   # the file is in place when every rank returns
+
+
+def copy_bytes(src, fd, offset, nbytes, chunk=16 << 20):
+    """nbytes from the file object src (from where it stands) to offset of the open file fd, a chunk at a time."""
+    while nbytes:
+        buf = memoryview(src.read(min(chunk, nbytes)))
+        if not buf:
+            raise RuntimeError(f"shard {src.name} ended {nbytes} bytes early")
+        nbytes -= len(buf)
+        while buf:                                       # os.pwrite may write less than asked
+            done = os.pwrite(fd, buf, offset)
+            buf, offset = buf[done:], offset + done
+
+
+def make_regions(base, args, d, nets, out, cache=None):
+    """The chosen method over `base` in order -> the regions file `out` (written by the ranks together) and its
+    meta. `cache`: open_image_cache's, for the fast input path."""
     grid = (args.input_size // args.cell_size,) * 2
     if args.method == "segmentation":                                      # only the masks are read
         images = SegmentationCells(base, args, load_coco(args, base) if args.coco else None)
+    elif cache is not None:
+        images = data.CachedPretrainDataset(base, cache, args.input_size, hflip=False, cell_size=args.cell_size)
     else:
         images = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
     meta = {"method": args.method, "input_size": args.input_size, "cell_size": args.cell_size,
@@ -293,7 +376,7 @@ def make_regions(base, args, d, nets):
         encoder, learner = nets
 
         def label_fn(batch):
-            cls_feat, patch_feat = encoder_features(encoder, batch[0].to(d.device))
+            cls_feat, patch_feat = encoder_features(encoder, batch_images(batch, d.device))
             with torch.no_grad():
                 return parts_from_maps(learner.part_maps(cls_feat, patch_feat), grid)
         meta.update(kind="parts", num_regions=args.num_parts, source=args.encoder_weights)
@@ -301,27 +384,27 @@ def make_regions(base, args, d, nets):
         encoder = nets[0]
 
         def label_fn(batch):
-            return attention_parts(encoder, batch[0].to(d.device), grid)
+            return attention_parts(encoder, batch_images(batch, d.device), grid)
         meta.update(kind="parts", num_regions=encoder.blocks[-1].attn.num_heads, source=args.encoder_weights)
     elif args.method == "cam":
         net = nets[0]
 
         def label_fn(batch):
-            return cam_objects(net, batch[0].to(d.device), args.cell_size, args.cam_threshold, args.min_share)
+            return cam_objects(net, batch_images(batch, d.device), args.cell_size, args.cam_threshold,
+                               args.min_share)
         meta.update(kind="objects", num_regions=1, source=f"{args.cam_arch} {args.cam_weights}")
     else:
         def label_fn(batch):
             return batch, None
         meta.update(kind="objects", source=args.coco or args.masks or "shapes instance masks")
-    labels, scores = export(images, label_fn, grid, args, d, f"export {args.method}")
-    if labels is None:
-        return None, None, None
+    has_scores = args.method != "segmentation"
+    obj_cells, objs, top = export(images, label_fn, grid, has_scores, args, d, f"export {args.method}", out)
     if meta["kind"] == "objects":
-        meta["object_ratio"] = data.object_ratio(labels)
+        meta["object_ratio"] = obj_cells / (objs * grid[0] * grid[1]) if objs else 0.0   # = data.object_ratio
         if args.method == "segmentation":
-            real = labels[labels != data.IGNORE]
-            meta["num_regions"] = int(real.max()) if real.numel() else 0
-    return labels, scores, meta
+            meta["num_regions"] = max(top, 0)
+    merge_shards(out, len(base), grid, has_scores, base.files, meta, d)
+    return meta
 
 
 # ----------------------------------------------------------------------------- evaluation on shapes
@@ -388,7 +471,7 @@ def save_picture(path, imgs, labels, recon=None, kind="parts"):
 
 # ----------------------------------------------------------------------------- training the part learner
 
-def train_learner(args, d, base, encoder):
+def train_learner(args, d, base, encoder, cache=None):
     """semmae §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the PartLearner."""
     torch.manual_seed(args.seed)                                           # same initial weights on every rank
     width = encoder.cls_token.shape[-1]
@@ -412,7 +495,10 @@ def train_learner(args, d, base, encoder):
     if args.export_only:
         return learner.eval()
 
-    dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)  # resize + flip
+    if cache is not None:               # the same samples, uint8 from the cache: flip and normalise in batch_images
+        dataset = data.CachedPretrainDataset(base, cache, args.input_size, hflip=True, cell_size=args.cell_size)
+    else:
+        dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)  # resize + flip
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) == 0:
         raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
@@ -428,12 +514,13 @@ def train_learner(args, d, base, encoder):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same flips and order
         loader.sampler.set_epoch(epoch)
         learner.train()
-        t0, sums, n = time.time(), torch.zeros(3), 0
+        # the losses are summed on the device and read every --log_every steps: no host sync in the other steps
+        t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
-        for it, (imgs, _, _, _) in enumerate(bar):
+        for it, batch in enumerate(bar):
             lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
             utils.set_lr(optimizer, lr)
-            imgs = imgs.to(d.device, non_blocking=True)
+            imgs = batch_images(batch, d.device)
             cls_feat, patch_feat = encoder_features(encoder, imgs)        # F_c [B, C], F [B, C, h, w]
             maps, recon = ddp(cls_feat, patch_feat, imgs.shape[-2:])        # Eq. 1-4
             rec = F.mse_loss(recon, imgs)                                  # Eq. 5
@@ -442,10 +529,14 @@ def train_learner(args, d, base, encoder):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            utils.stop_if_not_finite(loss.item(), f"epoch {epoch} step {it}", ckpt_path)
-            sums, n = sums + torch.tensor([loss.item(), rec.item(), div.item()]), n + 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", div=f"{div.item():.3f}", lr=f"{lr:.2e}")
-        loss, rec, div = (utils.all_reduce_mean(v / n, d) for v in sums.tolist())
+            sums += torch.stack([loss, rec, div]).detach()
+            n += 1
+            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
+                means = (sums / n).tolist()                               # the sync: the epoch's means so far
+                utils.stop_if_not_finite(means[0], f"epoch {epoch}, one of steps {it - it % args.log_every}..{it}",
+                                         ckpt_path)                       # before this epoch's checkpoint
+                bar.set_postfix(loss=f"{means[0]:.4f}", div=f"{means[2]:.3f}", lr=f"{lr:.2e}")
+        loss, rec, div = (utils.all_reduce_mean(v, d) for v in means)
         if d.is_main:
             utils.save_checkpoint(ckpt_path, {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
                                               "epoch": epoch, "args": vars(args)})
@@ -487,13 +578,16 @@ def main(args):
     if args.method != "learned":  # a learned run starts once its --resume checkpoint is read (train_learner)
         utils.start_run(args, d)
     utils.print_args(d, args)
+    cache = None                        # fast input path: uint8 images decoded once, flipped/normalised on the device
+    if args.image_cache:
+        cache = data.open_image_cache(args.image_cache, base, args.input_size, args.num_workers, d.rank, d.world)
     if args.method == "learned":
-        nets = (nets[0], train_learner(args, d, base, nets[0]))
+        nets = (nets[0], train_learner(args, d, base, nets[0], cache))
 
-    labels, scores, meta = make_regions(base, args, d, nets)
     out = os.path.join(args.output_dir, "regions.pt")
+    meta = make_regions(base, args, d, nets, out, cache)
     if d.is_main:
-        data.save_regions(out, labels, scores, base.files, meta)
+        labels = data.load_regions(out, base.files, args.input_size)["labels"]             # memory-mapped
         vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
         n = min(8, len(base))
         save_picture(os.path.join(args.output_dir, "regions.png"), torch.stack([vis[i][0] for i in range(n)]),
@@ -505,10 +599,9 @@ def main(args):
 
     if args.eval_iou:                                                      # held-out images: another split
         val = data.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.data_seed, split="val")
-        labels, scores, meta = make_regions(val, args, d, nets)
+        out = os.path.join(args.output_dir, "regions-val.pt")
+        make_regions(val, args, d, nets, out)                              # not in the cache: the default path
         if d.is_main:
-            out = os.path.join(args.output_dir, "regions-val.pt")
-            data.save_regions(out, labels, scores, val.files, meta)
             iou = foreground_iou(data.load_regions(out, val.files, args.input_size), val)
             utils.append_log(os.path.join(args.output_dir, "log.txt"), {"method": args.method, **iou})
             print(f"foreground IoU on {iou['images']} held-out shapes images ({args.method}): "

@@ -71,7 +71,8 @@ def get_args(argv=None):
     p.add_argument("--seq_ratio", type=float, default=0.25,
                    help="objmae: source and target length / L (alpha, §3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
     p.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"],
-                   help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which")
+                   help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which; throwout's "
+                        "length is the batch minimum, read on the host: one sync a step")
     p.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
                    help="objmae: source and target from one object (§3, Table 6's best), two objects, or the image")
     # augmentation of image and region cells together (data.PretrainDataset)
@@ -106,9 +107,23 @@ def get_args(argv=None):
     p.add_argument("--output_dir", default="output/pretrain")
     p.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto': this --output_dir's "
                                                    "checkpoint-last.pth if there is one, else start")
-    p.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-<epoch>.pth every N epochs")
+    p.add_argument("--ckpt_every", type=int, default=1,
+                   help="write checkpoint-last.pth (what --resume continues from) every N epochs and after the last "
+                        "one; a ViT-B MAE with its AdamW state is 1.3 GB")
+    p.add_argument("--save_every", type=int, default=0,
+                   help="also keep a numbered copy checkpoint-<epoch>.pth every N epochs (0 = none)")
+    p.add_argument("--log_every", type=int, default=20,
+                   help="read the loss on the host (a device sync), update the bar and stop on NaN every N steps")
     p.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
     p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--image_cache", default=None, metavar="FILE",
+                   help="fast input path: decode and resize every image once into FILE (uint8, 3*S*S bytes an image: "
+                        "ImageNet-1k at 224 px is 193 GB; written by the first run that names it, on a filesystem "
+                        "every node sees), then load uint8 batches and crop, flip and normalise them on the device. "
+                        "Omitted: PIL decodes every image in every epoch")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (the same result, faster on a GPU); a backend name after it, e.g. "
+                        "aot_eager, traces without generating kernels (to find a problem, or on a CPU with no compiler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
@@ -121,7 +136,8 @@ def check_args(args):
         "batch_size": (1, None), "accum_iter": (1, None), "blr": (0, 10), "lr": (0, 10), "min_lr": (0, 10),
         "weight_decay": (0, 1), "save_every": (0, None), "vis_every": (0, None), "num_workers": (0, 256),
         "seed": (0, 2**32 - 1), "crop_scale": (0, 1), "crop_ratio": (0, 100), "opt_betas": (0, 1),
-        "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1)})
+        "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1), "ckpt_every": (1, None),
+        "log_every": (1, None)})
     if not 0.0 < args.mask_ratio < 1.0:
         raise UsageError(f"--mask_ratio {args.mask_ratio} is outside (0, 1): some patches must be masked and some seen")
     if not 0.0 <= args.seq_ratio < 1.0:
@@ -155,6 +171,9 @@ def check_args(args):
                          f"{args.lookahead_alpha} in (0, 1]")
     if not (0.0 <= args.opt_betas[0] < 1.0 and 0.0 <= args.opt_betas[1] < 1.0 and args.opt_eps > 0):
         raise UsageError(f"--opt_betas {args.opt_betas[0]} {args.opt_betas[1]} must be in [0, 1) and --opt_eps > 0")
+    if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
+        raise UsageError(f"--compile {args.compile} is not a torch.compile backend; choose from "
+                         f"{', '.join(torch.compiler.list_backends())}")
 
 
 # ----------------------------------------------------------------------------- masks
@@ -256,8 +275,13 @@ def main(args):
         regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
         patch_size = models.MODELS[args.model].keywords["patch_size"]
         cell_size = region_cell_size(args, regions, patch_size)
-        dataset = data.PretrainDataset(base, args.input_size, regions=regions, hflip=args.hflip, cell_size=cell_size,
-                                       crop_scale=args.crop_scale, crop_ratio=tuple(args.crop_ratio))
+        augment = dict(regions=regions, hflip=args.hflip, cell_size=cell_size, crop_scale=args.crop_scale,
+                       crop_ratio=tuple(args.crop_ratio))
+        if args.image_cache:            # fast path: uint8 images from the cache, crop/flip/normalise on the device
+            cache = data.open_image_cache(args.image_cache, base, args.input_size, args.num_workers, d.rank, d.world)
+            dataset = data.CachedPretrainDataset(base, cache, args.input_size, **augment)
+        else:
+            dataset = data.PretrainDataset(base, args.input_size, **augment)
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) < args.accum_iter:
         raise UsageError(f"{len(dataset)} images give {len(loader)} batches of {args.batch_size} per rank, "
@@ -281,7 +305,8 @@ def main(args):
     eff_batch = args.batch_size * args.accum_iter * d.world
     base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr,
-                                  betas=tuple(args.opt_betas), eps=args.opt_eps)
+                                  betas=tuple(args.opt_betas), eps=args.opt_eps,
+                                  fused=True if d.device.type == "cuda" else None)  # one kernel for all params
     if args.lookahead:                                                     # ObjMAE Table 2
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
     start_epoch = 0
@@ -299,6 +324,7 @@ def main(args):
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch = ckpt["epoch"] + 1
     ddp = DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else net
+    step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp   # checkpoints keep net's names
 
     utils.start_run(args, d)
     utils.print_args(d, args)
@@ -321,9 +347,10 @@ def main(args):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
         loader.sampler.set_epoch(epoch)
         ddp.train()
-        t0, loss_sum, n_sum = time.time(), 0.0, 0
+        # the loss is summed on the device and read every --log_every steps: no host sync in the other steps
+        t0, loss_sum, n_sum = time.time(), torch.zeros((), dtype=torch.float64, device=d.device), 0
         bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
-        for it, (imgs, cells, scores, _) in enumerate(bar):
+        for it, (imgs, cells, scores, _, *choices) in enumerate(bar):
             if it == iters:                                                # the leftover micro-batches
                 break
             i = epoch * iters + it
@@ -334,27 +361,34 @@ def main(args):
             # 1 at the last step whatever --epochs is (Algorithm 1, line 7, per step not per epoch)
             progress = i / max(1, total_iters - 1)
             imgs, cells, scores = (x.to(d.device, non_blocking=True) for x in (imgs, cells, scores))
+            if args.image_cache:        # uint8 -> the default path's tensors; the boxes stay on the CPU
+                flips, boxes = choices
+                imgs = data.device_batch(imgs, flips, boxes if args.crop_scale else None)
             src_ids, tgt_ids, src_valid, tgt_valid = masker(cells, scores, progress)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(ddp, sync, d):
                 with utils.autocast(d.device):
-                    loss, _ = ddp(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+                    loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
                 (loss / args.accum_iter).backward()
             if sync:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()
-            utils.stop_if_not_finite(loss_value, f"step {i} (epoch {epoch})", ckpt_path)
-            loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
-            shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
+            loss_sum += loss.detach()
+            n_sum += 1
+            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
+                loss_value = loss_sum.item() / n_sum                      # the sync: the epoch's mean so far
+                utils.stop_if_not_finite(loss_value, f"one of steps {i - (it % args.log_every)}..{i} (epoch {epoch})",
+                                         ckpt_path)                       # before any checkpoint of this epoch
+                shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
         bar.close()
 
-        train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
+        train_loss = utils.all_reduce_mean(loss_value, d)
         if d.is_main:
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                      "args": vars(args)}
-            utils.save_checkpoint(ckpt_path, state)
+            if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
+                utils.save_checkpoint(ckpt_path, state)
             if args.save_every and (epoch + 1) % args.save_every == 0:
                 utils.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), state)
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "time_s": round(time.time() - t0, 2)}

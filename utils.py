@@ -105,6 +105,7 @@ def init_distributed(device="auto"):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
     if "RANK" not in os.environ:  # plain `python X.py`
+        check_not_scheduler_tasks()
         return Dist(0, 1, 0, torch.device(device), True)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -116,6 +117,24 @@ def init_distributed(device="auto"):
         dev = torch.device("cpu")
         dist.init_process_group("gloo")
     return Dist(rank, world, local_rank, dev, rank == 0)
+
+
+# a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH / Intel MPI
+SCHEDULER_TASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def check_not_scheduler_tasks():
+    """A stage started as several tasks by a cluster launcher (srun -n 8, mpirun -np 8) but not through torchrun has
+    no RANK/WORLD_SIZE: every task would train alone on the whole data and overwrite the same checkpoint. Stop."""
+    for name in SCHEDULER_TASKS:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            if int(value) > 1:
+                raise UsageError(f"launched as {value} tasks ({name}={value}) without torchrun's RANK/WORLD_SIZE, so "
+                                 "every task would train alone and overwrite the same checkpoint; start one task per "
+                                 "node running `torchrun --nnodes N --nproc_per_node GPUS --rdzv_backend c10d "
+                                 "--rdzv_endpoint HOST:PORT X.py ...` (or one task in all)")
+            return                                      # the first variable that is set decides (a step's own count)
 
 
 def cleanup_distributed():
@@ -345,16 +364,34 @@ class SeededSamples(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- checkpoints and logs
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a run killed mid-save never leaves a
-    half-written checkpoint where a good one was."""
+    """Write to a temporary file, fsync it, then rename: a run killed mid-save (or a machine that loses power
+    after the rename) never leaves a half-written checkpoint where a good one was."""
     tmp = f"{path}.tmp"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())                    # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C or a full disk mid-save: the last good checkpoint stays, no stray .tmp
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(folder):
+    """Make a rename in `folder` durable (POSIX: the directory entry is data of the directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:                                 # no directory handles (Windows): nothing to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                                        # some filesystems refuse fsync on a directory
+    finally:
+        os.close(fd)
 
 
 def not_a_checkpoint(path):
