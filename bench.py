@@ -8,8 +8,8 @@ Sections (SECTIONS below, one function each):
            and object-wise (ObjMAE, intra, zero padding, seq_ratio 0.25, 1-4 rectangular objects per image)
            masking for a batch of 256 at L = 196 (224 px, patch 16) and L = 784 (patch 8), with the ratio to
            random masking at the same shape. Goal: at most 3x random.
-  pretrain one training step (forward, backward, AdamW) of mae_vit_small_patch16 (objmae Table 1) at 224 px:
-           a supervised ViT-S on all 196 patches (the baseline of objmae Table 4), MAE at mask ratio 0.75 and
+  pretrain one training step (forward, backward, AdamW) of mae_vit_small_patch16 (ObjMAE Table 1) at 224 px:
+           a supervised ViT-S on all 196 patches (the baseline of ObjMAE Table 4), MAE at mask ratio 0.75 and
            ObjMAE at seq_ratio 1/2, 1/4, 1/8, 1/16, with the speed-up over the baseline and peak memory.
            Each setting runs in its own process so its peak memory is its own. On a CPU use few repeats:
                python bench.py --sections pretrain --repeats 3
@@ -25,6 +25,11 @@ Sections (SECTIONS below, one function each):
            synthetic images (28x28 cells with scores, 2 ranks on gloo): what no process may hold is the whole file.
 Timing: a few warm-up rounds, then the median of --repeats calls, the calls of one table interleaved;
 on CUDA each call is synchronised.
+
+References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
 import json
@@ -137,7 +142,7 @@ def step_time(kind, ratio, device, batch, repeats):
 def bench_pretrain(device, args):
     settings = [("supervised", 1.0, "ViT-S supervised, 196 patches"), ("mae", 0.75, "MAE, mask ratio 0.75")]
     settings += [("objmae", 1 / k, f"ObjMAE, seq_ratio 1/{k}") for k in (2, 4, 8, 16)]
-    paper = {2: "1.9x", 4: "3.6x", 8: "6.4x", 16: "9.2x"}   # objmae Table 4 (TITAN RTX, batch 256)
+    paper = {2: "1.9x", 4: "3.6x", 8: "6.4x", 16: "9.2x"}   # ObjMAE Table 4 (TITAN RTX, batch 256)
     print(f"\n### pretrain: training step of mae_vit_small_patch16, batch {args.batch_size}, 224 px "
           f"({device.type}, {torch.get_num_threads()} threads, median of {args.repeats})\n")
     print("| setting | ms / step | speed-up | paper | peak memory (MiB) |")

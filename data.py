@@ -9,17 +9,22 @@
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
 - `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
 - The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
-- Objects per cell from an instance mask (objmae §3.2's 20% rule, §4.1's 5% rule): `mask_cells` (a mask of
+- Objects per cell from an instance mask (ObjMAE §3.2's 20% rule, §4.1's 5% rule): `mask_cells` (a mask of
   any size, resized as its image) over `instance_cells`.
 - Cells to patches inside the training loop: `cells_to_patches` (parts), `scores_to_patches`.
-- The joint random-resized crop (MAE's pre-training crop, objmae §4.2's random crop) as pure functions on
+- The joint random-resized crop (MAE's pre-training crop, ObjMAE §4.2's random crop) as pure functions on
   tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores), `resized_crop_mask`.
-- `PretrainDataset`: image + region cells, cropped (optional) and flipped together (semmae §4.1: flip only).
+- `PretrainDataset`: image + region cells, cropped (optional) and flipped together (SemMAE §4.1: flip only).
 - The fast input path (--image_cache): `open_image_cache` (uint8 images decoded once), `CachedPretrainDataset`
   (the same samples, uint8), `device_batch` (crop, flip, normalise on the device).
 
     python data.py --write OUT --num_images 200 --img_size 64    # shapes as an image folder + masks
     python data.py --verify IMAGENET/train IMAGENET/val             # list every unreadable image, exit 2 if any
+
+References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
 import json
@@ -74,7 +79,7 @@ def save_with_headings(path, images, headings):
         left = 1 + c * (width + 1)                                        # column c's first pixel in the grid
         draw.text((left + (width - box[2]) // 2, 3), heading, fill="black", font=font)
     canvas.save(path)
-IGNORE = 255                     # region id of a cell with no label (DESIGN.md, the regions file)
+IGNORE = 255                     # region id of a cell with no label (the regions file, below)
 
 
 # ----------------------------------------------------------------------------- built-in shapes
@@ -399,7 +404,7 @@ class CocoMasks(Mapping):
 def coco_instance_masks(json_path, image_ids=None):
     """COCO instances JSON -> a CocoMasks mapping {file_name: np.uint8 [H, W]}: 0 = background,
     instances 1..k in annotation order (later ones overwrite overlaps, at most 254). Crowd annotations
-    (iscrowd=1) mark groups, not single objects, so they stay background (objmae §4.1 picks single
+    (iscrowd=1) mark groups, not single objects, so they stay background (ObjMAE §4.1 picks single
     objects). Masks are decoded when read, one image at a time."""
     try:
         with open(json_path) as f:
@@ -420,8 +425,8 @@ def coco_instance_masks(json_path, image_ids=None):
 def instance_cells(inst_mask, grid, min_share=0.2, min_object=0.05):
     """Instance mask [H, W] (0 = background) -> object id per cell, np.uint8 [gh, gw].
 
-    objmae §3.2: a cell belongs to an object when >= min_share (20%) of its pixels do; when
-    several pass, the larger share wins (ties: the lower id). objmae §4.1: objects covering
+    ObjMAE §3.2: a cell belongs to an object when >= min_share (20%) of its pixels do; when
+    several pass, the larger share wins (ties: the lower id). ObjMAE §4.1: objects covering
     < min_object (5%) of the image are dropped first and count as background. Ids keep their
     values from the mask (so they may have gaps); 0 = background.
 
@@ -454,7 +459,7 @@ def instance_cells(inst_mask, grid, min_share=0.2, min_object=0.05):
 
 def object_ratio(labels):
     """Mean object ratio of region cells [N, gh, gw] (or [gh, gw]): mean over every object of
-    every image of (its cells / all cells). objmae Eq. 1 counts pixels; we count cells after the
+    every image of (its cells / all cells). ObjMAE Eq. 1 counts pixels; we count cells after the
     20% rule, which is what the masking sees: object cells are the model's patches (`instance_cells`), so this
     is the seq_ratio hint of a model whose patch is the cell size. Ids 1..254 are objects. 0.0 when there are
     none."""
@@ -480,7 +485,7 @@ def cells_to_patches(labels, factor, generator=None):
     each f x f block of cells, ties broken at random (uniform over the tied parts: a lowest-id rule would favour
     part 0, and a patch-16 model over 8-px cells has a tie in about one patch in five). Ignore (255) wins only
     when the whole patch is ignore. f = 1 is a reshape. For parts only: objects need ObjMAE's 20% pixel rule on
-    the patch's own pixels (objmae §3.2), which cells cannot give, so object regions are made at the patch size.
+    the patch's own pixels (ObjMAE §3.2), which cells cannot give, so object regions are made at the patch size.
     Pairwise comparisons, O(f^4) per patch: cheap for the f = 1, 2 that patch 8/16 over 8-px cells need."""
     B, gh, gw = labels.shape
     if gh % factor or gw % factor:
@@ -510,7 +515,7 @@ def scores_to_patches(scores, factor):
 
 class CIFAR100:
     """torchvision's CIFAR-100 with data.py's .load(i) -> (PIL, mask None, class) interface (32x32 images; the
-    transforms resize them to --input_size, objmae.txt §4.1)."""
+    transforms resize them to --input_size, ObjMAE §4.1)."""
 
     def __init__(self, root, train, download):
         try:
@@ -548,7 +553,7 @@ class Classification(torch.utils.data.Dataset):
 def save_regions(path, labels, scores, files, meta):
     """Write the regions file atomically (temp file in the same folder, then os.replace).
     labels: uint8 [N, gh, gw]; scores: [N, gh, gw] (stored float16) or None; files: N paths
-    relative to the data root in dataset order; meta: dict of plain types (DESIGN.md)."""
+    relative to the data root in dataset order; meta: dict of plain types (method, kind, input_size, cell_size, num_regions, object_ratio, source)."""
     labels = torch.as_tensor(labels).to(torch.uint8).contiguous()
     if labels.dim() != 3 or labels.shape[0] != len(files):
         raise ValueError(f"labels must be [N, gh, gw] with N = {len(files)} files, got {tuple(labels.shape)}")
@@ -714,13 +719,13 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     Cells come from the regions file (row i), else from the base's instance mask by objmae's rules
     (`instance_cells` at `cell_size`: pass the model's patch size, so the 20% rule is on each patch's own pixels,
-    objmae §3.2), else they are all 255 (ignore) with zero scores.
+    ObjMAE §3.2), else they are all 255 (ignore) with zero scores.
 
     Augmentation, in this order: the whole image resized to S x S (PIL bicubic); with `crop_scale`, a random-
     resized crop of that S x S image (`crop_box`, then `resized_crop` back to S x S) and of its cells
     (`resized_crop_cells`; an instance mask is cropped at the pixel level and its cells recomputed, so the 20% and
     5% rules hold on the crop); then, with `hflip`, a horizontal flip of image and cells together; then the
-    ImageNet normalisation. semmae §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
+    ImageNet normalisation. SemMAE §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
     choice comes from torch's global RNG, in this order (box, then coin), so worker seeding and resume control it.
     """
 
@@ -764,7 +769,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                 labels, scores = resized_crop_cells(labels, scores, box, S)
             else:
                 mask = resized_crop_mask(mask, box, S)
-        if labels is None:                                                 # objmae §3.2, §4.1 on the (cropped) mask
+        if labels is None:                                                 # ObjMAE §3.2, §4.1 on the (cropped) mask
             labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
         if self.hflip and torch.rand(()) < 0.5:
             x, labels, scores = x.flip(-1), labels.flip(-1), scores.flip(-1)
@@ -977,7 +982,7 @@ class CachedPretrainDataset(PretrainDataset):
                 labels, scores = resized_crop_cells(labels, scores, box, S)
             else:
                 mask = resized_crop_mask(mask, box, S)
-        if labels is None:                                                 # objmae §3.2, §4.1 on the (cropped) mask
+        if labels is None:                                                 # ObjMAE §3.2, §4.1 on the (cropped) mask
             labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
         flip = bool(self.hflip and torch.rand(()) < 0.5)
         if flip:

@@ -45,6 +45,11 @@ layer decay 0.65, wd 0.05, drop path 0.1, 100 epochs, 5 warm-up, label smoothing
 RandAugment m9 n2, random erasing 0.25, global average pooling) or linear probing (MAE's main_linprobe: LARS,
 blr 0.1, wd 0, 90 epochs, 10 warm-up, RandomResizedCrop + flip only, class token, BatchNorm without affine).
 The saved models use timm's key names: model-timm.pth loads into timm's VisionTransformer unchanged.
+
+References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
 import os
@@ -405,7 +410,7 @@ def timm_state_dict(net):
 # ----------------------------------------------------------------------------- train and evaluate
 
 def keep_ids(scores, net, args, generator=None):
-    """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (semmae.txt §4.2)."""
+    """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (SemMAE §4.2)."""
     factor = net.patch_size // (args.input_size // scores.shape[-1])  # cells per patch side
     return masking.keep_foreground(data.scores_to_patches(scores, factor), args.keep_ratio, generator=generator)
 

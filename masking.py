@@ -2,11 +2,11 @@
 
 Read it top to bottom, it follows the papers:
   1. MAE's random masking, the baseline both papers start from, and its rounding (`masked_count`).
-  2. SemMAE (semmae.txt §3.2, Algorithm 1): a per-part budget that moves from "mask a portion of every
+  2. SemMAE (SemMAE §3.2, Algorithm 1): a per-part budget that moves from "mask a portion of every
      part" (alpha = 0) to "mask whole parts" (alpha = 1) as training goes (alpha = progress ** gamma),
      then a uniform random subset inside each part. Plus the 8x8-patch trick of §4.2: keep only the
      most foreground-like patches. `source_target_ids` is a whole step: keep, mask, index sets.
-  3. ObjMAE (objmae.txt §3): one object per image, its patches split into a source half (encoder input)
+  3. ObjMAE (ObjMAE §3): one object per image, its patches split into a source half (encoder input)
      and a target half (what the decoder rebuilds), both aligned to a fixed length n; everything else
      in the image is dropped.
 
@@ -22,6 +22,11 @@ Imports only torch: copy this file into another project as it is. What a trainin
                                                           ignore_label=255, scores=scores, keep_ratio=0.25)
   ObjMAE:            src_ids, tgt_ids, src_valid, tgt_valid = object_wise_masking(object_labels, 0.25)
 then the model's encoder takes the src_ids patches and its decoder rebuilds the tgt_ids patches.
+
+References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 from typing import NamedTuple
 
@@ -86,7 +91,7 @@ def masked_count(num_patches, mask_ratio):
 
 
 def random_masking(batch_size, num_patches, mask_ratio, *, device=None, generator=None):
-    """MAE's uniform random masking (the baseline of both papers; semmae.txt Table 3 "Random masking").
+    """MAE's uniform random masking (the baseline of both papers; SemMAE Table 3 "Random masking").
 
     Returns a bool mask [B, L], True = masked, with exactly M = L - int(L * (1 - mask_ratio)) masked
     patches in every row. Each row is an independent uniformly random M-subset.
@@ -103,7 +108,7 @@ def random_masking(batch_size, num_patches, mask_ratio, *, device=None, generato
 # ----------------------------------------------------------------------------- 2. SemMAE
 
 def alpha_schedule(progress, gamma, reverse=False):
-    """SemMAE's interpolation weight (semmae.txt Algorithm 1 line 7, Fig. 3, Table 3).
+    """SemMAE's interpolation weight (SemMAE Algorithm 1 line 7, Fig. 3, Table 3).
 
     alpha = progress ** gamma, progress = fraction of training done in [0, 1] (the paper uses
     epoch / total_epochs; we update it every iteration). gamma = 2 is the paper's choice; alpha = 0 is
@@ -118,7 +123,7 @@ def alpha_schedule(progress, gamma, reverse=False):
 
 
 def part_mask_counts(part_sizes, mask_ratio, alpha, *, generator=None):
-    """How many patches to mask in each part: semmae.txt §3.2, Algorithm 1.
+    """How many patches to mask in each part: SemMAE §3.2, Algorithm 1.
 
     part_sizes: integer [B, K], patches per part (parts may be empty); row b sums to L_b.
     Returns long [B, K]: row b sums to exactly M_b = L_b - int(L_b * (1 - mask_ratio)), every count is
@@ -170,7 +175,7 @@ def part_mask_counts(part_sizes, mask_ratio, alpha, *, generator=None):
 
 
 def semantic_guided_masking(part_labels, mask_ratio, alpha, *, num_parts=None, ignore_label=None, generator=None):
-    """SemMAE's semantic-guided masking (semmae.txt §3.2): Algorithm 1's count per part, then a uniformly
+    """SemMAE's semantic-guided masking (SemMAE §3.2): Algorithm 1's count per part, then a uniformly
     random subset of that many patches inside each part.
 
     part_labels: integer [B, L], the part of every patch in 0..num_parts-1 (argmax of the part maps), or
@@ -218,7 +223,7 @@ def semantic_guided_masking(part_labels, mask_ratio, alpha, *, num_parts=None, i
 
 
 def keep_foreground(scores, keep_ratio, *, generator=None):
-    """SemMAE with 8x8 patches (semmae.txt §4.2): "we leverage the learned attention maps to remove 3/4
+    """SemMAE with 8x8 patches (SemMAE §4.2): "we leverage the learned attention maps to remove 3/4
     patches that are most likely to be the background", so a patch-8 model costs what a patch-16 one does.
 
     scores: float [B, L], foreground likelihood per patch. keep_ratio: in (0, 1] (1/4 in the paper).
@@ -241,7 +246,7 @@ def keep_foreground(scores, keep_ratio, *, generator=None):
 
 def mask_to_ids(mask, *, num_masked=None):
     """A mask [B, L] (True = masked, the same count M in every row) -> (ids_keep [B, L-M], ids_masked [B, M]),
-    each in ascending patch order: the encoder's source set and the decoder's target set (objmae.txt §3.4:
+    each in ascending patch order: the encoder's source set and the decoder's target set (ObjMAE §3.4:
     MAE is the case target = every masked patch).
 
     num_masked: M. Pass it on the training path; when None it is read from the mask, which costs one
@@ -307,14 +312,14 @@ class ObjectMasks(NamedTuple):
     padding that carries nothing (zero padding): the model gives it no content, no attention and no loss.
     Its id repeats the set's first patch, so gathers stay in range and source and target never share a
     patch, padding included. The order of the slots carries no meaning."""
-    src_ids: torch.Tensor    # [B, n] long: the encoder's input patches (source, objmae.txt §3.1)
+    src_ids: torch.Tensor    # [B, n] long: the encoder's input patches (source, ObjMAE §3.1)
     tgt_ids: torch.Tensor    # [B, n] long: the patches the decoder rebuilds (target)
     src_valid: torch.Tensor  # [B, n] bool
     tgt_valid: torch.Tensor  # [B, n] bool
 
 
 def _choose_regions(labels, relation, generator):
-    """Selection (objmae.txt §3.2 "we uniformly sample an object on an image", §4.5 inter-object).
+    """Selection (ObjMAE §3.2 "we uniformly sample an object on an image", §4.5 inter-object).
 
     Returns (src_in, tgt_in, split): bool [B, L] membership of the source region and the target region,
     and bool [B, 1] `split` = this row's one region (in src_in) is divided into two halves, as in
@@ -324,7 +329,7 @@ def _choose_regions(labels, relation, generator):
     """
     B, L = labels.shape
     device = labels.device
-    if relation == "image":                                               # MAE with alpha (objmae.txt Table 9)
+    if relation == "image":                                               # MAE with alpha (ObjMAE Table 9)
         return (torch.ones(B, L, dtype=torch.bool, device=device), torch.zeros(B, L, dtype=torch.bool, device=device),
                 torch.ones(B, 1, dtype=torch.bool, device=device))
     counts = torch.zeros(B, _NUM_LABELS, dtype=torch.long, device=device)
@@ -333,7 +338,7 @@ def _choose_regions(labels, relation, generator):
     candidate = (value > 0) & (value != _IGNORE) & (counts >= 2)          # [B, 256] choosable objects
     if relation == "inter":
         # "Sometimes, there is only one object in the image, so we regard the background as one object"
-        # (objmae.txt Fig. 6): background (label 0) joins only then, and only when it has >= 2 patches.
+        # (ObjMAE Fig. 6): background (label 0) joins only then, and only when it has >= 2 patches.
         alone = candidate.sum(1, keepdim=True) == 1
         candidate = candidate | ((value == 0) & (counts >= 2) & alone)
     # Draw the rank r of the chosen candidate uniformly in [0, count); the candidate of rank r is the first
@@ -367,7 +372,7 @@ def _lexsort(primary, secondary, device, generator):
 
 def object_wise_masking(object_labels, seq_ratio, padding="zero", relation="intra", scores=None, *,
                         generator=None):
-    """ObjMAE's selection, division and alignment (objmae.txt §3, Fig. 3).
+    """ObjMAE's selection, division and alignment (ObjMAE §3, Fig. 3).
 
     object_labels: integer [B, L], 0 = background, 1..254 = objects, 255 = ignore (never an object).
         Values must be in [0, 255] (checked on CPU tensors; on an accelerator the check would cost a sync).

@@ -1,8 +1,13 @@
 """The networks: a ViT encoder, the MAE encoder/decoder on index sets (SemMAE and ObjMAE pre-training),
-the SemMAE part learner (semmae.txt §3.1) and the loaders for released checkpoints.
+the SemMAE part learner (SemMAE §3.1) and the loaders for released checkpoints.
 
 Parameter names follow timm/MAE/DINO (patch_embed.proj, cls_token, pos_embed, blocks.{i}.attn.qkv, norm, ...),
 so official MAE, SemMAE, DINO, iBOT and timm weights load after prefix stripping, and our encoders load into timm.
+
+References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import math
 import os
@@ -250,7 +255,7 @@ class VisionTransformer(nn.Module):
 
 class MaskedAutoencoderViT(VisionTransformer):
     """MAE where the encoder sees only the source patches and the decoder only the encoded sources plus one mask
-    token per target (objmae §3.4); MAE's random masking is src = kept, tgt = masked. The encoder is this class's
+    token per target (ObjMAE §3.4); MAE's random masking is src = kept, tgt = masked. The encoder is this class's
     VisionTransformer part (same names, no head) with a fixed sin-cos pos_embed; the decoder uses MAE's names."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,

@@ -35,6 +35,11 @@ On a laptop, the built-in shapes data and an encoder from pretrain.py (a few min
     python part_learn.py --method learned --encoder_weights output/pretrain/checkpoint-last.pth \
         --input_size 64 --epochs 5 --batch_size 64 --num_images 2000 --eval_iou
 Re-export from a trained part learner without training: add --export_only --resume parts/checkpoint-last.pth.
+
+References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
 import os
@@ -68,16 +73,16 @@ def get_args(argv=None):
                    help="pixels per region cell; default 8 for parts (SemMAE learns them at 8x8, §4.2; a patch-16 "
                         "model votes over them), 16 for objects: the patch size of the model that will use them, "
                         "since the 20%% rule is on a patch's own pixels (ObjMAE §3.2; patch 16 everywhere, §4.1)")
-    # learned and attention: the frozen encoder (semmae §4.1: iBOT ViT-S; DINO, MAE and ours load too)
+    # learned and attention: the frozen encoder (SemMAE §4.1: iBOT ViT-S; DINO, MAE and ours load too)
     p.add_argument("--encoder_weights", default=None,
                    help="DINO/iBOT release or training checkpoint, MAE/SemMAE or pretrain.py checkpoint")
-    p.add_argument("--num_parts", type=int, default=6, help="learned: N (semmae §4.1: 6, ViT-S's head count)")
-    p.add_argument("--blur", type=int, default=7, help="learned: blur kernel size (semmae §4.1: 7)")
-    p.add_argument("--div_weight", type=float, default=0.03, help="learned: lambda of Eq. 7 (semmae §4.1: 0.03)")
-    # cam (objmae Appendix A) and segmentation (objmae §3.2, §4.1)
+    p.add_argument("--num_parts", type=int, default=6, help="learned: N (SemMAE §4.1: 6, ViT-S's head count)")
+    p.add_argument("--blur", type=int, default=7, help="learned: blur kernel size (SemMAE §4.1: 7)")
+    p.add_argument("--div_weight", type=float, default=0.03, help="learned: lambda of Eq. 7 (SemMAE §4.1: 0.03)")
+    # cam (ObjMAE Appendix A) and segmentation (ObjMAE §3.2, §4.1)
     p.add_argument("--cam_weights", default=None, help="cam: torchvision ResNet state dict (ImageNet-1k trained)")
     p.add_argument("--cam_arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
-                   help="cam: ResNet-50 (objmae App. A); ResNet-34 for ImageNet-100 (objmae §4.1)")
+                   help="cam: ResNet-50 (ObjMAE App. A); ResNet-34 for ImageNet-100 (ObjMAE §4.1)")
     p.add_argument("--cam_threshold", type=float, default=0.3, help="cam: object pixels have map > this")
     p.add_argument("--min_share", type=float, default=0.2, help="a cell is object when >= this share of its pixels are")
     p.add_argument("--min_object", type=float, default=0.05, help="segmentation: drop instances under this share")
@@ -118,7 +123,7 @@ def check_args(args):
         "epochs": (1, None), "warmup_epochs": (0, None), "batch_size": (1, None), "lr": (0, 10),
         "eval_images": (1, 10**6), "num_workers": (0, 256), "seed": (0, 2**32 - 1)})
     if args.blur % 2 == 0:
-        raise UsageError(f"--blur {args.blur} must be an odd kernel size (semmae §4.1: 7)")
+        raise UsageError(f"--blur {args.blur} must be an odd kernel size (SemMAE §4.1: 7)")
     if args.input_size % args.cell_size:
         raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size {args.cell_size}; "
                          f"use a multiple of {args.cell_size}")
@@ -183,7 +188,7 @@ def batch_images(batch, device):
 
 
 def encoder_features(encoder, imgs):
-    """Frozen encoder -> F_c [B, C] and F [B, C, h, w] (semmae §3.1), in fp32. No graph, bf16 on CUDA."""
+    """Frozen encoder -> F_c [B, C] and F [B, C, h, w] (SemMAE §3.1), in fp32. No graph, bf16 on CUDA."""
     with torch.no_grad(), utils.autocast(imgs.device):
         tokens = encoder.forward_features(imgs)                            # [B, 1+L, C]
     tokens = tokens.float()
@@ -219,7 +224,7 @@ def build_cam_net(args):
 
 
 def cam_objects(net, imgs, cell, threshold, min_share):
-    """objmae Appendix A, Eq. 2: M_c(x, y) = sum_k w_k^c f_k(x, y) for the top class c, / its maximum; pixels above
+    """ObjMAE Appendix A, Eq. 2: M_c(x, y) = sum_k w_k^c f_k(x, y) for the top class c, / its maximum; pixels above
     threshold are the object; a cell is object (1) when >= min_share of its pixels are. Score = mean map per cell."""
     with torch.no_grad(), utils.autocast(imgs.device):
         x = imgs
@@ -237,7 +242,7 @@ def cam_objects(net, imgs, cell, threshold, min_share):
 
 
 class SegmentationCells(torch.utils.data.Dataset):
-    """Object id per cell from instance masks (objmae §3.2: 20% rule; §4.1: instances < 5% dropped)."""
+    """Object id per cell from instance masks (ObjMAE §3.2: 20% rule; §4.1: instances < 5% dropped)."""
 
     def __init__(self, base, args, coco_masks=None):
         self.base, self.args, self.coco = base, args, coco_masks
@@ -452,7 +457,7 @@ PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 2
 
 
 def save_picture(path, imgs, labels, recon=None, kind="parts"):
-    """semmae Figure 4: one row per image: the image | its regions colour-coded (nearest upsampling, over a grey
+    """SemMAE Figure 4: one row per image: the image | its regions colour-coded (nearest upsampling, over a grey
     copy of the image) | the reconstruction (learned), under the headings image | parts (or objects) |
     reconstruction."""
     images = data.denormalise(imgs)
@@ -472,7 +477,7 @@ def save_picture(path, imgs, labels, recon=None, kind="parts"):
 # ----------------------------------------------------------------------------- training the part learner
 
 def train_learner(args, d, base, encoder, cache=None):
-    """semmae §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the PartLearner."""
+    """SemMAE §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the PartLearner."""
     torch.manual_seed(args.seed)                                           # same initial weights on every rank
     width = encoder.cls_token.shape[-1]
     learner = models.PartLearner(width, args.num_parts, args.blur, encoder.patch_size).to(d.device)

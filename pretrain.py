@@ -33,6 +33,11 @@ On a laptop, the built-in shapes data (no --data_path), a few minutes on a CPU:
 Each step draws one mask per image, runs the encoder on the source patches only and the decoder on
 source + target tokens (model.py), and regresses the target pixels. Random masking is the case
 source = kept, target = masked.
+
+References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
 import os
@@ -196,7 +201,7 @@ class Masker:
         a = self.args
         labels = data.cells_to_patches(cell_labels, self.factor, generator)  # [B, L] vote, random ties
         scores = data.scores_to_patches(cell_scores, self.factor)          # [B, L]
-        if a.mask == "objmae":                                             # objmae.txt §3
+        if a.mask == "objmae":                                             # ObjMAE §3
             return masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation,
                                                scores if a.regions else None, generator=generator)
         # random or SemMAE (SemMAE §3.2, Alg. 1), after the foreground keep of §4.2 when --keep_ratio < 1
@@ -209,7 +214,7 @@ class Masker:
 
 
 def region_cell_size(args, regions, patch_size):
-    """The cell size the pre-training samples carry. Objects follow objmae §3.2's 20% rule on each patch's own
+    """The cell size the pre-training samples carry. Objects follow ObjMAE §3.2's 20% rule on each patch's own
     pixels: the shapes' masks are turned into cells the size of a patch, and a regions file of objects must have
     been made at this model's patch size (a vote over finer cells loses half-covered objects). Parts may be finer
     than the patch: Masker takes a vote of their cells, ties at random (or export them at the patch size, the

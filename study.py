@@ -54,6 +54,11 @@ SIZING (FULL). Measured on this 2-core machine while four other sessions used it
   encoder 16.8, MAE 26.6: 59%) but 25.6 on the object patches (random encoder 22.2, MAE 29.8: 86%; objmae
   Table 5: 90%). So most of the gap is the probe; what remains (ObjMAE gains 3.4 points over random features on
   object patches, MAE 7.6) fits its ~10x fewer predicted patches per image. Hence the object-patch probe here.
+
+References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
 import contextlib
@@ -734,7 +739,7 @@ def hide_object(net, img, labels):
 
 
 def measure_unseen(run, out):
-    """objmae Fig. 2 / 7 on the first --images training and held-out scenes: rel_error = sum of squared errors
+    """ObjMAE Fig. 2 / 7 on the first --images training and held-out scenes: rel_error = sum of squared errors
     of the reconstruction of the hidden object / that of each hidden patch's own mean; rollout_visible = the
     mean share of the hidden patches' rollout on the visible ones."""
     size, n = int(flag(run, out, "input_size")), int(flag(run, out, "images"))

@@ -5,6 +5,7 @@ their traceback while bad input exits 2 in one line."""
 import ast
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -412,3 +413,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     assert code == 2 and len(errors) == 1 and errors[0] == lines[-1] and "Traceback" not in output, output
     assert case == "image" or len(lines) == 1                         # checked before anything is printed
     assert {"flag": "--mask_ratio 1.5", "folder": "missing", "image": "broken.png"}[case] in errors[0]
+
+
+# ----------------------------------------------------------------------------- references a reader can follow
+
+def test_no_file_cites_a_file_that_is_not_in_the_repository():
+    """Comments cite the papers by name and section ("SemMAE §3.2"), with a References block (arXiv ids) at the
+    top of every file that cites them; never a paper's text file or a design note that only we have."""
+    files = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.sh"], capture_output=True, text=True, cwd=HERE,
+                           check=True).stdout.split()
+    assert "masking.py" in files
+    bad = re.compile(r"semmae\.txt|objmae\.txt|DESIGN\.md|\.\./shared")
+    for name in files:
+        text = open(os.path.join(HERE, name)).read()
+        assert not bad.search(text), (name, bad.search(text).group())
+        if name.endswith(".py") and not name.startswith("test_") and re.search(r"(SemMAE|ObjMAE) (§|Table|Eq)", text):
+            head = text[:text.index('"""', 3)]
+            assert "arXiv:2206.10207" in head and "arXiv:2205.14338" in head, f"{name}: no References block"

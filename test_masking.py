@@ -66,7 +66,7 @@ def test_mask_to_ids_refuses_unequal_rows():
         M.mask_to_ids(mask)
 
 
-# ----------------------------------------------------------------------------- alpha schedule (semmae Table 3)
+# ----------------------------------------------------------------------------- alpha schedule (SemMAE Table 3)
 
 def test_alpha_schedule():
     assert M.alpha_schedule(0.0, 2) == 0.0 and M.alpha_schedule(1.0, 2) == 1.0
@@ -278,7 +278,7 @@ def test_source_target_ids_is_keep_mask_and_map_back(alpha, keep_ratio):
         assert torch.equal(both, scores.topk(16, dim=1).indices.sort(1).values)
 
 
-# ----------------------------------------------------------------------------- foreground keep (semmae §4.2)
+# ----------------------------------------------------------------------------- foreground keep (SemMAE §4.2)
 
 def test_keep_foreground_keeps_the_best_in_ascending_order():
     scores = torch.rand(5, 784, generator=gen())

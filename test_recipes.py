@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ============================================================================= slow references
 
 def pixel_rule(mask, patch, min_share=0.2, min_object=0.05):
-    """objmae §3.2 and §4.1 written per pixel and per patch, with loops: objects under 5% of the image are
+    """ObjMAE §3.2 and §4.1 written per pixel and per patch, with loops: objects under 5% of the image are
     background; a patch is the object holding the most of its pixels among those holding >= 20% of them (ties:
     the lower id), else background. -> np.uint8 [H / patch, W / patch]."""
     H, W = mask.shape

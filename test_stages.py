@@ -38,7 +38,7 @@ def read_log(out):
 
 
 def shapes_object_regions(path, num_images, input_size, cell_size=8):
-    """A regions file made from the shapes' own instance masks (objmae §3.2's 20% rule)."""
+    """A regions file made from the shapes' own instance masks (ObjMAE §3.2's 20% rule)."""
     ds = data.ShapesDataset(num_images, img_size=input_size, seed=0)
     grid = (input_size // cell_size, input_size // cell_size)
     labels = np.stack([data.instance_cells(ds.load(i)[1], grid) for i in range(num_images)])
@@ -661,7 +661,7 @@ def test_cam_method_writes_objects(tmp_path):
 # ----------------------------------------------------------------------------- segmentation objects
 
 def slow_object_cells(mask, side, min_share=0.2, min_object=0.05):
-    """objmae §3.2 and §4.1 cell by cell: objects under 5% of the image dropped, then per cell the object with
+    """ObjMAE §3.2 and §4.1 cell by cell: objects under 5% of the image dropped, then per cell the object with
     the most pixels (the lower id on a tie) when it covers >= 20% of the cell."""
     H, W = mask.shape
     ch, cw = H // side, W // side
