@@ -565,19 +565,27 @@ def save_regions(path, labels, scores, files, meta):
         obj["scores"] = scores
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".regions-", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
+    fd, tmp = temp_file(folder, ".regions-")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())                    # on disk before the name points at it
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; others read it like a checkpoint (0644 under umask 022)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def temp_file(folder, prefix):
+    """mkstemp in folder (for an atomic rename into place), with the mode a plain open() would give: mkstemp makes
+    0600, but other users of a shared cluster folder must read a regions file like a checkpoint (0644 under umask
+    022). -> (fd, path)"""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
 
 
 def load_regions(path, files, input_size):

@@ -149,7 +149,7 @@ def check_args(args):
         "keep_ratio": (0, 1), "crop_min": (0, 1), "crop_pct": (0, 1), "reprob": (0, 1), "mixup": (0, 100),
         "cutmix": (0, 100), "smoothing": (0, 1), "epochs": (1, None), "warmup_epochs": (0, None),
         "batch_size": (1, None), "accum_iter": (1, None), "blr": (0, 10), "lr": (0, 10), "min_lr": (0, 10),
-        "weight_decay": (0, 1), "layer_decay": (0, 1), "num_workers": (0, 256), "seed": (0, 2**32 - 1),
+        "weight_decay": (0, 1), "layer_decay": (0, 1), "num_workers": (0, 256), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1),
         "opt_betas": (0, 1), "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1)})
     if args.drop_path >= 1.0:
         raise UsageError(f"--drop_path {args.drop_path} must be < 1: at 1 every block would be dropped")

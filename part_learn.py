@@ -43,7 +43,6 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
 """
 import argparse
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -121,7 +120,7 @@ def check_args(args):
         "num_images": (1, 10**6), "input_size": (8, 4096), "cell_size": (1, 4096), "num_parts": (1, 254),
         "blur": (1, 99), "div_weight": (0, None), "cam_threshold": (0, 1), "min_share": (0, 1), "min_object": (0, 1),
         "epochs": (1, None), "warmup_epochs": (0, None), "batch_size": (1, None), "lr": (0, 10),
-        "eval_images": (1, 10**6), "num_workers": (0, 256), "seed": (0, 2**32 - 1)})
+        "eval_images": (1, 10**6), "num_workers": (0, 256), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1)})
     if args.blur % 2 == 0:
         raise UsageError(f"--blur {args.blur} must be an odd kernel size (SemMAE §4.1: 7)")
     if args.input_size % args.cell_size:
@@ -326,7 +325,7 @@ def merge_shards(out, n, grid, has_scores, files, meta, d):
                "meta": dict(meta)}                       # the keys in save_regions' order
         if has_scores:
             obj["scores"] = data.fake_tensor((n, *grid), torch.float16)
-        tmp_fd, tmp = tempfile.mkstemp(dir=folder, prefix=".regions-", suffix=".tmp")
+        tmp_fd, tmp = data.temp_file(folder, ".regions-")
         os.close(tmp_fd)
         try:
             offsets = data.reserve_tensor_file(tmp, obj)

@@ -140,7 +140,7 @@ def check_args(args):
         "alpha": (0, 1), "keep_ratio": (0, 1), "seq_ratio": (0, 1), "epochs": (1, None), "warmup_epochs": (0, None),
         "batch_size": (1, None), "accum_iter": (1, None), "blr": (0, 10), "lr": (0, 10), "min_lr": (0, 10),
         "weight_decay": (0, 1), "save_every": (0, None), "vis_every": (0, None), "num_workers": (0, 256),
-        "seed": (0, 2**32 - 1), "crop_scale": (0, 1), "crop_ratio": (0, 100), "opt_betas": (0, 1),
+        "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1), "crop_scale": (0, 1), "crop_ratio": (0, 100), "opt_betas": (0, 1),
         "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1), "ckpt_every": (1, None),
         "log_every": (1, None)})
     if not 0.0 < args.mask_ratio < 1.0:

@@ -221,7 +221,7 @@ def test_objects_per_patch_are_the_pixel_rule_segmentation_regions(tmp_path, mon
     printed seq_ratio hint is the object ratio of those patches."""
     ds, masks = scenes_224
     out = str(tmp_path / "seg")
-    argv = ["--method", "segmentation", "--input_size", "224", "--num_images", "12", "--seed", "5",
+    argv = ["--method", "segmentation", "--input_size", "224", "--num_images", "12", "--data_seed", "5",
             "--batch_size", "4", "--num_workers", "0", "--output_dir", out] + \
         (["--cell_size", "8"] if patch == 8 else [])                     # the default is 16
     part_learn.main(part_learn.get_args(argv))
@@ -447,6 +447,8 @@ def commands(text):
     found += [ln for ln in text.splitlines() if re.match(r"\s*(python|torchrun)\s", ln)]
     out = []
     for cmd in found:
+        if cmd.rstrip().endswith("..."):                                  # prose: "torchrun ... pretrain.py ..."
+            continue
         words = shlex.split(cmd.split(" #")[0])
         script = next((w for w in words if w.endswith(".py")), None)
         if script in STAGES:
