@@ -158,6 +158,89 @@ def check_resume(args):
         raise UsageError("--export_only re-exports a trained part learner: pass --method learned --resume <ckpt>")
 
 
+# ----------------------------------------------------------------------------- training the part learner
+
+def train_learner(args, d, base, encoder, cache=None):
+    """SemMAE §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the PartLearner."""
+    torch.manual_seed(args.seed)                                           # same initial weights on every rank
+    width = encoder.cls_token.shape[-1]
+    learner = models.PartLearner(width, args.num_parts, args.blur, encoder.patch_size).to(d.device)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr)
+    start_epoch = 0
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        if "learner" not in ckpt:
+            raise UsageError(f"{args.resume} is not a part_learn.py checkpoint; --resume takes this stage's "
+                             "checkpoint-last.pth (the encoder goes in --encoder_weights)")
+        try:
+            learner.load_state_dict(ckpt["learner"])
+        except RuntimeError:
+            raise UsageError(f"{args.resume} was trained with --num_parts {ckpt['args'].get('num_parts')} on "
+                             f"{ckpt['args'].get('encoder_weights')}; pass the same --num_parts and an encoder "
+                             "of the same width") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = ckpt["epoch"] + 1
+    utils.start_run(args, d)
+    if args.export_only:
+        return learner.eval()
+
+    if cache is not None:               # the same samples, uint8 from the cache: flip and normalise in batch_images
+        dataset = data.CachedPretrainDataset(base, cache, args.input_size, hflip=True, cell_size=args.cell_size)
+    else:
+        dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)  # resize + flip
+    loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
+    if len(loader) == 0:
+        raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
+                         "use a smaller --batch_size")
+    ddp = DDP(learner, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else learner
+    vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
+    vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)   # 8 fixed images
+    utils.print0(d, f"part learner: {sum(p.numel() for p in learner.parameters()) / 1e6:.2f}M params, "
+                    f"{len(dataset)} images, epochs {start_epoch}..{args.epochs - 1}")
+    iters = len(loader)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    for epoch in range(start_epoch, args.epochs):
+        utils.seed_epoch(args.seed, epoch, d)  # resume = same flips and order
+        loader.sampler.set_epoch(epoch)
+        learner.train()
+        # the losses are summed on the device and read every --log_every steps: no host sync in the other steps
+        t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
+        for it, batch in enumerate(bar):
+            lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
+            utils.set_lr(optimizer, lr)
+            imgs = batch_images(batch, d.device)
+            cls_feat, patch_feat = encoder_features(encoder, imgs)        # F_c [B, C], F [B, C, h, w]
+            maps, recon = ddp(cls_feat, patch_feat, imgs.shape[-2:])        # Eq. 1-4
+            rec = F.mse_loss(recon, imgs)                                  # Eq. 5
+            div = models.diversity_loss(maps)                              # Eq. 6
+            loss = rec + args.div_weight * div                             # Eq. 7
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss, rec, div]).detach()
+            n += 1
+            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
+                means = (sums / n).tolist()                               # the sync: the epoch's means so far
+                utils.stop_if_not_finite(means[0], f"epoch {epoch}, one of steps {it - it % args.log_every}..{it}",
+                                         ckpt_path)                       # before this epoch's checkpoint
+                bar.set_postfix(loss=f"{means[0]:.4f}", div=f"{means[2]:.3f}", lr=f"{lr:.2e}")
+        loss, rec, div = (utils.all_reduce_mean(v, d) for v in means)
+        if d.is_main:
+            utils.save_checkpoint(ckpt_path, {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "epoch": epoch, "args": vars(args)})
+            record = {"epoch": epoch, "train_loss": loss, "rec_loss": rec, "div_loss": div, "lr": lr,
+                      "time_s": round(time.time() - t0, 2)}
+            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            print(f"epoch {epoch}: loss {loss:.4f} (rec {rec:.4f}, div {div:.4f}) ({record['time_s']}s)", flush=True)
+            learner.eval()
+            with torch.no_grad():
+                maps, recon = learner(*encoder_features(encoder, vis_imgs), vis_imgs.shape[-2:])
+            labels, _ = parts_from_maps(maps, (args.input_size // args.cell_size,) * 2)
+            save_picture(os.path.join(args.output_dir, f"parts-{epoch:04d}.png"), vis_imgs, labels, recon)
+    return learner.eval()
+
+
 # ----------------------------------------------------------------------------- cells from maps
 
 def to_cells(maps, grid):
@@ -473,89 +556,6 @@ def save_picture(path, imgs, labels, recon=None, kind="parts"):
     data.save_with_headings(path, grid, ["image", kind, "reconstruction"][:len(columns)])
 
 
-# ----------------------------------------------------------------------------- training the part learner
-
-def train_learner(args, d, base, encoder, cache=None):
-    """SemMAE §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the PartLearner."""
-    torch.manual_seed(args.seed)                                           # same initial weights on every rank
-    width = encoder.cls_token.shape[-1]
-    learner = models.PartLearner(width, args.num_parts, args.blur, encoder.patch_size).to(d.device)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr)
-    start_epoch = 0
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
-        if "learner" not in ckpt:
-            raise UsageError(f"{args.resume} is not a part_learn.py checkpoint; --resume takes this stage's "
-                             "checkpoint-last.pth (the encoder goes in --encoder_weights)")
-        try:
-            learner.load_state_dict(ckpt["learner"])
-        except RuntimeError:
-            raise UsageError(f"{args.resume} was trained with --num_parts {ckpt['args'].get('num_parts')} on "
-                             f"{ckpt['args'].get('encoder_weights')}; pass the same --num_parts and an encoder "
-                             "of the same width") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch = ckpt["epoch"] + 1
-    utils.start_run(args, d)
-    if args.export_only:
-        return learner.eval()
-
-    if cache is not None:               # the same samples, uint8 from the cache: flip and normalise in batch_images
-        dataset = data.CachedPretrainDataset(base, cache, args.input_size, hflip=True, cell_size=args.cell_size)
-    else:
-        dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)  # resize + flip
-    loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
-    if len(loader) == 0:
-        raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
-                         "use a smaller --batch_size")
-    ddp = DDP(learner, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else learner
-    vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
-    vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)   # 8 fixed images
-    utils.print0(d, f"part learner: {sum(p.numel() for p in learner.parameters()) / 1e6:.2f}M params, "
-                    f"{len(dataset)} images, epochs {start_epoch}..{args.epochs - 1}")
-    iters = len(loader)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    for epoch in range(start_epoch, args.epochs):
-        utils.seed_epoch(args.seed, epoch, d)  # resume = same flips and order
-        loader.sampler.set_epoch(epoch)
-        learner.train()
-        # the losses are summed on the device and read every --log_every steps: no host sync in the other steps
-        t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
-        for it, batch in enumerate(bar):
-            lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
-            utils.set_lr(optimizer, lr)
-            imgs = batch_images(batch, d.device)
-            cls_feat, patch_feat = encoder_features(encoder, imgs)        # F_c [B, C], F [B, C, h, w]
-            maps, recon = ddp(cls_feat, patch_feat, imgs.shape[-2:])        # Eq. 1-4
-            rec = F.mse_loss(recon, imgs)                                  # Eq. 5
-            div = models.diversity_loss(maps)                              # Eq. 6
-            loss = rec + args.div_weight * div                             # Eq. 7
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += torch.stack([loss, rec, div]).detach()
-            n += 1
-            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
-                means = (sums / n).tolist()                               # the sync: the epoch's means so far
-                utils.stop_if_not_finite(means[0], f"epoch {epoch}, one of steps {it - it % args.log_every}..{it}",
-                                         ckpt_path)                       # before this epoch's checkpoint
-                bar.set_postfix(loss=f"{means[0]:.4f}", div=f"{means[2]:.3f}", lr=f"{lr:.2e}")
-        loss, rec, div = (utils.all_reduce_mean(v, d) for v in means)
-        if d.is_main:
-            utils.save_checkpoint(ckpt_path, {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch": epoch, "args": vars(args)})
-            record = {"epoch": epoch, "train_loss": loss, "rec_loss": rec, "div_loss": div, "lr": lr,
-                      "time_s": round(time.time() - t0, 2)}
-            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
-            print(f"epoch {epoch}: loss {loss:.4f} (rec {rec:.4f}, div {div:.4f}) ({record['time_s']}s)", flush=True)
-            learner.eval()
-            with torch.no_grad():
-                maps, recon = learner(*encoder_features(encoder, vis_imgs), vis_imgs.shape[-2:])
-            labels, _ = parts_from_maps(maps, (args.input_size // args.cell_size,) * 2)
-            save_picture(os.path.join(args.output_dir, f"parts-{epoch:04d}.png"), vis_imgs, labels, recon)
-    return learner.eval()
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -616,3 +616,4 @@ def main(args):
 
 if __name__ == "__main__":
     utils.run_stage(main, get_args)
+
