@@ -190,274 +190,7 @@ def check_args(args):
     randaug(args.aa)
 
 
-def randaug(aa):
-    """'rand-m9-n2' -> (magnitude 9, 2 ops), 'none' -> None. timm's 'mstd0.5' (noise on the magnitude) has no
-    torchvision counterpart, so MAE's rand-m9-mstd0.5-inc1 becomes a fixed magnitude 9."""
-    if aa == "none":
-        return None
-    m = re.fullmatch(r"rand-m(\d+)-n(\d+)", aa)
-    if not m:
-        raise UsageError(f"--aa {aa} is not 'rand-m<magnitude>-n<ops>' (e.g. rand-m9-n2) or 'none'")
-    return int(m[1]), int(m[2])
-
-
-# ----------------------------------------------------------------------------- data
-
-class Foreground(data.PretrainDataset):
-    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe. No crop, so the cells stay on
-    the image (only a joint flip, as in pre-training). Scores come from the regions file, else object cells
-    (id 1..254 of the regions or of the base's instance masks) count 1 and background 0."""
-
-    def __getitem__(self, i):
-        img, cells, scores, target = super().__getitem__(i)
-        if self.regions is None or self.regions["scores"] is None:
-            scores = ((cells > 0) & (cells != data.IGNORE)).float()
-        return img, target, scores
-
-
-def build_transform(args, train):
-    """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip + RandAugment + random
-    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop."""
-    bicubic = v2.InterpolationMode.BICUBIC
-    size, mean, std = args.input_size, data.IMAGENET_MEAN, data.IMAGENET_STD
-    if not train:
-        head = [v2.Resize(int(size / args.crop_pct), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
-    else:
-        head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic, antialias=True),
-                v2.RandomHorizontalFlip()]
-        if not args.linprobe and randaug(args.aa):
-            magnitude, ops = randaug(args.aa)
-            head.append(v2.RandAugment(ops, magnitude, interpolation=bicubic,
-                                       fill=[round(255 * m) for m in mean]))  # timm fills with the mean colour
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if train and not args.linprobe and args.reprob > 0:
-        tail.append(v2.RandomErasing(args.reprob, value="random"))
-    return v2.Compose(head + tail)
-
-
-def build_datasets(args):
-    """-> (train set (None with --eval), validation set, class names). Items are (img, class) or, with
-    keep_ratio < 1, (img, class, cell scores)."""
-    splits = [False] if args.eval else [True, False]  # is it the training split; --eval never scans train/
-    if args.data_path is None:
-        bases = [data.ShapesDataset(args.num_images if train else args.num_val_images, img_size=args.input_size,
-                                    seed=args.data_seed, split="train" if train else "val") for train in splits]
-    elif args.dataset == "cifar100":
-        bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
-    else:
-        dirs = [os.path.join(args.data_path, "train" if train else "val") for train in splits]
-        for folder in dirs:
-            if not os.path.isdir(folder):
-                raise UsageError(f"{folder} does not exist; --data_path needs train/ and val/ in ImageNet layout "
-                                 "(<split>/<class>/<image>)")
-        bases = [data.FolderDataset(folder) for folder in dirs]
-    if bases[0].classes != bases[-1].classes:
-        raise UsageError(f"train and val have different classes ({len(bases[0].classes)} vs "
-                         f"{len(bases[-1].classes)}); both need the same class folders")
-    sets = []
-    for base, train in zip(bases, splits):
-        if args.keep_ratio == 1.0:
-            sets.append(data.Classification(base, build_transform(args, train)))
-            continue
-        path = args.regions if train else args.val_regions
-        regions = data.load_regions(path, base.files, args.input_size) if path else None
-        if regions and regions["scores"] is None and regions["meta"].get("kind") != "objects":
-            raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs part_learn.py's scores")
-        cell = regions["meta"]["cell_size"] if regions else 8
-        sets.append(Foreground(base, args.input_size, regions=regions, hflip=train, cell_size=cell))
-    return (None if args.eval else sets[0]), sets[-1], bases[0].classes
-
-
-# ----------------------------------------------------------------------------- model
-
-def layer_id(name, depth):
-    """BEiT/MAE layer-wise lr decay: the embeddings are layer 0, block i is layer i+1, the rest depth+1."""
-    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def param_groups_lrd(net, weight_decay, layer_decay):
-    """One AdamW group per (layer, decay or not); lr_scale = layer_decay ** (depth + 1 - layer) (utils.set_lr)."""
-    depth, groups = len(net.blocks), {}
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer, no_decay = layer_id(name, depth), utils.no_weight_decay(name, p)
-        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                                  "lr_scale": layer_decay ** (depth + 1 - layer)})
-        g["params"].append(p)
-    return list(groups.values())
-
-
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017), as MAE's linear probe uses it: SGD with momentum where the step of each weight
-    matrix is rescaled to trust * |w| / |g + wd w| (its size follows the weight, not the gradient); biases and
-    other 1-d tensors take plain SGD steps without weight decay."""
-
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                step = p.grad
-                if p.ndim > 1:
-                    step = step.add(p, alpha=g["weight_decay"])
-                    w, u = p.norm(), step.norm()
-                    step = step * torch.where((w > 0) & (u > 0), g["trust"] * w / u, torch.ones_like(w))
-                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
-                mu.mul_(g["momentum"]).add_(step)
-                p.add_(mu, alpha=-g["lr"])
-
-
-def build_model(args, num_classes):
-    """The --model ViT with a new head: Linear (trunc-normal std 2e-5, MAE fine-tuning) or, for --linprobe,
-    BatchNorm without affine + Linear (std 0.01) on a frozen encoder (MAE's linear probe)."""
-    net = models.VITS[args.model](img_size=args.input_size, num_classes=num_classes, global_pool=args.global_pool,
-                                  drop_path_rate=0.0 if args.linprobe else args.drop_path)
-    nn.init.trunc_normal_(net.head.weight, std=0.01 if args.linprobe else 2e-5)
-    nn.init.zeros_(net.head.bias)
-    if args.linprobe:
-        net.requires_grad_(False)
-        net.head = nn.Sequential(nn.BatchNorm1d(net.head.in_features, affine=False, eps=1e-6), net.head)
-        net.head.requires_grad_(True)
-    return net
-
-
-def load_pretrained(net, path, verbose=True):
-    """Encoder weights from any layout model.load_encoder_checkpoint reads, position embedding interpolated to
-    net's grid. Missing and unexpected keys are printed; anything missing but the head (and fc_norm, which global
-    pooling starts fresh, as MAE) stops the run. -> (missing, unexpected)."""
-    try:
-        sd, info = models.load_encoder_checkpoint(path)
-    except ValueError:
-        obj = models.read_checkpoint(path)
-        if isinstance(obj, dict) and "learner" in obj:  # part_learn.py trains a part learner on a frozen encoder
-            encoder = obj.get("args", {}).get("encoder_weights")
-            raise UsageError(f"{path} is a part_learn.py checkpoint: it holds the part learner, not an encoder; "
-                             f"pass the encoder it ran on, --finetune {encoder}") from None
-        raise
-    want = (net.patch_embed.proj.out_channels, len(net.blocks), net.patch_size)
-    have = (info["embed_dim"], info["depth"], info["patch_size"])
-    if want != have:
-        fit = models.names_that_fit(*have)
-        fix = (f"pass --model {' or '.join(fit)}" if fit else
-               f"no --model has these sizes (choices: {', '.join(sorted(models.VITS))})")
-        raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but --model has {want}; {fix}")
-    sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)  # e.g. 14x14 -> 28x28, cls kept
-    missing, unexpected = net.load_state_dict(sd, strict=False)
-    if verbose:
-        print(f"loaded {path} ({info['layout']} layout): missing {missing}, unexpected {unexpected}", flush=True)
-    fresh = ("head.", "fc_norm.") if net.global_pool else ("head.",)
-    if any(not k.startswith(fresh) for k in missing):
-        raise UsageError(f"{path} lacks encoder weights {[k for k in missing if not k.startswith(fresh)][:6]}; "
-                         "it is not a complete encoder for --model (or pass --global_pool for a fc_norm checkpoint)")
-    return missing, unexpected
-
-
-def load_trained(net, ckpt, args, path):
-    """A checkpoint of this script (or a plain/{'model'} state dict with a head, e.g. MAE's fine-tuned ViTs)."""
-    old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    weights = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
-    if str(old.get("model", "")).startswith("mae_") or any(str(k).startswith("decoder") for k in weights):
-        raise UsageError(f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); start fine-tuning "
-                         f"from it with --finetune {path} (--resume continues a finetune.py run, --eval evaluates one)")
-    if "learner" in ckpt:
-        raise UsageError(f"{path} is a part_learn.py checkpoint (a part learner, no classifier); --resume takes the "
-                         "checkpoint-last.pth of a finetune.py run")
-    for flag in ("model", "linprobe", "global_pool"):
-        if flag in old and old[flag] != getattr(args, flag):
-            fix = {"model": f"--model {old[flag]}", "linprobe": "--linprobe" if old[flag] else "no --linprobe",
-                   "global_pool": "--global_pool" if old[flag] else "--no-global_pool"}[flag]
-            raise UsageError(f"{path} was trained with {flag}={old[flag]} but this run has {flag}="
-                             f"{getattr(args, flag)}; pass {fix}")
-    sd = dict(ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
-    if not any(str(k).startswith("head.") for k in sd):
-        raise UsageError(f"{path} holds an encoder without a classifier (released pre-trained weights?); start "
-                         f"fine-tuning from it with --finetune {path}")
-    if "pos_embed" in sd and sd["pos_embed"].shape != net.pos_embed.shape:
-        sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
-    try:
-        missing, unexpected = net.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # a size mismatch: other --model or number of classes
-        raise UsageError(f"{path} does not fit --model {args.model} with this dataset's classes: "
-                         f"{str(e).splitlines()[-1].strip()}") from None
-    if missing or unexpected:
-        raise UsageError(f"{path} does not fit the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
-
-
-def timm_state_dict(net):
-    """The weights under timm's names. A linear probe's BatchNorm (no affine, eval statistics) is folded into the
-    linear layer, so timm's VisionTransformer loads the result as a plain head: W' = W / sqrt(var + eps),
-    b' = b - W' mean."""
-    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
-    head = net.head
-    if isinstance(head, nn.Sequential):
-        bn, lin = head
-        w = lin.weight / (bn.running_var + bn.eps).sqrt()  # [C, D]
-        sd["head.weight"], sd["head.bias"] = w, lin.bias - w @ bn.running_mean
-    else:
-        sd["head.weight"], sd["head.bias"] = head.weight, head.bias
-    return {k: v.detach().clone() for k, v in sd.items()}
-
-
 # ----------------------------------------------------------------------------- train and evaluate
-
-def keep_ids(scores, net, args, generator=None):
-    """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (SemMAE §4.2)."""
-    factor = net.patch_size // (args.input_size // scores.shape[-1])  # cells per patch side
-    return masking.keep_foreground(data.scores_to_patches(scores, factor), args.keep_ratio, generator=generator)
-
-
-def forward(net, trainable, imgs, ids, linprobe):
-    """Logits [B, C]. Fine-tuning: the whole (DDP) model. Linear probe: features of the frozen encoder under
-    no_grad (class token, or the mean of the kept patch tokens with global_pool), then the (DDP) head, so DDP syncs
-    only the head's gradients."""
-    if not linprobe:
-        return trainable(imgs)
-    with torch.no_grad():
-        x = net.forward_features(imgs, ids)  # [B, 1+n, D]
-        feats = net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]  # [B, D]
-    return trainable(feats)
-
-
-@torch.no_grad()
-def evaluate(net, loader, d, args):
-    """Top-1 and top-5 accuracy over the validation set; each rank takes every world-th image, counts are summed."""
-    net.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=d.device)  # top-1 hits, top-5 hits, images
-    g = torch.Generator(d.device).manual_seed(args.seed + d.rank)   # ties in keep_foreground: same every epoch
-    for imgs, target, *scores in loader:
-        imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
-        ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
-        with utils.autocast(d.device):
-            logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
-        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]  # [B, k]
-        batch = torch.tensor(len(target), device=d.device)
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), batch]).to(counts)
-    if d.world > 1:
-        dist.all_reduce(counts)
-    return {"acc1": (counts[0] / counts[2]).item(), "acc5": (counts[1] / counts[2]).item(), "n": int(counts[2])}
-
-
-def soft_cross_entropy(logits, target):
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
-def make_mixup(args, num_classes):
-    """MixUp or CutMix on the batch, chosen 50/50 when both are on (timm's switch_prob 0.5); None when off."""
-    if args.linprobe:
-        return None
-    ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
-          ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
-    return v2.RandomChoice(ops) if ops else None
-
 
 def main(args):
     d = utils.init_distributed(args.device)
@@ -581,5 +314,275 @@ def main(args):
     return {"max_acc1": max_acc1}
 
 
+def keep_ids(scores, net, args, generator=None):
+    """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (SemMAE §4.2)."""
+    factor = net.patch_size // (args.input_size // scores.shape[-1])  # cells per patch side
+    return masking.keep_foreground(data.scores_to_patches(scores, factor), args.keep_ratio, generator=generator)
+
+
+def forward(net, trainable, imgs, ids, linprobe):
+    """Logits [B, C]. Fine-tuning: the whole (DDP) model. Linear probe: features of the frozen encoder under
+    no_grad (class token, or the mean of the kept patch tokens with global_pool), then the (DDP) head, so DDP syncs
+    only the head's gradients."""
+    if not linprobe:
+        return trainable(imgs)
+    with torch.no_grad():
+        x = net.forward_features(imgs, ids)  # [B, 1+n, D]
+        feats = net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]  # [B, D]
+    return trainable(feats)
+
+
+@torch.no_grad()
+def evaluate(net, loader, d, args):
+    """Top-1 and top-5 accuracy over the validation set; each rank takes every world-th image, counts are summed."""
+    net.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=d.device)  # top-1 hits, top-5 hits, images
+    g = torch.Generator(d.device).manual_seed(args.seed + d.rank)   # ties in keep_foreground: same every epoch
+    for imgs, target, *scores in loader:
+        imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
+        ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
+        with utils.autocast(d.device):
+            logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
+        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]  # [B, k]
+        batch = torch.tensor(len(target), device=d.device)
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), batch]).to(counts)
+    if d.world > 1:
+        dist.all_reduce(counts)
+    return {"acc1": (counts[0] / counts[2]).item(), "acc5": (counts[1] / counts[2]).item(), "n": int(counts[2])}
+
+
+def soft_cross_entropy(logits, target):
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def make_mixup(args, num_classes):
+    """MixUp or CutMix on the batch, chosen 50/50 when both are on (timm's switch_prob 0.5); None when off."""
+    if args.linprobe:
+        return None
+    ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
+          ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    return v2.RandomChoice(ops) if ops else None
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(args, num_classes):
+    """The --model ViT with a new head: Linear (trunc-normal std 2e-5, MAE fine-tuning) or, for --linprobe,
+    BatchNorm without affine + Linear (std 0.01) on a frozen encoder (MAE's linear probe)."""
+    net = models.VITS[args.model](img_size=args.input_size, num_classes=num_classes, global_pool=args.global_pool,
+                                  drop_path_rate=0.0 if args.linprobe else args.drop_path)
+    nn.init.trunc_normal_(net.head.weight, std=0.01 if args.linprobe else 2e-5)
+    nn.init.zeros_(net.head.bias)
+    if args.linprobe:
+        net.requires_grad_(False)
+        net.head = nn.Sequential(nn.BatchNorm1d(net.head.in_features, affine=False, eps=1e-6), net.head)
+        net.head.requires_grad_(True)
+    return net
+
+
+def load_pretrained(net, path, verbose=True):
+    """Encoder weights from any layout model.load_encoder_checkpoint reads, position embedding interpolated to
+    net's grid. Missing and unexpected keys are printed; anything missing but the head (and fc_norm, which global
+    pooling starts fresh, as MAE) stops the run. -> (missing, unexpected)."""
+    try:
+        sd, info = models.load_encoder_checkpoint(path)
+    except ValueError:
+        obj = models.read_checkpoint(path)
+        if isinstance(obj, dict) and "learner" in obj:  # part_learn.py trains a part learner on a frozen encoder
+            encoder = obj.get("args", {}).get("encoder_weights")
+            raise UsageError(f"{path} is a part_learn.py checkpoint: it holds the part learner, not an encoder; "
+                             f"pass the encoder it ran on, --finetune {encoder}") from None
+        raise
+    want = (net.patch_embed.proj.out_channels, len(net.blocks), net.patch_size)
+    have = (info["embed_dim"], info["depth"], info["patch_size"])
+    if want != have:
+        fit = models.names_that_fit(*have)
+        fix = (f"pass --model {' or '.join(fit)}" if fit else
+               f"no --model has these sizes (choices: {', '.join(sorted(models.VITS))})")
+        raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but --model has {want}; {fix}")
+    sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)  # e.g. 14x14 -> 28x28, cls kept
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if verbose:
+        print(f"loaded {path} ({info['layout']} layout): missing {missing}, unexpected {unexpected}", flush=True)
+    fresh = ("head.", "fc_norm.") if net.global_pool else ("head.",)
+    if any(not k.startswith(fresh) for k in missing):
+        raise UsageError(f"{path} lacks encoder weights {[k for k in missing if not k.startswith(fresh)][:6]}; "
+                         "it is not a complete encoder for --model (or pass --global_pool for a fc_norm checkpoint)")
+    return missing, unexpected
+
+
+def load_trained(net, ckpt, args, path):
+    """A checkpoint of this script (or a plain/{'model'} state dict with a head, e.g. MAE's fine-tuned ViTs)."""
+    old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    weights = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
+    if str(old.get("model", "")).startswith("mae_") or any(str(k).startswith("decoder") for k in weights):
+        raise UsageError(f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); start fine-tuning "
+                         f"from it with --finetune {path} (--resume continues a finetune.py run, --eval evaluates one)")
+    if "learner" in ckpt:
+        raise UsageError(f"{path} is a part_learn.py checkpoint (a part learner, no classifier); --resume takes the "
+                         "checkpoint-last.pth of a finetune.py run")
+    for flag in ("model", "linprobe", "global_pool"):
+        if flag in old and old[flag] != getattr(args, flag):
+            fix = {"model": f"--model {old[flag]}", "linprobe": "--linprobe" if old[flag] else "no --linprobe",
+                   "global_pool": "--global_pool" if old[flag] else "--no-global_pool"}[flag]
+            raise UsageError(f"{path} was trained with {flag}={old[flag]} but this run has {flag}="
+                             f"{getattr(args, flag)}; pass {fix}")
+    sd = dict(ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
+    if not any(str(k).startswith("head.") for k in sd):
+        raise UsageError(f"{path} holds an encoder without a classifier (released pre-trained weights?); start "
+                         f"fine-tuning from it with --finetune {path}")
+    if "pos_embed" in sd and sd["pos_embed"].shape != net.pos_embed.shape:
+        sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a size mismatch: other --model or number of classes
+        raise UsageError(f"{path} does not fit --model {args.model} with this dataset's classes: "
+                         f"{str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise UsageError(f"{path} does not fit the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+
+
+def timm_state_dict(net):
+    """The weights under timm's names. A linear probe's BatchNorm (no affine, eval statistics) is folded into the
+    linear layer, so timm's VisionTransformer loads the result as a plain head: W' = W / sqrt(var + eps),
+    b' = b - W' mean."""
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
+    head = net.head
+    if isinstance(head, nn.Sequential):
+        bn, lin = head
+        w = lin.weight / (bn.running_var + bn.eps).sqrt()  # [C, D]
+        sd["head.weight"], sd["head.bias"] = w, lin.bias - w @ bn.running_mean
+    else:
+        sd["head.weight"], sd["head.bias"] = head.weight, head.bias
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- data
+
+class Foreground(data.PretrainDataset):
+    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe. No crop, so the cells stay on
+    the image (only a joint flip, as in pre-training). Scores come from the regions file, else object cells
+    (id 1..254 of the regions or of the base's instance masks) count 1 and background 0."""
+
+    def __getitem__(self, i):
+        img, cells, scores, target = super().__getitem__(i)
+        if self.regions is None or self.regions["scores"] is None:
+            scores = ((cells > 0) & (cells != data.IGNORE)).float()
+        return img, target, scores
+
+
+def build_transform(args, train):
+    """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip + RandAugment + random
+    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    size, mean, std = args.input_size, data.IMAGENET_MEAN, data.IMAGENET_STD
+    if not train:
+        head = [v2.Resize(int(size / args.crop_pct), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+    else:
+        head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic, antialias=True),
+                v2.RandomHorizontalFlip()]
+        if not args.linprobe and randaug(args.aa):
+            magnitude, ops = randaug(args.aa)
+            head.append(v2.RandAugment(ops, magnitude, interpolation=bicubic,
+                                       fill=[round(255 * m) for m in mean]))  # timm fills with the mean colour
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if train and not args.linprobe and args.reprob > 0:
+        tail.append(v2.RandomErasing(args.reprob, value="random"))
+    return v2.Compose(head + tail)
+
+
+def randaug(aa):
+    """'rand-m9-n2' -> (magnitude 9, 2 ops), 'none' -> None. timm's 'mstd0.5' (noise on the magnitude) has no
+    torchvision counterpart, so MAE's rand-m9-mstd0.5-inc1 becomes a fixed magnitude 9."""
+    if aa == "none":
+        return None
+    m = re.fullmatch(r"rand-m(\d+)-n(\d+)", aa)
+    if not m:
+        raise UsageError(f"--aa {aa} is not 'rand-m<magnitude>-n<ops>' (e.g. rand-m9-n2) or 'none'")
+    return int(m[1]), int(m[2])
+
+
+def build_datasets(args):
+    """-> (train set (None with --eval), validation set, class names). Items are (img, class) or, with
+    keep_ratio < 1, (img, class, cell scores)."""
+    splits = [False] if args.eval else [True, False]  # is it the training split; --eval never scans train/
+    if args.data_path is None:
+        bases = [data.ShapesDataset(args.num_images if train else args.num_val_images, img_size=args.input_size,
+                                    seed=args.data_seed, split="train" if train else "val") for train in splits]
+    elif args.dataset == "cifar100":
+        bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
+    else:
+        dirs = [os.path.join(args.data_path, "train" if train else "val") for train in splits]
+        for folder in dirs:
+            if not os.path.isdir(folder):
+                raise UsageError(f"{folder} does not exist; --data_path needs train/ and val/ in ImageNet layout "
+                                 "(<split>/<class>/<image>)")
+        bases = [data.FolderDataset(folder) for folder in dirs]
+    if bases[0].classes != bases[-1].classes:
+        raise UsageError(f"train and val have different classes ({len(bases[0].classes)} vs "
+                         f"{len(bases[-1].classes)}); both need the same class folders")
+    sets = []
+    for base, train in zip(bases, splits):
+        if args.keep_ratio == 1.0:
+            sets.append(data.Classification(base, build_transform(args, train)))
+            continue
+        path = args.regions if train else args.val_regions
+        regions = data.load_regions(path, base.files, args.input_size) if path else None
+        if regions and regions["scores"] is None and regions["meta"].get("kind") != "objects":
+            raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs part_learn.py's scores")
+        cell = regions["meta"]["cell_size"] if regions else 8
+        sets.append(Foreground(base, args.input_size, regions=regions, hflip=train, cell_size=cell))
+    return (None if args.eval else sets[0]), sets[-1], bases[0].classes
+
+
+# ----------------------------------------------------------------------------- optimiser helpers (layer-wise lr decay, LARS)
+
+def layer_id(name, depth):
+    """BEiT/MAE layer-wise lr decay: the embeddings are layer 0, block i is layer i+1, the rest depth+1."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups_lrd(net, weight_decay, layer_decay):
+    """One AdamW group per (layer, decay or not); lr_scale = layer_decay ** (depth + 1 - layer) (utils.set_lr)."""
+    depth, groups = len(net.blocks), {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, no_decay = layer_id(name, depth), utils.no_weight_decay(name, p)
+        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                  "lr_scale": layer_decay ** (depth + 1 - layer)})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017), as MAE's linear probe uses it: SGD with momentum where the step of each weight
+    matrix is rescaled to trust * |w| / |g + wd w| (its size follows the weight, not the gradient); biases and
+    other 1-d tensors take plain SGD steps without weight decay."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                step = p.grad
+                if p.ndim > 1:
+                    step = step.add(p, alpha=g["weight_decay"])
+                    w, u = p.norm(), step.norm()
+                    step = step * torch.where((w > 0) & (u > 0), g["trust"] * w / u, torch.ones_like(w))
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(step)
+                p.add_(mu, alpha=-g["lr"])
+
+
 if __name__ == "__main__":
     utils.run_stage(main, get_args)
+
