@@ -232,39 +232,6 @@ def region_cell_size(args, regions, patch_size):
     return cell_size
 
 
-# ----------------------------------------------------------------------------- pictures
-
-def save_reconstructions(path, net, imgs, masks):
-    """One row per image: original | visible (source) patches | reconstruction of the targets |
-    reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE) stay grey."""
-    src_ids, tgt_ids, src_valid, tgt_valid = masks
-    p = net.patch_size
-    with torch.no_grad():
-        _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
-        pred = net.pred_to_pixels(imgs, tgt_ids, pred)                     # de-normalise norm_pix_loss
-    patches = models.patchify(imgs, p)                                     # [B, L, p*p*3]
-    mean = torch.tensor(data.IMAGENET_MEAN).repeat(p * p)                  # pixel order (p, q, c)
-    std = torch.tensor(data.IMAGENET_STD).repeat(p * p)
-    blank = ((0.5 - mean) / std).expand_as(patches)                       # grey where nothing is shown
-
-    def place(canvas, ids, values, valid):
-        # padding slots repeat real ids; send them to a spare row L so they never overwrite a real patch
-        L = canvas.shape[1]
-        ids = ids if valid is None else torch.where(valid, ids, L)
-        canvas = torch.cat([canvas, canvas[:, :1]], 1)                    # [B, L+1, p*p*3]
-        canvas.scatter_(1, ids[..., None].expand_as(values), values)
-        return canvas[:, :L]
-
-    src_pixels = patches.gather(1, src_ids[..., None].expand(-1, -1, patches.shape[-1]))
-    visible = place(blank, src_ids, src_pixels, src_valid)
-    recon = place(blank, tgt_ids, pred, tgt_valid)
-    pasted = place(recon, src_ids, src_pixels, src_valid)
-    h, w = imgs.shape[2] // p, imgs.shape[3] // p
-    columns = [models.unpatchify(x, p, h, w) for x in (patches, visible, recon, pasted)]
-    grid = torch.stack(columns, 1).flatten(0, 1)                            # [B*4, 3, H, W]
-    data.save_with_headings(path, data.denormalise(grid), ["original", "visible", "reconstruction", "pasted"])
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -409,5 +376,39 @@ def main(args):
     utils.cleanup_distributed()
 
 
+# ----------------------------------------------------------------------------- pictures
+
+def save_reconstructions(path, net, imgs, masks):
+    """One row per image: original | visible (source) patches | reconstruction of the targets |
+    reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE) stay grey."""
+    src_ids, tgt_ids, src_valid, tgt_valid = masks
+    p = net.patch_size
+    with torch.no_grad():
+        _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+        pred = net.pred_to_pixels(imgs, tgt_ids, pred)                     # de-normalise norm_pix_loss
+    patches = models.patchify(imgs, p)                                     # [B, L, p*p*3]
+    mean = torch.tensor(data.IMAGENET_MEAN).repeat(p * p)                  # pixel order (p, q, c)
+    std = torch.tensor(data.IMAGENET_STD).repeat(p * p)
+    blank = ((0.5 - mean) / std).expand_as(patches)                       # grey where nothing is shown
+
+    def place(canvas, ids, values, valid):
+        # padding slots repeat real ids; send them to a spare row L so they never overwrite a real patch
+        L = canvas.shape[1]
+        ids = ids if valid is None else torch.where(valid, ids, L)
+        canvas = torch.cat([canvas, canvas[:, :1]], 1)                    # [B, L+1, p*p*3]
+        canvas.scatter_(1, ids[..., None].expand_as(values), values)
+        return canvas[:, :L]
+
+    src_pixels = patches.gather(1, src_ids[..., None].expand(-1, -1, patches.shape[-1]))
+    visible = place(blank, src_ids, src_pixels, src_valid)
+    recon = place(blank, tgt_ids, pred, tgt_valid)
+    pasted = place(recon, src_ids, src_pixels, src_valid)
+    h, w = imgs.shape[2] // p, imgs.shape[3] // p
+    columns = [models.unpatchify(x, p, h, w) for x in (patches, visible, recon, pasted)]
+    grid = torch.stack(columns, 1).flatten(0, 1)                            # [B*4, 3, H, W]
+    data.save_with_headings(path, data.denormalise(grid), ["original", "visible", "reconstruction", "pasted"])
+
+
 if __name__ == "__main__":
     utils.run_stage(main, get_args)
+
