@@ -56,81 +56,85 @@ from utils import UsageError
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model and data
-    p.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
                    help="MAE's and SemMAE Table 1 left's ViT-B/16; SemMAE's main model is ViT-B/8, ObjMAE's ViT-S/16")
-    p.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
-    p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
-    p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
-    p.add_argument("--data_seed", type=int, default=0,
+    g.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
+    g.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
+    g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
+    g.add_argument("--data_seed", type=int, default=0,
                    help="which built-in shapes scenes (--seed changes only the training randomness)")
-    p.add_argument("--regions", default=None, help="regions.pt from part_learn.py (parts or objects per cell)")
-    # masking
-    p.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
-    p.add_argument("--mask_ratio", type=float, default=0.75, help="random and semmae (MAE, SemMAE: 0.75)")
-    p.add_argument("--gamma", type=float, default=2.0, help="semmae: alpha = progress ** gamma (§3.2, Table 3)")
-    p.add_argument("--alpha", type=float, default=None, help="semmae: a fixed alpha instead of the schedule")
-    p.add_argument("--reverse", action="store_true", help="semmae: alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
-    p.add_argument("--keep_ratio", type=float, default=1.0,
+    g.add_argument("--regions", default=None, help="regions.pt from part_learn.py (parts or objects per cell)")
+    g = p.add_argument_group("masking (all masks)")
+    g.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="random and semmae (MAE, SemMAE: 0.75)")
+    g.add_argument("--keep_ratio", type=float, default=1.0,
                    help="keep only this fraction of most-foreground patches before masking (SemMAE 8x8: 0.25)")
-    p.add_argument("--seq_ratio", type=float, default=0.25,
+    g = p.add_argument_group("--mask semmae only")
+    g.add_argument("--gamma", type=float, default=2.0, help="semmae: alpha = progress ** gamma (§3.2, Table 3)")
+    g.add_argument("--alpha", type=float, default=None, help="semmae: a fixed alpha instead of the schedule")
+    g.add_argument("--reverse", action="store_true", help="semmae: alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
+    g = p.add_argument_group("--mask objmae only")
+    g.add_argument("--seq_ratio", type=float, default=0.25,
                    help="objmae: source and target length / L (alpha, §3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
-    p.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"],
+    g.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"],
                    help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which; throwout's "
                         "length is the batch minimum, read on the host: one sync a step")
-    p.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
+    g.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
                    help="objmae: source and target from one object (§3, Table 6's best), two objects, or the image")
     # augmentation of image and region cells together (data.PretrainDataset)
-    p.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="random-resized crop area range, e.g. 0.2 1.0 (MAE; ObjMAE §4.2 'randomly cropped', its scale "
                         "unstated); default: no crop, the whole image resized (SemMAE §4.1: flip only)")
-    p.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
+    g.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
                    help="aspect ratio range of the crop (torchvision's RandomResizedCrop default, as MAE)")
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip (SemMAE §4.1, MAE); --no-hflip: ObjMAE §4.2 names only the crop")
     # optimisation: SemMAE §4.1 (MAE's recipe); ObjMAE's is Table 2-3 (see the commands above)
-    p.add_argument("--epochs", type=int, default=800, help="SemMAE §4.1, ObjMAE Table 3: 800")
-    p.add_argument("--warmup_epochs", type=int, default=40, help="SemMAE §4.1, ObjMAE Table 3: 40")
-    p.add_argument("--batch_size", type=int, default=64,
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=800, help="SemMAE §4.1, ObjMAE Table 3: 800")
+    g.add_argument("--warmup_epochs", type=int, default=40, help="SemMAE §4.1, ObjMAE Table 3: 40")
+    g.add_argument("--batch_size", type=int, default=64,
                    help="per device; effective = batch * accum * world (SemMAE: 4096; ObjMAE Table 3: 128)")
-    p.add_argument("--accum_iter", type=int, default=1)
-    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256 (2.4e-3 at 4096)")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    p.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine (MAE's code: 0; ObjMAE Table 2: 1e-5)")
-    p.add_argument("--weight_decay", type=float, default=0.05, help="MAE, SemMAE §4.1, ObjMAE Table 2: 0.05")
-    p.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256 (2.4e-3 at 4096)")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    g.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine (MAE's code: 0; ObjMAE Table 2: 1e-5)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="MAE, SemMAE §4.1, ObjMAE Table 2: 0.05")
+    g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
                    help="AdamW betas: MAE's pre-training (0.9, 0.95), which SemMAE follows (§4.1, 'the most common "
                         "setting'); ObjMAE Table 2: 0.9 0.999")
-    p.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
-    p.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table 2)")
-    p.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
-    p.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
-    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
+    g.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table 2)")
+    g.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
+    g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
+    g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="regress each target patch's normalised pixels: MAE's recommendation (MAE §3, Table 1d); "
                         "SemMAE's paper does not say and its released code defaults to off; ObjMAE does not say")
-    # run
-    p.add_argument("--output_dir", default="output/pretrain")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto': this --output_dir's "
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="output/pretrain")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto': this --output_dir's "
                                                    "checkpoint-last.pth if there is one, else start")
-    p.add_argument("--ckpt_every", type=int, default=1,
+    g.add_argument("--ckpt_every", type=int, default=1,
                    help="write checkpoint-last.pth (what --resume continues from) every N epochs and after the last "
                         "one; a ViT-B MAE with its AdamW state is 1.3 GB")
-    p.add_argument("--save_every", type=int, default=0,
+    g.add_argument("--save_every", type=int, default=0,
                    help="also keep a numbered copy checkpoint-<epoch>.pth every N epochs (0 = none)")
-    p.add_argument("--log_every", type=int, default=20,
+    g.add_argument("--log_every", type=int, default=20,
                    help="read the loss on the host (a device sync), update the bar and stop on NaN every N steps")
-    p.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
-    p.add_argument("--num_workers", type=int, default=4)
-    p.add_argument("--image_cache", default=None, metavar="FILE",
+    g.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--image_cache", default=None, metavar="FILE",
                    help="fast input path: decode and resize every image once into FILE (uint8, 3*S*S bytes an image: "
                         "ImageNet-1k at 224 px is 193 GB; written by the first run that names it, on a filesystem "
                         "every node sees), then load uint8 batches and crop, flip and normalise them on the device. "
                         "Omitted: PIL decodes every image in every epoch")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (the same result, faster on a GPU); a backend name after it, e.g. "
                         "aot_eager, traces without generating kernels (to find a problem, or on a CPU with no compiler)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
 
 
@@ -179,6 +183,18 @@ def check_args(args):
     if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
         raise UsageError(f"--compile {args.compile} is not a torch.compile backend; choose from "
                          f"{', '.join(torch.compiler.list_backends())}")
+    semmae_schedule = args.mask == "semmae" and args.alpha is None
+    utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
+        "gamma": (semmae_schedule, "with --mask semmae and no --alpha (the schedule alpha = progress ** gamma)"),
+        "reverse": (semmae_schedule, "with --mask semmae and no --alpha (the schedule runs 1 -> 0)"),
+        "alpha": (args.mask == "semmae", "with --mask semmae"),
+        "seq_ratio": (args.mask == "objmae", "with --mask objmae"),
+        "padding": (args.mask == "objmae", "with --mask objmae"),
+        "relation": (args.mask == "objmae", "with --mask objmae"),
+        "crop_ratio": (args.crop_scale is not None, "with --crop_scale (the crop's aspect ratio)"),
+        "blr": (args.lr is None, "without --lr (which overrides it)"),
+        "lookahead_k": (args.lookahead, "with --lookahead"),
+        "lookahead_alpha": (args.lookahead, "with --lookahead")})
 
 
 # ----------------------------------------------------------------------------- masks

@@ -82,6 +82,19 @@ def check_ranges(args, ranges):
             raise UsageError(f"--{name} {value} is out of range: it must be {bound}")
 
 
+def refuse_unused(args, defaults, rules):
+    """Flags that do nothing in the chosen mode are refused, one way in every stage. defaults: the parser's
+    defaults (the stage's get_args([])); rules: {flag name: (acts, where)}, acts True when the flag does something
+    with these args, where the mode in which it does. A flag the user changed from its default that does not
+    act here is bad input naming the flag and its mode; one left at its default passes."""
+    for name, (acts, where) in rules.items():
+        value, default = getattr(args, name), getattr(defaults, name)
+        if isinstance(value, list):                                        # nargs flags parse to lists
+            value = tuple(value)
+        if not acts and value != default:
+            raise UsageError(f"--{name} does nothing here: it acts only {where}; drop it")
+
+
 def stop_if_not_finite(loss_value, where, ckpt_path):
     """A NaN/inf loss ends the run (exit 1) before anything is saved, so the last good checkpoint stays."""
     if not math.isfinite(loss_value):
