@@ -77,68 +77,78 @@ RECIPES = {"finetune": dict(batch_size=32, epochs=100, warmup_epochs=5, blr=5e-4
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model and mode
-    p.add_argument("--model", default="vit_base_patch16", choices=sorted(models.VITS))
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--finetune", default=None, help="pre-trained encoder: ours, MAE's, SemMAE's or a timm state dict")
-    p.add_argument("--linprobe", action="store_true", help="train only a linear head on the frozen encoder")
-    p.add_argument("--eval", action="store_true", help="top-1/top-5 of --resume on the validation set, no training")
-    p.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=None,
+    g = p.add_argument_group("model and mode")
+    g.add_argument("--model", default="vit_base_patch16", choices=sorted(models.VITS))
+    g.add_argument("--input_size", type=int, default=224)
+    g.add_argument("--finetune", default=None, help="pre-trained encoder: ours, MAE's, SemMAE's or a timm state dict")
+    g.add_argument("--linprobe", action="store_true", help="train only a linear head on the frozen encoder")
+    g.add_argument("--eval", action="store_true", help="top-1/top-5 of --resume on the validation set, no training")
+    g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=None,
                    help="mean of the patch tokens + fc_norm (fine-tuning default) or the class token (--no-global_pool,"
                         " linear probing default), as MAE")
-    p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth (fine-tuning)")
-    # data
-    p.add_argument("--data_path", default=None, help="folder with train/ and val/ (ImageNet layout), or CIFAR-100's "
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth (fine-tuning)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None, help="folder with train/ and val/ (ImageNet layout), or CIFAR-100's "
                                                      "root with --dataset cifar100; omitted = built-in shapes")
-    p.add_argument("--dataset", default="folder", choices=["folder", "cifar100"])
-    p.add_argument("--download", action="store_true", help="cifar100: download into --data_path if missing")
-    p.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
-    p.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images (other scenes)")
-    p.add_argument("--data_seed", type=int, default=0,
+    g.add_argument("--dataset", default="folder", choices=["folder", "cifar100"])
+    g.add_argument("--download", action="store_true", help="cifar100: download into --data_path if missing")
+    g.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
+    g.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images (other scenes)")
+    g.add_argument("--data_seed", type=int, default=0,
                    help="shapes: which scenes (--seed changes only the training randomness)")
-    p.add_argument("--regions", default=None, help="regions.pt of the training images (foreground scores)")
-    p.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
-    p.add_argument("--keep_ratio", type=float, default=1.0,
+    g.add_argument("--regions", default=None, help="regions.pt of the training images (foreground scores)")
+    g.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
+    g.add_argument("--keep_ratio", type=float, default=1.0,
                    help="linear probing on the most foreground fraction of patches (SemMAE 8x8: 0.25)")
-    # augmentation (fine-tuning; MAE's main_finetune flags)
-    p.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
-    p.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to size/crop_pct, centre crop")
-    p.add_argument("--aa", default="rand-m9-n2", help="RandAugment 'rand-m<magnitude>-n<ops>' or 'none'")
-    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
-    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    # optimisation; None = the mode's recipe (RECIPES)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--warmup_epochs", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=None, help="per device; effective = batch * accum * world")
-    p.add_argument("--accum_iter", type=int, default=1)
-    p.add_argument("--blr", type=float, default=None, help="lr = blr * effective batch / 256")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    p.add_argument("--min_lr", type=float, default=None)
-    p.add_argument("--weight_decay", type=float, default=None)
-    p.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (fine-tuning; 1 = off)")
-    p.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+    g = p.add_argument_group("augmentation (MAE's main_finetune; fine-tuning only, except --crop_min and --crop_pct)")
+    g.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
+    g.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to size/crop_pct, centre crop")
+    g.add_argument("--aa", default="rand-m9-n2", help="RandAugment 'rand-m<magnitude>-n<ops>' or 'none'")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g = p.add_argument_group("optimisation (None = the mode's recipe, RECIPES)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--warmup_epochs", type=int, default=None)
+    g.add_argument("--batch_size", type=int, default=None, help="per device; effective = batch * accum * world")
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--blr", type=float, default=None, help="lr = blr * effective batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    g.add_argument("--min_lr", type=float, default=None)
+    g.add_argument("--weight_decay", type=float, default=None)
+    g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (fine-tuning; 1 = off)")
+    g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
                    help="fine-tuning AdamW betas (MAE's main_finetune: torch's default; ObjMAE Table 2: the same)")
-    p.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
-    p.add_argument("--lookahead", action="store_true", help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
-    p.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
-    p.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
-    p.add_argument("--opt", default="lars", choices=["lars", "sgd"],
+    g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
+    g.add_argument("--lookahead", action="store_true", help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
+    g.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
+    g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
+    g = p.add_argument_group("linear probing only (--linprobe)")
+    g.add_argument("--opt", default="lars", choices=["lars", "sgd"],
                    help="linear probing: LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
-    # run
-    p.add_argument("--output_dir", default="output/finetune")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval); "
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="output/finetune")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval); "
                                                    "'auto': this --output_dir's checkpoint-last.pth if there is one, "
                                                    "else start")
-    p.add_argument("--num_workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
 
 
 def check_args(args):
     """Fill the mode's recipe into the flags left at None, then refuse combinations that cannot work."""
+    tuning, probing = (not args.linprobe, "in fine-tuning (without --linprobe)"), (args.linprobe, "with --linprobe")
+    utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
+        **{f: tuning for f in ("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing", "layer_decay",
+                               "opt_betas", "opt_eps")},
+        "opt": probing,
+        "blr": (args.lr is None, "without --lr (which overrides it)"),
+        "lookahead_k": (args.lookahead, "with --lookahead"),
+        "lookahead_alpha": (args.lookahead, "with --lookahead"),
+        "download": (args.dataset == "cifar100", "with --dataset cifar100")})
     for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
