@@ -60,7 +60,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -228,11 +227,8 @@ def main(args):
         return stats
 
     loader = utils.make_loader(train_set, args.batch_size, args.num_workers, True, args.seed, d)
-    if len(loader) < args.accum_iter:
-        raise UsageError(f"{len(train_set)} images give {len(loader)} batches of {args.batch_size} per rank, "
-                         f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
-    eff_batch = args.batch_size * args.accum_iter * d.world
-    base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    utils.check_accum(loader, len(train_set), args)
+    base_lr, eff_batch = utils.scaled_lr(args, d)                          # lr = blr * effective batch / 256
     if not args.linprobe:
         optimizer = torch.optim.AdamW(param_groups_lrd(net, args.weight_decay, args.layer_decay), lr=base_lr,
                                       betas=tuple(args.opt_betas), eps=args.opt_eps)
@@ -251,7 +247,7 @@ def main(args):
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0)
     module = net.head if args.linprobe else net
-    trainable = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else module
+    trainable = utils.wrap_ddp(module, d)
     mixup = make_mixup(args, len(classes))
     smoothing = 0.0 if args.linprobe else args.smoothing
 

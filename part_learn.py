@@ -50,7 +50,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -205,7 +204,7 @@ def train_learner(args, d, base, encoder, cache=None):
     if len(loader) == 0:
         raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
                          "use a smaller --batch_size")
-    ddp = DDP(learner, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else learner
+    ddp = utils.wrap_ddp(learner, d)
     vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
     vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)   # 8 fixed images
     utils.print0(d, f"part learner: {sum(p.numel() for p in learner.parameters()) / 1e6:.2f}M params, "

@@ -44,7 +44,6 @@ import os
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -271,9 +270,7 @@ def main(args):
         else:
             dataset = data.PretrainDataset(base, args.input_size, **augment)
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
-    if len(loader) < args.accum_iter:
-        raise UsageError(f"{len(dataset)} images give {len(loader)} batches of {args.batch_size} per rank, "
-                         f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
+    utils.check_accum(loader, len(dataset), args)
 
     with utils.user_input():                                               # --input_size not a multiple of the patch
         net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
@@ -290,8 +287,7 @@ def main(args):
                              f"{'kept' if args.keep_ratio < 1.0 else 'of an image'}; it must mask at least one and "
                              f"leave one (or pass a larger {larger})")
 
-    eff_batch = args.batch_size * args.accum_iter * d.world
-    base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    base_lr, eff_batch = utils.scaled_lr(args, d)                          # lr = blr * effective batch / 256
     optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr,
                                   betas=tuple(args.opt_betas), eps=args.opt_eps,
                                   fused=True if d.device.type == "cuda" else None)  # one kernel for all params
@@ -311,7 +307,7 @@ def main(args):
         net.load_state_dict(ckpt["model"])
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch = ckpt["epoch"] + 1
-    ddp = DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else net
+    ddp = utils.wrap_ddp(net, d)
     step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp   # checkpoints keep net's names
 
     utils.start_run(args, d)

@@ -90,3 +90,22 @@ def test_every_stage_groups_its_flags():
                              text=True, cwd=HERE).stdout
         for title in titles:
             assert f"\n{title}" in out, (stage, title)
+
+
+def test_stage_skeleton_lr_rule_and_accumulation_check():
+    """utils.scaled_lr: MAE's lr = blr * (batch * accum * world) / 256, or --lr as given; utils.check_accum refuses
+    an epoch with fewer batches than --accum_iter (it would never step); utils.wrap_ddp leaves one process alone."""
+    import types
+    import torch
+    import utils
+    d = types.SimpleNamespace(world=4, device=torch.device("cpu"), local_rank=0)
+    args = types.SimpleNamespace(batch_size=64, accum_iter=2, blr=1.5e-4, lr=None)
+    assert utils.scaled_lr(args, d) == (1.5e-4 * 512 / 256, 512)
+    args.lr = 1e-3
+    assert utils.scaled_lr(args, d) == (1e-3, 512)
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=4)           # 3 batches
+    utils.check_accum(loader, 10, types.SimpleNamespace(accum_iter=3, batch_size=4))
+    with pytest.raises(UsageError, match="10 images give 3 batches of 4 per rank, fewer than --accum_iter 4"):
+        utils.check_accum(loader, 10, types.SimpleNamespace(accum_iter=4, batch_size=4))
+    net = torch.nn.Linear(2, 2)
+    assert utils.wrap_ddp(net, types.SimpleNamespace(world=1, device=torch.device("cpu"), local_rank=0)) is net
