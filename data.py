@@ -1,20 +1,20 @@
 """Datasets and the regions file: what the three stages read.
 
-- `ShapesDataset`: built-in CLEVR-like 2-D scenes with instance masks and a class label, made on the
-  fly from (seed, split, index); nothing on disk, nothing downloaded.
+- `PretrainDataset`: image + region cells, cropped (optional) and flipped together (SemMAE §4.1: flip only).
+- The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
+- Cells to patches inside the training loop: `cells_to_patches` (parts), `scores_to_patches`.
+- The joint random-resized crop (MAE's pre-training crop, ObjMAE §4.2's random crop) as pure functions on
+  tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores), `resized_crop_mask`.
 - `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), optionally with
   instance masks in a parallel folder (same relative path, .png).
 - `to_rgb`: any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) as the RGB image it shows;
   `unreadable_images`: every image of a folder that cannot be decoded, listed at once.
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
-- `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
-- The regions file (stage 1 -> stage 2): `save_regions` / `load_regions`.
 - Objects per cell from an instance mask (ObjMAE §3.2's 20% rule, §4.1's 5% rule): `mask_cells` (a mask of
   any size, resized as its image) over `instance_cells`.
-- Cells to patches inside the training loop: `cells_to_patches` (parts), `scores_to_patches`.
-- The joint random-resized crop (MAE's pre-training crop, ObjMAE §4.2's random crop) as pure functions on
-  tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores), `resized_crop_mask`.
-- `PretrainDataset`: image + region cells, cropped (optional) and flipped together (SemMAE §4.1: flip only).
+- `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
+- `ShapesDataset`: built-in CLEVR-like 2-D scenes with instance masks and a class label, made on the
+  fly from (seed, split, index); nothing on disk, nothing downloaded.
 - The fast input path (--image_cache): `open_image_cache` (uint8 images decoded once), `CachedPretrainDataset`
   (the same samples, uint8), `device_batch` (crop, flip, normalise on the device).
 
@@ -50,172 +50,277 @@ from utils import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def denormalise(imgs):
-    """[B, 3, H, W] normalised images -> [0, 1] pixels on the CPU, for pictures."""
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    return (imgs.float().cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
-
-
-def save_with_headings(path, images, headings):
-    """Pictures that explain themselves: images [R * C, 3, H, W] in [0, 1], row by row, C = len(headings) per
-    row -> one PNG: torchvision's grid (1-px black lines) under a white band with each column's heading, drawn
-    with PIL's built-in font. Images narrower than their heading are enlarged by a whole factor (nearest), so
-    each image pixel becomes a block of one colour; otherwise the cells hold the images' pixels as save_image
-    writes them."""
-    font = ImageFont.load_default()
-    boxes = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), h, font=font) for h in headings]
-    scale = max(1, math.ceil((max(b[2] for b in boxes) + 4) / images.shape[-1]))
-    if scale > 1:
-        images = F.interpolate(images, scale_factor=scale, mode="nearest")
-    grid = torchvision.utils.make_grid(images, nrow=len(headings), padding=1)            # [3, H', W']
-    pixels = grid.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # as save_image
-    band = max(b[3] for b in boxes) + 6                                   # the headings' height + a margin
-    canvas = Image.new("RGB", (pixels.shape[1], band + pixels.shape[0]), "white")
-    canvas.paste(Image.fromarray(pixels), (0, band))
-    draw, width = ImageDraw.Draw(canvas), images.shape[-1]
-    for c, (heading, box) in enumerate(zip(headings, boxes)):
-        left = 1 + c * (width + 1)                                        # column c's first pixel in the grid
-        draw.text((left + (width - box[2]) // 2, 3), heading, fill="black", font=font)
-    canvas.save(path)
 IGNORE = 255                     # region id of a cell with no label (the regions file, below)
 
 
-# ----------------------------------------------------------------------------- built-in shapes
+# ----------------------------------------------------------------------------- pre-training samples
 
-SHAPES = ("circle", "square", "triangle", "diamond", "ring")
-COLOURS = {"red": (205, 45, 40), "green": (45, 165, 60), "blue": (45, 85, 215), "yellow": (230, 200, 45)}
-# class = colour x shape of the largest object in the scene: 20 classes, sorted like an image folder's
-CLASSES = sorted(f"{c}_{s}" for c in COLOURS for s in SHAPES)
-CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
-SUPERSAMPLE = 4                  # shapes are drawn at 4x and box-filtered: anti-aliased edges
+class PretrainDataset(torch.utils.data.Dataset):
+    """(img [3, S, S] normalised, cell_labels long [S/c, S/c], cell_scores float [S/c, S/c], target).
 
+    Cells come from the regions file (row i), else from the base's instance mask by objmae's rules
+    (`instance_cells` at `cell_size`: pass the model's patch size, so the 20% rule is on each patch's own pixels,
+    ObjMAE §3.2), else they are all 255 (ignore) with zero scores.
 
-class ShapesDataset:
-    """Procedural scenes: 1-4 objects (5 shapes x 4 colours, equal-area side 20-42% of the image
-    side, so most survive objmae's 5% rule and cover whole 8-px cells) on a textured background
-    (smooth noise + gradient + stripes, different in every image).
-
-    Instance ids are 1..k in drawing order; later objects occlude earlier ones. The largest object
-    is always drawn last (never occluded) and gives the class: `CLASSES[i] = '<colour>_<shape>'`.
-    Every image is a pure function of (seed, split, index), so two processes agree and `seed=0`
-    vs `seed=1` (or split 'train' vs 'val') give different images.
+    Augmentation, in this order: the whole image resized to S x S (PIL bicubic); with `crop_scale`, a random-
+    resized crop of that S x S image (`crop_box`, then `resized_crop` back to S x S) and of its cells
+    (`resized_crop_cells`; an instance mask is cropped at the pixel level and its cells recomputed, so the 20% and
+    5% rules hold on the crop); then, with `hflip`, a horizontal flip of image and cells together; then the
+    ImageNet normalisation. SemMAE §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
+    choice comes from torch's global RNG, in this order (box, then coin), so worker seeding and resume control it.
     """
 
-    def __init__(self, num_images=2000, img_size=64, seed=0, split="train"):
-        if num_images < 1 or img_size < 8:
-            raise ValueError(f"ShapesDataset needs num_images >= 1 and img_size >= 8, got {num_images}, {img_size}")
-        self.num_images, self.img_size, self.seed = num_images, img_size, seed
-        if split not in ("train", "val"):
-            raise ValueError(f"ShapesDataset split must be 'train' or 'val', got {split!r}")
-        self.split = split
-        # virtual names, matched against a regions file's: the seed and split are part of the name so a
-        # regions file made from other scenes fails at load instead of labelling the wrong images
-        self.files = [f"shapes-{split}-{seed}/{i:06d}.png" for i in range(num_images)]
-        self.classes = list(CLASSES)
-        self._targets = None
+    def __init__(self, base, input_size, regions=None, hflip=True, cell_size=8, crop_scale=None,
+                 crop_ratio=(3 / 4, 4 / 3)):
+        if input_size % cell_size:
+            raise ValueError(f"--input_size {input_size} is not a multiple of the cell size {cell_size}; "
+                             f"use a multiple of {cell_size}")
+        self.base, self.size, self.regions, self.hflip = base, input_size, regions, hflip
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.grid = (input_size // cell_size, input_size // cell_size)
+        if regions is not None:
+            shape = tuple(regions["labels"].shape)
+            if shape != (len(base), *self.grid):
+                raise ValueError(f"regions labels {shape} do not fit {len(base)} images on a {self.grid[0]}x"
+                                 f"{self.grid[1]} grid (input size {input_size} / cell size {cell_size}); "
+                                 f"pass the cell size the regions were made with (meta cell_size)")
 
     def __len__(self):
-        return self.num_images
+        return len(self.base)
 
-    def _objects(self, i):
-        """Sample the scene's objects; the generator goes on to the background. -> (rng, objects)"""
-        rng = np.random.default_rng([self.seed, ("train", "val").index(self.split), i])
-        S, objs = self.img_size, []
-        for _ in range(rng.integers(1, 5)):
-            side = rng.uniform(0.20, 0.42) * S          # side of the square with the object's area
-            shape = int(rng.integers(len(SHAPES)))
-            colour = int(rng.integers(len(COLOURS)))
-            # radius of the circumscribed circle giving area side^2 (ring: inner radius 0.55 R)
-            radius = side * (0.564, 0.707, 0.877, 0.877, 0.674)[shape]
-            cx, cy = rng.uniform(radius, S - radius, size=2)
-            objs.append(dict(shape=shape, colour=colour, side=side, radius=radius, cx=cx, cy=cy,
-                             angle=rng.uniform(0, 2 * np.pi), jitter=rng.normal(0, 12, 3)))
-        big = max(range(len(objs)), key=lambda j: objs[j]["side"])
-        objs.append(objs.pop(big))                      # the class object goes on top
-        return rng, objs
-
-    @staticmethod
-    def _class(o):
-        return CLASS_ID[f"{list(COLOURS)[o['colour']]}_{SHAPES[o['shape']]}"]
-
-    def target(self, i):
-        return self._class(self._objects(i)[1][-1])
-
-    @property
-    def targets(self):
-        if self._targets is None:                       # lazy: ~20 us per image, no drawing
-            self._targets = [self.target(i) for i in range(self.num_images)]
-        return self._targets
-
-    def load(self, i):
-        """-> (PIL RGB image, instance mask np.uint8 [H, W] (0 = background, 1..k), class int)"""
-        if not 0 <= i < self.num_images:
-            raise IndexError(i)
-        rng, objs = self._objects(i)
-        S, s = self.img_size, SUPERSAMPLE
-        canvas = Image.new("L", (S * s, S * s), 0)
-        draw = ImageDraw.Draw(canvas)
-        for j, o in enumerate(objs, 1):
-            cx, cy, r = o["cx"] * s, o["cy"] * s, o["radius"] * s
-            name = SHAPES[o["shape"]]
-            if name == "circle":
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=j)
-            elif name == "ring":
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=j, width=max(1, round(0.45 * r)))
-            else:                                       # polygons inscribed in the circle of radius r
-                n = 3 if name == "triangle" else 4
-                t = 2 * np.pi * np.arange(n) / n
-                u, v = r * np.cos(t), r * np.sin(t) * (0.65 if name == "diamond" else 1.0)
-                ca, sa = np.cos(o["angle"]), np.sin(o["angle"])
-                draw.polygon([(float(cx + a * ca - b * sa), float(cy + a * sa + b * ca)) for a, b in zip(u, v)],
-                             fill=j)
-        big = np.asarray(canvas)                                           # [sS, sS]
-        n, pix = len(objs) + 1, np.arange(S * s) // s                      # sub-pixel -> pixel row/col
-        counts = np.bincount(((pix[:, None] * S + pix[None]) * n + big).ravel(), minlength=S * S * n)
-        cover = counts.reshape(S, S, n).transpose(2, 0, 1).astype(np.float32) / (s * s)  # [k+1, S, S] shares
-        mask = cover.argmax(0).astype(np.uint8)          # most-covered id per pixel (ties: lower id)
-
-        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S                 # [S, S] in [0, 1)
-        img = cover[0][..., None] * self._background(rng, xx, yy)
-        light = rng.normal(size=2)
-        light /= np.linalg.norm(light) + 1e-6
-        for j, o in enumerate(objs, 1):                 # flat colour with a soft light gradient
-            d = ((xx * S - o["cx"]) * light[0] + (yy * S - o["cy"]) * light[1]) / o["radius"]
-            shade = np.clip(1 + 0.2 * d, 0.75, 1.25)[..., None]
-            img += cover[j][..., None] * (np.array(list(COLOURS.values())[o["colour"]]) + o["jitter"]) * shade
-        img += rng.normal(0, 3, img.shape)
-        image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
-        return image, mask, self._class(objs[-1])
-
-    def _background(self, rng, xx, yy):
-        """Muted colour + smooth noise (bilinear from a 4x4 grid) + a gradient + light stripes."""
-        S = xx.shape[0]
-        base = rng.uniform(70, 180) + rng.normal(0, 15, 3)                 # [3] low saturation
-        pos = np.linspace(0, 3, S)
-        w = np.maximum(0, 1 - np.abs(pos[:, None] - np.arange(4)[None]))   # [S, 4] bilinear weights
-        grid = rng.normal(0, 22, (4, 4, 3))
-        noise = np.stack([w @ grid[..., c] @ w.T for c in range(3)], -1)    # [S, S, 3]
-        t = rng.uniform(0, 2 * np.pi, 2)
-        ramp = rng.uniform(-30, 30) * (xx * np.cos(t[0]) + yy * np.sin(t[0]) - 0.5)
-        period = rng.uniform(0.08, 0.25)
-        stripes = rng.uniform(4, 16) * np.sin(2 * np.pi * (xx * np.cos(t[1]) + yy * np.sin(t[1])) / period)
-        return base + noise + (ramp + stripes)[..., None]                  # [S, S, 3]
+    def __getitem__(self, i):
+        img, mask, target = self.base.load(i)
+        S = self.size
+        if img.size != (S, S):
+            img = img.resize((S, S), Image.BICUBIC)
+        x = TF.to_tensor(img)                                              # [3, S, S] in [0, 1]
+        labels, scores = None, torch.zeros(self.grid)
+        if self.regions is not None:
+            labels = self.regions["labels"][i].long()
+            sc = self.regions["scores"]
+            scores = sc[i].float() if sc is not None else scores
+        elif mask is not None and mask.shape != (S, S):
+            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))  # as its image, ids stay ids
+        elif mask is None:
+            labels = torch.full(self.grid, IGNORE, dtype=torch.long)
+        if self.crop_scale is not None:
+            box = crop_box(S, self.crop_scale, self.crop_ratio)
+            x = resized_crop(x, box, S)
+            if labels is not None:
+                labels, scores = resized_crop_cells(labels, scores, box, S)
+            else:
+                mask = resized_crop_mask(mask, box, S)
+        if labels is None:                                                 # ObjMAE §3.2, §4.1 on the (cropped) mask
+            labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
+        if self.hflip and torch.rand(()) < 0.5:
+            x, labels, scores = x.flip(-1), labels.flip(-1), scores.flip(-1)
+        x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+        return x, labels, scores, target
 
 
-def write_shapes(dataset, out_dir):
-    """Save a ShapesDataset as out_dir/images/<class>/<name>.png (ImageNet layout) and its instance
-    masks as out_dir/masks/<class>/<name>.png, for FolderDataset(images, masks_root=masks)."""
-    for sub in ("images", "masks"):
-        for c in dataset.classes:
-            os.makedirs(os.path.join(out_dir, sub, c), exist_ok=True)
-    for i, f in enumerate(dataset.files):
-        img, mask, target = dataset.load(i)
-        rel = os.path.join(dataset.classes[target], os.path.basename(f))
-        img.save(os.path.join(out_dir, "images", rel))
-        Image.fromarray(mask, "L").save(os.path.join(out_dir, "masks", rel))
-    return len(dataset)
+# ----------------------------------------------------------------------------- the regions file
+
+def save_regions(path, labels, scores, files, meta):
+    """Write the regions file atomically (temp file in the same folder, then os.replace).
+    labels: uint8 [N, gh, gw]; scores: [N, gh, gw] (stored float16) or None; files: N paths
+    relative to the data root in dataset order; meta: dict of plain types (method, kind, input_size, cell_size, num_regions, object_ratio, source)."""
+    labels = torch.as_tensor(labels).to(torch.uint8).contiguous()
+    if labels.dim() != 3 or labels.shape[0] != len(files):
+        raise ValueError(f"labels must be [N, gh, gw] with N = {len(files)} files, got {tuple(labels.shape)}")
+    obj = {"labels": labels, "files": [str(f) for f in files], "meta": dict(meta)}
+    if scores is not None:
+        scores = torch.as_tensor(scores).to(torch.float16).contiguous()
+        if scores.shape != labels.shape:
+            raise ValueError(f"scores shape {tuple(scores.shape)} differs from labels {tuple(labels.shape)}")
+        obj["scores"] = scores
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = temp_file(folder, ".regions-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())                    # on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def temp_file(folder, prefix):
+    """mkstemp in folder (for an atomic rename into place), with the mode a plain open() would give: mkstemp makes
+    0600, but other users of a shared cluster folder must read a regions file like a checkpoint (0644 under umask
+    022). -> (fd, path)"""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
+def load_regions(path, files, input_size):
+    """Load and check a regions file against the dataset's files and --input_size.
+    -> {'labels': uint8 [N, gh, gw], 'scores': float16 [N, gh, gw] or None, 'files', 'meta'}
+    (memory-mapped: DataLoader workers share the pages)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"regions file {path} does not exist; make it with part_learn.py first")
+    try:
+        r = torch.load(path, weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a regions file ({type(e).__name__}); make it with part_learn.py") from None
+    if not isinstance(r, dict) or not {"labels", "files", "meta"} <= r.keys():
+        raise ValueError(f"{path} is not a regions file (no labels/files/meta); make it with part_learn.py")
+    labels, scores, meta = r["labels"], r.get("scores"), r["meta"]
+    if len(r["files"]) != len(files):
+        raise ValueError(f"{path} has regions for {len(r['files'])} images but the dataset has {len(files)}; "
+                         "make it with part_learn.py on the same data (--data_path / --num_images)")
+    for i, (a, b) in enumerate(zip(r["files"], files)):
+        if a != b:
+            # built-in scenes are named shapes-<split>-<data seed>/..., so the fix is the seed, not a path
+            same = ("the same built-in scenes (--data_seed, --num_images)" if a.startswith("shapes-")
+                    or b.startswith("shapes-") else "the same --data_path")
+            raise ValueError(f"{path} does not match the dataset: image {i} is '{a}' there but '{b}' in "
+                             f"the dataset; make it with part_learn.py on {same}")
+    if meta.get("input_size") != input_size:
+        raise ValueError(f"{path} was made at input size {meta.get('input_size')} but --input_size is "
+                         f"{input_size}; pass --input_size {meta.get('input_size')} or remake the regions")
+    cell = meta.get("cell_size", 8)
+    grid = input_size // cell
+    if (not isinstance(labels, torch.Tensor) or labels.dtype != torch.uint8
+            or tuple(labels.shape) != (len(files), grid, grid)
+            or (scores is not None and tuple(scores.shape) != tuple(labels.shape))):
+        raise ValueError(f"{path} holds labels of shape {tuple(getattr(labels, 'shape', ()))}, expected uint8 "
+                         f"[{len(files)}, {grid}, {grid}] for input size {input_size} and cell size {cell} "
+                         "(and scores of the same shape); remake it with part_learn.py")
+    return {"labels": labels, "scores": scores, "files": r["files"], "meta": meta}
+
+
+# ----------------------------------------------------------------------------- cells -> patches
+
+def cells_to_patches(labels, factor, generator=None):
+    """Part cells [B, gh, gw] -> one part per patch [B, (gh/f)*(gw/f)] (row-major patches) by majority vote over
+    each f x f block of cells, ties broken at random (uniform over the tied parts: a lowest-id rule would favour
+    part 0, and a patch-16 model over 8-px cells has a tie in about one patch in five). Ignore (255) wins only
+    when the whole patch is ignore. f = 1 is a reshape. For parts only: objects need ObjMAE's 20% pixel rule on
+    the patch's own pixels (ObjMAE §3.2), which cells cannot give, so object regions are made at the patch size.
+    Pairwise comparisons, O(f^4) per patch: cheap for the f = 1, 2 that patch 8/16 over 8-px cells need."""
+    B, gh, gw = labels.shape
+    if gh % factor or gw % factor:
+        raise ValueError(f"grid {gh}x{gw} is not a multiple of {factor} cells per patch side")
+    if factor == 1:
+        return labels.reshape(B, gh * gw)
+    f = factor
+    v = labels.reshape(B, gh // f, f, gw // f, f).permute(0, 1, 3, 2, 4).reshape(B, -1, f * f)  # [B, L, f*f]
+    votes = (v[..., :, None] == v[..., None, :]).sum(-1)                  # [B, L, f*f] count of own label
+    real = v != IGNORE
+    votes = torch.where(real | ~real.any(-1, keepdim=True), votes, 0)    # ignore loses to any label
+    # most votes first; among the cells of tied labels (equally many cells each) a uniform random key picks one
+    key = torch.rand(v.shape, device=v.device, generator=generator)       # [B, L, f*f] in [0, 1)
+    best = (votes + key).argmax(-1, keepdim=True)
+    return v.gather(-1, best).squeeze(-1)
+
+
+def scores_to_patches(scores, factor):
+    """Cell scores [B, gh, gw] -> mean per patch [B, (gh/f)*(gw/f)] (row-major patches)."""
+    B = scores.shape[0]
+    if factor == 1:
+        return scores.reshape(B, -1)
+    return F.avg_pool2d(scores[:, None].float(), factor).reshape(B, -1)
+
+
+# ----------------------------------------------------------------------------- joint random-resized crop
+# MAE pre-trains on RandomResizedCrop(scale 0.2-1, bicubic) + flip (MAE Table 1f: crops beat resize-only), ObjMAE
+# §4.2 "randomly cropped into 224x224", SemMAE §4.1 "only random horizontal flipping". The crop is drawn on the
+# image already resized to S x S, so the region cells (made on that S x S image) and the image share one box.
+# Pure functions on tensors, any device, one image or a batch, so a GPU input path can call the same ones.
+
+def crop_box(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random crop box (top, left, h, w) in pixels of a size x size image, drawn from torch's global RNG by
+    torchvision's RandomResizedCrop rule: up to 10 tries of an area share uniform in `scale` and an aspect ratio
+    (w / h) log-uniform in `ratio`; the first that fits is placed uniformly at random; if none fits, the largest
+    centred box whose aspect ratio is inside `ratio`."""
+    log_ratio = torch.log(torch.tensor(ratio))                            # float32, as torchvision draws it
+    for _ in range(10):
+        area = size * size * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]))).item()
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= size and 0 < h <= size:
+            top = int(torch.randint(0, size - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, size - w + 1, size=(1,)).item())
+            return top, left, h, w
+    h = w = size                                                          # a square image: clip to the ratios
+    if min(ratio) > 1:
+        h = int(round(size / min(ratio)))
+    elif max(ratio) < 1:
+        w = int(round(size * max(ratio)))
+    return (size - h) // 2, (size - w) // 2, h, w
+
+
+def _boxes(box, n):
+    """One box (top, left, h, w) or n of them ([n, 4]) -> a list of n int 4-tuples."""
+    rows = torch.as_tensor(box).reshape(-1, 4).tolist()
+    if len(rows) not in (1, n):
+        raise ValueError(f"{len(rows)} crop boxes for {n} images")
+    return [tuple(int(v) for v in r) for r in (rows * n if len(rows) == 1 else rows)]
+
+
+def resized_crop(x, box, size):
+    """Pixels in [0, 1], [3, H, W] or [B, 3, H, W] -> the box (top, left, h, w), or one box per image [B, 4],
+    resized to size x size: bicubic with antialias (MAE's crop uses PIL bicubic), clipped to [0, 1] as PIL's
+    8-bit output is. The same dtype and device as x."""
+    one = x.dim() == 3
+    xs = x[None] if one else x
+    out = []
+    for img, (t, l, h, w) in zip(xs, _boxes(box, len(xs))):
+        patch = img[None, :, t:t + h, l:l + w].float()
+        if (h, w) != (size, size):
+            patch = F.interpolate(patch, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        out.append(patch.clamp(0, 1).to(x.dtype))
+    out = torch.cat(out)
+    return out[0] if one else out
+
+
+def _axis_map(start, length, size, g):
+    """One axis of a crop on a grid of g cells over `size` pixels: the box spans pixels [start, start + length),
+    split into g output cells. -> (nearest input cell per output cell [g], long: the cell under the output cell's
+    centre; area weights [g, g], float64: the share of output cell j that lies in input cell i)."""
+    j = torch.arange(g, dtype=torch.long)
+    nearest = ((2 * g * start + (2 * j + 1) * length) // (2 * size)).clamp(0, g - 1)   # exact integer arithmetic
+    edges = start + torch.arange(g + 1, dtype=torch.float64) * length / g             # output cell edges, pixels
+    cells = torch.arange(g + 1, dtype=torch.float64) * size / g                        # input cell edges, pixels
+    overlap = (torch.minimum(edges[1:, None], cells[None, 1:]) -
+               torch.maximum(edges[:-1, None], cells[None, :-1])).clamp_min(0)         # [g_out, g_in]
+    return nearest, overlap / (length / g)
+
+
+def resized_crop_cells(labels, scores, box, size):
+    """Region cells of a size x size image, labels [gh, gw] or [B, gh, gw] and scores of the same shape (or None),
+    -> the cells of the crop `box` (top, left, h, w in pixels; or [B, 4]) resized to size x size, on the same grid.
+    Region ids are resampled nearest (the input cell under each output cell's centre: ids stay ids); scores by
+    area (the mean of the input cells' scores weighted by how much of the output cell each covers)."""
+    one = labels.dim() == 2
+    lab = labels[None] if one else labels
+    sc = None if scores is None else (scores[None] if one else scores)
+    B, gh, gw = lab.shape
+    out_lab, out_sc = [], []
+    for b, (t, l, h, w) in enumerate(_boxes(box, B)):
+        (ny, wy), (nx, wx) = _axis_map(t, h, size, gh), _axis_map(l, w, size, gw)
+        out_lab.append(lab[b][ny.to(lab.device)][:, nx.to(lab.device)])
+        if sc is not None:
+            wy, wx = wy.to(sc.device), wx.to(sc.device)
+            out_sc.append((wy @ sc[b].double() @ wx.T).to(sc.dtype))      # [gh, gw] area-weighted means
+    out_lab = torch.stack(out_lab)
+    out_sc = None if sc is None else torch.stack(out_sc)
+    return (out_lab[0], None if out_sc is None else out_sc[0]) if one else (out_lab, out_sc)
+
+
+def resized_crop_mask(mask, box, size):
+    """Instance mask np.uint8 [size, size] -> the crop box (top, left, h, w) resized to size x size, nearest (the
+    source pixel under each output pixel's centre, exact integer arithmetic): ids stay ids."""
+    t, l, h, w = box
+    y = t + ((2 * np.arange(size) + 1) * h) // (2 * size)
+    x = l + ((2 * np.arange(size) + 1) * w) // (2 * size)
+    return np.ascontiguousarray(mask[y[:, None], x[None]])
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -478,39 +583,6 @@ def mask_cells(mask, size, grid, min_share=0.2, min_object=0.05):
     return instance_cells(mask, grid, min_share, min_object)
 
 
-# ----------------------------------------------------------------------------- cells -> patches
-
-def cells_to_patches(labels, factor, generator=None):
-    """Part cells [B, gh, gw] -> one part per patch [B, (gh/f)*(gw/f)] (row-major patches) by majority vote over
-    each f x f block of cells, ties broken at random (uniform over the tied parts: a lowest-id rule would favour
-    part 0, and a patch-16 model over 8-px cells has a tie in about one patch in five). Ignore (255) wins only
-    when the whole patch is ignore. f = 1 is a reshape. For parts only: objects need ObjMAE's 20% pixel rule on
-    the patch's own pixels (ObjMAE §3.2), which cells cannot give, so object regions are made at the patch size.
-    Pairwise comparisons, O(f^4) per patch: cheap for the f = 1, 2 that patch 8/16 over 8-px cells need."""
-    B, gh, gw = labels.shape
-    if gh % factor or gw % factor:
-        raise ValueError(f"grid {gh}x{gw} is not a multiple of {factor} cells per patch side")
-    if factor == 1:
-        return labels.reshape(B, gh * gw)
-    f = factor
-    v = labels.reshape(B, gh // f, f, gw // f, f).permute(0, 1, 3, 2, 4).reshape(B, -1, f * f)  # [B, L, f*f]
-    votes = (v[..., :, None] == v[..., None, :]).sum(-1)                  # [B, L, f*f] count of own label
-    real = v != IGNORE
-    votes = torch.where(real | ~real.any(-1, keepdim=True), votes, 0)    # ignore loses to any label
-    # most votes first; among the cells of tied labels (equally many cells each) a uniform random key picks one
-    key = torch.rand(v.shape, device=v.device, generator=generator)       # [B, L, f*f] in [0, 1)
-    best = (votes + key).argmax(-1, keepdim=True)
-    return v.gather(-1, best).squeeze(-1)
-
-
-def scores_to_patches(scores, factor):
-    """Cell scores [B, gh, gw] -> mean per patch [B, (gh/f)*(gw/f)] (row-major patches)."""
-    B = scores.shape[0]
-    if factor == 1:
-        return scores.reshape(B, -1)
-    return F.avg_pool2d(scores[:, None].float(), factor).reshape(B, -1)
-
-
 # ----------------------------------------------------------------------------- classification sets
 
 class CIFAR100:
@@ -548,241 +620,140 @@ class Classification(torch.utils.data.Dataset):
         return self.transform(img), target
 
 
-# ----------------------------------------------------------------------------- the regions file
+# ----------------------------------------------------------------------------- built-in shapes
 
-def save_regions(path, labels, scores, files, meta):
-    """Write the regions file atomically (temp file in the same folder, then os.replace).
-    labels: uint8 [N, gh, gw]; scores: [N, gh, gw] (stored float16) or None; files: N paths
-    relative to the data root in dataset order; meta: dict of plain types (method, kind, input_size, cell_size, num_regions, object_ratio, source)."""
-    labels = torch.as_tensor(labels).to(torch.uint8).contiguous()
-    if labels.dim() != 3 or labels.shape[0] != len(files):
-        raise ValueError(f"labels must be [N, gh, gw] with N = {len(files)} files, got {tuple(labels.shape)}")
-    obj = {"labels": labels, "files": [str(f) for f in files], "meta": dict(meta)}
-    if scores is not None:
-        scores = torch.as_tensor(scores).to(torch.float16).contiguous()
-        if scores.shape != labels.shape:
-            raise ValueError(f"scores shape {tuple(scores.shape)} differs from labels {tuple(labels.shape)}")
-        obj["scores"] = scores
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = temp_file(folder, ".regions-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())                    # on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+SHAPES = ("circle", "square", "triangle", "diamond", "ring")
+COLOURS = {"red": (205, 45, 40), "green": (45, 165, 60), "blue": (45, 85, 215), "yellow": (230, 200, 45)}
+# class = colour x shape of the largest object in the scene: 20 classes, sorted like an image folder's
+CLASSES = sorted(f"{c}_{s}" for c in COLOURS for s in SHAPES)
+CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
+SUPERSAMPLE = 4                  # shapes are drawn at 4x and box-filtered: anti-aliased edges
 
 
-def temp_file(folder, prefix):
-    """mkstemp in folder (for an atomic rename into place), with the mode a plain open() would give: mkstemp makes
-    0600, but other users of a shared cluster folder must read a regions file like a checkpoint (0644 under umask
-    022). -> (fd, path)"""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
+class ShapesDataset:
+    """Procedural scenes: 1-4 objects (5 shapes x 4 colours, equal-area side 20-42% of the image
+    side, so most survive objmae's 5% rule and cover whole 8-px cells) on a textured background
+    (smooth noise + gradient + stripes, different in every image).
 
-
-def load_regions(path, files, input_size):
-    """Load and check a regions file against the dataset's files and --input_size.
-    -> {'labels': uint8 [N, gh, gw], 'scores': float16 [N, gh, gw] or None, 'files', 'meta'}
-    (memory-mapped: DataLoader workers share the pages)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"regions file {path} does not exist; make it with part_learn.py first")
-    try:
-        r = torch.load(path, weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a regions file ({type(e).__name__}); make it with part_learn.py") from None
-    if not isinstance(r, dict) or not {"labels", "files", "meta"} <= r.keys():
-        raise ValueError(f"{path} is not a regions file (no labels/files/meta); make it with part_learn.py")
-    labels, scores, meta = r["labels"], r.get("scores"), r["meta"]
-    if len(r["files"]) != len(files):
-        raise ValueError(f"{path} has regions for {len(r['files'])} images but the dataset has {len(files)}; "
-                         "make it with part_learn.py on the same data (--data_path / --num_images)")
-    for i, (a, b) in enumerate(zip(r["files"], files)):
-        if a != b:
-            # built-in scenes are named shapes-<split>-<data seed>/..., so the fix is the seed, not a path
-            same = ("the same built-in scenes (--data_seed, --num_images)" if a.startswith("shapes-")
-                    or b.startswith("shapes-") else "the same --data_path")
-            raise ValueError(f"{path} does not match the dataset: image {i} is '{a}' there but '{b}' in "
-                             f"the dataset; make it with part_learn.py on {same}")
-    if meta.get("input_size") != input_size:
-        raise ValueError(f"{path} was made at input size {meta.get('input_size')} but --input_size is "
-                         f"{input_size}; pass --input_size {meta.get('input_size')} or remake the regions")
-    cell = meta.get("cell_size", 8)
-    grid = input_size // cell
-    if (not isinstance(labels, torch.Tensor) or labels.dtype != torch.uint8
-            or tuple(labels.shape) != (len(files), grid, grid)
-            or (scores is not None and tuple(scores.shape) != tuple(labels.shape))):
-        raise ValueError(f"{path} holds labels of shape {tuple(getattr(labels, 'shape', ()))}, expected uint8 "
-                         f"[{len(files)}, {grid}, {grid}] for input size {input_size} and cell size {cell} "
-                         "(and scores of the same shape); remake it with part_learn.py")
-    return {"labels": labels, "scores": scores, "files": r["files"], "meta": meta}
-
-
-# ----------------------------------------------------------------------------- joint random-resized crop
-# MAE pre-trains on RandomResizedCrop(scale 0.2-1, bicubic) + flip (MAE Table 1f: crops beat resize-only), ObjMAE
-# §4.2 "randomly cropped into 224x224", SemMAE §4.1 "only random horizontal flipping". The crop is drawn on the
-# image already resized to S x S, so the region cells (made on that S x S image) and the image share one box.
-# Pure functions on tensors, any device, one image or a batch, so a GPU input path can call the same ones.
-
-def crop_box(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """A random crop box (top, left, h, w) in pixels of a size x size image, drawn from torch's global RNG by
-    torchvision's RandomResizedCrop rule: up to 10 tries of an area share uniform in `scale` and an aspect ratio
-    (w / h) log-uniform in `ratio`; the first that fits is placed uniformly at random; if none fits, the largest
-    centred box whose aspect ratio is inside `ratio`."""
-    log_ratio = torch.log(torch.tensor(ratio))                            # float32, as torchvision draws it
-    for _ in range(10):
-        area = size * size * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]))).item()
-        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-        if 0 < w <= size and 0 < h <= size:
-            top = int(torch.randint(0, size - h + 1, size=(1,)).item())
-            left = int(torch.randint(0, size - w + 1, size=(1,)).item())
-            return top, left, h, w
-    h = w = size                                                          # a square image: clip to the ratios
-    if min(ratio) > 1:
-        h = int(round(size / min(ratio)))
-    elif max(ratio) < 1:
-        w = int(round(size * max(ratio)))
-    return (size - h) // 2, (size - w) // 2, h, w
-
-
-def _boxes(box, n):
-    """One box (top, left, h, w) or n of them ([n, 4]) -> a list of n int 4-tuples."""
-    rows = torch.as_tensor(box).reshape(-1, 4).tolist()
-    if len(rows) not in (1, n):
-        raise ValueError(f"{len(rows)} crop boxes for {n} images")
-    return [tuple(int(v) for v in r) for r in (rows * n if len(rows) == 1 else rows)]
-
-
-def resized_crop(x, box, size):
-    """Pixels in [0, 1], [3, H, W] or [B, 3, H, W] -> the box (top, left, h, w), or one box per image [B, 4],
-    resized to size x size: bicubic with antialias (MAE's crop uses PIL bicubic), clipped to [0, 1] as PIL's
-    8-bit output is. The same dtype and device as x."""
-    one = x.dim() == 3
-    xs = x[None] if one else x
-    out = []
-    for img, (t, l, h, w) in zip(xs, _boxes(box, len(xs))):
-        patch = img[None, :, t:t + h, l:l + w].float()
-        if (h, w) != (size, size):
-            patch = F.interpolate(patch, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        out.append(patch.clamp(0, 1).to(x.dtype))
-    out = torch.cat(out)
-    return out[0] if one else out
-
-
-def _axis_map(start, length, size, g):
-    """One axis of a crop on a grid of g cells over `size` pixels: the box spans pixels [start, start + length),
-    split into g output cells. -> (nearest input cell per output cell [g], long: the cell under the output cell's
-    centre; area weights [g, g], float64: the share of output cell j that lies in input cell i)."""
-    j = torch.arange(g, dtype=torch.long)
-    nearest = ((2 * g * start + (2 * j + 1) * length) // (2 * size)).clamp(0, g - 1)   # exact integer arithmetic
-    edges = start + torch.arange(g + 1, dtype=torch.float64) * length / g             # output cell edges, pixels
-    cells = torch.arange(g + 1, dtype=torch.float64) * size / g                        # input cell edges, pixels
-    overlap = (torch.minimum(edges[1:, None], cells[None, 1:]) -
-               torch.maximum(edges[:-1, None], cells[None, :-1])).clamp_min(0)         # [g_out, g_in]
-    return nearest, overlap / (length / g)
-
-
-def resized_crop_cells(labels, scores, box, size):
-    """Region cells of a size x size image, labels [gh, gw] or [B, gh, gw] and scores of the same shape (or None),
-    -> the cells of the crop `box` (top, left, h, w in pixels; or [B, 4]) resized to size x size, on the same grid.
-    Region ids are resampled nearest (the input cell under each output cell's centre: ids stay ids); scores by
-    area (the mean of the input cells' scores weighted by how much of the output cell each covers)."""
-    one = labels.dim() == 2
-    lab = labels[None] if one else labels
-    sc = None if scores is None else (scores[None] if one else scores)
-    B, gh, gw = lab.shape
-    out_lab, out_sc = [], []
-    for b, (t, l, h, w) in enumerate(_boxes(box, B)):
-        (ny, wy), (nx, wx) = _axis_map(t, h, size, gh), _axis_map(l, w, size, gw)
-        out_lab.append(lab[b][ny.to(lab.device)][:, nx.to(lab.device)])
-        if sc is not None:
-            wy, wx = wy.to(sc.device), wx.to(sc.device)
-            out_sc.append((wy @ sc[b].double() @ wx.T).to(sc.dtype))      # [gh, gw] area-weighted means
-    out_lab = torch.stack(out_lab)
-    out_sc = None if sc is None else torch.stack(out_sc)
-    return (out_lab[0], None if out_sc is None else out_sc[0]) if one else (out_lab, out_sc)
-
-
-def resized_crop_mask(mask, box, size):
-    """Instance mask np.uint8 [size, size] -> the crop box (top, left, h, w) resized to size x size, nearest (the
-    source pixel under each output pixel's centre, exact integer arithmetic): ids stay ids."""
-    t, l, h, w = box
-    y = t + ((2 * np.arange(size) + 1) * h) // (2 * size)
-    x = l + ((2 * np.arange(size) + 1) * w) // (2 * size)
-    return np.ascontiguousarray(mask[y[:, None], x[None]])
-
-
-# ----------------------------------------------------------------------------- pre-training samples
-
-class PretrainDataset(torch.utils.data.Dataset):
-    """(img [3, S, S] normalised, cell_labels long [S/c, S/c], cell_scores float [S/c, S/c], target).
-
-    Cells come from the regions file (row i), else from the base's instance mask by objmae's rules
-    (`instance_cells` at `cell_size`: pass the model's patch size, so the 20% rule is on each patch's own pixels,
-    ObjMAE §3.2), else they are all 255 (ignore) with zero scores.
-
-    Augmentation, in this order: the whole image resized to S x S (PIL bicubic); with `crop_scale`, a random-
-    resized crop of that S x S image (`crop_box`, then `resized_crop` back to S x S) and of its cells
-    (`resized_crop_cells`; an instance mask is cropped at the pixel level and its cells recomputed, so the 20% and
-    5% rules hold on the crop); then, with `hflip`, a horizontal flip of image and cells together; then the
-    ImageNet normalisation. SemMAE §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
-    choice comes from torch's global RNG, in this order (box, then coin), so worker seeding and resume control it.
+    Instance ids are 1..k in drawing order; later objects occlude earlier ones. The largest object
+    is always drawn last (never occluded) and gives the class: `CLASSES[i] = '<colour>_<shape>'`.
+    Every image is a pure function of (seed, split, index), so two processes agree and `seed=0`
+    vs `seed=1` (or split 'train' vs 'val') give different images.
     """
 
-    def __init__(self, base, input_size, regions=None, hflip=True, cell_size=8, crop_scale=None,
-                 crop_ratio=(3 / 4, 4 / 3)):
-        if input_size % cell_size:
-            raise ValueError(f"--input_size {input_size} is not a multiple of the cell size {cell_size}; "
-                             f"use a multiple of {cell_size}")
-        self.base, self.size, self.regions, self.hflip = base, input_size, regions, hflip
-        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
-        self.grid = (input_size // cell_size, input_size // cell_size)
-        if regions is not None:
-            shape = tuple(regions["labels"].shape)
-            if shape != (len(base), *self.grid):
-                raise ValueError(f"regions labels {shape} do not fit {len(base)} images on a {self.grid[0]}x"
-                                 f"{self.grid[1]} grid (input size {input_size} / cell size {cell_size}); "
-                                 f"pass the cell size the regions were made with (meta cell_size)")
+    def __init__(self, num_images=2000, img_size=64, seed=0, split="train"):
+        if num_images < 1 or img_size < 8:
+            raise ValueError(f"ShapesDataset needs num_images >= 1 and img_size >= 8, got {num_images}, {img_size}")
+        self.num_images, self.img_size, self.seed = num_images, img_size, seed
+        if split not in ("train", "val"):
+            raise ValueError(f"ShapesDataset split must be 'train' or 'val', got {split!r}")
+        self.split = split
+        # virtual names, matched against a regions file's: the seed and split are part of the name so a
+        # regions file made from other scenes fails at load instead of labelling the wrong images
+        self.files = [f"shapes-{split}-{seed}/{i:06d}.png" for i in range(num_images)]
+        self.classes = list(CLASSES)
+        self._targets = None
 
     def __len__(self):
-        return len(self.base)
+        return self.num_images
 
-    def __getitem__(self, i):
-        img, mask, target = self.base.load(i)
-        S = self.size
-        if img.size != (S, S):
-            img = img.resize((S, S), Image.BICUBIC)
-        x = TF.to_tensor(img)                                              # [3, S, S] in [0, 1]
-        labels, scores = None, torch.zeros(self.grid)
-        if self.regions is not None:
-            labels = self.regions["labels"][i].long()
-            sc = self.regions["scores"]
-            scores = sc[i].float() if sc is not None else scores
-        elif mask is not None and mask.shape != (S, S):
-            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))  # as its image, ids stay ids
-        elif mask is None:
-            labels = torch.full(self.grid, IGNORE, dtype=torch.long)
-        if self.crop_scale is not None:
-            box = crop_box(S, self.crop_scale, self.crop_ratio)
-            x = resized_crop(x, box, S)
-            if labels is not None:
-                labels, scores = resized_crop_cells(labels, scores, box, S)
-            else:
-                mask = resized_crop_mask(mask, box, S)
-        if labels is None:                                                 # ObjMAE §3.2, §4.1 on the (cropped) mask
-            labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
-        if self.hflip and torch.rand(()) < 0.5:
-            x, labels, scores = x.flip(-1), labels.flip(-1), scores.flip(-1)
-        x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
-        return x, labels, scores, target
+    def _objects(self, i):
+        """Sample the scene's objects; the generator goes on to the background. -> (rng, objects)"""
+        rng = np.random.default_rng([self.seed, ("train", "val").index(self.split), i])
+        S, objs = self.img_size, []
+        for _ in range(rng.integers(1, 5)):
+            side = rng.uniform(0.20, 0.42) * S          # side of the square with the object's area
+            shape = int(rng.integers(len(SHAPES)))
+            colour = int(rng.integers(len(COLOURS)))
+            # radius of the circumscribed circle giving area side^2 (ring: inner radius 0.55 R)
+            radius = side * (0.564, 0.707, 0.877, 0.877, 0.674)[shape]
+            cx, cy = rng.uniform(radius, S - radius, size=2)
+            objs.append(dict(shape=shape, colour=colour, side=side, radius=radius, cx=cx, cy=cy,
+                             angle=rng.uniform(0, 2 * np.pi), jitter=rng.normal(0, 12, 3)))
+        big = max(range(len(objs)), key=lambda j: objs[j]["side"])
+        objs.append(objs.pop(big))                      # the class object goes on top
+        return rng, objs
+
+    @staticmethod
+    def _class(o):
+        return CLASS_ID[f"{list(COLOURS)[o['colour']]}_{SHAPES[o['shape']]}"]
+
+    def target(self, i):
+        return self._class(self._objects(i)[1][-1])
+
+    @property
+    def targets(self):
+        if self._targets is None:                       # lazy: ~20 us per image, no drawing
+            self._targets = [self.target(i) for i in range(self.num_images)]
+        return self._targets
+
+    def load(self, i):
+        """-> (PIL RGB image, instance mask np.uint8 [H, W] (0 = background, 1..k), class int)"""
+        if not 0 <= i < self.num_images:
+            raise IndexError(i)
+        rng, objs = self._objects(i)
+        S, s = self.img_size, SUPERSAMPLE
+        canvas = Image.new("L", (S * s, S * s), 0)
+        draw = ImageDraw.Draw(canvas)
+        for j, o in enumerate(objs, 1):
+            cx, cy, r = o["cx"] * s, o["cy"] * s, o["radius"] * s
+            name = SHAPES[o["shape"]]
+            if name == "circle":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=j)
+            elif name == "ring":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=j, width=max(1, round(0.45 * r)))
+            else:                                       # polygons inscribed in the circle of radius r
+                n = 3 if name == "triangle" else 4
+                t = 2 * np.pi * np.arange(n) / n
+                u, v = r * np.cos(t), r * np.sin(t) * (0.65 if name == "diamond" else 1.0)
+                ca, sa = np.cos(o["angle"]), np.sin(o["angle"])
+                draw.polygon([(float(cx + a * ca - b * sa), float(cy + a * sa + b * ca)) for a, b in zip(u, v)],
+                             fill=j)
+        big = np.asarray(canvas)                                           # [sS, sS]
+        n, pix = len(objs) + 1, np.arange(S * s) // s                      # sub-pixel -> pixel row/col
+        counts = np.bincount(((pix[:, None] * S + pix[None]) * n + big).ravel(), minlength=S * S * n)
+        cover = counts.reshape(S, S, n).transpose(2, 0, 1).astype(np.float32) / (s * s)  # [k+1, S, S] shares
+        mask = cover.argmax(0).astype(np.uint8)          # most-covered id per pixel (ties: lower id)
+
+        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S                 # [S, S] in [0, 1)
+        img = cover[0][..., None] * self._background(rng, xx, yy)
+        light = rng.normal(size=2)
+        light /= np.linalg.norm(light) + 1e-6
+        for j, o in enumerate(objs, 1):                 # flat colour with a soft light gradient
+            d = ((xx * S - o["cx"]) * light[0] + (yy * S - o["cy"]) * light[1]) / o["radius"]
+            shade = np.clip(1 + 0.2 * d, 0.75, 1.25)[..., None]
+            img += cover[j][..., None] * (np.array(list(COLOURS.values())[o["colour"]]) + o["jitter"]) * shade
+        img += rng.normal(0, 3, img.shape)
+        image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+        return image, mask, self._class(objs[-1])
+
+    def _background(self, rng, xx, yy):
+        """Muted colour + smooth noise (bilinear from a 4x4 grid) + a gradient + light stripes."""
+        S = xx.shape[0]
+        base = rng.uniform(70, 180) + rng.normal(0, 15, 3)                 # [3] low saturation
+        pos = np.linspace(0, 3, S)
+        w = np.maximum(0, 1 - np.abs(pos[:, None] - np.arange(4)[None]))   # [S, 4] bilinear weights
+        grid = rng.normal(0, 22, (4, 4, 3))
+        noise = np.stack([w @ grid[..., c] @ w.T for c in range(3)], -1)    # [S, S, 3]
+        t = rng.uniform(0, 2 * np.pi, 2)
+        ramp = rng.uniform(-30, 30) * (xx * np.cos(t[0]) + yy * np.sin(t[0]) - 0.5)
+        period = rng.uniform(0.08, 0.25)
+        stripes = rng.uniform(4, 16) * np.sin(2 * np.pi * (xx * np.cos(t[1]) + yy * np.sin(t[1])) / period)
+        return base + noise + (ramp + stripes)[..., None]                  # [S, S, 3]
+
+
+def write_shapes(dataset, out_dir):
+    """Save a ShapesDataset as out_dir/images/<class>/<name>.png (ImageNet layout) and its instance
+    masks as out_dir/masks/<class>/<name>.png, for FolderDataset(images, masks_root=masks)."""
+    for sub in ("images", "masks"):
+        for c in dataset.classes:
+            os.makedirs(os.path.join(out_dir, sub, c), exist_ok=True)
+    for i, f in enumerate(dataset.files):
+        img, mask, target = dataset.load(i)
+        rel = os.path.join(dataset.classes[target], os.path.basename(f))
+        img.save(os.path.join(out_dir, "images", rel))
+        Image.fromarray(mask, "L").save(os.path.join(out_dir, "masks", rel))
+    return len(dataset)
 
 
 # ----------------------------------------------------------------------------- fast input path (--image_cache)
@@ -1018,6 +989,37 @@ def device_batch(imgs, flips, boxes=None):
     return x.sub(mean).div(std)
 
 
+# ----------------------------------------------------------------------------- pictures
+
+def denormalise(imgs):
+    """[B, 3, H, W] normalised images -> [0, 1] pixels on the CPU, for pictures."""
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    return (imgs.float().cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
+
+
+def save_with_headings(path, images, headings):
+    """Pictures that explain themselves: images [R * C, 3, H, W] in [0, 1], row by row, C = len(headings) per
+    row -> one PNG: torchvision's grid (1-px black lines) under a white band with each column's heading, drawn
+    with PIL's built-in font. Images narrower than their heading are enlarged by a whole factor (nearest), so
+    each image pixel becomes a block of one colour; otherwise the cells hold the images' pixels as save_image
+    writes them."""
+    font = ImageFont.load_default()
+    boxes = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), h, font=font) for h in headings]
+    scale = max(1, math.ceil((max(b[2] for b in boxes) + 4) / images.shape[-1]))
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = torchvision.utils.make_grid(images, nrow=len(headings), padding=1)            # [3, H', W']
+    pixels = grid.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # as save_image
+    band = max(b[3] for b in boxes) + 6                                   # the headings' height + a margin
+    canvas = Image.new("RGB", (pixels.shape[1], band + pixels.shape[0]), "white")
+    canvas.paste(Image.fromarray(pixels), (0, band))
+    draw, width = ImageDraw.Draw(canvas), images.shape[-1]
+    for c, (heading, box) in enumerate(zip(headings, boxes)):
+        left = 1 + c * (width + 1)                                        # column c's first pixel in the grid
+        draw.text((left + (width - box[2]) // 2, 3), heading, fill="black", font=font)
+    canvas.save(path)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Write the built-in shapes scenes as an image folder + instance masks, "
                                             "or list every unreadable image of image folders.")
@@ -1048,3 +1050,4 @@ if __name__ == "__main__":
     n = write_shapes(ds, a.write)
     print(f"wrote {n} images of {a.img_size}x{a.img_size} in {len(ds.classes)} classes to "
           f"{os.path.join(a.write, 'images')} and their instance masks to {os.path.join(a.write, 'masks')}")
+

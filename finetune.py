@@ -60,7 +60,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -77,68 +76,78 @@ RECIPES = {"finetune": dict(batch_size=32, epochs=100, warmup_epochs=5, blr=5e-4
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model and mode
-    p.add_argument("--model", default="vit_base_patch16", choices=sorted(models.VITS))
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--finetune", default=None, help="pre-trained encoder: ours, MAE's, SemMAE's or a timm state dict")
-    p.add_argument("--linprobe", action="store_true", help="train only a linear head on the frozen encoder")
-    p.add_argument("--eval", action="store_true", help="top-1/top-5 of --resume on the validation set, no training")
-    p.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=None,
+    g = p.add_argument_group("model and mode")
+    g.add_argument("--model", default="vit_base_patch16", choices=sorted(models.VITS))
+    g.add_argument("--input_size", type=int, default=224)
+    g.add_argument("--finetune", default=None, help="pre-trained encoder: ours, MAE's, SemMAE's or a timm state dict")
+    g.add_argument("--linprobe", action="store_true", help="train only a linear head on the frozen encoder")
+    g.add_argument("--eval", action="store_true", help="top-1/top-5 of --resume on the validation set, no training")
+    g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=None,
                    help="mean of the patch tokens + fc_norm (fine-tuning default) or the class token (--no-global_pool,"
                         " linear probing default), as MAE")
-    p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth (fine-tuning)")
-    # data
-    p.add_argument("--data_path", default=None, help="folder with train/ and val/ (ImageNet layout), or CIFAR-100's "
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth (fine-tuning)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None, help="folder with train/ and val/ (ImageNet layout), or CIFAR-100's "
                                                      "root with --dataset cifar100; omitted = built-in shapes")
-    p.add_argument("--dataset", default="folder", choices=["folder", "cifar100"])
-    p.add_argument("--download", action="store_true", help="cifar100: download into --data_path if missing")
-    p.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
-    p.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images (other scenes)")
-    p.add_argument("--data_seed", type=int, default=0,
+    g.add_argument("--dataset", default="folder", choices=["folder", "cifar100"])
+    g.add_argument("--download", action="store_true", help="cifar100: download into --data_path if missing")
+    g.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
+    g.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images (other scenes)")
+    g.add_argument("--data_seed", type=int, default=0,
                    help="shapes: which scenes (--seed changes only the training randomness)")
-    p.add_argument("--regions", default=None, help="regions.pt of the training images (foreground scores)")
-    p.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
-    p.add_argument("--keep_ratio", type=float, default=1.0,
+    g.add_argument("--regions", default=None, help="regions.pt of the training images (foreground scores)")
+    g.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
+    g.add_argument("--keep_ratio", type=float, default=1.0,
                    help="linear probing on the most foreground fraction of patches (SemMAE 8x8: 0.25)")
-    # augmentation (fine-tuning; MAE's main_finetune flags)
-    p.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
-    p.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to size/crop_pct, centre crop")
-    p.add_argument("--aa", default="rand-m9-n2", help="RandAugment 'rand-m<magnitude>-n<ops>' or 'none'")
-    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
-    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    # optimisation; None = the mode's recipe (RECIPES)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--warmup_epochs", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=None, help="per device; effective = batch * accum * world")
-    p.add_argument("--accum_iter", type=int, default=1)
-    p.add_argument("--blr", type=float, default=None, help="lr = blr * effective batch / 256")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    p.add_argument("--min_lr", type=float, default=None)
-    p.add_argument("--weight_decay", type=float, default=None)
-    p.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (fine-tuning; 1 = off)")
-    p.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+    g = p.add_argument_group("augmentation (MAE's main_finetune; fine-tuning only, except --crop_min and --crop_pct)")
+    g.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
+    g.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to size/crop_pct, centre crop")
+    g.add_argument("--aa", default="rand-m9-n2", help="RandAugment 'rand-m<magnitude>-n<ops>' or 'none'")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g = p.add_argument_group("optimisation (None = the mode's recipe, RECIPES)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--warmup_epochs", type=int, default=None)
+    g.add_argument("--batch_size", type=int, default=None, help="per device; effective = batch * accum * world")
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--blr", type=float, default=None, help="lr = blr * effective batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    g.add_argument("--min_lr", type=float, default=None)
+    g.add_argument("--weight_decay", type=float, default=None)
+    g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (fine-tuning; 1 = off)")
+    g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
                    help="fine-tuning AdamW betas (MAE's main_finetune: torch's default; ObjMAE Table 2: the same)")
-    p.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
-    p.add_argument("--lookahead", action="store_true", help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
-    p.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
-    p.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
-    p.add_argument("--opt", default="lars", choices=["lars", "sgd"],
+    g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
+    g.add_argument("--lookahead", action="store_true", help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
+    g.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
+    g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
+    g = p.add_argument_group("linear probing only (--linprobe)")
+    g.add_argument("--opt", default="lars", choices=["lars", "sgd"],
                    help="linear probing: LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
-    # run
-    p.add_argument("--output_dir", default="output/finetune")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval); "
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="output/finetune")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval); "
                                                    "'auto': this --output_dir's checkpoint-last.pth if there is one, "
                                                    "else start")
-    p.add_argument("--num_workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
 
 
 def check_args(args):
     """Fill the mode's recipe into the flags left at None, then refuse combinations that cannot work."""
+    tuning, probing = (not args.linprobe, "in fine-tuning (without --linprobe)"), (args.linprobe, "with --linprobe")
+    utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
+        **{f: tuning for f in ("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing", "layer_decay",
+                               "opt_betas", "opt_eps")},
+        "opt": probing,
+        "blr": (args.lr is None, "without --lr (which overrides it)"),
+        "lookahead_k": (args.lookahead, "with --lookahead"),
+        "lookahead_alpha": (args.lookahead, "with --lookahead"),
+        "download": (args.dataset == "cifar100", "with --dataset cifar100")})
     for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -190,131 +199,178 @@ def check_args(args):
     randaug(args.aa)
 
 
-def randaug(aa):
-    """'rand-m9-n2' -> (magnitude 9, 2 ops), 'none' -> None. timm's 'mstd0.5' (noise on the magnitude) has no
-    torchvision counterpart, so MAE's rand-m9-mstd0.5-inc1 becomes a fixed magnitude 9."""
-    if aa == "none":
+# ----------------------------------------------------------------------------- train and evaluate
+
+def main(args):
+    d = utils.init_distributed(args.device)
+    check_args(args)
+    if not args.eval:  # --eval writes nothing
+        utils.prepare_output_dir(args, d)  # resolves --resume auto
+    torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
+    with utils.user_input():                       # a bad folder, regions file or checkpoint: exit 2
+        train_set, val_set, classes = build_datasets(args)
+        net = build_model(args, len(classes))
+        if args.finetune:
+            load_pretrained(net, args.finetune, verbose=d.is_main)
+    net.to(d.device)
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world)),
+                                             batch_size=args.batch_size, num_workers=args.num_workers,
+                                             pin_memory=d.device.type == "cuda")
+    if args.eval:
+        if args.resume == "auto":  # evaluate this --output_dir's last checkpoint
+            args.resume = os.path.join(args.output_dir, "checkpoint-last.pth")
+        load_trained(net, utils.load_checkpoint(args.resume), args, args.resume)
+        stats = evaluate(net, val_loader, d, args)
+        utils.print0(d, f"{args.resume}: top-1 {100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
+                        f"on {stats['n']} validation images")
+        utils.cleanup_distributed()
+        return stats
+
+    loader = utils.make_loader(train_set, args.batch_size, args.num_workers, True, args.seed, d)
+    utils.check_accum(loader, len(train_set), args)
+    base_lr, eff_batch = utils.scaled_lr(args, d)                          # lr = blr * effective batch / 256
+    if not args.linprobe:
+        optimizer = torch.optim.AdamW(param_groups_lrd(net, args.weight_decay, args.layer_decay), lr=base_lr,
+                                      betas=tuple(args.opt_betas), eps=args.opt_eps)
+    elif args.opt == "lars":  # MAE's probe (batch 16384); a step moves w by ~lr * trust * |w|, too little at batch 64
+        optimizer = LARS(net.head.parameters(), lr=base_lr, weight_decay=args.weight_decay)
+    else:  # small batches: SGD with momentum, the usual probe optimiser (DINO, MoCo v3)
+        optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
+    if args.lookahead:                                                     # ObjMAE Table 2
+        optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
+    start_epoch, max_acc1 = 0, 0.0
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        load_trained(net, ckpt, args, args.resume)
+        if "optimizer" not in ckpt:
+            raise UsageError(f"{args.resume} has no optimizer state; --resume continues a run of this script")
+        utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
+        start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0)
+    module = net.head if args.linprobe else net
+    trainable = utils.wrap_ddp(module, d)
+    mixup = make_mixup(args, len(classes))
+    smoothing = 0.0 if args.linprobe else args.smoothing
+
+    utils.start_run(args, d)
+    utils.print_args(d, args)
+    trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    utils.print0(d, f"{args.model}{' (linear probe)' if args.linprobe else ''}: {trained / 1e6:.2f}M trained "
+                    f"params, {len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
+                    f"effective batch {eff_batch}, lr {base_lr:.2e}, epochs {start_epoch}..{args.epochs - 1}")
+
+    # Each optimizer step averages exactly accum_iter micro-batches: the len(loader) % accum_iter left at the end of
+    # an epoch are skipped, the same in every epoch, so no step mixes two epochs' batches.
+    iters = len(loader) // args.accum_iter * args.accum_iter               # micro-batches used per epoch
+    total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
+    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    for epoch in range(start_epoch, args.epochs):
+        utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
+        loader.sampler.set_epoch(epoch)
+        net.train(not args.linprobe)  # linear probe: the encoder stays in eval mode, only the head trains
+        module.train()
+        t0, loss_sum, n_sum = time.time(), 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
+        for it, (imgs, target, *scores) in enumerate(bar):
+            if it == iters:                                                # the leftover micro-batches
+                break
+            if it % args.accum_iter == 0:
+                lr = utils.cosine_lr(epoch * iters + it, total_iters, warmup_iters, base_lr, args.min_lr)
+                utils.set_lr(optimizer, lr)
+            imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
+            ids = keep_ids(scores[0].to(d.device), net, args) if scores else None
+            if mixup is not None:
+                imgs, soft = mixup(imgs, target)  # [B, C] mixed one-hot targets
+            else:
+                soft = F.one_hot(target, len(classes)).float()
+            soft = soft * (1 - smoothing) + smoothing / len(classes)  # smoothing commutes with mixing (timm)
+            sync = (it + 1) % args.accum_iter == 0
+            with utils.no_sync_unless(trainable, sync, d):
+                with utils.autocast(d.device):
+                    loss = soft_cross_entropy(forward(net, trainable, imgs, ids, args.linprobe), soft)
+                (loss / args.accum_iter).backward()
+            if sync:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()
+            utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path)
+            loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        bar.close()
+
+        train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
+        stats = evaluate(net, val_loader, d, args)
+        max_acc1 = max(max_acc1, stats["acc1"])
+        if d.is_main:
+            utils.save_checkpoint(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)})
+            record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
+                      "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
+                      "time_s": round(time.time() - t0, 2)}
+            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 {100 * stats['acc1']:.2f}% top-5 "
+                  f"{100 * stats['acc5']:.2f}% (max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
+    if d.is_main:
+        path = os.path.join(args.output_dir, "model-timm.pth")
+        utils.save_checkpoint(path, timm_state_dict(net))
+        print(f"{path} loads into timm.models.vision_transformer.VisionTransformer(img_size={args.input_size}, "
+              f"patch_size={net.patch_size}, embed_dim={net.cls_token.shape[-1]}, depth={len(net.blocks)}, "
+              f"num_heads={net.blocks[0].attn.num_heads}, num_classes={len(classes)}, "
+              f"global_pool='{'avg' if args.global_pool else 'token'}')", flush=True)
+    utils.cleanup_distributed()
+    return {"max_acc1": max_acc1}
+
+
+def keep_ids(scores, net, args, generator=None):
+    """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (SemMAE §4.2)."""
+    factor = net.patch_size // (args.input_size // scores.shape[-1])  # cells per patch side
+    return masking.keep_foreground(data.scores_to_patches(scores, factor), args.keep_ratio, generator=generator)
+
+
+def forward(net, trainable, imgs, ids, linprobe):
+    """Logits [B, C]. Fine-tuning: the whole (DDP) model. Linear probe: features of the frozen encoder under
+    no_grad (class token, or the mean of the kept patch tokens with global_pool), then the (DDP) head, so DDP syncs
+    only the head's gradients."""
+    if not linprobe:
+        return trainable(imgs)
+    with torch.no_grad():
+        x = net.forward_features(imgs, ids)  # [B, 1+n, D]
+        feats = net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]  # [B, D]
+    return trainable(feats)
+
+
+@torch.no_grad()
+def evaluate(net, loader, d, args):
+    """Top-1 and top-5 accuracy over the validation set; each rank takes every world-th image, counts are summed."""
+    net.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=d.device)  # top-1 hits, top-5 hits, images
+    g = torch.Generator(d.device).manual_seed(args.seed + d.rank)   # ties in keep_foreground: same every epoch
+    for imgs, target, *scores in loader:
+        imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
+        ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
+        with utils.autocast(d.device):
+            logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
+        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]  # [B, k]
+        batch = torch.tensor(len(target), device=d.device)
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), batch]).to(counts)
+    if d.world > 1:
+        dist.all_reduce(counts)
+    return {"acc1": (counts[0] / counts[2]).item(), "acc5": (counts[1] / counts[2]).item(), "n": int(counts[2])}
+
+
+def soft_cross_entropy(logits, target):
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def make_mixup(args, num_classes):
+    """MixUp or CutMix on the batch, chosen 50/50 when both are on (timm's switch_prob 0.5); None when off."""
+    if args.linprobe:
         return None
-    m = re.fullmatch(r"rand-m(\d+)-n(\d+)", aa)
-    if not m:
-        raise UsageError(f"--aa {aa} is not 'rand-m<magnitude>-n<ops>' (e.g. rand-m9-n2) or 'none'")
-    return int(m[1]), int(m[2])
-
-
-# ----------------------------------------------------------------------------- data
-
-class Foreground(data.PretrainDataset):
-    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe. No crop, so the cells stay on
-    the image (only a joint flip, as in pre-training). Scores come from the regions file, else object cells
-    (id 1..254 of the regions or of the base's instance masks) count 1 and background 0."""
-
-    def __getitem__(self, i):
-        img, cells, scores, target = super().__getitem__(i)
-        if self.regions is None or self.regions["scores"] is None:
-            scores = ((cells > 0) & (cells != data.IGNORE)).float()
-        return img, target, scores
-
-
-def build_transform(args, train):
-    """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip + RandAugment + random
-    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop."""
-    bicubic = v2.InterpolationMode.BICUBIC
-    size, mean, std = args.input_size, data.IMAGENET_MEAN, data.IMAGENET_STD
-    if not train:
-        head = [v2.Resize(int(size / args.crop_pct), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
-    else:
-        head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic, antialias=True),
-                v2.RandomHorizontalFlip()]
-        if not args.linprobe and randaug(args.aa):
-            magnitude, ops = randaug(args.aa)
-            head.append(v2.RandAugment(ops, magnitude, interpolation=bicubic,
-                                       fill=[round(255 * m) for m in mean]))  # timm fills with the mean colour
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if train and not args.linprobe and args.reprob > 0:
-        tail.append(v2.RandomErasing(args.reprob, value="random"))
-    return v2.Compose(head + tail)
-
-
-def build_datasets(args):
-    """-> (train set (None with --eval), validation set, class names). Items are (img, class) or, with
-    keep_ratio < 1, (img, class, cell scores)."""
-    splits = [False] if args.eval else [True, False]  # is it the training split; --eval never scans train/
-    if args.data_path is None:
-        bases = [data.ShapesDataset(args.num_images if train else args.num_val_images, img_size=args.input_size,
-                                    seed=args.data_seed, split="train" if train else "val") for train in splits]
-    elif args.dataset == "cifar100":
-        bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
-    else:
-        dirs = [os.path.join(args.data_path, "train" if train else "val") for train in splits]
-        for folder in dirs:
-            if not os.path.isdir(folder):
-                raise UsageError(f"{folder} does not exist; --data_path needs train/ and val/ in ImageNet layout "
-                                 "(<split>/<class>/<image>)")
-        bases = [data.FolderDataset(folder) for folder in dirs]
-    if bases[0].classes != bases[-1].classes:
-        raise UsageError(f"train and val have different classes ({len(bases[0].classes)} vs "
-                         f"{len(bases[-1].classes)}); both need the same class folders")
-    sets = []
-    for base, train in zip(bases, splits):
-        if args.keep_ratio == 1.0:
-            sets.append(data.Classification(base, build_transform(args, train)))
-            continue
-        path = args.regions if train else args.val_regions
-        regions = data.load_regions(path, base.files, args.input_size) if path else None
-        if regions and regions["scores"] is None and regions["meta"].get("kind") != "objects":
-            raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs part_learn.py's scores")
-        cell = regions["meta"]["cell_size"] if regions else 8
-        sets.append(Foreground(base, args.input_size, regions=regions, hflip=train, cell_size=cell))
-    return (None if args.eval else sets[0]), sets[-1], bases[0].classes
+    ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
+          ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    return v2.RandomChoice(ops) if ops else None
 
 
 # ----------------------------------------------------------------------------- model
-
-def layer_id(name, depth):
-    """BEiT/MAE layer-wise lr decay: the embeddings are layer 0, block i is layer i+1, the rest depth+1."""
-    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def param_groups_lrd(net, weight_decay, layer_decay):
-    """One AdamW group per (layer, decay or not); lr_scale = layer_decay ** (depth + 1 - layer) (utils.set_lr)."""
-    depth, groups = len(net.blocks), {}
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer, no_decay = layer_id(name, depth), utils.no_weight_decay(name, p)
-        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                                  "lr_scale": layer_decay ** (depth + 1 - layer)})
-        g["params"].append(p)
-    return list(groups.values())
-
-
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017), as MAE's linear probe uses it: SGD with momentum where the step of each weight
-    matrix is rescaled to trust * |w| / |g + wd w| (its size follows the weight, not the gradient); biases and
-    other 1-d tensors take plain SGD steps without weight decay."""
-
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                step = p.grad
-                if p.ndim > 1:
-                    step = step.add(p, alpha=g["weight_decay"])
-                    w, u = p.norm(), step.norm()
-                    step = step * torch.where((w > 0) & (u > 0), g["trust"] * w / u, torch.ones_like(w))
-                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
-                mu.mul_(g["momentum"]).add_(step)
-                p.add_(mu, alpha=-g["lr"])
-
 
 def build_model(args, num_classes):
     """The --model ViT with a new head: Linear (trunc-normal std 2e-5, MAE fine-tuning) or, for --linprobe,
@@ -407,179 +463,132 @@ def timm_state_dict(net):
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
-# ----------------------------------------------------------------------------- train and evaluate
+# ----------------------------------------------------------------------------- data
 
-def keep_ids(scores, net, args, generator=None):
-    """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (SemMAE §4.2)."""
-    factor = net.patch_size // (args.input_size // scores.shape[-1])  # cells per patch side
-    return masking.keep_foreground(data.scores_to_patches(scores, factor), args.keep_ratio, generator=generator)
+class Foreground(data.PretrainDataset):
+    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe. No crop, so the cells stay on
+    the image (only a joint flip, as in pre-training). Scores come from the regions file, else object cells
+    (id 1..254 of the regions or of the base's instance masks) count 1 and background 0."""
 
-
-def forward(net, trainable, imgs, ids, linprobe):
-    """Logits [B, C]. Fine-tuning: the whole (DDP) model. Linear probe: features of the frozen encoder under
-    no_grad (class token, or the mean of the kept patch tokens with global_pool), then the (DDP) head, so DDP syncs
-    only the head's gradients."""
-    if not linprobe:
-        return trainable(imgs)
-    with torch.no_grad():
-        x = net.forward_features(imgs, ids)  # [B, 1+n, D]
-        feats = net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]  # [B, D]
-    return trainable(feats)
+    def __getitem__(self, i):
+        img, cells, scores, target = super().__getitem__(i)
+        if self.regions is None or self.regions["scores"] is None:
+            scores = ((cells > 0) & (cells != data.IGNORE)).float()
+        return img, target, scores
 
 
-@torch.no_grad()
-def evaluate(net, loader, d, args):
-    """Top-1 and top-5 accuracy over the validation set; each rank takes every world-th image, counts are summed."""
-    net.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=d.device)  # top-1 hits, top-5 hits, images
-    g = torch.Generator(d.device).manual_seed(args.seed + d.rank)   # ties in keep_foreground: same every epoch
-    for imgs, target, *scores in loader:
-        imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
-        ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
-        with utils.autocast(d.device):
-            logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
-        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]  # [B, k]
-        batch = torch.tensor(len(target), device=d.device)
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), batch]).to(counts)
-    if d.world > 1:
-        dist.all_reduce(counts)
-    return {"acc1": (counts[0] / counts[2]).item(), "acc5": (counts[1] / counts[2]).item(), "n": int(counts[2])}
+def build_transform(args, train):
+    """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip + RandAugment + random
+    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    size, mean, std = args.input_size, data.IMAGENET_MEAN, data.IMAGENET_STD
+    if not train:
+        head = [v2.Resize(int(size / args.crop_pct), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+    else:
+        head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic, antialias=True),
+                v2.RandomHorizontalFlip()]
+        if not args.linprobe and randaug(args.aa):
+            magnitude, ops = randaug(args.aa)
+            head.append(v2.RandAugment(ops, magnitude, interpolation=bicubic,
+                                       fill=[round(255 * m) for m in mean]))  # timm fills with the mean colour
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if train and not args.linprobe and args.reprob > 0:
+        tail.append(v2.RandomErasing(args.reprob, value="random"))
+    return v2.Compose(head + tail)
 
 
-def soft_cross_entropy(logits, target):
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
-def make_mixup(args, num_classes):
-    """MixUp or CutMix on the batch, chosen 50/50 when both are on (timm's switch_prob 0.5); None when off."""
-    if args.linprobe:
+def randaug(aa):
+    """'rand-m9-n2' -> (magnitude 9, 2 ops), 'none' -> None. timm's 'mstd0.5' (noise on the magnitude) has no
+    torchvision counterpart, so MAE's rand-m9-mstd0.5-inc1 becomes a fixed magnitude 9."""
+    if aa == "none":
         return None
-    ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
-          ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
-    return v2.RandomChoice(ops) if ops else None
+    m = re.fullmatch(r"rand-m(\d+)-n(\d+)", aa)
+    if not m:
+        raise UsageError(f"--aa {aa} is not 'rand-m<magnitude>-n<ops>' (e.g. rand-m9-n2) or 'none'")
+    return int(m[1]), int(m[2])
 
 
-def main(args):
-    d = utils.init_distributed(args.device)
-    check_args(args)
-    if not args.eval:  # --eval writes nothing
-        utils.prepare_output_dir(args, d)  # resolves --resume auto
-    torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
-    with utils.user_input():                       # a bad folder, regions file or checkpoint: exit 2
-        train_set, val_set, classes = build_datasets(args)
-        net = build_model(args, len(classes))
-        if args.finetune:
-            load_pretrained(net, args.finetune, verbose=d.is_main)
-    net.to(d.device)
-    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world)),
-                                             batch_size=args.batch_size, num_workers=args.num_workers,
-                                             pin_memory=d.device.type == "cuda")
-    if args.eval:
-        if args.resume == "auto":  # evaluate this --output_dir's last checkpoint
-            args.resume = os.path.join(args.output_dir, "checkpoint-last.pth")
-        load_trained(net, utils.load_checkpoint(args.resume), args, args.resume)
-        stats = evaluate(net, val_loader, d, args)
-        utils.print0(d, f"{args.resume}: top-1 {100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
-                        f"on {stats['n']} validation images")
-        utils.cleanup_distributed()
-        return stats
+def build_datasets(args):
+    """-> (train set (None with --eval), validation set, class names). Items are (img, class) or, with
+    keep_ratio < 1, (img, class, cell scores)."""
+    splits = [False] if args.eval else [True, False]  # is it the training split; --eval never scans train/
+    if args.data_path is None:
+        bases = [data.ShapesDataset(args.num_images if train else args.num_val_images, img_size=args.input_size,
+                                    seed=args.data_seed, split="train" if train else "val") for train in splits]
+    elif args.dataset == "cifar100":
+        bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
+    else:
+        dirs = [os.path.join(args.data_path, "train" if train else "val") for train in splits]
+        for folder in dirs:
+            if not os.path.isdir(folder):
+                raise UsageError(f"{folder} does not exist; --data_path needs train/ and val/ in ImageNet layout "
+                                 "(<split>/<class>/<image>)")
+        bases = [data.FolderDataset(folder) for folder in dirs]
+    if bases[0].classes != bases[-1].classes:
+        raise UsageError(f"train and val have different classes ({len(bases[0].classes)} vs "
+                         f"{len(bases[-1].classes)}); both need the same class folders")
+    sets = []
+    for base, train in zip(bases, splits):
+        if args.keep_ratio == 1.0:
+            sets.append(data.Classification(base, build_transform(args, train)))
+            continue
+        path = args.regions if train else args.val_regions
+        regions = data.load_regions(path, base.files, args.input_size) if path else None
+        if regions and regions["scores"] is None and regions["meta"].get("kind") != "objects":
+            raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs part_learn.py's scores")
+        cell = regions["meta"]["cell_size"] if regions else 8
+        sets.append(Foreground(base, args.input_size, regions=regions, hflip=train, cell_size=cell))
+    return (None if args.eval else sets[0]), sets[-1], bases[0].classes
 
-    loader = utils.make_loader(train_set, args.batch_size, args.num_workers, True, args.seed, d)
-    if len(loader) < args.accum_iter:
-        raise UsageError(f"{len(train_set)} images give {len(loader)} batches of {args.batch_size} per rank, "
-                         f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
-    eff_batch = args.batch_size * args.accum_iter * d.world
-    base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    if not args.linprobe:
-        optimizer = torch.optim.AdamW(param_groups_lrd(net, args.weight_decay, args.layer_decay), lr=base_lr,
-                                      betas=tuple(args.opt_betas), eps=args.opt_eps)
-    elif args.opt == "lars":  # MAE's probe (batch 16384); a step moves w by ~lr * trust * |w|, too little at batch 64
-        optimizer = LARS(net.head.parameters(), lr=base_lr, weight_decay=args.weight_decay)
-    else:  # small batches: SGD with momentum, the usual probe optimiser (DINO, MoCo v3)
-        optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
-    if args.lookahead:                                                     # ObjMAE Table 2
-        optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
-    start_epoch, max_acc1 = 0, 0.0
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
-        load_trained(net, ckpt, args, args.resume)
-        if "optimizer" not in ckpt:
-            raise UsageError(f"{args.resume} has no optimizer state; --resume continues a run of this script")
-        utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
-        start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0)
-    module = net.head if args.linprobe else net
-    trainable = DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else module
-    mixup = make_mixup(args, len(classes))
-    smoothing = 0.0 if args.linprobe else args.smoothing
 
-    utils.start_run(args, d)
-    utils.print_args(d, args)
-    trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    utils.print0(d, f"{args.model}{' (linear probe)' if args.linprobe else ''}: {trained / 1e6:.2f}M trained "
-                    f"params, {len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
-                    f"effective batch {eff_batch}, lr {base_lr:.2e}, epochs {start_epoch}..{args.epochs - 1}")
+# ----------------------------------------------------------------------------- optimiser helpers (layer-wise lr decay, LARS)
 
-    # Each optimizer step averages exactly accum_iter micro-batches: the len(loader) % accum_iter left at the end of
-    # an epoch are skipped, the same in every epoch, so no step mixes two epochs' batches.
-    iters = len(loader) // args.accum_iter * args.accum_iter               # micro-batches used per epoch
-    total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
-    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    for epoch in range(start_epoch, args.epochs):
-        utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
-        loader.sampler.set_epoch(epoch)
-        net.train(not args.linprobe)  # linear probe: the encoder stays in eval mode, only the head trains
-        module.train()
-        t0, loss_sum, n_sum = time.time(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
-        for it, (imgs, target, *scores) in enumerate(bar):
-            if it == iters:                                                # the leftover micro-batches
-                break
-            if it % args.accum_iter == 0:
-                lr = utils.cosine_lr(epoch * iters + it, total_iters, warmup_iters, base_lr, args.min_lr)
-                utils.set_lr(optimizer, lr)
-            imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
-            ids = keep_ids(scores[0].to(d.device), net, args) if scores else None
-            if mixup is not None:
-                imgs, soft = mixup(imgs, target)  # [B, C] mixed one-hot targets
-            else:
-                soft = F.one_hot(target, len(classes)).float()
-            soft = soft * (1 - smoothing) + smoothing / len(classes)  # smoothing commutes with mixing (timm)
-            sync = (it + 1) % args.accum_iter == 0
-            with utils.no_sync_unless(trainable, sync, d):
-                with utils.autocast(d.device):
-                    loss = soft_cross_entropy(forward(net, trainable, imgs, ids, args.linprobe), soft)
-                (loss / args.accum_iter).backward()
-            if sync:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()
-            utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path)
-            loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        bar.close()
+def layer_id(name, depth):
+    """BEiT/MAE layer-wise lr decay: the embeddings are layer 0, block i is layer i+1, the rest depth+1."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
 
-        train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
-        stats = evaluate(net, val_loader, d, args)
-        max_acc1 = max(max_acc1, stats["acc1"])
-        if d.is_main:
-            utils.save_checkpoint(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)})
-            record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
-                      "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
-                      "time_s": round(time.time() - t0, 2)}
-            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
-            print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 {100 * stats['acc1']:.2f}% top-5 "
-                  f"{100 * stats['acc5']:.2f}% (max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
-    if d.is_main:
-        path = os.path.join(args.output_dir, "model-timm.pth")
-        utils.save_checkpoint(path, timm_state_dict(net))
-        print(f"{path} loads into timm.models.vision_transformer.VisionTransformer(img_size={args.input_size}, "
-              f"patch_size={net.patch_size}, embed_dim={net.cls_token.shape[-1]}, depth={len(net.blocks)}, "
-              f"num_heads={net.blocks[0].attn.num_heads}, num_classes={len(classes)}, "
-              f"global_pool='{'avg' if args.global_pool else 'token'}')", flush=True)
-    utils.cleanup_distributed()
-    return {"max_acc1": max_acc1}
+
+def param_groups_lrd(net, weight_decay, layer_decay):
+    """One AdamW group per (layer, decay or not); lr_scale = layer_decay ** (depth + 1 - layer) (utils.set_lr)."""
+    depth, groups = len(net.blocks), {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, no_decay = layer_id(name, depth), utils.no_weight_decay(name, p)
+        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                  "lr_scale": layer_decay ** (depth + 1 - layer)})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017), as MAE's linear probe uses it: SGD with momentum where the step of each weight
+    matrix is rescaled to trust * |w| / |g + wd w| (its size follows the weight, not the gradient); biases and
+    other 1-d tensors take plain SGD steps without weight decay."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                step = p.grad
+                if p.ndim > 1:
+                    step = step.add(p, alpha=g["weight_decay"])
+                    w, u = p.norm(), step.norm()
+                    step = step * torch.where((w > 0) & (u > 0), g["trust"] * w / u, torch.ones_like(w))
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(step)
+                p.add_(mu, alpha=-g["lr"])
 
 
 if __name__ == "__main__":
     utils.run_stage(main, get_args)
+

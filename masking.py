@@ -38,46 +38,6 @@ _PADDINGS = ("zero", "replicate", "random", "throwout")
 _RELATIONS = ("intra", "inter", "image")
 
 
-# ----------------------------------------------------------------------------- argument checks
-
-def _check_ratio(value, name, high_inclusive=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        0.0 <= value <= 1.0 if high_inclusive else 0.0 <= value < 1.0)
-    if not ok:
-        interval = "[0, 1]" if high_inclusive else "[0, 1)"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-
-
-def _check_count(value, name, minimum):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_labels(labels, name, min_patches=1, dims="[B, L]"):
-    """An integer tensor [B, L]. Floats and bools are refused: a float label map is almost always a
-    score map passed in the wrong place."""
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor {dims}, got {type(labels).__name__}")
-    if labels.dim() != 2 or labels.shape[1] < min_patches:
-        raise ValueError(f"{name} must have shape {dims} with {dims[-2]} >= {min_patches}, got {tuple(labels.shape)}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"{name} must be an integer tensor (e.g. torch.long or torch.uint8), got {labels.dtype}")
-
-
-def _check_range_on_cpu(values, low, high, name):
-    """Range check that costs no device sync: done on CPU tensors only. On an accelerator an
-    out-of-range value is the caller's bug (it would need a host round trip on every step to catch)."""
-    if values.device.type == "cpu" and values.numel():
-        lo, hi = (int(v) for v in torch.aminmax(values))
-        if lo < low or hi > high:
-            raise ValueError(f"{name} values must be in [{low}, {high}], got values in [{lo}, {hi}]")
-
-
-def _noise(shape, device, generator):
-    """Uniform float64 noise in [0, 1): 53 random bits, so ties between draws practically never happen."""
-    return torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
-
-
 # ----------------------------------------------------------------------------- 1. MAE
 
 def masked_count(num_patches, mask_ratio):
@@ -103,6 +63,11 @@ def random_masking(batch_size, num_patches, mask_ratio, *, device=None, generato
     order = _noise((batch_size, num_patches), device, generator).argsort(dim=1)  # [B, L] a random permutation
     mask = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=order.device)
     return mask.scatter_(1, order[:, num_keep:], True)
+
+
+def _noise(shape, device, generator):
+    """Uniform float64 noise in [0, 1): 53 random bits, so ties between draws practically never happen."""
+    return torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
 
 
 # ----------------------------------------------------------------------------- 2. SemMAE
@@ -478,3 +443,39 @@ def object_wise_masking(object_labels, seq_ratio, padding="zero", relation="intr
     src_pos, src_valid = align(src_start, src_len, 0)
     tgt_pos, tgt_valid = align(tgt_start, tgt_len, n - src_len)
     return ObjectMasks(order.gather(1, src_pos), order.gather(1, tgt_pos), src_valid, tgt_valid)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_ratio(value, name, high_inclusive=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        0.0 <= value <= 1.0 if high_inclusive else 0.0 <= value < 1.0)
+    if not ok:
+        interval = "[0, 1]" if high_inclusive else "[0, 1)"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def _check_count(value, name, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_labels(labels, name, min_patches=1, dims="[B, L]"):
+    """An integer tensor [B, L]. Floats and bools are refused: a float label map is almost always a
+    score map passed in the wrong place."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {dims}, got {type(labels).__name__}")
+    if labels.dim() != 2 or labels.shape[1] < min_patches:
+        raise ValueError(f"{name} must have shape {dims} with {dims[-2]} >= {min_patches}, got {tuple(labels.shape)}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name} must be an integer tensor (e.g. torch.long or torch.uint8), got {labels.dtype}")
+
+
+def _check_range_on_cpu(values, low, high, name):
+    """Range check that costs no device sync: done on CPU tensors only. On an accelerator an
+    out-of-range value is the caller's bug (it would need a host round trip on every step to catch)."""
+    if values.device.type == "cpu" and values.numel():
+        lo, hi = (int(v) for v in torch.aminmax(values))
+        if lo < low or hi > high:
+            raise ValueError(f"{name} values must be in [{low}, {high}], got values in [{lo}, {hi}]")
+

@@ -354,6 +354,104 @@ def names_that_fit(embed_dim, depth, patch_size, names=VITS):
             == (embed_dim, depth, patch_size)]
 
 
+# ----------------------------------------------------------------------------- SemMAE part learner (§3.1)
+
+def gaussian_kernel(size):
+    """[size, size] normalised Gaussian; sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8 (OpenCV's default for a size,
+    1.4 for the paper's 7x7) since the paper gives only the size."""
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"blur={size} must be an odd kernel size")
+    sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8
+    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+class AdaIN(nn.Module):
+    """Eq. 3: normalise each channel over its positions, then scale by [W_s F_c]_i and shift by [W_b F_c]_i."""
+
+    def __init__(self, style_dim, channels, eps=1e-5):
+        super().__init__()
+        self.scale, self.shift, self.eps = nn.Linear(style_dim, channels), nn.Linear(style_dim, channels), eps
+        nn.init.ones_(self.scale.bias)  # starts near a plain instance norm (StyleGAN's style bias)
+
+    def forward(self, x, style):  # x [B, ch, H, W], style [B, C]
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        std = (x.var(dim=(2, 3), keepdim=True, unbiased=False) + self.eps).sqrt()
+        return self.scale(style)[:, :, None, None] * (x - mean) / std + self.shift(style)[:, :, None, None]
+
+
+class PartLearner(nn.Module):
+    """Attention module (Eq. 1, 2) + fixed blur + StyleGAN-like decoder (Eq. 3, 4) on a frozen encoder's features.
+    The decoder has one conv + AdaIN + LeakyReLU level at the patch grid, then one per 2x upsampling until the
+    patch_size factor is covered (widths[i] channels at level i, the last repeated), then a 3x3 conv to RGB."""
+
+    def __init__(self, embed_dim, num_parts=6, blur=7, patch_size=16, widths=(128, 64, 32, 16, 16)):
+        super().__init__()
+        C, N = embed_dim, num_parts
+        # Eq. 1: one tanh -> sigmoid channel re-weighting MLP (C -> C -> C, as MA-CNN's channel grouping) per part,
+        # stacked [N, C_out, C_in] so all parts run in one einsum; nn.Linear's default init
+        bound = 1 / math.sqrt(C)
+        self.w_c1 = nn.Parameter(torch.empty(N, C, C).uniform_(-bound, bound))
+        self.b_c1 = nn.Parameter(torch.empty(N, C).uniform_(-bound, bound))
+        self.w_c2 = nn.Parameter(torch.empty(N, C, C).uniform_(-bound, bound))
+        self.b_c2 = nn.Parameter(torch.empty(N, C).uniform_(-bound, bound))
+        self.w_p = nn.Linear(C, C, bias=False)  # Eq. 2: W_p (part tokens)
+        self.w = nn.Linear(C, C, bias=False)  # Eq. 2: W (patch tokens)
+        self.register_buffer("blur_kernel", gaussian_kernel(blur).expand(N, 1, blur, blur).clone(), persistent=False)
+
+        levels = 1 + max(0, math.ceil(math.log2(patch_size)))  # the grid, then one per 2x up to the image size
+        chans = [N] + [widths[min(i, len(widths) - 1)] for i in range(levels)]
+        self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:])])
+        self.adains = nn.ModuleList([AdaIN(C, b) for b in chans[1:]])
+        self.to_rgb = nn.Conv2d(chans[-1], 3, 3, padding=1)
+
+    def part_maps(self, cls_feat, patch_feat):
+        """cls_feat [B, C] (F_c), patch_feat [B, C, h, w] (F) -> M [B, N, h, w], softmax over the h*w positions."""
+        B, C, h, w = patch_feat.shape
+        g = torch.tanh(torch.einsum("noc,bc->bno", self.w_c1, cls_feat) + self.b_c1)  # [B, N, C]
+        g = torch.sigmoid(torch.einsum("noc,bnc->bno", self.w_c2, g) + self.b_c2)
+        parts = cls_feat[:, None, :] * g  # [B, N, C]  Eq. 1: F_p
+        q = self.w_p(parts)  # [B, N, C]
+        k = self.w(patch_feat.flatten(2).transpose(1, 2))  # [B, h*w, C]
+        # Eq. 2, scaled by 1/sqrt(C) like dot-product attention (the paper has no temperature): unscaled logits of
+        # C-dim features saturate the softmax into one-hot maps at the start
+        logits = q @ k.transpose(1, 2) / math.sqrt(C)  # [B, N, h*w]
+        return torch.softmax(logits, dim=-1).view(B, -1, h, w)
+
+    def blur(self, maps):  # fixed (a buffer, not learned) depthwise Gaussian: removes texture from the maps
+        pad = self.blur_kernel.shape[-1] // 2
+        return F.conv2d(F.pad(maps, [pad] * 4, mode="replicate"), self.blur_kernel, groups=maps.shape[1])
+
+    def decode(self, maps, cls_feat, out_size):
+        """Eq. 3, 4: blurred maps (space) + class token (texture, via AdaIN) -> image [B, 3, *out_size]."""
+        h, w = maps.shape[-2:]
+        x = self.blur(maps * (h * w))  # each map then averages 1: softmax values ~1/(h*w) sit below AdaIN's eps
+        for i, (conv, adain) in enumerate(zip(self.convs, self.adains)):
+            if i > 0:
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = F.leaky_relu(adain(conv(x), cls_feat), 0.2)
+        if tuple(x.shape[-2:]) != tuple(out_size):
+            x = F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return self.to_rgb(x)
+
+    def forward(self, cls_feat, patch_feat, out_size):
+        """-> (maps [B, N, h, w] before the blur, recon [B, 3, H, W])."""
+        if isinstance(out_size, int):
+            out_size = (out_size, out_size)
+        maps = self.part_maps(cls_feat, patch_feat)
+        return maps, self.decode(maps, cls_feat, out_size)
+
+
+def diversity_loss(maps):
+    """Eq. 6: (1/N^2) sum_ij (I_ij - cos(m_i, m_j))^2 over the N maps [B, N, h*w] (or [B, N, h, w]), batch mean."""
+    m = F.normalize(maps.flatten(2), dim=-1)  # [B, N, h*w]
+    sim = m @ m.transpose(1, 2)  # [B, N, N] cosine similarities
+    eye = torch.eye(m.shape[1], dtype=sim.dtype, device=sim.device)
+    return ((sim - eye) ** 2).sum(dim=(1, 2)).mean() / m.shape[1] ** 2
+
+
 # ----------------------------------------------------------------------------- released checkpoints
 
 WRAPPERS = ("module.", "backbone.", "_orig_mod.")  # DDP, DINO/iBOT's MultiCropWrapper, torch.compile
@@ -468,100 +566,3 @@ def build_encoder_from_checkpoint(path, img_size=None, **kwargs):
                          f"{unexpected[:6]} (a fine-tuned checkpoint with fc_norm needs global_pool=True)")
     return model
 
-
-# ----------------------------------------------------------------------------- SemMAE part learner (§3.1)
-
-def gaussian_kernel(size):
-    """[size, size] normalised Gaussian; sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8 (OpenCV's default for a size,
-    1.4 for the paper's 7x7) since the paper gives only the size."""
-    if size < 1 or size % 2 == 0:
-        raise ValueError(f"blur={size} must be an odd kernel size")
-    sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8
-    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-class AdaIN(nn.Module):
-    """Eq. 3: normalise each channel over its positions, then scale by [W_s F_c]_i and shift by [W_b F_c]_i."""
-
-    def __init__(self, style_dim, channels, eps=1e-5):
-        super().__init__()
-        self.scale, self.shift, self.eps = nn.Linear(style_dim, channels), nn.Linear(style_dim, channels), eps
-        nn.init.ones_(self.scale.bias)  # starts near a plain instance norm (StyleGAN's style bias)
-
-    def forward(self, x, style):  # x [B, ch, H, W], style [B, C]
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        std = (x.var(dim=(2, 3), keepdim=True, unbiased=False) + self.eps).sqrt()
-        return self.scale(style)[:, :, None, None] * (x - mean) / std + self.shift(style)[:, :, None, None]
-
-
-class PartLearner(nn.Module):
-    """Attention module (Eq. 1, 2) + fixed blur + StyleGAN-like decoder (Eq. 3, 4) on a frozen encoder's features.
-    The decoder has one conv + AdaIN + LeakyReLU level at the patch grid, then one per 2x upsampling until the
-    patch_size factor is covered (widths[i] channels at level i, the last repeated), then a 3x3 conv to RGB."""
-
-    def __init__(self, embed_dim, num_parts=6, blur=7, patch_size=16, widths=(128, 64, 32, 16, 16)):
-        super().__init__()
-        C, N = embed_dim, num_parts
-        # Eq. 1: one tanh -> sigmoid channel re-weighting MLP (C -> C -> C, as MA-CNN's channel grouping) per part,
-        # stacked [N, C_out, C_in] so all parts run in one einsum; nn.Linear's default init
-        bound = 1 / math.sqrt(C)
-        self.w_c1 = nn.Parameter(torch.empty(N, C, C).uniform_(-bound, bound))
-        self.b_c1 = nn.Parameter(torch.empty(N, C).uniform_(-bound, bound))
-        self.w_c2 = nn.Parameter(torch.empty(N, C, C).uniform_(-bound, bound))
-        self.b_c2 = nn.Parameter(torch.empty(N, C).uniform_(-bound, bound))
-        self.w_p = nn.Linear(C, C, bias=False)  # Eq. 2: W_p (part tokens)
-        self.w = nn.Linear(C, C, bias=False)  # Eq. 2: W (patch tokens)
-        self.register_buffer("blur_kernel", gaussian_kernel(blur).expand(N, 1, blur, blur).clone(), persistent=False)
-
-        levels = 1 + max(0, math.ceil(math.log2(patch_size)))  # the grid, then one per 2x up to the image size
-        chans = [N] + [widths[min(i, len(widths) - 1)] for i in range(levels)]
-        self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:])])
-        self.adains = nn.ModuleList([AdaIN(C, b) for b in chans[1:]])
-        self.to_rgb = nn.Conv2d(chans[-1], 3, 3, padding=1)
-
-    def part_maps(self, cls_feat, patch_feat):
-        """cls_feat [B, C] (F_c), patch_feat [B, C, h, w] (F) -> M [B, N, h, w], softmax over the h*w positions."""
-        B, C, h, w = patch_feat.shape
-        g = torch.tanh(torch.einsum("noc,bc->bno", self.w_c1, cls_feat) + self.b_c1)  # [B, N, C]
-        g = torch.sigmoid(torch.einsum("noc,bnc->bno", self.w_c2, g) + self.b_c2)
-        parts = cls_feat[:, None, :] * g  # [B, N, C]  Eq. 1: F_p
-        q = self.w_p(parts)  # [B, N, C]
-        k = self.w(patch_feat.flatten(2).transpose(1, 2))  # [B, h*w, C]
-        # Eq. 2, scaled by 1/sqrt(C) like dot-product attention (the paper has no temperature): unscaled logits of
-        # C-dim features saturate the softmax into one-hot maps at the start
-        logits = q @ k.transpose(1, 2) / math.sqrt(C)  # [B, N, h*w]
-        return torch.softmax(logits, dim=-1).view(B, -1, h, w)
-
-    def blur(self, maps):  # fixed (a buffer, not learned) depthwise Gaussian: removes texture from the maps
-        pad = self.blur_kernel.shape[-1] // 2
-        return F.conv2d(F.pad(maps, [pad] * 4, mode="replicate"), self.blur_kernel, groups=maps.shape[1])
-
-    def decode(self, maps, cls_feat, out_size):
-        """Eq. 3, 4: blurred maps (space) + class token (texture, via AdaIN) -> image [B, 3, *out_size]."""
-        h, w = maps.shape[-2:]
-        x = self.blur(maps * (h * w))  # each map then averages 1: softmax values ~1/(h*w) sit below AdaIN's eps
-        for i, (conv, adain) in enumerate(zip(self.convs, self.adains)):
-            if i > 0:
-                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-            x = F.leaky_relu(adain(conv(x), cls_feat), 0.2)
-        if tuple(x.shape[-2:]) != tuple(out_size):
-            x = F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
-        return self.to_rgb(x)
-
-    def forward(self, cls_feat, patch_feat, out_size):
-        """-> (maps [B, N, h, w] before the blur, recon [B, 3, H, W])."""
-        if isinstance(out_size, int):
-            out_size = (out_size, out_size)
-        maps = self.part_maps(cls_feat, patch_feat)
-        return maps, self.decode(maps, cls_feat, out_size)
-
-
-def diversity_loss(maps):
-    """Eq. 6: (1/N^2) sum_ij (I_ij - cos(m_i, m_j))^2 over the N maps [B, N, h*w] (or [B, N, h, w]), batch mean."""
-    m = F.normalize(maps.flatten(2), dim=-1)  # [B, N, h*w]
-    sim = m @ m.transpose(1, 2)  # [B, N, N] cosine similarities
-    eye = torch.eye(m.shape[1], dtype=sim.dtype, device=sim.device)
-    return ((sim - eye) ** 2).sum(dim=(1, 2)).mean() / m.shape[1] ** 2

@@ -50,7 +50,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -62,54 +61,60 @@ from utils import UsageError
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="learned", choices=["learned", "attention", "cam", "segmentation"])
-    # data
-    p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
-    p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
-    p.add_argument("--data_seed", type=int, default=0,
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
+    g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
+    g.add_argument("--data_seed", type=int, default=0,
                    help="which built-in shapes scenes (--seed changes only the training randomness)")
-    p.add_argument("--input_size", type=int, default=224, help="images are resized to this (no crop)")
-    p.add_argument("--cell_size", type=int, default=None,
+    g.add_argument("--input_size", type=int, default=224, help="images are resized to this (no crop)")
+    g.add_argument("--cell_size", type=int, default=None,
                    help="pixels per region cell; default 8 for parts (SemMAE learns them at 8x8, §4.2; a patch-16 "
                         "model votes over them), 16 for objects: the patch size of the model that will use them, "
                         "since the 20%% rule is on a patch's own pixels (ObjMAE §3.2; patch 16 everywhere, §4.1)")
     # learned and attention: the frozen encoder (SemMAE §4.1: iBOT ViT-S; DINO, MAE and ours load too)
-    p.add_argument("--encoder_weights", default=None,
+    g = p.add_argument_group("--method learned and attention: the frozen encoder")
+    g.add_argument("--encoder_weights", default=None,
                    help="DINO/iBOT release or training checkpoint, MAE/SemMAE or pretrain.py checkpoint")
-    p.add_argument("--num_parts", type=int, default=6, help="learned: N (SemMAE §4.1: 6, ViT-S's head count)")
-    p.add_argument("--blur", type=int, default=7, help="learned: blur kernel size (SemMAE §4.1: 7)")
-    p.add_argument("--div_weight", type=float, default=0.03, help="learned: lambda of Eq. 7 (SemMAE §4.1: 0.03)")
+    # --method learned only: the part learner (SemMAE §3.1, §4.1)
+    g = p.add_argument_group("--method learned only: the part learner")
+    g.add_argument("--num_parts", type=int, default=6, help="learned: N (SemMAE §4.1: 6, ViT-S's head count)")
+    g.add_argument("--blur", type=int, default=7, help="learned: blur kernel size (SemMAE §4.1: 7)")
+    g.add_argument("--div_weight", type=float, default=0.03, help="learned: lambda of Eq. 7 (SemMAE §4.1: 0.03)")
     # cam (ObjMAE Appendix A) and segmentation (ObjMAE §3.2, §4.1)
-    p.add_argument("--cam_weights", default=None, help="cam: torchvision ResNet state dict (ImageNet-1k trained)")
-    p.add_argument("--cam_arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
+    g = p.add_argument_group("--method cam (and --min_share: cam and segmentation)")
+    g.add_argument("--cam_weights", default=None, help="cam: torchvision ResNet state dict (ImageNet-1k trained)")
+    g.add_argument("--cam_arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
                    help="cam: ResNet-50 (ObjMAE App. A); ResNet-34 for ImageNet-100 (ObjMAE §4.1)")
-    p.add_argument("--cam_threshold", type=float, default=0.3, help="cam: object pixels have map > this")
-    p.add_argument("--min_share", type=float, default=0.2, help="a cell is object when >= this share of its pixels are")
-    p.add_argument("--min_object", type=float, default=0.05, help="segmentation: drop instances under this share")
-    p.add_argument("--masks", default=None, help="segmentation: instance PNG folder, same relative names as images")
-    p.add_argument("--coco", default=None, help="segmentation: COCO instances JSON for the images in --data_path")
+    g.add_argument("--cam_threshold", type=float, default=0.3, help="cam: object pixels have map > this")
+    g.add_argument("--min_share", type=float, default=0.2, help="a cell is object when >= this share of its pixels are")
+    g = p.add_argument_group("--method segmentation only")
+    g.add_argument("--min_object", type=float, default=0.05, help="segmentation: drop instances under this share")
+    g.add_argument("--masks", default=None, help="segmentation: instance PNG folder, same relative names as images")
+    g.add_argument("--coco", default=None, help="segmentation: COCO instances JSON for the images in --data_path")
     # optimisation of the part learner (the paper gives only the cost: 2 h on one A100)
-    p.add_argument("--epochs", type=int, default=4, help="learned: about 2 A100 hours of ImageNet-1k at ViT-S/8")
-    p.add_argument("--warmup_epochs", type=int, default=1, help="learned: linear lr warm-up, then cosine")
-    p.add_argument("--batch_size", type=int, default=64, help="per device")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam")
-    # run
-    p.add_argument("--output_dir", default="output/part_learn")
-    p.add_argument("--resume", default=None, help="learned: part-learner checkpoint to continue from; 'auto': this "
+    g = p.add_argument_group("optimisation of the part learner (--method learned; --batch_size: every method)")
+    g.add_argument("--epochs", type=int, default=4, help="learned: about 2 A100 hours of ImageNet-1k at ViT-S/8")
+    g.add_argument("--warmup_epochs", type=int, default=1, help="learned: linear lr warm-up, then cosine")
+    g.add_argument("--batch_size", type=int, default=64, help="per device")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="output/part_learn")
+    g.add_argument("--resume", default=None, help="learned: part-learner checkpoint to continue from; 'auto': this "
                                                    "--output_dir's checkpoint-last.pth if there is one, else start")
-    p.add_argument("--export_only", action="store_true", help="learned: export regions from --resume, no training")
-    p.add_argument("--eval_iou", action="store_true",
+    g.add_argument("--export_only", action="store_true", help="learned: export regions from --resume, no training")
+    g.add_argument("--eval_iou", action="store_true",
                    help="shapes only: also export held-out images and print the foreground IoU (regions-val.pt)")
-    p.add_argument("--eval_images", type=int, default=200, help="held-out shapes images for --eval_iou")
-    p.add_argument("--num_workers", type=int, default=4)
-    p.add_argument("--image_cache", default=None, metavar="FILE",
+    g.add_argument("--eval_images", type=int, default=200, help="held-out shapes images for --eval_iou")
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--image_cache", default=None, metavar="FILE",
                    help="fast input path (learned, attention, cam): decode and resize every image once into FILE "
                         "(uint8, 3*S*S bytes an image: ImageNet-1k at 224 px is 193 GB; written by the first run that "
                         "names it, on a filesystem every node sees; pretrain.py reads the same file), then flip and "
                         "normalise uint8 batches on the device. Omitted: PIL decodes every image in every epoch")
-    p.add_argument("--log_every", type=int, default=20,
+    g.add_argument("--log_every", type=int, default=20,
                    help="learned: read the losses on the host (a device sync), update the bar, stop on NaN every N steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
 
 
@@ -131,6 +136,13 @@ def check_args(args):
         raise UsageError(f"--method {args.method} needs --{needs} <file>")
     if needs and not os.path.isfile(getattr(args, needs)):
         raise UsageError(f"--{needs} {getattr(args, needs)} does not exist; check the path")
+    learned = (args.method == "learned", "with --method learned")
+    utils.refuse_unused(args, get_args([]), {  # flags that do nothing with this --method (see the groups above)
+        **{f: learned for f in ("num_parts", "blur", "div_weight")},
+        **{f: (args.method == "cam", "with --method cam") for f in ("cam_weights", "cam_arch", "cam_threshold")},
+        "min_share": (args.method in ("cam", "segmentation"), "with --method cam or segmentation"),
+        "min_object": (args.method == "segmentation", "with --method segmentation"),
+        "eval_images": (args.eval_iou, "with --eval_iou")})
     if (args.masks or args.coco) and args.method != "segmentation":
         raise UsageError("--masks and --coco are for --method segmentation")
     if args.method == "segmentation" and args.data_path is not None and (args.masks is None) == (args.coco is None):
@@ -156,6 +168,89 @@ def check_resume(args):
                          f"{args.method} writes into an --output_dir that holds no checkpoint-last.pth")
     if args.export_only and not (args.method == "learned" and args.resume):
         raise UsageError("--export_only re-exports a trained part learner: pass --method learned --resume <ckpt>")
+
+
+# ----------------------------------------------------------------------------- training the part learner
+
+def train_learner(args, d, base, encoder, cache=None):
+    """SemMAE §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the PartLearner."""
+    torch.manual_seed(args.seed)                                           # same initial weights on every rank
+    width = encoder.cls_token.shape[-1]
+    learner = models.PartLearner(width, args.num_parts, args.blur, encoder.patch_size).to(d.device)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr)
+    start_epoch = 0
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        if "learner" not in ckpt:
+            raise UsageError(f"{args.resume} is not a part_learn.py checkpoint; --resume takes this stage's "
+                             "checkpoint-last.pth (the encoder goes in --encoder_weights)")
+        try:
+            learner.load_state_dict(ckpt["learner"])
+        except RuntimeError:
+            raise UsageError(f"{args.resume} was trained with --num_parts {ckpt['args'].get('num_parts')} on "
+                             f"{ckpt['args'].get('encoder_weights')}; pass the same --num_parts and an encoder "
+                             "of the same width") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = ckpt["epoch"] + 1
+    utils.start_run(args, d)
+    if args.export_only:
+        return learner.eval()
+
+    if cache is not None:               # the same samples, uint8 from the cache: flip and normalise in batch_images
+        dataset = data.CachedPretrainDataset(base, cache, args.input_size, hflip=True, cell_size=args.cell_size)
+    else:
+        dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)  # resize + flip
+    loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
+    if len(loader) == 0:
+        raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
+                         "use a smaller --batch_size")
+    ddp = utils.wrap_ddp(learner, d)
+    vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
+    vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)   # 8 fixed images
+    utils.print0(d, f"part learner: {sum(p.numel() for p in learner.parameters()) / 1e6:.2f}M params, "
+                    f"{len(dataset)} images, epochs {start_epoch}..{args.epochs - 1}")
+    iters = len(loader)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    for epoch in range(start_epoch, args.epochs):
+        utils.seed_epoch(args.seed, epoch, d)  # resume = same flips and order
+        loader.sampler.set_epoch(epoch)
+        learner.train()
+        # the losses are summed on the device and read every --log_every steps: no host sync in the other steps
+        t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
+        for it, batch in enumerate(bar):
+            lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
+            utils.set_lr(optimizer, lr)
+            imgs = batch_images(batch, d.device)
+            cls_feat, patch_feat = encoder_features(encoder, imgs)        # F_c [B, C], F [B, C, h, w]
+            maps, recon = ddp(cls_feat, patch_feat, imgs.shape[-2:])        # Eq. 1-4
+            rec = F.mse_loss(recon, imgs)                                  # Eq. 5
+            div = models.diversity_loss(maps)                              # Eq. 6
+            loss = rec + args.div_weight * div                             # Eq. 7
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss, rec, div]).detach()
+            n += 1
+            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
+                means = (sums / n).tolist()                               # the sync: the epoch's means so far
+                utils.stop_if_not_finite(means[0], f"epoch {epoch}, one of steps {it - it % args.log_every}..{it}",
+                                         ckpt_path)                       # before this epoch's checkpoint
+                bar.set_postfix(loss=f"{means[0]:.4f}", div=f"{means[2]:.3f}", lr=f"{lr:.2e}")
+        loss, rec, div = (utils.all_reduce_mean(v, d) for v in means)
+        if d.is_main:
+            utils.save_checkpoint(ckpt_path, {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "epoch": epoch, "args": vars(args)})
+            record = {"epoch": epoch, "train_loss": loss, "rec_loss": rec, "div_loss": div, "lr": lr,
+                      "time_s": round(time.time() - t0, 2)}
+            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            print(f"epoch {epoch}: loss {loss:.4f} (rec {rec:.4f}, div {div:.4f}) ({record['time_s']}s)", flush=True)
+            learner.eval()
+            with torch.no_grad():
+                maps, recon = learner(*encoder_features(encoder, vis_imgs), vis_imgs.shape[-2:])
+            labels, _ = parts_from_maps(maps, (args.input_size // args.cell_size,) * 2)
+            save_picture(os.path.join(args.output_dir, f"parts-{epoch:04d}.png"), vis_imgs, labels, recon)
+    return learner.eval()
 
 
 # ----------------------------------------------------------------------------- cells from maps
@@ -473,89 +568,6 @@ def save_picture(path, imgs, labels, recon=None, kind="parts"):
     data.save_with_headings(path, grid, ["image", kind, "reconstruction"][:len(columns)])
 
 
-# ----------------------------------------------------------------------------- training the part learner
-
-def train_learner(args, d, base, encoder, cache=None):
-    """SemMAE §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the PartLearner."""
-    torch.manual_seed(args.seed)                                           # same initial weights on every rank
-    width = encoder.cls_token.shape[-1]
-    learner = models.PartLearner(width, args.num_parts, args.blur, encoder.patch_size).to(d.device)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr)
-    start_epoch = 0
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
-        if "learner" not in ckpt:
-            raise UsageError(f"{args.resume} is not a part_learn.py checkpoint; --resume takes this stage's "
-                             "checkpoint-last.pth (the encoder goes in --encoder_weights)")
-        try:
-            learner.load_state_dict(ckpt["learner"])
-        except RuntimeError:
-            raise UsageError(f"{args.resume} was trained with --num_parts {ckpt['args'].get('num_parts')} on "
-                             f"{ckpt['args'].get('encoder_weights')}; pass the same --num_parts and an encoder "
-                             "of the same width") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch = ckpt["epoch"] + 1
-    utils.start_run(args, d)
-    if args.export_only:
-        return learner.eval()
-
-    if cache is not None:               # the same samples, uint8 from the cache: flip and normalise in batch_images
-        dataset = data.CachedPretrainDataset(base, cache, args.input_size, hflip=True, cell_size=args.cell_size)
-    else:
-        dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)  # resize + flip
-    loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
-    if len(loader) == 0:
-        raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
-                         "use a smaller --batch_size")
-    ddp = DDP(learner, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else learner
-    vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
-    vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)   # 8 fixed images
-    utils.print0(d, f"part learner: {sum(p.numel() for p in learner.parameters()) / 1e6:.2f}M params, "
-                    f"{len(dataset)} images, epochs {start_epoch}..{args.epochs - 1}")
-    iters = len(loader)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    for epoch in range(start_epoch, args.epochs):
-        utils.seed_epoch(args.seed, epoch, d)  # resume = same flips and order
-        loader.sampler.set_epoch(epoch)
-        learner.train()
-        # the losses are summed on the device and read every --log_every steps: no host sync in the other steps
-        t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
-        for it, batch in enumerate(bar):
-            lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
-            utils.set_lr(optimizer, lr)
-            imgs = batch_images(batch, d.device)
-            cls_feat, patch_feat = encoder_features(encoder, imgs)        # F_c [B, C], F [B, C, h, w]
-            maps, recon = ddp(cls_feat, patch_feat, imgs.shape[-2:])        # Eq. 1-4
-            rec = F.mse_loss(recon, imgs)                                  # Eq. 5
-            div = models.diversity_loss(maps)                              # Eq. 6
-            loss = rec + args.div_weight * div                             # Eq. 7
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += torch.stack([loss, rec, div]).detach()
-            n += 1
-            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
-                means = (sums / n).tolist()                               # the sync: the epoch's means so far
-                utils.stop_if_not_finite(means[0], f"epoch {epoch}, one of steps {it - it % args.log_every}..{it}",
-                                         ckpt_path)                       # before this epoch's checkpoint
-                bar.set_postfix(loss=f"{means[0]:.4f}", div=f"{means[2]:.3f}", lr=f"{lr:.2e}")
-        loss, rec, div = (utils.all_reduce_mean(v, d) for v in means)
-        if d.is_main:
-            utils.save_checkpoint(ckpt_path, {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch": epoch, "args": vars(args)})
-            record = {"epoch": epoch, "train_loss": loss, "rec_loss": rec, "div_loss": div, "lr": lr,
-                      "time_s": round(time.time() - t0, 2)}
-            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
-            print(f"epoch {epoch}: loss {loss:.4f} (rec {rec:.4f}, div {div:.4f}) ({record['time_s']}s)", flush=True)
-            learner.eval()
-            with torch.no_grad():
-                maps, recon = learner(*encoder_features(encoder, vis_imgs), vis_imgs.shape[-2:])
-            labels, _ = parts_from_maps(maps, (args.input_size // args.cell_size,) * 2)
-            save_picture(os.path.join(args.output_dir, f"parts-{epoch:04d}.png"), vis_imgs, labels, recon)
-    return learner.eval()
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -616,3 +628,4 @@ def main(args):
 
 if __name__ == "__main__":
     utils.run_stage(main, get_args)
+

@@ -44,7 +44,6 @@ import os
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -56,81 +55,85 @@ from utils import UsageError
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model and data
-    p.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
                    help="MAE's and SemMAE Table 1 left's ViT-B/16; SemMAE's main model is ViT-B/8, ObjMAE's ViT-S/16")
-    p.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
-    p.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
-    p.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
-    p.add_argument("--data_seed", type=int, default=0,
+    g.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
+    g.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
+    g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
+    g.add_argument("--data_seed", type=int, default=0,
                    help="which built-in shapes scenes (--seed changes only the training randomness)")
-    p.add_argument("--regions", default=None, help="regions.pt from part_learn.py (parts or objects per cell)")
-    # masking
-    p.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
-    p.add_argument("--mask_ratio", type=float, default=0.75, help="random and semmae (MAE, SemMAE: 0.75)")
-    p.add_argument("--gamma", type=float, default=2.0, help="semmae: alpha = progress ** gamma (§3.2, Table 3)")
-    p.add_argument("--alpha", type=float, default=None, help="semmae: a fixed alpha instead of the schedule")
-    p.add_argument("--reverse", action="store_true", help="semmae: alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
-    p.add_argument("--keep_ratio", type=float, default=1.0,
+    g.add_argument("--regions", default=None, help="regions.pt from part_learn.py (parts or objects per cell)")
+    g = p.add_argument_group("masking (all masks)")
+    g.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="random and semmae (MAE, SemMAE: 0.75)")
+    g.add_argument("--keep_ratio", type=float, default=1.0,
                    help="keep only this fraction of most-foreground patches before masking (SemMAE 8x8: 0.25)")
-    p.add_argument("--seq_ratio", type=float, default=0.25,
+    g = p.add_argument_group("--mask semmae only")
+    g.add_argument("--gamma", type=float, default=2.0, help="semmae: alpha = progress ** gamma (§3.2, Table 3)")
+    g.add_argument("--alpha", type=float, default=None, help="semmae: a fixed alpha instead of the schedule")
+    g.add_argument("--reverse", action="store_true", help="semmae: alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
+    g = p.add_argument_group("--mask objmae only")
+    g.add_argument("--seq_ratio", type=float, default=0.25,
                    help="objmae: source and target length / L (alpha, §3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
-    p.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"],
+    g.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"],
                    help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which; throwout's "
                         "length is the batch minimum, read on the host: one sync a step")
-    p.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
+    g.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
                    help="objmae: source and target from one object (§3, Table 6's best), two objects, or the image")
     # augmentation of image and region cells together (data.PretrainDataset)
-    p.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="random-resized crop area range, e.g. 0.2 1.0 (MAE; ObjMAE §4.2 'randomly cropped', its scale "
                         "unstated); default: no crop, the whole image resized (SemMAE §4.1: flip only)")
-    p.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
+    g.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
                    help="aspect ratio range of the crop (torchvision's RandomResizedCrop default, as MAE)")
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip (SemMAE §4.1, MAE); --no-hflip: ObjMAE §4.2 names only the crop")
     # optimisation: SemMAE §4.1 (MAE's recipe); ObjMAE's is Table 2-3 (see the commands above)
-    p.add_argument("--epochs", type=int, default=800, help="SemMAE §4.1, ObjMAE Table 3: 800")
-    p.add_argument("--warmup_epochs", type=int, default=40, help="SemMAE §4.1, ObjMAE Table 3: 40")
-    p.add_argument("--batch_size", type=int, default=64,
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=800, help="SemMAE §4.1, ObjMAE Table 3: 800")
+    g.add_argument("--warmup_epochs", type=int, default=40, help="SemMAE §4.1, ObjMAE Table 3: 40")
+    g.add_argument("--batch_size", type=int, default=64,
                    help="per device; effective = batch * accum * world (SemMAE: 4096; ObjMAE Table 3: 128)")
-    p.add_argument("--accum_iter", type=int, default=1)
-    p.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256 (2.4e-3 at 4096)")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    p.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine (MAE's code: 0; ObjMAE Table 2: 1e-5)")
-    p.add_argument("--weight_decay", type=float, default=0.05, help="MAE, SemMAE §4.1, ObjMAE Table 2: 0.05")
-    p.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256 (2.4e-3 at 4096)")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    g.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine (MAE's code: 0; ObjMAE Table 2: 1e-5)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="MAE, SemMAE §4.1, ObjMAE Table 2: 0.05")
+    g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
                    help="AdamW betas: MAE's pre-training (0.9, 0.95), which SemMAE follows (§4.1, 'the most common "
                         "setting'); ObjMAE Table 2: 0.9 0.999")
-    p.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
-    p.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table 2)")
-    p.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
-    p.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
-    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
+    g.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table 2)")
+    g.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
+    g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
+    g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="regress each target patch's normalised pixels: MAE's recommendation (MAE §3, Table 1d); "
                         "SemMAE's paper does not say and its released code defaults to off; ObjMAE does not say")
-    # run
-    p.add_argument("--output_dir", default="output/pretrain")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto': this --output_dir's "
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="output/pretrain")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto': this --output_dir's "
                                                    "checkpoint-last.pth if there is one, else start")
-    p.add_argument("--ckpt_every", type=int, default=1,
+    g.add_argument("--ckpt_every", type=int, default=1,
                    help="write checkpoint-last.pth (what --resume continues from) every N epochs and after the last "
                         "one; a ViT-B MAE with its AdamW state is 1.3 GB")
-    p.add_argument("--save_every", type=int, default=0,
+    g.add_argument("--save_every", type=int, default=0,
                    help="also keep a numbered copy checkpoint-<epoch>.pth every N epochs (0 = none)")
-    p.add_argument("--log_every", type=int, default=20,
+    g.add_argument("--log_every", type=int, default=20,
                    help="read the loss on the host (a device sync), update the bar and stop on NaN every N steps")
-    p.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
-    p.add_argument("--num_workers", type=int, default=4)
-    p.add_argument("--image_cache", default=None, metavar="FILE",
+    g.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--image_cache", default=None, metavar="FILE",
                    help="fast input path: decode and resize every image once into FILE (uint8, 3*S*S bytes an image: "
                         "ImageNet-1k at 224 px is 193 GB; written by the first run that names it, on a filesystem "
                         "every node sees), then load uint8 batches and crop, flip and normalise them on the device. "
                         "Omitted: PIL decodes every image in every epoch")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (the same result, faster on a GPU); a backend name after it, e.g. "
                         "aot_eager, traces without generating kernels (to find a problem, or on a CPU with no compiler)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
 
 
@@ -179,6 +182,18 @@ def check_args(args):
     if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
         raise UsageError(f"--compile {args.compile} is not a torch.compile backend; choose from "
                          f"{', '.join(torch.compiler.list_backends())}")
+    semmae_schedule = args.mask == "semmae" and args.alpha is None
+    utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
+        "gamma": (semmae_schedule, "with --mask semmae and no --alpha (the schedule alpha = progress ** gamma)"),
+        "reverse": (semmae_schedule, "with --mask semmae and no --alpha (the schedule runs 1 -> 0)"),
+        "alpha": (args.mask == "semmae", "with --mask semmae"),
+        "seq_ratio": (args.mask == "objmae", "with --mask objmae"),
+        "padding": (args.mask == "objmae", "with --mask objmae"),
+        "relation": (args.mask == "objmae", "with --mask objmae"),
+        "crop_ratio": (args.crop_scale is not None, "with --crop_scale (the crop's aspect ratio)"),
+        "blr": (args.lr is None, "without --lr (which overrides it)"),
+        "lookahead_k": (args.lookahead, "with --lookahead"),
+        "lookahead_alpha": (args.lookahead, "with --lookahead")})
 
 
 # ----------------------------------------------------------------------------- masks
@@ -232,39 +247,6 @@ def region_cell_size(args, regions, patch_size):
     return cell_size
 
 
-# ----------------------------------------------------------------------------- pictures
-
-def save_reconstructions(path, net, imgs, masks):
-    """One row per image: original | visible (source) patches | reconstruction of the targets |
-    reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE) stay grey."""
-    src_ids, tgt_ids, src_valid, tgt_valid = masks
-    p = net.patch_size
-    with torch.no_grad():
-        _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
-        pred = net.pred_to_pixels(imgs, tgt_ids, pred)                     # de-normalise norm_pix_loss
-    patches = models.patchify(imgs, p)                                     # [B, L, p*p*3]
-    mean = torch.tensor(data.IMAGENET_MEAN).repeat(p * p)                  # pixel order (p, q, c)
-    std = torch.tensor(data.IMAGENET_STD).repeat(p * p)
-    blank = ((0.5 - mean) / std).expand_as(patches)                       # grey where nothing is shown
-
-    def place(canvas, ids, values, valid):
-        # padding slots repeat real ids; send them to a spare row L so they never overwrite a real patch
-        L = canvas.shape[1]
-        ids = ids if valid is None else torch.where(valid, ids, L)
-        canvas = torch.cat([canvas, canvas[:, :1]], 1)                    # [B, L+1, p*p*3]
-        canvas.scatter_(1, ids[..., None].expand_as(values), values)
-        return canvas[:, :L]
-
-    src_pixels = patches.gather(1, src_ids[..., None].expand(-1, -1, patches.shape[-1]))
-    visible = place(blank, src_ids, src_pixels, src_valid)
-    recon = place(blank, tgt_ids, pred, tgt_valid)
-    pasted = place(recon, src_ids, src_pixels, src_valid)
-    h, w = imgs.shape[2] // p, imgs.shape[3] // p
-    columns = [models.unpatchify(x, p, h, w) for x in (patches, visible, recon, pasted)]
-    grid = torch.stack(columns, 1).flatten(0, 1)                            # [B*4, 3, H, W]
-    data.save_with_headings(path, data.denormalise(grid), ["original", "visible", "reconstruction", "pasted"])
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -288,9 +270,7 @@ def main(args):
         else:
             dataset = data.PretrainDataset(base, args.input_size, **augment)
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
-    if len(loader) < args.accum_iter:
-        raise UsageError(f"{len(dataset)} images give {len(loader)} batches of {args.batch_size} per rank, "
-                         f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
+    utils.check_accum(loader, len(dataset), args)
 
     with utils.user_input():                                               # --input_size not a multiple of the patch
         net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
@@ -307,8 +287,7 @@ def main(args):
                              f"{'kept' if args.keep_ratio < 1.0 else 'of an image'}; it must mask at least one and "
                              f"leave one (or pass a larger {larger})")
 
-    eff_batch = args.batch_size * args.accum_iter * d.world
-    base_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    base_lr, eff_batch = utils.scaled_lr(args, d)                          # lr = blr * effective batch / 256
     optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr,
                                   betas=tuple(args.opt_betas), eps=args.opt_eps,
                                   fused=True if d.device.type == "cuda" else None)  # one kernel for all params
@@ -328,7 +307,7 @@ def main(args):
         net.load_state_dict(ckpt["model"])
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch = ckpt["epoch"] + 1
-    ddp = DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world > 1 else net
+    ddp = utils.wrap_ddp(net, d)
     step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp   # checkpoints keep net's names
 
     utils.start_run(args, d)
@@ -409,5 +388,39 @@ def main(args):
     utils.cleanup_distributed()
 
 
+# ----------------------------------------------------------------------------- pictures
+
+def save_reconstructions(path, net, imgs, masks):
+    """One row per image: original | visible (source) patches | reconstruction of the targets |
+    reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE) stay grey."""
+    src_ids, tgt_ids, src_valid, tgt_valid = masks
+    p = net.patch_size
+    with torch.no_grad():
+        _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+        pred = net.pred_to_pixels(imgs, tgt_ids, pred)                     # de-normalise norm_pix_loss
+    patches = models.patchify(imgs, p)                                     # [B, L, p*p*3]
+    mean = torch.tensor(data.IMAGENET_MEAN).repeat(p * p)                  # pixel order (p, q, c)
+    std = torch.tensor(data.IMAGENET_STD).repeat(p * p)
+    blank = ((0.5 - mean) / std).expand_as(patches)                       # grey where nothing is shown
+
+    def place(canvas, ids, values, valid):
+        # padding slots repeat real ids; send them to a spare row L so they never overwrite a real patch
+        L = canvas.shape[1]
+        ids = ids if valid is None else torch.where(valid, ids, L)
+        canvas = torch.cat([canvas, canvas[:, :1]], 1)                    # [B, L+1, p*p*3]
+        canvas.scatter_(1, ids[..., None].expand_as(values), values)
+        return canvas[:, :L]
+
+    src_pixels = patches.gather(1, src_ids[..., None].expand(-1, -1, patches.shape[-1]))
+    visible = place(blank, src_ids, src_pixels, src_valid)
+    recon = place(blank, tgt_ids, pred, tgt_valid)
+    pasted = place(recon, src_ids, src_pixels, src_valid)
+    h, w = imgs.shape[2] // p, imgs.shape[3] // p
+    columns = [models.unpatchify(x, p, h, w) for x in (patches, visible, recon, pasted)]
+    grid = torch.stack(columns, 1).flatten(0, 1)                            # [B*4, 3, H, W]
+    data.save_with_headings(path, data.denormalise(grid), ["original", "visible", "reconstruction", "pasted"])
+
+
 if __name__ == "__main__":
     utils.run_stage(main, get_args)
+

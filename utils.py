@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 # ----------------------------------------------------------------------------- errors
@@ -80,6 +81,19 @@ def check_ranges(args, ranges):
             bound = (f"in [{low}, {high}]" if low is not None and high is not None
                      else f">= {low}" if low is not None else f"<= {high}")
             raise UsageError(f"--{name} {value} is out of range: it must be {bound}")
+
+
+def refuse_unused(args, defaults, rules):
+    """Flags that do nothing in the chosen mode are refused, one way in every stage. defaults: the parser's
+    defaults (the stage's get_args([])); rules: {flag name: (acts, where)}, acts True when the flag does something
+    with these args, where the mode in which it does. A flag the user changed from its default that does not
+    act here is bad input naming the flag and its mode; one left at its default passes."""
+    for name, (acts, where) in rules.items():
+        value, default = getattr(args, name), getattr(defaults, name)
+        if isinstance(value, list):                                        # nargs flags parse to lists
+            value = tuple(value)
+        if not acts and value != default:
+            raise UsageError(f"--{name} does nothing here: it acts only {where}; drop it")
 
 
 def stop_if_not_finite(loss_value, where, ckpt_path):
@@ -293,6 +307,27 @@ def make_loader(dataset, batch_size, num_workers, train, seed, d):
         SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=d.device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed))
+
+
+def check_accum(loader, num_images, args):
+    """An epoch must hold at least one optimizer step: fewer batches than --accum_iter would train nothing."""
+    if len(loader) < args.accum_iter:
+        raise UsageError(f"{num_images} images give {len(loader)} batches of {args.batch_size} per rank, "
+                         f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
+
+
+def scaled_lr(args, d):
+    """MAE's lr scaling rule: --lr if given, else --blr * effective batch / 256, where the effective batch is
+    batch_size * accum_iter * world (MAE Appendix A.1). -> (lr, effective batch)"""
+    eff_batch = args.batch_size * args.accum_iter * d.world
+    return (args.lr if args.lr is not None else args.blr * eff_batch / 256), eff_batch
+
+
+def wrap_ddp(module, d):
+    """Under torchrun, DDP averages the module's gradients over the ranks; in one process, the module itself."""
+    if d.world == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
 class EpochSampler(torch.utils.data.Sampler):
