@@ -31,23 +31,26 @@ FT = ["--model", "vit_tiny_patch8", "--input_size", "32", "--num_images", "8", "
 STAGES = {"pretrain": pretrain, "finetune": finetune, "part_learn": part_learn}
 
 
-def cli(script, *argv):
+def cli(script, *argv, env=None):
     """Start a stage as a user does, in its own process group (a terminal's Ctrl-C reaches the DataLoader workers
     too) -> Popen (stdout and stderr together)."""
-    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, argv)], cwd=HERE, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, argv)], cwd=HERE,
+                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
-def run_cli(script, *argv):
-    proc = cli(script, *argv)
+def run_cli(script, *argv, env=None):
+    """Run a stage as a user does, to its end; the one way the tests run a stage's command line
+    -> (exit code, stdout and stderr together)."""
+    proc = cli(script, *argv, env=env)
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
 
 
 def run(argv, **kw):
-    """A process with one thread, from the repository; -> (exit code, stdout + stderr)."""
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **{"cwd": HERE, **kw})
+    """Any command (not a stage's own: `python -c ...`), with one thread, from the repository; -> (exit code,
+    stdout + stderr)."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=ENV, **{"cwd": HERE, **kw})
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -135,7 +138,6 @@ def cam_weights(tmp_path_factory):
     return path
 
 
-
 def pixel_rule(mask, patch, min_share=0.2, min_object=0.05):
     """ObjMAE §3.2 and §4.1 written per pixel and per patch, with loops: objects under 5% of the image are
     background; a patch is the object holding the most of its pixels among those holding >= 20% of them (ties:
@@ -156,6 +158,29 @@ def pixel_rule(mask, patch, min_share=0.2, min_object=0.05):
     return out
 
 
+def masker_patch_labels(monkeypatch, cells, patch, cell, mask="objmae", regions=None):
+    """The per-patch labels pretrain.Masker computes from a batch of cells (recorded as it asks for them)."""
+    seen = []
+    real = data.cells_to_patches
+
+    def record(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+    monkeypatch.setattr(data, "cells_to_patches", record)
+    argv = ["--mask", mask] + (["--regions", regions] if regions else [])
+    grid = (cells.shape[-2] * cell // patch,) * 2
+    masker = pretrain.Masker(pretrain.get_args(argv), patch, cell, grid, 8)
+    masker(cells, torch.zeros(cells.shape), 0.0)
+    assert len(seen) == 1
+    return seen[0]
+
+
+@pytest.fixture(scope="module")
+def scenes_224():
+    ds = data.ShapesDataset(12, img_size=224, seed=5)
+    return ds, [ds.load(i)[1] for i in range(len(ds))]
+
+
 def jpeg_folder(root, sizes=((50, 40), (37, 61), (32, 32), (80, 60), (45, 45))):
     """A small ImageNet-layout folder of JPEGs of several sizes (so the resize matters)."""
     rng = np.random.default_rng(0)
@@ -169,6 +194,19 @@ def jpeg_folder(root, sizes=((50, 40), (37, 61), (32, 32), (80, 60), (45, 45))):
 
 
 # ----------------------------------------------------------------------------- pictures
+
+def patchy_images(B, size, p, seed=0):
+    """Normalised images whose patches have very different means and contrasts (in [0.1, 0.9] after
+    de-normalising), so one patch's statistics never fit another's."""
+    g = torch.Generator().manual_seed(seed)
+    h = size // p
+    level = torch.rand(B, 3, h, h, generator=g) * 0.5 + 0.2
+    spread = torch.rand(B, 1, h, h, generator=g) * 0.2 + 0.005
+    up = lambda x: x.repeat_interleave(p, 2).repeat_interleave(p, 3)
+    pixels = (up(level) + up(spread) * (torch.rand(B, 3, size, size, generator=g) * 2 - 1)).clamp(0.1, 0.9)
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    return (pixels - mean) / std
+
 
 def read_cells(path, rows, cols, size):
     """A save_with_headings PNG -> (heading band uint8 [band, W, 3], cells uint8 [rows, cols, size, size, 3]) at

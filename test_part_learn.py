@@ -21,7 +21,8 @@ import pretrain
 import utils
 from utils import UsageError
 
-from conftest import ENV, HERE, as_png, check_band, pixel_rule, read_cells, run_cli
+from conftest import (ENV, HERE, as_png, check_band, masker_patch_labels, patchy_images, pixel_rule, read_cells,
+                     run_cli)
 
 
 # ============================================================================= part_learn.py

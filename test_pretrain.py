@@ -30,8 +30,9 @@ import pretrain
 import utils
 from utils import UsageError
 
-from conftest import (ENV, FT, HERE, PRE, STAGES, TINY, TINY_QUIET, as_png, assert_same_tensors, check_band, cli,
-                     error_lines, load, pixel_rule, read_cells, read_log, run, run_cli)
+from conftest import (FT, HERE, PRE, STAGES, TINY, TINY_QUIET, as_png, assert_same_tensors, check_band, cli,
+                     error_lines, load, masker_patch_labels, patchy_images, pixel_rule, read_cells, read_log, run,
+                     run_cli)
 
 
 # ----------------------------------------------------------------------------- pretrain.py
@@ -140,28 +141,6 @@ def test_pretrain_torchrun_two_processes(tmp_path):
 
 
 # ============================================================================= objects and parts at the patch size
-
-def masker_patch_labels(monkeypatch, cells, patch, cell, mask="objmae", regions=None):
-    """The per-patch labels pretrain.Masker computes from a batch of cells (recorded as it asks for them)."""
-    seen = []
-    real = data.cells_to_patches
-
-    def record(*a, **k):
-        seen.append(real(*a, **k))
-        return seen[-1]
-    monkeypatch.setattr(data, "cells_to_patches", record)
-    argv = ["--mask", mask] + (["--regions", regions] if regions else [])
-    grid = (cells.shape[-2] * cell // patch,) * 2
-    masker = pretrain.Masker(pretrain.get_args(argv), patch, cell, grid, 8)
-    masker(cells, torch.zeros(cells.shape), 0.0)
-    assert len(seen) == 1
-    return seen[0]
-
-
-@pytest.fixture(scope="module")
-def scenes_224():
-    ds = data.ShapesDataset(12, img_size=224, seed=5)
-    return ds, [ds.load(i)[1] for i in range(len(ds))]
 
 
 @pytest.mark.parametrize("patch", [16, 8])
@@ -428,12 +407,10 @@ def test_pretrain_cli_refuses_objects_on_finer_cells(tmp_path):
             "object_ratio": 0.1}
     data.save_regions(str(tmp_path / "r.pt"), labels, None, ds.files, meta)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"), "--model", "mae_vit_small_patch16",
-                           "--input_size", "32", "--num_images", "4", "--mask", "objmae", "--regions",
-                           str(tmp_path / "r.pt"), "--output_dir", str(out)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    code, output = run_cli("pretrain.py", "--model", "mae_vit_small_patch16", "--input_size", "32", "--num_images",
+                           "4", "--mask", "objmae", "--regions", str(tmp_path / "r.pt"), "--output_dir", str(out))
+    errors = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in output, output
     assert "--cell_size 16" in errors[0] and not out.exists()
 
 
@@ -885,19 +862,6 @@ def test_cosine_lr_values():
     assert utils.cosine_lr(0, T, 0, base) == base and utils.cosine_lr(T, T, 0, base) == pytest.approx(0.0)
 
 
-def patchy_images(B, size, p, seed=0):
-    """Normalised images whose patches have very different means and contrasts (in [0.1, 0.9] after
-    de-normalising), so one patch's statistics never fit another's."""
-    g = torch.Generator().manual_seed(seed)
-    h = size // p
-    level = torch.rand(B, 3, h, h, generator=g) * 0.5 + 0.2
-    spread = torch.rand(B, 1, h, h, generator=g) * 0.2 + 0.005
-    up = lambda x: x.repeat_interleave(p, 2).repeat_interleave(p, 3)
-    pixels = (up(level) + up(spread) * (torch.rand(B, 3, size, size, generator=g) * 2 - 1)).clamp(0.1, 0.9)
-    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
-    return (pixels - mean) / std
-
-
 class ExactMAE(models.MaskedAutoencoderViT):
     """Predicts every target patch exactly, normalised by its own mean and std as norm_pix_loss trains it."""
 
@@ -988,8 +952,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     argv = {"flag": ["--mask_ratio", "1.5"],
             "folder": ["--data_path", str(tmp_path / "missing")],      # a ValueError of data.py, at the boundary
             "image": ["--data_path", str(root), "--batch_size", "1"]}[case]
-    code, output = run([sys.executable, "pretrain.py", *TINY_QUIET, "--epochs", "1", "--output_dir",
-                        str(tmp_path / "out"), *argv])
+    code, output = run_cli("pretrain.py", *TINY_QUIET, "--epochs", "1", "--output_dir", str(tmp_path / "out"), *argv)
     lines = output.strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and errors[0] == lines[-1] and "Traceback" not in output, output
@@ -1114,11 +1077,10 @@ def test_cluster_tasks_cli_exit_2_and_checkpoint_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "checkpoint-last.pth").write_bytes(b"a good checkpoint")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"), *TINY_QUIET, "--epochs", "1",
-                           "--output_dir", str(out)], capture_output=True, text=True, cwd=HERE, timeout=300,
-                          env={**ENV, "SLURM_NTASKS": "8"})
-    lines = [ln for ln in (proc.stdout + proc.stderr).strip().splitlines() if ln.startswith("error:")]
-    assert proc.returncode == 2 and len(lines) == 1 and "SLURM_NTASKS=8" in lines[0], proc.stdout + proc.stderr
+    code, output = run_cli("pretrain.py", *TINY_QUIET, "--epochs", "1", "--output_dir", str(out),
+                           env={"SLURM_NTASKS": "8"})
+    lines = [ln for ln in output.strip().splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "SLURM_NTASKS=8" in lines[0], output
     assert (out / "checkpoint-last.pth").read_bytes() == b"a good checkpoint"
 
 
@@ -1129,9 +1091,7 @@ def test_pretrain_new_flags_bad_input(tmp_path, argv, words):
     files = data.ShapesDataset(16, img_size=32).files
     data.save_regions(regions, torch.zeros(16, 4, 4), None, files, {"input_size": 32, "cell_size": 8})
     argv = [regions if a == "REGIONS" else a for a in argv]
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"), *TINY_QUIET, "--epochs", "1",
-                           "--output_dir", str(tmp_path / "out"), *argv], capture_output=True, text=True, cwd=HERE,
-                          timeout=300, env=ENV)
-    lines = [ln for ln in (proc.stdout + proc.stderr).strip().splitlines() if ln.startswith("error:")]
-    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, output = run_cli("pretrain.py", *TINY_QUIET, "--epochs", "1", "--output_dir", str(tmp_path / "out"), *argv)
+    lines = [ln for ln in output.strip().splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and words in lines[0], output
+    assert "Traceback" not in output
