@@ -1,5 +1,10 @@
 """Shared helpers and fixtures of the stage tests: running a stage as a user does, the tiny argv lists, tiny
-checkpoints, regions files and CAM weights (module-scoped: made once per test file)."""
+checkpoints, regions files and CAM weights (module-scoped: made once per test file).
+
+References (the comments cite "ObjMAE §3.2"; SemMAE is the other masking these fixtures feed):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+"""
 import json
 import os
 import subprocess
