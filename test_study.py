@@ -14,8 +14,7 @@ from PIL import Image
 import data
 import finetune
 import study
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from conftest import HERE, TINY, run_cli
 
 
 def run_study(*argv):
@@ -223,7 +222,6 @@ def test_summary_lists_each_run_with_its_result(quick):
 # ----------------------------------------------------------------------------- --data_seed in the stages
 
 def test_data_seed_picks_the_scenes_and_seed_only_the_training(tmp_path):
-    from test_stages import run_cli, TINY
     regions = str(tmp_path / "parts")
     code, text = run_cli("part_learn.py", "--method", "segmentation", "--input_size", "32", "--num_images", "16",
                          "--seed", "3", "--data_seed", "1", "--cell_size", "8", "--num_workers", "0", "--output_dir", regions)

@@ -1,0 +1,245 @@
+"""Shared helpers and fixtures of the stage tests: running a stage as a user does, the tiny argv lists, tiny
+checkpoints, regions files and CAM weights (module-scoped: made once per test file).
+
+References (the comments cite "ObjMAE §3.2"; SemMAE is the other masking these fixtures feed):
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+import finetune
+import model as models
+import part_learn
+import pretrain
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images", "16", "--batch_size", "8",
+        "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--vis_every", "1"]
+TINY_QUIET = ["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images", "16", "--batch_size", "8",
+              "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--vis_every", "0"]
+PRE = ["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images", "8", "--batch_size", "8",
+       "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0", "--vis_every", "0"]
+FT = ["--model", "vit_tiny_patch8", "--input_size", "32", "--num_images", "8", "--num_val_images", "8",
+      "--batch_size", "8", "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0"]
+STAGES = {"pretrain": pretrain, "finetune": finetune, "part_learn": part_learn}
+
+
+def cli(script, *argv, env=None):
+    """Start a stage as a user does, in its own process group (a terminal's Ctrl-C reaches the DataLoader workers
+    too) -> Popen (stdout and stderr together)."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, argv)], cwd=HERE,
+                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def run_cli(script, *argv, env=None):
+    """Run a stage as a user does, to its end; the one way the tests run a stage's command line
+    -> (exit code, stdout and stderr together)."""
+    proc = cli(script, *argv, env=env)
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def run(argv, **kw):
+    """Any command (not a stage's own: `python -c ...`), with one thread, from the repository; -> (exit code,
+    stdout + stderr)."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=ENV, **{"cwd": HERE, **kw})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def error_lines(output):
+    return [ln for ln in output.splitlines() if ln.startswith("error:")]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b, where=""):
+    """Every tensor of two checkpoints (nested dicts/lists: model, optimizer state) is bit-identical."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many tiny runs in this process: one thread each (as the command-line tests' OMP_NUM_THREADS=1); two
+    threads on a busy 2-core machine wait on each other at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder_ckpt(tmp_path_factory):
+    """A pretrain.py-style checkpoint of mae_vit_tiny_patch8 (random weights)."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("enc") / "checkpoint-last.pth")
+    net = models.MODELS["mae_vit_tiny_patch8"](img_size=32)
+    torch.save({"model": net.state_dict(), "optimizer": {}, "epoch": 0, "args": {"model": "mae_vit_tiny_patch8"}}, path)
+    return path
+
+
+def shapes_object_regions(path, num_images, input_size, cell_size=8):
+    """A regions file made from the shapes' own instance masks (ObjMAE §3.2's 20% rule)."""
+    ds = data.ShapesDataset(num_images, img_size=input_size, seed=0)
+    grid = (input_size // cell_size, input_size // cell_size)
+    labels = np.stack([data.instance_cells(ds.load(i)[1], grid) for i in range(num_images)])
+    meta = {"method": "segmentation", "kind": "objects", "input_size": input_size, "cell_size": cell_size,
+            "num_regions": int(labels[labels != 255].max()), "object_ratio": 0.0, "source": "test"}
+    data.save_regions(path, torch.from_numpy(labels), None, ds.files, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def object_regions(tmp_path_factory):
+    return shapes_object_regions(str(tmp_path_factory.mktemp("regions") / "regions.pt"), 16, 32)
+
+
+@pytest.fixture(scope="module")
+def object_regions_8(tmp_path_factory):
+    """Regions of 8 shapes images at 32 px from their own instance masks (objmae's 20% rule)."""
+    ds = data.ShapesDataset(8, img_size=32, seed=0)
+    labels = np.stack([data.instance_cells(ds.load(i)[1], (4, 4)) for i in range(8)])
+    meta = {"method": "segmentation", "kind": "objects", "input_size": 32, "cell_size": 8,
+            "num_regions": int(labels.max()), "object_ratio": 0.0, "source": "test"}
+    path = str(tmp_path_factory.mktemp("regions") / "regions.pt")
+    data.save_regions(path, torch.from_numpy(labels), None, ds.files, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cam_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("cam") / "resnet18.pth")
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=20).state_dict(), path)
+    return path
+
+
+def pixel_rule(mask, patch, min_share=0.2, min_object=0.05):
+    """ObjMAE §3.2 and §4.1 written per pixel and per patch, with loops: objects under 5% of the image are
+    background; a patch is the object holding the most of its pixels among those holding >= 20% of them (ties:
+    the lower id), else background. -> np.uint8 [H / patch, W / patch]."""
+    H, W = mask.shape
+    ids, areas = np.unique(mask, return_counts=True)
+    kept = [int(k) for k, a in zip(ids, areas) if k != 0 and a >= min_object * H * W]
+    out = np.zeros((H // patch, W // patch), np.uint8)
+    for r in range(H // patch):
+        for c in range(W // patch):
+            block = mask[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+            best, best_count = 0, -1
+            for k in kept:
+                count = int((block == k).sum())
+                if count >= min_share * patch * patch and count > best_count:
+                    best, best_count = k, count
+            out[r, c] = best
+    return out
+
+
+def masker_patch_labels(monkeypatch, cells, patch, cell, mask="objmae", regions=None):
+    """The per-patch labels pretrain.Masker computes from a batch of cells (recorded as it asks for them)."""
+    seen = []
+    real = data.cells_to_patches
+
+    def record(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+    monkeypatch.setattr(data, "cells_to_patches", record)
+    argv = ["--mask", mask] + (["--regions", regions] if regions else [])
+    grid = (cells.shape[-2] * cell // patch,) * 2
+    masker = pretrain.Masker(pretrain.get_args(argv), patch, cell, grid, 8)
+    masker(cells, torch.zeros(cells.shape), 0.0)
+    assert len(seen) == 1
+    return seen[0]
+
+
+@pytest.fixture(scope="module")
+def scenes_224():
+    ds = data.ShapesDataset(12, img_size=224, seed=5)
+    return ds, [ds.load(i)[1] for i in range(len(ds))]
+
+
+def jpeg_folder(root, sizes=((50, 40), (37, 61), (32, 32), (80, 60), (45, 45))):
+    """A small ImageNet-layout folder of JPEGs of several sizes (so the resize matters)."""
+    rng = np.random.default_rng(0)
+    for k, (w, h) in enumerate(sizes):
+        os.makedirs(os.path.join(root, f"c{k % 2}"), exist_ok=True)
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1) + rng.integers(0, 40, (h, w, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(root, f"c{k % 2}", f"{k}.jpg"),
+                                                                     quality=90)
+    return data.FolderDataset(root)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def patchy_images(B, size, p, seed=0):
+    """Normalised images whose patches have very different means and contrasts (in [0.1, 0.9] after
+    de-normalising), so one patch's statistics never fit another's."""
+    g = torch.Generator().manual_seed(seed)
+    h = size // p
+    level = torch.rand(B, 3, h, h, generator=g) * 0.5 + 0.2
+    spread = torch.rand(B, 1, h, h, generator=g) * 0.2 + 0.005
+    up = lambda x: x.repeat_interleave(p, 2).repeat_interleave(p, 3)
+    pixels = (up(level) + up(spread) * (torch.rand(B, 3, size, size, generator=g) * 2 - 1)).clamp(0.1, 0.9)
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    return (pixels - mean) / std
+
+
+def read_cells(path, rows, cols, size):
+    """A save_with_headings PNG -> (heading band uint8 [band, W, 3], cells uint8 [rows, cols, size, size, 3]) at
+    the images' own resolution (each enlarged pixel must be a block of one colour)."""
+    pic = np.asarray(Image.open(path).convert("RGB"))
+    scale = ((pic.shape[1] - 1) // cols - 1) // size
+    assert pic.shape[1] == cols * (scale * size + 1) + 1
+    band = pic.shape[0] - (rows * (scale * size + 1) + 1)
+    cells = np.empty((rows, cols, size, size, 3), np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = band + 1 + r * (scale * size + 1), 1 + c * (scale * size + 1)
+            block = pic[top:top + scale * size, left:left + scale * size]
+            cells[r, c] = block[::scale, ::scale]
+            assert (block == np.repeat(np.repeat(cells[r, c], scale, 0), scale, 1)).all()
+    return pic[:band], cells
+
+
+def as_png(images):
+    """[N, 3, H, W] in [0, 1] -> uint8 [N, H, W, 3], the rounding torchvision's save_image uses."""
+    return images.mul(255).add(0.5).clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def check_band(band, cols):
+    """A white band with dark heading pixels over every column."""
+    assert band.shape[0] >= 8
+    width = (band.shape[1] - 1) // cols
+    for c in range(cols):
+        column = band[:, 1 + c * width:(c + 1) * width]
+        assert (column.min(-1) < 100).any(), c                           # some text
+        assert (column.min(-1) > 200).mean() > 0.5, c                    # on white

@@ -1,0 +1,230 @@
+"""Tests of finetune.py (stage 3): layer decay, checkpoint layouts, linear probing, resume, bad input and the
+released encoders' names."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import finetune
+import model as models
+import pretrain
+from utils import UsageError
+
+from conftest import FT, HERE, read_log, run_cli
+
+
+# ============================================================================= finetune.py
+FT_TINY = ["--model", "vit_tiny_patch8", "--input_size", "32", "--num_images", "16", "--num_val_images", "16",
+        "--batch_size", "8", "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0"]
+
+
+FT_PLAIN = ["--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--drop_path", "0",
+         "--crop_min", "1", "--crop_pct", "1"]
+
+
+def checked_args(argv):
+    args = finetune.get_args(argv)
+    finetune.check_args(args)
+    return args
+
+
+# ----------------------------------------------------------------------------- layer-wise lr decay
+
+def test_finetune_layer_decay_scale_per_block():
+    net = finetune.build_model(checked_args(FT_TINY), num_classes=20)  # depth 4, global pool (fc_norm)
+    groups = finetune.param_groups_lrd(net, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    expect = {"patch_embed.proj.weight": 0.5 ** 5, "cls_token": 0.5 ** 5, "pos_embed": 0.5 ** 5,
+              "blocks.0.attn.qkv.weight": 0.5 ** 4, "blocks.1.mlp.fc1.bias": 0.5 ** 3,
+              "blocks.2.norm1.weight": 0.5 ** 2, "blocks.3.attn.proj.weight": 0.5, "fc_norm.weight": 1.0,
+              "head.weight": 1.0, "head.bias": 1.0}
+    params = dict(net.named_parameters())
+    for name, s in expect.items():
+        assert scale[id(params[name])] == pytest.approx(s), name
+    assert len(scale) == len(params)                               # every parameter is in one group
+    for name, p in params.items():                                 # no decay for 1-d tensors and tokens
+        assert decay[id(p)] == (0.0 if p.ndim == 1 or name in ("cls_token", "pos_embed") else 0.05), name
+
+
+# ----------------------------------------------------------------------------- checkpoint layouts
+
+def save_layout(path, layout, patch_grid=4):
+    """A checkpoint with random weights in one released layout; patch 8, a patch_grid x patch_grid pos grid."""
+    mae = models.MODELS["mae_vit_tiny_patch8"](img_size=8 * patch_grid)
+    full = mae.state_dict()
+    encoder = {k: v for k, v in full.items() if not k.startswith(("decoder", "mask_token"))}
+    if layout == "ours":                 # pretrain.py: encoder + decoder, args as a dict
+        obj = {"model": full, "optimizer": {}, "epoch": 3, "args": {"model": "mae_vit_tiny_patch8"}}
+    elif layout == "mae_full":           # MAE's main_pretrain: encoder + decoder, args as an argparse.Namespace
+        obj = {"model": full, "epoch": 799, "args": argparse.Namespace(model="mae_vit_base_patch16")}
+    elif layout in ("mae_encoder", "semmae"):  # released pre-trained encoders (SemMAE: patch 8, 28x28 grid)
+        obj = {"model": encoder}
+    elif layout == "timm":               # timm ViT state dict: classification head for 1000 classes
+        obj = {**encoder, "head.weight": torch.randn(1000, 96), "head.bias": torch.zeros(1000)}
+    torch.save(obj, path)
+    return full
+
+
+@pytest.mark.parametrize("layout", ["ours", "mae_full", "mae_encoder", "semmae", "timm"])
+@pytest.mark.parametrize("mode", ["finetune", "linprobe"])
+def test_checkpoint_layouts_load_with_only_head_missing(tmp_path, layout, mode):
+    path = str(tmp_path / "ckpt.pth")
+    full = save_layout(path, layout, patch_grid=28 if layout == "semmae" else 4)
+    net = finetune.build_model(checked_args(FT_TINY + (["--linprobe"] if mode == "linprobe" else [])), num_classes=20)
+    missing, unexpected = finetune.load_pretrained(net, path)
+    if mode == "finetune":   # global pool: fc_norm starts fresh, the pre-training norm is left out (MAE)
+        assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+        assert sorted(unexpected) == ["norm.bias", "norm.weight"]
+    else:
+        assert all(k.startswith("head.") for k in missing) and len(missing) == 4 and unexpected == []
+        assert torch.equal(net.norm.weight, full["norm.weight"])
+    assert torch.equal(net.blocks[3].mlp.fc2.weight, full["blocks.3.mlp.fc2.weight"])
+    assert torch.equal(net.pos_embed[:, 0], full["pos_embed"][:, 0])  # the cls row survives any resizing
+
+
+def test_incomplete_or_foreign_checkpoint_stops(tmp_path):
+    net = finetune.build_model(checked_args(FT_TINY), num_classes=20)
+    full = models.MODELS["mae_vit_tiny_patch8"](img_size=32).state_dict()
+    torch.save({"model": {k: v for k, v in full.items() if k != "blocks.1.attn.qkv.weight"}}, tmp_path / "a.pth")
+    with pytest.raises(ValueError, match="blocks.1.attn.qkv.weight"):  # never a silent random layer
+        finetune.load_pretrained(net, str(tmp_path / "a.pth"))
+    torch.save({"learner": {}, "optimizer": {}, "epoch": 0, "args": {"encoder_weights": "pre.pth"}}, tmp_path / "p.pth")
+    with pytest.raises(finetune.UsageError, match="--finetune pre.pth"):  # part_learn.py: points to its encoder
+        finetune.load_pretrained(net, str(tmp_path / "p.pth"))
+    big = models.MODELS["mae_vit_small_patch16"](img_size=32).state_dict()
+    torch.save({"model": big}, tmp_path / "b.pth")
+    with pytest.raises(finetune.UsageError, match="--model"):       # another architecture
+        finetune.load_pretrained(net, str(tmp_path / "b.pth"))
+
+
+def test_pos_embed_14_to_28_keeps_cls(tmp_path):
+    path = str(tmp_path / "ckpt.pth")
+    full = save_layout(path, "mae_encoder", patch_grid=14)          # 112 px / patch 8
+    net = finetune.build_model(checked_args(FT_TINY[:2] + ["--input_size", "224"] + FT_TINY[4:]), num_classes=20)
+    finetune.load_pretrained(net, path)
+    assert net.pos_embed.shape == (1, 1 + 28 * 28, 96) and net.grid == (28, 28)
+    assert torch.equal(net.pos_embed[:, 0], full["pos_embed"][:, 0])
+    direct = models.interpolate_pos_embed(full["pos_embed"], (28, 28))
+    assert torch.equal(net.pos_embed.data, direct) and torch.equal(direct[:, 0], full["pos_embed"][:, 0])
+
+
+# ----------------------------------------------------------------------------- runs
+
+def test_eval_of_memorised_labels_is_one(tmp_path):
+    """Train on 16 images, validate on the same images: --eval must report 100% top-1."""
+    root = tmp_path / "data"
+    data.write_shapes(data.ShapesDataset(16, img_size=32, seed=0), str(tmp_path / "w"))
+    shutil.copytree(tmp_path / "w" / "images", root / "train")
+    shutil.copytree(tmp_path / "w" / "images", root / "val")
+    out = str(tmp_path / "out")
+    common = FT_TINY + FT_PLAIN + ["--data_path", str(root), "--output_dir", out]
+    finetune.main(finetune.get_args(common + ["--epochs", "40", "--blr", "2e-2", "--layer_decay", "1",
+                                              "--weight_decay", "0"]))
+    stats = finetune.main(finetune.get_args(common + ["--eval", "--resume", os.path.join(out, "checkpoint-last.pth")]))
+    assert stats["acc1"] == 1.0 and stats["acc5"] == 1.0 and stats["n"] == 16
+
+
+def test_linprobe_keeps_encoder_and_folds_head(tmp_path, encoder_ckpt):
+    out = str(tmp_path / "out")
+    finetune.main(finetune.get_args(FT_TINY + ["--linprobe", "--finetune", encoder_ckpt, "--keep_ratio", "0.5",
+                                            "--epochs", "2", "--output_dir", out]))
+    assert len(read_log(out)) == 2
+    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    pre = torch.load(encoder_ckpt, weights_only=True)["model"]
+    assert torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])  # frozen
+    # model-timm.pth: the BatchNorm is folded into a plain head, same logits as the probe in eval mode
+    probe = finetune.build_model(checked_args(FT_TINY + ["--linprobe"]), num_classes=20)
+    probe.load_state_dict(ckpt["model"])
+    plain = models.VITS["vit_tiny_patch8"](img_size=32, num_classes=20)
+    plain.load_state_dict(torch.load(os.path.join(out, "model-timm.pth"), weights_only=True))
+    x = torch.randn(4, 3, 32, 32)
+    probe.eval(), plain.eval()
+    torch.testing.assert_close(plain(x), probe(x), rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_resume_is_bit_identical(tmp_path, encoder_ckpt, monkeypatch):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    common = FT_TINY + ["--finetune", encoder_ckpt, "--epochs", "2", "--warmup_epochs", "1"]
+    finetune.main(finetune.get_args(common + ["--output_dir", full]))
+    real_evaluate, calls = finetune.evaluate, []
+
+    def dies_in_epoch_1(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(finetune, "evaluate", dies_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(finetune.get_args(common + ["--output_dir", killed]))
+    monkeypatch.setattr(finetune, "evaluate", real_evaluate)
+    ckpt = os.path.join(killed, "checkpoint-last.pth")
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
+    finetune.main(finetune.get_args(common + ["--output_dir", killed, "--resume", ckpt]))
+    a = torch.load(os.path.join(full, "checkpoint-last.pth"), weights_only=True)["model"]
+    b = torch.load(ckpt, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_log(full) == [dict(r, time_s=f["time_s"]) for r, f in zip(read_log(killed), read_log(full))]
+
+
+@pytest.mark.parametrize("case", ["missing_finetune", "not_divisible", "cifar_missing"])
+def test_finetune_bad_input_exit_2_and_checkpoint_untouched(tmp_path, case):
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = out / "checkpoint-last.pth"
+    ckpt.write_bytes(b"a good checkpoint")
+    argv = {"missing_finetune": ["--finetune", str(tmp_path / "missing.pth")],
+            "not_divisible": ["--input_size", "36"],
+            "cifar_missing": ["--dataset", "cifar100", "--data_path", str(tmp_path / "nothing"),
+                              "--resume", "auto"]}[case]  # auto: get past the used-folder check to the data
+    code, output = run_cli("finetune.py", *FT_TINY, "--output_dir", str(out), *argv)
+    lines = [ln for ln in output.strip().splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in output, output
+    assert ckpt.read_bytes() == b"a good checkpoint"
+    assert {"missing_finetune": "missing.pth", "not_divisible": "--input_size", "cifar_missing": "--download"}[case] \
+        in lines[0]
+
+
+def test_finetune_torchrun_two_processes(tmp_path, encoder_ckpt):
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29521",
+           os.path.join(HERE, "finetune.py"), *FT_TINY, "--num_val_images", "15", "--finetune", encoder_ckpt,
+           "--linprobe", "--keep_ratio", "0.5", "--device", "cpu", "--output_dir", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = read_log(out)
+    assert len(log) == 1 and log[0]["val_images"] == 15            # every image counted once, none padded
+    assert proc.stdout.count("loaded ") == 1                        # rank 0 speaks
+
+
+# ============================================================================= a model name for every encoder
+
+# (embed_dim, depth, heads, patch): DINO ViT-S/8, S/16, B/8, B/16 (also iBOT, MAE, SemMAE), MAE's L/16 and H/14
+RELEASED = {"ViT-S/8": (384, 12, 6, 8), "ViT-S/16": (384, 12, 6, 16), "ViT-B/8": (768, 12, 12, 8),
+            "ViT-B/16": (768, 12, 12, 16), "ViT-L/16": (1024, 24, 16, 16), "ViT-H/14": (1280, 32, 16, 14)}
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_every_released_encoder_has_a_name_in_both_stages(name):
+    embed, depth, heads, patch = RELEASED[name]
+    (vit,) = models.names_that_fit(embed, depth, patch)                  # exactly one name per encoder
+    assert finetune.get_args(["--model", vit]).model == vit             # a --model choice in both stages
+    assert pretrain.get_args(["--model", "mae_" + vit]).model == "mae_" + vit
+    with torch.device("meta"):
+        net = models.VITS[vit](img_size=224)
+    assert net.blocks[0].attn.num_heads == heads and len(net.blocks) == depth and net.patch_size == patch
+
+
+def test_load_error_lists_the_names_that_fit(tmp_path):
+    torch.save({"model": models.MODELS["mae_vit_tiny_patch8"](img_size=32).state_dict()}, tmp_path / "tiny.pth")
+    args = finetune.get_args(FT[2:] + ["--model", "vit_small_patch16", "--finetune", str(tmp_path / "tiny.pth")])
+    finetune.check_args(args)
+    with pytest.raises(UsageError, match="pass --model vit_tiny_patch8$"):
+        finetune.load_pretrained(finetune.build_model(args, 20), args.finetune)
