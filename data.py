@@ -55,6 +55,12 @@ IGNORE = 255                     # region id of a cell with no label (the region
 
 # ----------------------------------------------------------------------------- pre-training samples
 
+def resized(img, size):
+    """A PIL image as size x size, the whole image resized bicubically (no crop: the regions file's cells and the
+    image cache are made on this image; a random-resized crop, where a recipe has one, comes after)."""
+    return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
+
+
 class PretrainDataset(torch.utils.data.Dataset):
     """(img [3, S, S] normalised, cell_labels long [S/c, S/c], cell_scores float [S/c, S/c], target).
 
@@ -91,8 +97,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, mask, target = self.base.load(i)
         S = self.size
-        if img.size != (S, S):
-            img = img.resize((S, S), Image.BICUBIC)
+        img = resized(img, S)
         x = TF.to_tensor(img)                                              # [3, S, S] in [0, 1]
         labels, scores = None, torch.zeros(self.grid)
         if self.regions is not None:
@@ -820,8 +825,7 @@ class _CacheRows(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, mask, _ = self.base.load(i)
         S = self.size
-        if img.size != (S, S):
-            img = img.resize((S, S), Image.BICUBIC)
+        img = resized(img, S)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # [3, S, S]
         if not self.with_masks:
             return x, torch.empty(0, dtype=torch.uint8)

@@ -258,9 +258,7 @@ def main(args):
                     f"params, {len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
                     f"effective batch {eff_batch}, lr {base_lr:.2e}, epochs {start_epoch}..{args.epochs - 1}")
 
-    # Each optimizer step averages exactly accum_iter micro-batches: the len(loader) % accum_iter left at the end of
-    # an epoch are skipped, the same in every epoch, so no step mixes two epochs' batches.
-    iters = len(loader) // args.accum_iter * args.accum_iter               # micro-batches used per epoch
+    iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     for epoch in range(start_epoch, args.epochs):

@@ -322,9 +322,7 @@ def main(args):
     vis = [vis_set[i] for i in range(min(8, len(vis_set)))]
     vis_imgs, vis_cells, vis_scores = (torch.stack([v[k] for v in vis]).to(d.device) for k in range(3))
 
-    # Each optimizer step averages exactly accum_iter micro-batches: the len(loader) % accum_iter left at the end of
-    # an epoch are skipped, the same in every epoch, so no step mixes two epochs' batches.
-    iters = len(loader) // args.accum_iter * args.accum_iter               # micro-batches used per epoch
+    iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     for epoch in range(start_epoch, args.epochs):

@@ -309,6 +309,13 @@ def make_loader(dataset, batch_size, num_workers, train, seed, d):
         generator=torch.Generator().manual_seed(seed))
 
 
+def batches_per_epoch(loader, accum_iter):
+    """Micro-batches a training epoch uses. Each optimizer step averages exactly accum_iter of them: the
+    len(loader) % accum_iter left at the end of an epoch are skipped, the same in every epoch, so no step mixes
+    two epochs' batches."""
+    return len(loader) // accum_iter * accum_iter
+
+
 def check_accum(loader, num_images, args):
     """An epoch must hold at least one optimizer step: fewer batches than --accum_iter would train nothing."""
     if len(loader) < args.accum_iter:
