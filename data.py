@@ -97,30 +97,37 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, mask, target = self.base.load(i)
         S = self.size
-        img = resized(img, S)
-        x = TF.to_tensor(img)                                              # [3, S, S] in [0, 1]
+        x = TF.to_tensor(resized(img, S))                                  # [3, S, S] in [0, 1]
+        if self.regions is None and mask is not None and mask.shape != (S, S):
+            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))  # as its image, ids stay ids
+        box = None if self.crop_scale is None else crop_box(S, self.crop_scale, self.crop_ratio)
+        if box is not None:
+            x = resized_crop(x, box, S)
+        labels, scores = self.cells(i, mask, box)
+        if self.hflip and torch.rand(()) < 0.5:
+            x, labels, scores = x.flip(-1), labels.flip(-1), scores.flip(-1)
+        x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+        return x, labels, scores, target
+
+    def cells(self, i, mask, box):
+        """Region cells and scores of sample i on its S x S image cropped to `box` (None: no crop). mask: the
+        base's instance mask at S x S, or None. -> (labels long [gh, gw], scores float [gh, gw])"""
+        S = self.size
         labels, scores = None, torch.zeros(self.grid)
         if self.regions is not None:
             labels = self.regions["labels"][i].long()
             sc = self.regions["scores"]
             scores = sc[i].float() if sc is not None else scores
-        elif mask is not None and mask.shape != (S, S):
-            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))  # as its image, ids stay ids
         elif mask is None:
             labels = torch.full(self.grid, IGNORE, dtype=torch.long)
-        if self.crop_scale is not None:
-            box = crop_box(S, self.crop_scale, self.crop_ratio)
-            x = resized_crop(x, box, S)
+        if box is not None:
             if labels is not None:
                 labels, scores = resized_crop_cells(labels, scores, box, S)
             else:
                 mask = resized_crop_mask(mask, box, S)
         if labels is None:                                                 # ObjMAE §3.2, §4.1 on the (cropped) mask
             labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
-        if self.hflip and torch.rand(()) < 0.5:
-            x, labels, scores = x.flip(-1), labels.flip(-1), scores.flip(-1)
-        x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
-        return x, labels, scores, target
+        return labels, scores
 
 
 # ----------------------------------------------------------------------------- the regions file
@@ -950,23 +957,10 @@ class CachedPretrainDataset(PretrainDataset):
             c = torch.load(self.cache_path, weights_only=True, mmap=True)
             self.cache = {"images": c["images"], "masks": c.get("masks")}
         img, S = self.cache["images"][i], self.size                       # [3, S, S] uint8, a view of the map
-        labels, scores = None, torch.zeros(self.grid)
         mask = None if self.cache["masks"] is None else self.cache["masks"][i].numpy()   # already S x S
-        if self.regions is not None:
-            labels = self.regions["labels"][i].long()
-            sc = self.regions["scores"]
-            scores = sc[i].float() if sc is not None else scores
-        elif mask is None:
-            labels = torch.full(self.grid, IGNORE, dtype=torch.long)
-        box = (0, 0, S, S)
-        if self.crop_scale is not None:
-            box = crop_box(S, self.crop_scale, self.crop_ratio)
-            if labels is not None:
-                labels, scores = resized_crop_cells(labels, scores, box, S)
-            else:
-                mask = resized_crop_mask(mask, box, S)
-        if labels is None:                                                 # ObjMAE §3.2, §4.1 on the (cropped) mask
-            labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
+        box = None if self.crop_scale is None else crop_box(S, self.crop_scale, self.crop_ratio)
+        labels, scores = self.cells(i, mask, box)
+        box = (0, 0, S, S) if box is None else box
         flip = bool(self.hflip and torch.rand(()) < 0.5)
         if flip:
             labels, scores = labels.flip(-1), scores.flip(-1)
