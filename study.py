@@ -275,6 +275,12 @@ class Study:
                  "--repeats", self.b["timing_repeats"], "--settings", ",".join(settings)]
         return Run("timing", None, flags, "steps")
 
+    def colour(self):
+        """The probe's floor without an encoder: a linear classifier on the mean colour of the probed patches."""
+        flags = ["--input_size", self.b["input_size"], "--num_images", self.b["num_images"],
+                 "--val_images", self.b["val_images"]]
+        return Run("colour", None, flags, "mean-rgb")
+
     def unseen(self, pre):
         flags = ["--checkpoint", Ref(pre, "checkpoint-last.pth"), "--images", self.b["unseen_images"],
                  "--input_size", self.b["input_size"], "--num_images", self.b["num_images"]]
@@ -332,6 +338,8 @@ def table_semmae_masking(s):
 
     rows = [Row("no pre-training (random encoder)", "", "-",
                 {"probe top-1": lambda seed: final(s.probe(None), "val_acc1", 100)}),
+            Row("no encoder: mean colour of the probed patches", "", "-",
+                {"probe top-1": lambda seed: record(s.colour(), "val_acc1", scale=100)}),
             row("random masking (MAE)", "66.8"),
             row("75% patches per part (alpha 0)", "66.5", alpha=0.0),
             row("75% parts (alpha 1)", "52.9", alpha=1.0),
@@ -344,7 +352,10 @@ def table_semmae_masking(s):
     return Table("semmae-masking", "SemMAE Table 3: masking strategies (linear probe top-1, %)",
                  ["probe top-1"], rows, "SemMAE rows use the learned parts (part_learn.py --method learned, SemMAE "
                  "§3.1) of the seed-0 random-masking encoder; the paper's numbers are ViT-B on ImageNet-1k. The "
-                 "first row (one probe, n = 1) says what the probe gets from random features.", example_row=8)
+                 "first row (one probe, n = 1) says what the probe gets from random features; the second what a linear "
+                 "classifier gets from the mean RGB of the same patches alone (study.py measures it; it also "
+                 "logs how often that classifier gets the colour right: the class is colour x shape, so knowing the "
+                 "colour and guessing the shape gives about 1/5).", example_row=9)
 
 
 def table_semmae_parts(s):
@@ -763,7 +774,50 @@ def measure_unseen(run, out):
     utils.append_log(os.path.join(out, run.name, "log.txt"), {"done": True})
 
 
-MEASURES = {"timing": measure_timing, "unseen": measure_unseen}
+def measure_colour(run, out):
+    """What the probe can get from colour alone: the probe's own patches (finetune.py's --keep_ratio 0.25 on the
+    scenes' object cells), their mean RGB (3 numbers per image), a multinomial logistic regression (L-BFGS,
+    deterministic) fitted on the training scenes; writes top-1 and how often the colour is right on the held-out
+    ones (the class is '<colour>_<shape>')."""
+    import finetune
+    size, n, n_val = (int(flag(run, out, k)) for k in ("input_size", "num_images", "val_images"))
+    args = finetune.get_args(["--linprobe", "--keep_ratio", "0.25", "--input_size", str(size), "--num_images",
+                              str(n), "--num_val_images", str(n_val), "--data_seed", "0"])
+    finetune.check_args(args)
+    train, val, classes = finetune.build_datasets(args)
+    g = torch.Generator().manual_seed(0)
+
+    def features(ds):
+        rgb, ys = [], []
+        for i in range(len(ds)):
+            img, y, scores = ds[i]
+            ids = masking.keep_foreground(data.scores_to_patches(scores[None], 1), args.keep_ratio, generator=g)
+            patches = models.gather_tokens(models.patchify(img[None], 8), ids)        # [1, k, 8*8*3]
+            rgb.append(patches.reshape(-1, 8 * 8, 3).mean((0, 1)))                  # [3]
+            ys.append(y)
+        return torch.stack(rgb), torch.tensor(ys)
+    (x, y), (x_val, y_val) = features(train), features(val)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x, x_val = (x - mu) / sd, (x_val - mu) / sd
+    w = torch.zeros(3, len(classes), requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500)
+
+    def loss():
+        opt.zero_grad()
+        value = F.cross_entropy(x @ w + b, y) + 1e-3 * w.square().sum()
+        value.backward()
+        return value
+    opt.step(loss)
+    pred = (x_val @ w + b).argmax(1)
+    colour = [c.split("_")[0] for c in classes]
+    utils.append_log(os.path.join(out, run.name, "log.txt"),
+                     {"val_acc1": (pred == y_val).float().mean().item(),
+                      "colour_acc": sum(colour[p] == colour[t] for p, t in zip(pred.tolist(), y_val.tolist())) / len(y_val),
+                      "done": True})
+
+
+MEASURES = {"timing": measure_timing, "unseen": measure_unseen, "colour": measure_colour}
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -942,7 +996,7 @@ def picture_unseen(study, out, images=4):
     hidden object (visible patches pasted) and their attention rollout from the hidden patches (Fig. 7)."""
     size = study.b["input_size"]
     nets = [load_mae(os.path.join(out, r.name, "checkpoint-last.pth"), size)
-            for r in (study.mae(0), study.objmae(0))]
+            for r in (study.objmae_mae(0), study.objmae(0))]   # the table's two rows
     imgs, labels = shapes_objects(images * 2, size, 8)
     rows = []
     for img, lab in zip(imgs, labels):

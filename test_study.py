@@ -54,8 +54,8 @@ def test_every_table_is_made_from_its_runs(quick):
         rows = table_rows(os.path.join(quick, f"{name}.md"))
         assert rows, name
         for label, cells in rows.items():
-            # n: both seeds of every row; the reference without pre-training is one run
-            assert cells[-2] == ("1" if label.startswith("no pre-training") else "2"), (name, label, cells)
+            # n: both seeds of every row; the references without pre-training are one run or measurement each
+            assert cells[-2] == ("1" if label.startswith(("no pre-training", "no encoder")) else "2"), (name, label, cells)
             assert "-" not in cells[1:-2] or name == "semmae-parts" and label.startswith("random"), (name, cells)
     # a cell is the mean +- std of its runs' last records
     acc = [100 * study.last_epoch(study.read_log(run_folder(quick, f"probe-random_s{s}-")))["val_acc1"]
@@ -200,6 +200,16 @@ def test_hidden_object_error_is_relative_to_the_patch_mean(quick):
     log = study.read_log(run_folder(quick, "unseen-random_objmae-recipe_s0-"))
     train = next(r for r in log if r.get("split") == "train")
     assert train["images"] == study.QUICK["unseen_images"] and train["rel_error"] > 0
+
+
+def test_the_colour_floor_knows_the_colour_and_little_of_the_shape(tmp_path):
+    # the floor the probe gets from colour alone: colour right far above chance (1/4), top-1 near colour / 5
+    s = study.Study(dict(study.QUICK, num_images=200, val_images=100), 1, str(tmp_path))
+    run = s.colour()
+    os.makedirs(tmp_path / run.name)
+    study.measure_colour(run, str(tmp_path))
+    (rec,) = study.read_log(str(tmp_path / run.name))
+    assert rec["colour_acc"] > 0.6 and rec["val_acc1"] < rec["colour_acc"] / 2, rec
 
 
 def test_pictures_have_their_headings(quick, capsys):
