@@ -359,7 +359,8 @@ def table_semmae_masking(s):
 
 
 def table_semmae_parts(s):
-    rows = []
+    rows = [Row("no pre-training (random encoder)", "", "-",
+                {"probe top-1": lambda seed: final(s.probe(None), "val_acc1", 100)})]
     for label, method, paper in (("random masking (no parts)", None, "63.7"),
                                  ("SemMAE on attention-head parts", "attention", "63.6"),
                                  ("SemMAE on learned parts", "learned", "65.0")):
@@ -378,7 +379,7 @@ def table_semmae_parts(s):
                  "k highest-scoring cells, k = the object's cells (random masking row: k random cells); 'object "
                  "parts' = the union of the parts that are mostly object. One part learning for every seed, so the "
                  "IoU has n = 1. Both part maps come from the seed-0 random-masking encoder (SemMAE uses iBOT).",
-                 example_row=2)
+                 example_row=3)
 
 
 SPEED_SETTINGS = ["supervised", "mae0.75", "objmae0.5", "objmae0.25", "objmae0.125", "objmae0.0625"]
@@ -1076,6 +1077,8 @@ def get_args(argv=None):
     p.add_argument("--out", default="output/study", help="one folder per run, and <table>.md")
     p.add_argument("--seeds", type=int, default=3, help="pre-training seeds 0..n-1 per row")
     p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the budget's)")
+    p.add_argument("--num_images", type=int, default=None,
+                   help="training scenes of every stage (default: the budget's); the held-out ones stay")
     p.add_argument("--quick", action="store_true", help="tiny sizes (QUICK): minutes, for tests")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, each on cores / jobs threads")
     p.add_argument("--in_process", action="store_true",
@@ -1087,8 +1090,8 @@ def main(argv=None):
     args = get_args(argv)
     if not (args.table or args.pictures or args.summary):
         utils.die("nothing to do: pass --table NAME (or all), --pictures or --summary DIR")
-    if args.seeds < 1 or args.jobs < 1 or (args.epochs is not None and args.epochs < 1):
-        utils.die("--seeds, --jobs and --epochs must be >= 1")
+    if args.seeds < 1 or args.jobs < 1 or any(v is not None and v < 1 for v in (args.epochs, args.num_images)):
+        utils.die("--seeds, --jobs, --epochs and --num_images must be >= 1")
     if args.summary:
         if not os.path.isdir(args.summary):
             utils.die(f"--summary {args.summary} is not a folder; pass the output folder of demo.sh (output/demo)")
@@ -1100,6 +1103,8 @@ def main(argv=None):
     budget = dict(QUICK if args.quick else FULL)
     if args.epochs:
         budget["pre_epochs"] = args.epochs
+    if args.num_images:
+        budget["num_images"] = args.num_images
     study = Study(budget, args.seeds, args.out)
     os.makedirs(args.out, exist_ok=True)
     if args.pictures:

@@ -168,6 +168,7 @@ def test_a_failing_run_stops_the_study_with_its_command(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, says", [([], "nothing to do"), (["--table", "all", "--seeds", "0"], ">= 1"),
+                                        (["--table", "all", "--num_images", "0"], "--num_images must be >= 1"),
                                         (["--summary", "no/such/folder"], "not a folder")])
 def test_bad_input_is_one_line_and_exit_2(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
