@@ -259,3 +259,16 @@ def test_regions_mismatch_on_a_folder_still_blames_data_path(tmp_path):
     data.save_regions(str(tmp_path / "r.pt"), torch.zeros(2, 4, 4, dtype=torch.uint8), None, files, meta)
     with pytest.raises(ValueError, match="same --data_path"):
         data.load_regions(str(tmp_path / "r.pt"), ["a/1.png", "b/2.png"], 32)
+
+
+def test_every_documented_study_command_parses():
+    with open(os.path.join(HERE, "README.md")) as f:
+        texts = {"README.md": f.read(), "study.py docstring": study.__doc__}
+    for source, text in texts.items():
+        cmds = re.findall(r"python study\.py([^\n`#>&]*)", text)
+        assert len(cmds) >= 3, source
+        for cmd in cmds:
+            try:
+                study.get_args(cmd.split())
+            except SystemExit:
+                pytest.fail(f"{source}: does not parse: python study.py{cmd}")
