@@ -332,6 +332,12 @@ def show_flags(key):
                     for k, v in key.items() if not isinstance(v, Run))
 
 
+def scratch_row(s):
+    """The probe of a randomly initialised encoder: what the probe gets without pre-training (one run)."""
+    return Row("no pre-training (random encoder)", "", "-",
+               {"probe top-1": lambda seed: final(s.probe(None), "val_acc1", 100)})
+
+
 def table_semmae_masking(s):
     learned = s.parts("learned")
 
@@ -341,8 +347,7 @@ def table_semmae_masking(s):
                                                                             "val_acc1", 100)},
                    example=lambda: s.probe(s.pretrain(0, **key)))
 
-    rows = [Row("no pre-training (random encoder)", "", "-",
-                {"probe top-1": lambda seed: final(s.probe(None), "val_acc1", 100)}),
+    rows = [scratch_row(s),
             Row("no encoder: mean colour of the probed patches", "", "-",
                 {"probe top-1": lambda seed: record(s.colour(), "val_acc1", scale=100)}),
             row("random masking (MAE)", "66.8"),
@@ -364,8 +369,7 @@ def table_semmae_masking(s):
 
 
 def table_semmae_parts(s):
-    rows = [Row("no pre-training (random encoder)", "", "-",
-                {"probe top-1": lambda seed: final(s.probe(None), "val_acc1", 100)})]
+    rows = [scratch_row(s)]
     for label, method, paper in (("random masking (no parts)", None, "63.7"),
                                  ("SemMAE on attention-head parts", "attention", "63.6"),
                                  ("SemMAE on learned parts", "learned", "65.0")):
@@ -817,9 +821,9 @@ def measure_colour(run, out):
     opt.step(loss)
     pred = (x_val @ w + b).argmax(1)
     colour = [c.split("_")[0] for c in classes]
+    colour_right = sum(colour[p] == colour[t] for p, t in zip(pred.tolist(), y_val.tolist()))
     utils.append_log(os.path.join(out, run.name, "log.txt"),
-                     {"val_acc1": (pred == y_val).float().mean().item(),
-                      "colour_acc": sum(colour[p] == colour[t] for p, t in zip(pred.tolist(), y_val.tolist())) / len(y_val),
+                     {"val_acc1": (pred == y_val).float().mean().item(), "colour_acc": colour_right / len(y_val),
                       "done": True})
 
 
