@@ -138,7 +138,8 @@ def check_args(args):
         raise UsageError(f"--{needs} {getattr(args, needs)} does not exist; check the path")
     learned = (args.method == "learned", "with --method learned")
     utils.refuse_unused(args, get_args([]), {  # flags that do nothing with this --method (see the groups above)
-        **{f: learned for f in ("num_parts", "blur", "div_weight")},
+        **{f: learned for f in ("num_parts", "blur", "div_weight", "epochs", "lr", "warmup_epochs", "log_every")},
+        "encoder_weights": (args.method in ("learned", "attention"), "with --method learned or attention"),
         **{f: (args.method == "cam", "with --method cam") for f in ("cam_weights", "cam_arch", "cam_threshold")},
         "min_share": (args.method in ("cam", "segmentation"), "with --method cam or segmentation"),
         "min_object": (args.method == "segmentation", "with --method segmentation"),

@@ -562,7 +562,8 @@ def test_numeric_flag_boundaries_run_or_one_line(tmp_path, stage, flag, typ, nar
     """0, 1, -1, huge (and NaN for floats): the stage runs, or stops with one line (UsageError or ValueError,
     exit 2 through utils.run_stage) that names the flag to change. Never a traceback or a NaN loss."""
     mode = MODES[stage].get(flag)
-    base = stage_argv(stage, encoder_ckpt) + {
+    # part_learn's other methods take neither the learner's flags nor --encoder_weights: the shared data flags only
+    base = (PRE[2:10] if stage == "part_learn" and mode else stage_argv(stage, encoder_ckpt)) + {
         "semmae": ["--mask", "semmae", "--regions", object_regions_8], "objmae": ["--mask", "objmae"],
         "linprobe": ["--linprobe"], "cam": ["--method", "cam", "--cam_weights", cam_weights, "--cam_arch", "resnet18"],
         "segmentation": ["--method", "segmentation"],
@@ -1126,6 +1127,12 @@ REFUSED = [  # (stage, argv, the flag named, the mode named)
     ("part_learn", ["--method", "segmentation", "--num_parts", "4"], "--num_parts", "--method learned"),
     ("part_learn", ["--method", "segmentation", "--blur", "5"], "--blur", "--method learned"),
     ("part_learn", ["--method", "segmentation", "--div_weight", "0.1"], "--div_weight", "--method learned"),
+    ("part_learn", ["--method", "segmentation", "--epochs", "3"], "--epochs", "--method learned"),
+    ("part_learn", ["--method", "segmentation", "--lr", "0.01"], "--lr", "--method learned"),
+    ("part_learn", ["--method", "segmentation", "--warmup_epochs", "0"], "--warmup_epochs", "--method learned"),
+    ("part_learn", ["--method", "segmentation", "--log_every", "5"], "--log_every", "--method learned"),
+    ("part_learn", ["--method", "segmentation", "--encoder_weights", "e.pth"], "--encoder_weights",
+     "--method learned or attention"),
     ("part_learn", ["--method", "segmentation", "--cam_arch", "resnet18"], "--cam_arch", "--method cam"),
     ("part_learn", ["--method", "segmentation", "--cam_threshold", "0.5"], "--cam_threshold", "--method cam"),
     ("part_learn", ["--method", "segmentation", "--min_share", "0.3", "--min_object", "0.1", "--eval_images", "9"],
