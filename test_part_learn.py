@@ -26,7 +26,8 @@ from conftest import (ENV, HERE, as_png, check_band, masker_patch_labels, patchy
 
 
 # ============================================================================= part_learn.py
-PL_TINY = ["--input_size", "32", "--num_images", "8", "--batch_size", "4", "--num_workers", "0", "--epochs", "1"]
+PL_DATA = ["--input_size", "32", "--num_images", "8", "--batch_size", "4", "--num_workers", "0"]  # every method
+PL_TINY = PL_DATA + ["--epochs", "1"]                                                              # learned
 
 
 FILES = data.ShapesDataset(8, img_size=32, seed=0).files
@@ -34,7 +35,7 @@ FILES = data.ShapesDataset(8, img_size=32, seed=0).files
 
 def run_part_learn(*argv):
     learned = "--method" not in argv or argv[argv.index("--method") + 1] == "learned"
-    part_learn.main(part_learn.get_args((PL_TINY if learned else PL_TINY[:-2]) + list(argv)))  # --epochs: learned only
+    part_learn.main(part_learn.get_args((PL_TINY if learned else PL_DATA) + list(argv)))
 
 
 def learned_regions(out, files=FILES, size=32):
@@ -181,7 +182,7 @@ def test_cam_method_writes_objects(tmp_path):
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), weights)
     out = str(tmp_path / "cam")
-    part_learn.main(part_learn.get_args(PL_TINY[2:-2] + ["--input_size", "64", "--method", "cam", "--cam_arch",
+    part_learn.main(part_learn.get_args(PL_DATA[2:] + ["--input_size", "64", "--method", "cam", "--cam_arch",
                                                     "resnet18", "--cam_weights", str(weights), "--output_dir", out]))
     files = data.ShapesDataset(8, img_size=64, seed=0).files
     r = learned_regions(out, files, 64)
