@@ -376,32 +376,46 @@ def read_rgb(path):
 
 class FolderDataset:
     """ImageNet layout: root/<class>/<...>/<file>. Classes and files sorted, so every process and
-    every stage sees the same order; `.files` are paths relative to root ('n01440764/x.JPEG')."""
+    every stage sees the same order; `.files` are paths relative to root ('n01440764/x.JPEG').
+    classes=False (pre-training and part learning, which need no labels): every image under root at any depth,
+    class folders or none, target 0; sorted by top-level entry, then path, so a class-folder tree lists its
+    files in the same order either way (and gives the same regions file)."""
 
-    def __init__(self, root, masks_root=None):
+    def __init__(self, root, masks_root=None, classes=True):
         if not os.path.isdir(root):
-            raise ValueError(f"image folder {root} does not exist; pass --data_path an ImageNet-layout "
-                             "folder (root/<class>/<image>)")
+            layout = "ImageNet-layout folder (root/<class>/<image>)" if classes else "folder of images"
+            raise ValueError(f"image folder {root} does not exist; pass --data_path a {layout}")
         self.root, self.masks_root = root, masks_root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.files, self.targets = [], []
-        self.skipped = sorted(e.name for e in os.scandir(root) if not e.is_dir())   # not in a class folder
-        for c, name in enumerate(self.classes):
+        tops = sorted(os.scandir(root), key=lambda e: e.name)
+        self.classes = [e.name for e in tops if e.is_dir()] if classes else []
+        self.files, self.targets, self.skipped = [], [], []
+        for entry in tops:
+            if not entry.is_dir():                                         # a file at the top: no class folder
+                if classes or not entry.name.lower().endswith(EXTENSIONS):
+                    self.skipped.append(entry.name)
+                else:
+                    self.files.append(entry.name)
+                    self.targets.append(0)
+                continue
             found = []
-            for d, _, names in os.walk(os.path.join(root, name), followlinks=True):
+            for d, _, names in os.walk(entry.path, followlinks=True):
                 for n in names:
                     rel = os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
                     (found if n.lower().endswith(EXTENSIONS) else self.skipped).append(rel)
             self.files += sorted(found)
-            self.targets += [c] * len(found)
+            self.targets += [self.classes.index(entry.name) if classes else 0] * len(found)
+        self.skipped.sort()
+        where = "images in class folders" if classes else "images"
         if self.skipped and os.environ.get("RANK", "0") == "0":  # class counts must not shrink in silence
             more = len(self.skipped) - 5
             shown = ", ".join(self.skipped[:5]) + (f" and {more} more" if more > 0 else "")
-            print(f"{root}: skipped {len(self.skipped)} files that are not images in class folders ({shown}); "
-                  f"images are {' '.join(EXTENSIONS)} in root/<class>/", flush=True)
+            print(f"{root}: skipped {len(self.skipped)} files that are not {where} ({shown}); "
+                  f"images are {' '.join(EXTENSIONS)}" + (" in root/<class>/" if classes else ""), flush=True)
         if not self.files:
-            raise ValueError(f"image folder {root} has no images in class sub-folders; expected "
-                             f"root/<class>/<image> with one of {', '.join(EXTENSIONS)}")
+            if classes:
+                raise ValueError(f"image folder {root} has no images in class sub-folders; expected "
+                                 f"root/<class>/<image> with one of {', '.join(EXTENSIONS)}")
+            raise ValueError(f"image folder {root} has no images (at any depth) with one of {', '.join(EXTENSIONS)}")
 
     def __len__(self):
         return len(self.files)

@@ -59,7 +59,7 @@ def get_args(argv=None):
     g.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
                    help="MAE's and SemMAE Table 1 left's ViT-B/16; SemMAE's main model is ViT-B/8, ObjMAE's ViT-S/16")
     g.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
-    g.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
+    g.add_argument("--data_path", default=None, help="folder of images at any depth, class folders or none (no labels are read); omitted = built-in shapes")
     g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
     g.add_argument("--data_seed", type=int, default=0,
                    help="which built-in shapes scenes (--seed changes only the training randomness)")
@@ -258,7 +258,7 @@ def main(args):
     # data: the shapes scenes carry their own instance masks; a folder needs a regions file
     with utils.user_input():                                               # a bad folder, file or size: exit 2
         base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
-                if args.data_path is None else data.FolderDataset(args.data_path))
+                if args.data_path is None else data.FolderDataset(args.data_path, classes=False))
         regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
         patch_size = models.MODELS[args.model].keywords["patch_size"]
         cell_size = region_cell_size(args, regions, patch_size)
