@@ -132,6 +132,9 @@ def get_args(argv=None):
                                                    "'auto': this --output_dir's checkpoint-last.pth if there is one, "
                                                    "else start")
     g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
+                   help="autocast of the forward pass: bf16, fp16 (with a loss scaler, for GPUs without bf16: V100, "
+                        "T4) or fp32 (no autocast); auto = bf16 on a GPU with native bf16, else fp32")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
@@ -204,6 +207,7 @@ def check_args(args):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
+    args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
     if not args.eval:  # --eval writes nothing
         utils.prepare_output_dir(args, d)  # resolves --resume auto
     torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
@@ -238,6 +242,7 @@ def main(args):
         optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     if args.lookahead:                                                     # ObjMAE Table 2
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
+    scaler = utils.grad_scaler(d.device, args.precision)                   # fp16 only; a no-op otherwise
     start_epoch, max_acc1 = 0, 0.0
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
@@ -245,6 +250,7 @@ def main(args):
         if "optimizer" not in ckpt:
             raise UsageError(f"{args.resume} has no optimizer state; --resume continues a run of this script")
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
+        utils.load_scaler(scaler, ckpt.get("scaler"))
         start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0)
     module = net.head if args.linprobe else net
     trainable = utils.wrap_ddp(module, d)
@@ -283,11 +289,12 @@ def main(args):
             soft = soft * (1 - smoothing) + smoothing / len(classes)  # smoothing commutes with mixing (timm)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(trainable, sync, d):
-                with utils.autocast(d.device):
+                with utils.autocast(d.device, args.precision):
                     loss = soft_cross_entropy(forward(net, trainable, imgs, ids, args.linprobe), soft)
-                (loss / args.accum_iter).backward()
+                scaler.scale(loss / args.accum_iter).backward()
             if sync:
-                optimizer.step()
+                scaler.step(optimizer)                                     # fp16: unscale, skip a step with inf
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
             utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path)
@@ -300,7 +307,7 @@ def main(args):
         max_acc1 = max(max_acc1, stats["acc1"])
         if d.is_main:
             utils.save_checkpoint(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)})
+                                              "scaler": scaler.state_dict(), "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)})
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
                       "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
                       "time_s": round(time.time() - t0, 2)}
@@ -345,7 +352,7 @@ def evaluate(net, loader, d, args):
     for imgs, target, *scores in loader:
         imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
         ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
-        with utils.autocast(d.device):
+        with utils.autocast(d.device, args.precision):
             logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
         hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]  # [B, k]
         batch = torch.tensor(len(target), device=d.device)

@@ -132,6 +132,9 @@ def get_args(argv=None):
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (the same result, faster on a GPU); a backend name after it, e.g. "
                         "aot_eager, traces without generating kernels (to find a problem, or on a CPU with no compiler)")
+    g.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
+                   help="autocast of the forward pass: bf16, fp16 (with a loss scaler, for GPUs without bf16: V100, "
+                        "T4) or fp32 (no autocast); auto = bf16 on a GPU with native bf16, else fp32")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
@@ -252,6 +255,7 @@ def region_cell_size(args, regions, patch_size):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
+    args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
     utils.prepare_output_dir(args, d)                                      # resolves --resume auto
     torch.manual_seed(args.seed)                                           # same initial weights on every rank
 
@@ -293,6 +297,7 @@ def main(args):
                                   fused=True if d.device.type == "cuda" else None)  # one kernel for all params
     if args.lookahead:                                                     # ObjMAE Table 2
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
+    scaler = utils.grad_scaler(d.device, args.precision)                   # fp16 only; a no-op otherwise
     start_epoch = 0
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
@@ -306,6 +311,7 @@ def main(args):
                              f"{args.model}; resume with --model {ckpt['args'].get('model')}")
         net.load_state_dict(ckpt["model"])
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
+        utils.load_scaler(scaler, ckpt.get("scaler"))
         start_epoch = ckpt["epoch"] + 1
     ddp = utils.wrap_ddp(net, d)
     step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp   # checkpoints keep net's names
@@ -349,11 +355,12 @@ def main(args):
             src_ids, tgt_ids, src_valid, tgt_valid = masker(cells, scores, progress)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(ddp, sync, d):
-                with utils.autocast(d.device):
+                with utils.autocast(d.device, args.precision):
                     loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
-                (loss / args.accum_iter).backward()
+                scaler.scale(loss / args.accum_iter).backward()
             if sync:
-                optimizer.step()
+                scaler.step(optimizer)                                     # fp16: unscale, skip a step with inf
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             n_sum += 1
@@ -367,8 +374,8 @@ def main(args):
 
         train_loss = utils.all_reduce_mean(loss_value, d)
         if d.is_main:
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "args": vars(args)}
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "args": vars(args)}
             if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
                 utils.save_checkpoint(ckpt_path, state)
             if args.save_every and (epoch + 1) % args.save_every == 0:

@@ -280,11 +280,57 @@ def no_sync_unless(model, sync, d):
     return model.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (no loss scaler needed), full fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device):
+    """A GPU with bf16 in hardware (NVIDIA Ampere and later); V100 and T4 emulate it slowly or not at all."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_precision(precision, device):
+    """--precision -> the one a run uses: 'auto' is bf16 on a GPU with native bf16 (no loss scaler needed), else
+    fp32 (on V100/T4-class GPUs ask for fp16: it needs a GradScaler and can overflow). A choice the device cannot
+    do is bad input: bf16 on a GPU without it, or an autocast dtype that fails on this device."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "fp32":
+        return precision
+    if device.type == "cuda" and precision == "bf16" and not native_bf16(device):
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16; use "
+                         "--precision fp16 (with a loss scaler) or fp32")
+    try:                                                                  # a matmul is what autocast must cast
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
+            ok = (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype == AUTOCAST_DTYPES[precision]
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise UsageError(f"--precision {precision}: autocast to {precision} does not work on {device.type} with this "
+                         f"torch {torch.__version__}; use --precision fp32")
+    return precision
+
+
+def autocast(device, precision="auto"):
+    """The forward pass's precision (resolve_precision's choice): autocast to bf16 or fp16, or none (fp32)."""
+    precision = resolve_precision(precision, device) if precision == "auto" else precision
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(device, precision):
+    """fp16 needs its loss scaled so small gradients do not underflow (torch.amp.GradScaler); its scale goes in the
+    checkpoint so a resumed run continues bit for bit. bf16 and fp32 get a disabled scaler: scale() returns the loss
+    as it is and step() is optimizer.step()."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def load_scaler(scaler, state):
+    """A resumed run's loss scale; a checkpoint saved at another precision (a disabled scaler saves {}) leaves the
+    fresh one, so a run that overflowed in fp16 can continue in bf16 or fp32."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- data loading
