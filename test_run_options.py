@@ -208,3 +208,87 @@ def test_grad_checkpointing_flags(tmp_path):
         assert torch.allclose(ckpt["model"][k], plain["model"][k], atol=1e-5), k
     with pytest.raises(UsageError, match="--grad_checkpointing does nothing here: it acts only in fine-tuning"):
         finetune.main(finetune.get_args(FT + ["--linprobe", "--grad_checkpointing", "--output_dir", str(tmp_path)]))
+
+
+# ============================================================================= srun without torchrun
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+               "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def srun(argv, tasks=2):
+    """What `srun -n 2 python pretrain.py ...` starts on one node: two tasks with SLURM's variables and no RANK."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "pretrain.py"), *map(str, argv)], cwd=HERE,
+                              env=clean_env(SLURM_PROCID=str(r), SLURM_NTASKS=str(tasks), SLURM_LOCALID=str(r),
+                                            SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(tasks)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    return outs
+
+
+SRUN = PRE + ["--num_images", "16", "--batch_size", "4", "--mask", "objmae", "--device", "cpu"]
+
+
+def test_srun_tasks_train_as_torchrun_ranks_and_resume(tmp_path):
+    outs = srun(SRUN + ["--epochs", "2", "--save_every", "1", "--output_dir", tmp_path / "srun"])
+    assert "effective batch 8" in outs[0] and "effective batch" not in outs[1]   # 2 ranks, rank 0 prints
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(HERE, "pretrain.py"), *map(str, SRUN + ["--epochs", "2", "--output_dir", tmp_path / "tr"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600, env=clean_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    full, torchrun = load(tmp_path / "srun" / "checkpoint-last.pth"), load(tmp_path / "tr" / "checkpoint-last.pth")
+    assert_same_tensors(full["model"], torchrun["model"])                     # the same ranks, the same shards
+    srun(SRUN + ["--epochs", "2", "--resume", tmp_path / "srun" / "checkpoint-0.pth", "--output_dir",
+                 tmp_path / "resumed"])
+    assert_same_tensors(full["model"], load(tmp_path / "resumed" / "checkpoint-last.pth")["model"])
+
+
+def test_slurm_variables_become_torchruns(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("SLURM_") or k in LAUNCH_VARS:
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")                           # the step's own count wins
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[003-005,9],login1")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    assert utils.slurm_to_torchrun() == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu003",
+                                         "MASTER_PORT": str(20000 + 123456 % 20000)}
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[004-005]")                 # a step on part of the job's nodes
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    assert utils.slurm_to_torchrun()["MASTER_ADDR"] == "gpu004" and utils.slurm_to_torchrun()["MASTER_PORT"] == "29999"
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    assert utils.slurm_to_torchrun()["MASTER_ADDR"] == "10.0.0.7"
+    for k in ("MASTER_ADDR", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.9")
+    assert utils.slurm_to_torchrun()["MASTER_ADDR"] == "10.0.0.9"
+    monkeypatch.delenv("SLURM_LAUNCH_NODE_IPADDR")
+    with pytest.raises(UsageError, match="no task can find rank 0.*export MASTER_ADDR"):
+        utils.slurm_to_torchrun()
+    monkeypatch.delenv("SLURM_LOCALID")
+    with pytest.raises(UsageError, match="without SLURM_LOCALID"):
+        utils.slurm_to_torchrun()
+
+
+def test_tasks_whose_rank_cannot_be_known_are_still_refused(tmp_path):
+    for env in ({"SLURM_NTASKS": "2"}, {"OMPI_COMM_WORLD_SIZE": "2"}):       # no SLURM_PROCID, no RANK
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "pretrain.py"), *PRE, "--output_dir",
+                               str(tmp_path / "out")], capture_output=True, text=True, cwd=HERE, timeout=600,
+                              env=clean_env(**env))
+        assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1 and "srun -n N" in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 from typing import NamedTuple
@@ -115,7 +116,8 @@ class Dist(NamedTuple):
 
 
 def init_distributed(device="auto"):
-    """Single process when launched with `python`, one process per device under `torchrun`.
+    """Single process when launched with `python`, one process per device under `torchrun` or as SLURM's srun tasks
+    (`srun -n 8 python X.py`: slurm_to_torchrun).
 
     NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop).
     """
@@ -123,6 +125,8 @@ def init_distributed(device="auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+    if "RANK" not in os.environ and slurm_tasks() > 1 and "SLURM_PROCID" in os.environ:
+        os.environ.update(slurm_to_torchrun())
     if "RANK" not in os.environ:  # plain `python X.py`
         check_not_scheduler_tasks()
         return Dist(0, 1, 0, torch.device(device), True)
@@ -138,20 +142,62 @@ def init_distributed(device="auto"):
     return Dist(rank, world, local_rank, dev, rank == 0)
 
 
+def slurm_tasks():
+    """Tasks of this srun step (SLURM_STEP_NUM_TASKS), else of the job (SLURM_NTASKS); 0 when not under SLURM."""
+    value = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or ""
+    return int(value) if value.isdigit() else 0
+
+
+def first_host(nodelist):
+    """The first host of a SLURM host list: 'gpu[003-005,9],cpu1' -> 'gpu003', 'r[1-2]-n[07-08]' -> 'r1-n07'."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist[:end])
+
+
+def slurm_to_torchrun():
+    """srun tasks -> the variables torchrun sets (MAE's code accepts srun the same way): RANK = SLURM_PROCID,
+    WORLD_SIZE = the step's tasks, LOCAL_RANK = SLURM_LOCALID (the GPU on this node); the rendezvous is rank 0's
+    node, the step's first (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST: srun puts task 0 there) or
+    SLURM_LAUNCH_NODE_IPADDR, unless MASTER_ADDR is set, and MASTER_PORT or 20000 + the job id mod 20000 (so two
+    jobs sharing a node do not meet)."""
+    env = {"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": str(slurm_tasks())}
+    if not os.environ.get("SLURM_LOCALID", "").isdigit():
+        raise UsageError("launched by srun without SLURM_LOCALID, so a task cannot know its GPU; start it with srun, "
+                         "or with torchrun")
+    env["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
+    master = os.environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else
+                                               os.environ.get("SLURM_LAUNCH_NODE_IPADDR", ""))
+    if not master:
+        raise UsageError("launched by srun but no task can find rank 0: none of MASTER_ADDR, SLURM_STEP_NODELIST, "
+                         "SLURM_JOB_NODELIST, SLURM_LAUNCH_NODE_IPADDR is set; export MASTER_ADDR=<first node>")
+    job = os.environ.get("SLURM_JOB_ID", "")
+    env["MASTER_ADDR"] = master
+    env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(20000 + (int(job) % 20000 if job.isdigit() else 9500))
+    return env
+
+
 # a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH / Intel MPI
 SCHEDULER_TASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def check_not_scheduler_tasks():
-    """A stage started as several tasks by a cluster launcher (srun -n 8, mpirun -np 8) but not through torchrun has
-    no RANK/WORLD_SIZE: every task would train alone on the whole data and overwrite the same checkpoint. Stop."""
+    """A stage started as several tasks by a cluster launcher (mpirun -np 8, or SLURM tasks with no SLURM_PROCID) but
+    not through torchrun or srun has no rank: every task would train alone on the whole data and overwrite the same
+    checkpoint. Stop."""
     for name in SCHEDULER_TASKS:
         value = os.environ.get(name, "")
         if value.isdigit():
             if int(value) > 1:
-                raise UsageError(f"launched as {value} tasks ({name}={value}) without torchrun's RANK/WORLD_SIZE, so "
-                                 "every task would train alone and overwrite the same checkpoint; start one task per "
-                                 "node running `torchrun --nnodes N --nproc_per_node GPUS --rdzv_backend c10d "
+                raise UsageError(f"launched as {value} tasks ({name}={value}) without torchrun's RANK/WORLD_SIZE or "
+                                 "srun's SLURM_PROCID, so every task would train alone and overwrite the same "
+                                 "checkpoint; start the tasks with `srun -n N python X.py ...`, or one task per node "
+                                 "running `torchrun --nnodes N --nproc_per_node GPUS --rdzv_backend c10d "
                                  "--rdzv_endpoint HOST:PORT X.py ...` (or one task in all)")
             return                                      # the first variable that is set decides (a step's own count)
 
