@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -466,7 +467,8 @@ def unreadable_images(folder, num_workers=0):
     """Decode every image of a FolderDataset -> [(relative file, reason)] for those that cannot be read, all at
     once before training (the loader would stop at the first one, mid-epoch)."""
     loader = torch.utils.data.DataLoader(_ReadCheck(folder), batch_size=None, num_workers=num_workers)
-    reasons = tqdm(loader, total=len(folder), desc=f"verify {folder.root}", leave=False, dynamic_ncols=True)
+    reasons = tqdm(loader, total=len(folder), desc=f"verify {folder.root}", leave=False, dynamic_ncols=True,
+                   disable=not sys.stdout.isatty())                      # no carriage returns in a job's log
     return [(folder.files[i], why) for i, why in enumerate(reasons) if why]
 
 
@@ -902,7 +904,8 @@ def write_image_cache(path, base, size, num_workers, rank, world):
     fd = os.open(tmp, os.O_WRONLY)
     try:
         i = lo
-        for imgs, masks in tqdm(loader, desc="image cache", disable=rank != 0, leave=False, dynamic_ncols=True):
+        for imgs, masks in tqdm(loader, desc="image cache", disable=rank != 0 or not sys.stdout.isatty(), leave=False,
+                                dynamic_ncols=True):
             pwrite_all(fd, imgs, offsets["images"] + i * row)             # rows i .. i+b-1, in order
             if with_masks:
                 pwrite_all(fd, masks, offsets["masks"] + i * size * size)

@@ -50,7 +50,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from tqdm import tqdm
 
 import data
 import model as models
@@ -218,7 +217,7 @@ def train_learner(args, d, base, encoder, cache=None):
         learner.train()
         # the losses are summed on the device and read every --log_every steps: no host sync in the other steps
         t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
+        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every)  # plain lines outside a terminal
         for it, batch in enumerate(bar):
             lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
             utils.set_lr(optimizer, lr)
@@ -389,7 +388,7 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out):
     sums, top, row = torch.zeros(2, dtype=torch.long), -1, 0
     fd = os.open(f"{out}.rank{d.rank}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for batch in tqdm(loader, desc=desc, disable=not d.is_main, leave=False, dynamic_ncols=True):
+        for batch in utils.progress(loader, desc, None, d):
             lab, sc = label_fn(batch)
             lab = lab.to(torch.uint8).cpu()
             data.pwrite_all(fd, lab, row * cells)

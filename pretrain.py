@@ -44,7 +44,6 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
 import data
 import masking
@@ -123,6 +122,9 @@ def get_args(argv=None):
     g.add_argument("--log_every", type=int, default=20,
                    help="read the loss on the host (a device sync), update the bar and stop on NaN every N steps")
     g.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
+    g.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the loss and lr (every --log_every steps) and each epoch's loss to TensorBoard "
+                        "event files in DIR (needs `pip install tensorboard`, not in requirements.txt)")
     g.add_argument("--num_workers", type=int, default=4)
     g.add_argument("--image_cache", default=None, metavar="FILE",
                    help="fast input path: decode and resize every image once into FILE (uint8, 3*S*S bytes an image: "
@@ -259,6 +261,7 @@ def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
     args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
+    summary_writer = utils.summary_writer_class(args.tensorboard)          # optional: installed, or one line
     utils.prepare_output_dir(args, d)                                      # resolves --resume auto
     torch.manual_seed(args.seed)                                           # same initial weights on every rank
 
@@ -322,6 +325,7 @@ def main(args):
 
     utils.start_run(args, d)
     utils.print_args(d, args)
+    tb = summary_writer(args.tensorboard) if summary_writer and d.is_main else None
     utils.print0(d, f"{args.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, "
                     f"{len(dataset)} images, effective batch {eff_batch}, lr {base_lr:.2e}, "
                     f"epochs {start_epoch}..{args.epochs - 1}")
@@ -341,7 +345,7 @@ def main(args):
         ddp.train()
         # the loss is summed on the device and read every --log_every steps: no host sync in the other steps
         t0, loss_sum, n_sum = time.time(), torch.zeros((), dtype=torch.float64, device=d.device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
+        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every)  # plain lines outside a terminal
         for it, (imgs, cells, scores, _, *choices) in enumerate(bar):
             if it == iters:                                                # the leftover micro-batches
                 break
@@ -374,6 +378,9 @@ def main(args):
                                          ckpt_path)                       # before any checkpoint of this epoch
                 shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
+                if tb:
+                    tb.add_scalar("train/loss", loss_value, i + 1)
+                    tb.add_scalar("train/lr", lr, i + 1)
         bar.close()
 
         train_loss = utils.all_reduce_mean(loss_value, d)
@@ -388,12 +395,17 @@ def main(args):
             if args.mask == "semmae":
                 record["alpha"] = masker.alpha(progress)
             utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            if tb:
+                tb.add_scalar("epoch/train_loss", train_loss, epoch)
+                tb.flush()
             print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} ({record['time_s']}s)", flush=True)
             if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
                 g = torch.Generator(d.device).manual_seed(args.seed)
                 net.eval()
                 save_reconstructions(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"), net, vis_imgs,
                                      masker(vis_cells, vis_scores, progress, generator=g))
+    if tb:
+        tb.close()
     utils.cleanup_distributed()
 
 

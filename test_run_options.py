@@ -292,3 +292,82 @@ def test_tasks_whose_rank_cannot_be_known_are_still_refused(tmp_path):
                               env=clean_env(**env))
         assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1 and "srun -n N" in proc.stderr, proc.stderr
         assert not (tmp_path / "out").exists()
+
+
+# ============================================================================= logs a cluster can read
+
+def test_outside_a_terminal_progress_is_plain_lines(tmp_path):
+    """stdout is a pipe here, as in a cluster job's log: no carriage return, one line every --log_every steps."""
+    code, output = run_cli("pretrain.py", *PRE, "--num_images", "40", "--batch_size", "4", "--epochs", "2",
+                           "--log_every", "4", "--output_dir", tmp_path / "pre")
+    assert code == 0 and "\r" not in output, output
+    steps = [ln.split(" (")[0] for ln in output.splitlines() if " step " in ln]
+    assert [s.split(" loss")[0] for s in steps] == [f"epoch {e} step {n}/10" for e in (0, 1) for n in (4, 8, 10)]
+    assert all(" lr " in s for s in steps)
+    code, output = run_cli("finetune.py", *FT, "--num_images", "24", "--batch_size", "4", "--log_every", "5",
+                           "--output_dir", tmp_path / "ft")
+    assert code == 0 and "\r" not in output, output
+    assert [ln.split(" loss")[0] for ln in output.splitlines() if " step " in ln] == ["epoch 0 step 5/6",
+                                                                                   "epoch 0 step 6/6"]
+
+
+def test_in_a_terminal_progress_is_tqdms_bar(monkeypatch, capsys):
+    d = utils.Dist(0, 1, 0, torch.device("cpu"), True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert type(utils.progress(range(3), "epoch 0", 3, d, 2)).__name__ == "tqdm"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    bar = utils.progress(range(5), "epoch 0", 5, d, 2)
+    for _ in bar:
+        bar.set_postfix(loss="1.0")
+    assert [ln.split(" (")[0] for ln in capsys.readouterr().out.splitlines()] == [
+        "epoch 0 step 2/5 loss 1.0", "epoch 0 step 4/5 loss 1.0", "epoch 0 step 5/5 loss 1.0"]
+    other = utils.Dist(1, 2, 1, torch.device("cpu"), False)                  # other ranks print nothing
+    assert utils.progress(range(3), "epoch 0", 3, other, 1).disable
+
+
+class FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: records what a stage writes."""
+    runs = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        FakeWriter.runs.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_tensorboard_gets_the_logged_values(tmp_path, monkeypatch, stage):
+    fake = type(sys)("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    FakeWriter.runs.clear()
+    train(stage, tmp_path / "out", "--tensorboard", str(tmp_path / "tb"), "--log_every", "2")
+    (writer,) = FakeWriter.runs
+    assert writer.log_dir == str(tmp_path / "tb") and writer.closed
+    log = read_log(tmp_path / "out")
+    assert [(t, v, s) for t, v, s in writer.scalars if t == "epoch/train_loss"] == [
+        ("epoch/train_loss", r["train_loss"], r["epoch"]) for r in log]
+    assert [s for t, _, s in writer.scalars if t == "train/loss"] == [2, 4, 6, 8]   # 4 steps an epoch, 2 epochs
+
+
+def test_tensorboard_not_installed_is_one_line_exit_2(tmp_path):
+    """tensorboard is not a dependency: without it, one line that says how to get it, before anything is written.
+    (sitecustomize hides it, whether or not this machine has it.)"""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("import sys\nsys.modules['torch.utils.tensorboard'] = None\n")
+    for script, argv in (("pretrain.py", PRE), ("finetune.py", FT)):
+        out = tmp_path / script
+        code, output = run_cli(script, *argv, "--tensorboard", tmp_path / "tb", "--output_dir", out,
+                               env={"PYTHONPATH": str(tmp_path / "site")})
+        assert code == 2 and error_lines(output) == [
+            f"error: --tensorboard {tmp_path / 'tb'} needs the tensorboard package, which is not installed; "
+            "pip install tensorboard, or drop --tensorboard"], output
+        assert not out.exists() and not (tmp_path / "tb").exists()

@@ -16,12 +16,14 @@ import random
 import re
 import sys
 import tempfile
+import time
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- errors
@@ -614,3 +616,53 @@ def save_args(path, args):
 
 def print_args(d, args):
     print0(d, " ".join(f"{k}={v}" for k, v in vars(args).items()))
+
+
+# ----------------------------------------------------------------------------- progress and TensorBoard
+
+def progress(iterable, desc, total, d, every=1):
+    """rank 0's progress: a tqdm bar in a terminal; outside one (a cluster job's log, nohup, a pipe) tqdm's stream of
+    carriage returns would fill the log, so plain lines instead, one per `every` steps (PlainProgress)."""
+    if d.is_main and not sys.stdout.isatty():
+        return PlainProgress(iterable, desc, total, every)
+    return tqdm(iterable, desc=desc, total=total, disable=not d.is_main, leave=False, dynamic_ncols=True)
+
+
+class PlainProgress:
+    """tqdm's interface where the stages use it: iterate, set_postfix (the stages call it every --log_every steps;
+    it prints `epoch 3 step 40/100 loss 0.8123 lr 1.20e-04 (12.5 it/s)` when the step count is a multiple of
+    `every`, or the last), close. Silent where nothing is set (export loops: the stage prints what it wrote)."""
+
+    def __init__(self, iterable, desc, total, every):
+        self.iterable, self.desc, self.every, self.n = iterable, desc, every, 0
+        self.total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else None
+        self.start = time.time()
+
+    def __iter__(self):
+        for item in self.iterable:
+            self.n += 1                                 # steps begun: inside the loop body, the step's number
+            yield item
+
+    def set_postfix(self, **values):
+        if self.n % self.every and self.n != self.total:
+            return
+        shown = " ".join(f"{k} {v}" for k, v in values.items())
+        rate = self.n / max(time.time() - self.start, 1e-9)
+        print(f"{self.desc} step {self.n}/{self.total if self.total is not None else '?'} {shown} "
+              f"({rate:.1f} it/s)", flush=True)
+
+    def close(self):
+        pass
+
+
+def summary_writer_class(log_dir):
+    """--tensorboard DIR: TensorBoard is optional, imported only when asked for, so it stays out of requirements.txt.
+    Checked before any work: not installed is bad input, one line. -> SummaryWriter, or None without the flag."""
+    if not log_dir:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError(f"--tensorboard {log_dir} needs the tensorboard package, which is not installed; "
+                         "pip install tensorboard, or drop --tensorboard") from None
+    return SummaryWriter
