@@ -64,7 +64,7 @@ def run_stage(main, get_args):
         die(str(e))
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one line is enough
-            last = os.path.join(args.output_dir, "checkpoint-last.pth")
+            last = os.path.join(getattr(args, "output_dir", None) or "", "checkpoint-last.pth")
             kept = (f"{last} is kept as it was; continue with --resume auto" if os.path.isfile(last)
                     else "no checkpoint was written yet")
             print(f"\ninterrupted: {kept}", file=sys.stderr, flush=True)
