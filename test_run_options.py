@@ -268,6 +268,10 @@ def test_slurm_variables_become_torchruns(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
     assert utils.slurm_to_torchrun() == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu003",
                                          "MASTER_PORT": str(20000 + 123456 % 20000)}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)                # --gpus-per-task 1: its GPU is 0
+    assert utils.slurm_to_torchrun()["LOCAL_RANK"] == "0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert utils.slurm_to_torchrun()["LOCAL_RANK"] == "1"
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[004-005]")                 # a step on part of the job's nodes
     monkeypatch.setenv("MASTER_PORT", "29999")
     assert utils.slurm_to_torchrun()["MASTER_ADDR"] == "gpu004" and utils.slurm_to_torchrun()["MASTER_PORT"] == "29999"

@@ -163,7 +163,7 @@ def first_host(nodelist):
 
 def slurm_to_torchrun():
     """srun tasks -> the variables torchrun sets (MAE's code accepts srun the same way): RANK = SLURM_PROCID,
-    WORLD_SIZE = the step's tasks, LOCAL_RANK = SLURM_LOCALID (the GPU on this node); the rendezvous is rank 0's
+    WORLD_SIZE = the step's tasks, LOCAL_RANK = SLURM_LOCALID modulo the GPUs this task sees; the rendezvous is rank 0's
     node, the step's first (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST: srun puts task 0 there) or
     SLURM_LAUNCH_NODE_IPADDR, unless MASTER_ADDR is set, and MASTER_PORT or 20000 + the job id mod 20000 (so two
     jobs sharing a node do not meet)."""
@@ -171,7 +171,9 @@ def slurm_to_torchrun():
     if not os.environ.get("SLURM_LOCALID", "").isdigit():
         raise UsageError("launched by srun without SLURM_LOCALID, so a task cannot know its GPU; start it with srun, "
                          "or with torchrun")
-    env["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+    # the task's GPU: with --gpus-per-task (or a cgroup per task) each task sees only its own, as device 0
+    local, gpus = int(os.environ["SLURM_LOCALID"]), torch.cuda.device_count()
+    env["LOCAL_RANK"] = str(local % gpus if gpus else local)
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
     master = os.environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else
                                                os.environ.get("SLURM_LAUNCH_NODE_IPADDR", ""))
