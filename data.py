@@ -5,8 +5,8 @@
 - Cells to patches inside the training loop: `cells_to_patches` (parts), `scores_to_patches`.
 - The joint random-resized crop (MAE's pre-training crop, ObjMAE §4.2's random crop) as pure functions on
   tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores), `resized_crop_mask`.
-- `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), optionally with
-  instance masks in a parallel folder (same relative path, .png).
+- `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), or (classes=False) images at any
+  depth with or without class folders, optionally with instance masks in a parallel folder (same relative path, .png).
 - `to_rgb`: any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) as the RGB image it shows;
   `unreadable_images`: every image of a folder that cannot be decoded, listed at once.
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
