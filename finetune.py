@@ -321,7 +321,8 @@ def main(args):
         max_acc1 = max(max_acc1, stats["acc1"])
         if d.is_main:
             utils.save_checkpoint(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "scaler": scaler.state_dict(), "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)})
+                                              "scaler": scaler.state_dict(), "epoch": epoch, "max_acc1": max_acc1,
+                                              "args": vars(args)})
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
                       "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
                       "time_s": round(time.time() - t0, 2)}

@@ -61,7 +61,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="learned", choices=["learned", "attention", "cam", "segmentation"])
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=None, help="folder of images at any depth, class folders or none (no labels are read); omitted = built-in shapes")
+    g.add_argument("--data_path", default=None, help="folder of images at any depth, class folders or none (no "
+                                                     "labels are read); omitted = built-in shapes")
     g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
     g.add_argument("--data_seed", type=int, default=0,
                    help="which built-in shapes scenes (--seed changes only the training randomness)")
@@ -577,7 +578,8 @@ def main(args):
     check_resume(args)
     with utils.user_input():                                               # a bad folder or checkpoint: exit 2
         base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
-                if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks, classes=False))
+                if args.data_path is None else
+                data.FolderDataset(args.data_path, masks_root=args.masks, classes=False))
     nets = ()
     if args.method in ("learned", "attention"):
         # sizes and patch size from the checkpoint; any missing encoder key is an error, never a random encoder

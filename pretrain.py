@@ -58,7 +58,8 @@ def get_args(argv=None):
     g.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
                    help="MAE's and SemMAE Table 1 left's ViT-B/16; SemMAE's main model is ViT-B/8, ObjMAE's ViT-S/16")
     g.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
-    g.add_argument("--data_path", default=None, help="folder of images at any depth, class folders or none (no labels are read); omitted = built-in shapes")
+    g.add_argument("--data_path", default=None, help="folder of images at any depth, class folders or none (no "
+                                                     "labels are read); omitted = built-in shapes")
     g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
     g.add_argument("--data_seed", type=int, default=0,
                    help="which built-in shapes scenes (--seed changes only the training randomness)")
