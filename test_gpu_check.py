@@ -11,6 +11,9 @@ from conftest import error_lines, run
 
 
 def test_gpu_check_on_the_cpu_runs_every_mask_and_the_resume(tmp_path):
+    (tmp_path / "check" / "random").mkdir(parents=True)                          # a previous check's run: replaced
+    (tmp_path / "check" / "random" / "checkpoint-last.pth").write_bytes(b"an old run")
+    (tmp_path / "check" / "mine.txt").write_text("kept")                         # anything else: left alone
     code, output = run(["python", "gpu_check.py", "--device", "cpu", "--output_dir", str(tmp_path / "check")])
     assert code == 0, output
     table = output[output.index("### GPU check: CPU"):].splitlines()
@@ -24,8 +27,7 @@ def test_gpu_check_on_the_cpu_runs_every_mask_and_the_resume(tmp_path):
         assert " img/s |" in rows[f"pretrain.py --mask {mask}"] and "loss " in rows[f"pretrain.py --mask {mask}"]
         assert os.path.isfile(tmp_path / "check" / mask / "checkpoint-last.pth")
     assert "identical weights to the uninterrupted run" in rows["pretrain.py --resume"]
-    code, output = run(["python", "gpu_check.py", "--device", "cpu", "--output_dir", str(tmp_path / "check")])
-    assert code == 0, output                                                      # a second check replaces its runs
+    assert (tmp_path / "check" / "mine.txt").read_text() == "kept"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
