@@ -21,6 +21,9 @@ Sections (SECTIONS below, one function each):
            decode + resize every time, float32 batches) and the fast path (--image_cache: uint8 rows from the cache),
            with flip only (SemMAE) and with MAE's random-resized crop; the fast path's device side (device_batch) and
            the one-time cost of writing the cache. Goal: the fast path >= 10x the default per worker.
+  checkpointing  peak memory (CUDA: allocated; CPU: the process's peak resident set) and time of one training
+           step of the pretrain section's supervised ViT-S and MAE rows, with and without --grad_checkpointing:
+               python bench.py --sections checkpointing --batch_size 16 --repeats 2
   export   rank 0's peak memory and the time of part_learn.py's sharded regions export for --export_images
            synthetic images (28x28 cells with scores, 2 ranks on gloo): what no process may hold is the whole file.
 Timing: a few warm-up rounds, then the median of --repeats calls, the calls of one table interleaved;
@@ -49,6 +52,7 @@ from PIL import Image
 import data
 import masking
 import model as models
+import utils
 
 
 def timed_ms(calls, repeats, device, warmup=3):
@@ -105,8 +109,9 @@ def bench_masking(device, args):
     print("\n".join(rows))
 
 
-def step_time(kind, ratio, device, batch, repeats):
-    """(ms per training step, peak memory in MiB) of one setting; run in a fresh process."""
+def step_time(kind, ratio, device, batch, repeats, precision="auto", grad_checkpointing=False):
+    """(ms per training step, peak memory in MiB) of one setting at --precision (fp16: with pretrain.py's loss
+    scaler) and with or without --grad_checkpointing; run in a fresh process."""
     torch.manual_seed(0)
     imgs = torch.randn(batch, 3, 224, 224, device=device)
     if kind == "supervised":                                  # ViT-S classifier on every patch
@@ -122,13 +127,16 @@ def step_time(kind, ratio, device, batch, repeats):
         else:   # one object covering the image, so every slot is valid: src = tgt = round(seq_ratio * L)
             masks = masking.object_wise_masking(torch.ones(batch, L, dtype=torch.long, device=device), ratio)
         loss_fn = lambda: net(imgs, *masks)[0]
+    net.grad_checkpointing = grad_checkpointing
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    scaler = utils.grad_scaler(device, precision)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with utils.autocast(device, precision):
             loss = loss_fn()
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     if device.type == "cuda":
@@ -140,22 +148,38 @@ def step_time(kind, ratio, device, batch, repeats):
 
 
 def bench_pretrain(device, args):
+    precision = utils.resolve_precision(args.precision, device)
     settings = [("supervised", 1.0, "ViT-S supervised, 196 patches"), ("mae", 0.75, "MAE, mask ratio 0.75")]
     settings += [("objmae", 1 / k, f"ObjMAE, seq_ratio 1/{k}") for k in (2, 4, 8, 16)]
     paper = {2: "1.9x", 4: "3.6x", 8: "6.4x", 16: "9.2x"}   # ObjMAE Table 4 (TITAN RTX, batch 256)
     print(f"\n### pretrain: training step of mae_vit_small_patch16, batch {args.batch_size}, 224 px "
-          f"({device.type}, {torch.get_num_threads()} threads, median of {args.repeats})\n")
+          f"({device.type}, {precision}, {torch.get_num_threads()} threads, median of {args.repeats})\n")
     print("| setting | ms / step | speed-up | paper | peak memory (MiB) |")
     print("|---|---:|---:|---:|---:|")
     spawn = multiprocessing.get_context("spawn")
     base_ms = None
     for kind, ratio, name in settings:
         with spawn.Pool(1) as pool:
-            ms, peak = pool.apply(step_time, (kind, ratio, device, args.batch_size, args.repeats))
+            ms, peak = pool.apply(step_time, (kind, ratio, device, args.batch_size, args.repeats, precision))
         base_ms = base_ms or ms
         ref = paper[round(1 / ratio)] if kind == "objmae" else ""
         print(f"| {name} | {ms:.1f} | {base_ms / ms:.2f}x | {ref} | {peak:.0f} |", flush=True)
     bench_end_to_end(device, args)
+
+
+def bench_checkpointing(device, args):
+    """Peak memory and time of one training step with and without --grad_checkpointing, each in its own process."""
+    precision = utils.resolve_precision(args.precision, device)
+    print(f"\n### checkpointing: training step of mae_vit_small_patch16 / vit_small_patch16, batch {args.batch_size}, "
+          f"224 px ({device.type}, {precision}, median of {args.repeats})\n")
+    print("| setting | --grad_checkpointing | ms / step | peak memory (MiB) |")
+    print("|---|---|---:|---:|")
+    spawn = multiprocessing.get_context("spawn")
+    for kind, ratio, name in (("supervised", 1.0, "ViT-S supervised, 196 patches"), ("mae", 0.75, "MAE, mask 0.75")):
+        for on in (False, True):
+            with spawn.Pool(1) as pool:
+                ms, peak = pool.apply(step_time, (kind, ratio, device, args.batch_size, args.repeats, precision, on))
+            print(f"| {name} | {'on' if on else 'off'} | {ms:.1f} | {peak:.0f} |", flush=True)
 
 
 # ----------------------------------------------------------------------------- input path and end to end
@@ -254,7 +278,8 @@ def bench_end_to_end(device, args):
 
     def step_rate():
         with spawn.Pool(1) as pool:
-            return batch * 1e3 / pool.apply(step_time, ("objmae", 1 / 16, device, batch, args.repeats))[0]
+            return batch * 1e3 / pool.apply(step_time, ("objmae", 1 / 16, device, batch, args.repeats,
+                                                         args.precision))[0]
     with tempfile.TemporaryDirectory() as tmp:
         base = write_jpegs(os.path.join(tmp, "images"), n)
         object_regions(base, S, os.path.join(tmp, "regions.pt"))
@@ -263,7 +288,7 @@ def bench_end_to_end(device, args):
         argv = ["--model", "mae_vit_small_patch16", "--mask", "objmae", "--seq_ratio", str(1 / 16),
                 "--data_path", base.root, "--regions", os.path.join(tmp, "regions.pt"), "--batch_size", str(batch),
                 "--epochs", str(args.loop_epochs), "--warmup_epochs", "1", "--vis_every", "0",
-                "--ckpt_every", "1000000", "--num_workers", str(args.num_workers)]
+                "--ckpt_every", "1000000", "--num_workers", str(args.num_workers), "--precision", args.precision]
         print(f"\nEnd to end: `pretrain.py --mask objmae --seq_ratio 0.0625 --model mae_vit_small_patch16 "
               f"--batch_size {batch} --num_workers {args.num_workers}` on {n} JPEGs of 500x375 with object regions, "
               f"images/s of epochs 1..{args.loop_epochs - 2} (log.txt), beside the step alone (ObjMAE 1/16 row) "
@@ -338,7 +363,8 @@ def bench_export(device, args):
     print(f"| {before:.0f} MiB | {peak:.0f} MiB | {peak - before:.0f} MiB | {size:.0f} MiB | {seconds:.1f} |")
 
 
-SECTIONS = {"masking": bench_masking, "pretrain": bench_pretrain, "loader": bench_loader, "export": bench_export}
+SECTIONS = {"masking": bench_masking, "pretrain": bench_pretrain, "loader": bench_loader, "export": bench_export,
+            "checkpointing": bench_checkpointing}
 
 
 def main(argv=None):
@@ -352,6 +378,8 @@ def main(argv=None):
     p.add_argument("--loop_epochs", type=int, default=5, help="pretrain: epochs of the end-to-end loop (>= 3)")
     p.add_argument("--num_workers", type=int, default=4, help="pretrain: DataLoader workers (pretrain.py's default)")
     p.add_argument("--export_images", type=int, default=100_000, help="export: synthetic images")
+    p.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
+                   help="pretrain, checkpointing: pretrain.py's --precision (auto: bf16 on a GPU with native bf16)")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -364,6 +392,10 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for but CUDA is not available; use --device cpu")
     device = torch.device(args.device)
+    try:
+        utils.resolve_precision(args.precision, device)
+    except utils.UsageError as e:
+        p.error(str(e))
     print(f"torch {torch.__version__}, device {device}")
     for name in sections:
         SECTIONS[name](device, args)

@@ -5,8 +5,8 @@
 - Cells to patches inside the training loop: `cells_to_patches` (parts), `scores_to_patches`.
 - The joint random-resized crop (MAE's pre-training crop, ObjMAE §4.2's random crop) as pure functions on
   tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores), `resized_crop_mask`.
-- `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), optionally with
-  instance masks in a parallel folder (same relative path, .png).
+- `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), or (classes=False) images at any
+  depth with or without class folders, optionally with instance masks in a parallel folder (same relative path, .png).
 - `to_rgb`: any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) as the RGB image it shows;
   `unreadable_images`: every image of a folder that cannot be decoded, listed at once.
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -376,32 +377,46 @@ def read_rgb(path):
 
 class FolderDataset:
     """ImageNet layout: root/<class>/<...>/<file>. Classes and files sorted, so every process and
-    every stage sees the same order; `.files` are paths relative to root ('n01440764/x.JPEG')."""
+    every stage sees the same order; `.files` are paths relative to root ('n01440764/x.JPEG').
+    classes=False (pre-training and part learning, which need no labels): every image under root at any depth,
+    class folders or none, target 0; sorted by top-level entry, then path, so a class-folder tree lists its
+    files in the same order either way (and gives the same regions file)."""
 
-    def __init__(self, root, masks_root=None):
+    def __init__(self, root, masks_root=None, classes=True):
         if not os.path.isdir(root):
-            raise ValueError(f"image folder {root} does not exist; pass --data_path an ImageNet-layout "
-                             "folder (root/<class>/<image>)")
+            layout = "ImageNet-layout folder (root/<class>/<image>)" if classes else "folder of images"
+            raise ValueError(f"image folder {root} does not exist; pass --data_path a {layout}")
         self.root, self.masks_root = root, masks_root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.files, self.targets = [], []
-        self.skipped = sorted(e.name for e in os.scandir(root) if not e.is_dir())   # not in a class folder
-        for c, name in enumerate(self.classes):
+        tops = sorted(os.scandir(root), key=lambda e: e.name)
+        self.classes = [e.name for e in tops if e.is_dir()] if classes else []
+        self.files, self.targets, self.skipped = [], [], []
+        for entry in tops:
+            if not entry.is_dir():                                         # a file at the top: no class folder
+                if classes or not entry.name.lower().endswith(EXTENSIONS):
+                    self.skipped.append(entry.name)
+                else:
+                    self.files.append(entry.name)
+                    self.targets.append(0)
+                continue
             found = []
-            for d, _, names in os.walk(os.path.join(root, name), followlinks=True):
+            for d, _, names in os.walk(entry.path, followlinks=True):
                 for n in names:
                     rel = os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
                     (found if n.lower().endswith(EXTENSIONS) else self.skipped).append(rel)
             self.files += sorted(found)
-            self.targets += [c] * len(found)
+            self.targets += [self.classes.index(entry.name) if classes else 0] * len(found)
+        self.skipped.sort()
+        where = "images in class folders" if classes else "images"
         if self.skipped and os.environ.get("RANK", "0") == "0":  # class counts must not shrink in silence
             more = len(self.skipped) - 5
             shown = ", ".join(self.skipped[:5]) + (f" and {more} more" if more > 0 else "")
-            print(f"{root}: skipped {len(self.skipped)} files that are not images in class folders ({shown}); "
-                  f"images are {' '.join(EXTENSIONS)} in root/<class>/", flush=True)
+            print(f"{root}: skipped {len(self.skipped)} files that are not {where} ({shown}); "
+                  f"images are {' '.join(EXTENSIONS)}" + (" in root/<class>/" if classes else ""), flush=True)
         if not self.files:
-            raise ValueError(f"image folder {root} has no images in class sub-folders; expected "
-                             f"root/<class>/<image> with one of {', '.join(EXTENSIONS)}")
+            if classes:
+                raise ValueError(f"image folder {root} has no images in class sub-folders; expected "
+                                 f"root/<class>/<image> with one of {', '.join(EXTENSIONS)}")
+            raise ValueError(f"image folder {root} has no images (at any depth) with one of {', '.join(EXTENSIONS)}")
 
     def __len__(self):
         return len(self.files)
@@ -452,7 +467,8 @@ def unreadable_images(folder, num_workers=0):
     """Decode every image of a FolderDataset -> [(relative file, reason)] for those that cannot be read, all at
     once before training (the loader would stop at the first one, mid-epoch)."""
     loader = torch.utils.data.DataLoader(_ReadCheck(folder), batch_size=None, num_workers=num_workers)
-    reasons = tqdm(loader, total=len(folder), desc=f"verify {folder.root}", leave=False, dynamic_ncols=True)
+    reasons = tqdm(loader, total=len(folder), desc=f"verify {folder.root}", leave=False, dynamic_ncols=True,
+                   disable=not sys.stdout.isatty())                      # no carriage returns in a job's log
     return [(folder.files[i], why) for i, why in enumerate(reasons) if why]
 
 
@@ -888,7 +904,8 @@ def write_image_cache(path, base, size, num_workers, rank, world):
     fd = os.open(tmp, os.O_WRONLY)
     try:
         i = lo
-        for imgs, masks in tqdm(loader, desc="image cache", disable=rank != 0, leave=False, dynamic_ncols=True):
+        for imgs, masks in tqdm(loader, desc="image cache", disable=rank != 0 or not sys.stdout.isatty(), leave=False,
+                                dynamic_ncols=True):
             pwrite_all(fd, imgs, offsets["images"] + i * row)             # rows i .. i+b-1, in order
             if with_masks:
                 pwrite_all(fd, masks, offsets["masks"] + i * size * size)

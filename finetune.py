@@ -61,7 +61,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import data
 import masking
@@ -132,6 +131,17 @@ def get_args(argv=None):
                                                    "'auto': this --output_dir's checkpoint-last.pth if there is one, "
                                                    "else start")
     g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--log_every", type=int, default=20,
+                   help="outside a terminal, one plain progress line every N steps (in one, a bar)")
+    g.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the loss and lr (every --log_every steps) and each epoch's loss and accuracy to "
+                        "TensorBoard event files in DIR (needs `pip install tensorboard`, not in requirements.txt)")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="fine-tuning: recompute each block's forward in the backward pass instead of keeping its "
+                        "activations (torch.utils.checkpoint): less memory for ViT-L/H, about 1/3 more compute")
+    g.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
+                   help="autocast of the forward pass: bf16, fp16 (with a loss scaler, for GPUs without bf16: V100, "
+                        "T4) or fp32 (no autocast); auto = bf16 on a GPU with native bf16, else fp32")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
@@ -142,7 +152,7 @@ def check_args(args):
     tuning, probing = (not args.linprobe, "in fine-tuning (without --linprobe)"), (args.linprobe, "with --linprobe")
     utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
         **{f: tuning for f in ("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing", "layer_decay",
-                               "opt_betas", "opt_eps")},
+                               "opt_betas", "opt_eps", "grad_checkpointing")},
         "opt": probing,
         "blr": (args.lr is None, "without --lr (which overrides it)"),
         "lookahead_k": (args.lookahead, "with --lookahead"),
@@ -159,6 +169,7 @@ def check_args(args):
         "cutmix": (0, 100), "smoothing": (0, 1), "epochs": (1, None), "warmup_epochs": (0, None),
         "batch_size": (1, None), "accum_iter": (1, None), "blr": (0, 10), "lr": (0, 10), "min_lr": (0, 10),
         "weight_decay": (0, 1), "layer_decay": (0, 1), "num_workers": (0, 256), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1),
+        "log_every": (1, None),
         "opt_betas": (0, 1), "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1)})
     if args.drop_path >= 1.0:
         raise UsageError(f"--drop_path {args.drop_path} must be < 1: at 1 every block would be dropped")
@@ -204,6 +215,8 @@ def check_args(args):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
+    args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
+    summary_writer = utils.summary_writer_class(args.tensorboard)          # optional: installed, or one line
     if not args.eval:  # --eval writes nothing
         utils.prepare_output_dir(args, d)  # resolves --resume auto
     torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
@@ -213,6 +226,7 @@ def main(args):
         if args.finetune:
             load_pretrained(net, args.finetune, verbose=d.is_main)
     net.to(d.device)
+    net.grad_checkpointing = args.grad_checkpointing
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world)),
                                              batch_size=args.batch_size, num_workers=args.num_workers,
                                              pin_memory=d.device.type == "cuda")
@@ -238,6 +252,7 @@ def main(args):
         optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     if args.lookahead:                                                     # ObjMAE Table 2
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
+    scaler = utils.grad_scaler(d.device, args.precision)                   # fp16 only; a no-op otherwise
     start_epoch, max_acc1 = 0, 0.0
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
@@ -245,6 +260,7 @@ def main(args):
         if "optimizer" not in ckpt:
             raise UsageError(f"{args.resume} has no optimizer state; --resume continues a run of this script")
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
+        utils.load_scaler(scaler, ckpt.get("scaler"))
         start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0)
     module = net.head if args.linprobe else net
     trainable = utils.wrap_ddp(module, d)
@@ -253,6 +269,7 @@ def main(args):
 
     utils.start_run(args, d)
     utils.print_args(d, args)
+    tb = summary_writer(args.tensorboard) if summary_writer and d.is_main else None
     trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
     utils.print0(d, f"{args.model}{' (linear probe)' if args.linprobe else ''}: {trained / 1e6:.2f}M trained "
                     f"params, {len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
@@ -267,7 +284,7 @@ def main(args):
         net.train(not args.linprobe)  # linear probe: the encoder stays in eval mode, only the head trains
         module.train()
         t0, loss_sum, n_sum = time.time(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
+        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every)  # plain lines outside a terminal
         for it, (imgs, target, *scores) in enumerate(bar):
             if it == iters:                                                # the leftover micro-batches
                 break
@@ -283,16 +300,20 @@ def main(args):
             soft = soft * (1 - smoothing) + smoothing / len(classes)  # smoothing commutes with mixing (timm)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(trainable, sync, d):
-                with utils.autocast(d.device):
+                with utils.autocast(d.device, args.precision):
                     loss = soft_cross_entropy(forward(net, trainable, imgs, ids, args.linprobe), soft)
-                (loss / args.accum_iter).backward()
+                scaler.scale(loss / args.accum_iter).backward()
             if sync:
-                optimizer.step()
+                scaler.step(optimizer)                                     # fp16: unscale, skip a step with inf
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
             utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path)
             loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if tb and ((it + 1) % args.log_every == 0 or it + 1 == iters):
+                tb.add_scalar("train/loss", loss_value, epoch * iters + it + 1)
+                tb.add_scalar("train/lr", lr, epoch * iters + it + 1)
         bar.close()
 
         train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
@@ -300,13 +321,20 @@ def main(args):
         max_acc1 = max(max_acc1, stats["acc1"])
         if d.is_main:
             utils.save_checkpoint(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)})
+                                              "scaler": scaler.state_dict(), "epoch": epoch, "max_acc1": max_acc1,
+                                              "args": vars(args)})
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
                       "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
                       "time_s": round(time.time() - t0, 2)}
             utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            if tb:
+                for k in ("train_loss", "val_acc1", "val_acc5"):
+                    tb.add_scalar(f"epoch/{k}", record[k], epoch)
+                tb.flush()
             print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 {100 * stats['acc1']:.2f}% top-5 "
                   f"{100 * stats['acc5']:.2f}% (max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
+    if tb:
+        tb.close()
     if d.is_main:
         path = os.path.join(args.output_dir, "model-timm.pth")
         utils.save_checkpoint(path, timm_state_dict(net))
@@ -345,7 +373,7 @@ def evaluate(net, loader, d, args):
     for imgs, target, *scores in loader:
         imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
         ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
-        with utils.autocast(d.device):
+        with utils.autocast(d.device, args.precision):
             logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
         hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]  # [B, k]
         batch = torch.tensor(len(target), device=d.device)

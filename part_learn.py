@@ -50,7 +50,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from tqdm import tqdm
 
 import data
 import model as models
@@ -62,7 +61,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="learned", choices=["learned", "attention", "cam", "segmentation"])
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
+    g.add_argument("--data_path", default=None, help="folder of images at any depth, class folders or none (no "
+                                                     "labels are read); omitted = built-in shapes")
     g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
     g.add_argument("--data_seed", type=int, default=0,
                    help="which built-in shapes scenes (--seed changes only the training randomness)")
@@ -218,7 +218,7 @@ def train_learner(args, d, base, encoder, cache=None):
         learner.train()
         # the losses are summed on the device and read every --log_every steps: no host sync in the other steps
         t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not d.is_main, leave=False, dynamic_ncols=True)
+        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every)  # plain lines outside a terminal
         for it, batch in enumerate(bar):
             lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
             utils.set_lr(optimizer, lr)
@@ -389,7 +389,7 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out):
     sums, top, row = torch.zeros(2, dtype=torch.long), -1, 0
     fd = os.open(f"{out}.rank{d.rank}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for batch in tqdm(loader, desc=desc, disable=not d.is_main, leave=False, dynamic_ncols=True):
+        for batch in utils.progress(loader, desc, None, d):
             lab, sc = label_fn(batch)
             lab = lab.to(torch.uint8).cpu()
             data.pwrite_all(fd, lab, row * cells)
@@ -578,7 +578,8 @@ def main(args):
     check_resume(args)
     with utils.user_input():                                               # a bad folder or checkpoint: exit 2
         base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
-                if args.data_path is None else data.FolderDataset(args.data_path, masks_root=args.masks))
+                if args.data_path is None else
+                data.FolderDataset(args.data_path, masks_root=args.masks, classes=False))
     nets = ()
     if args.method in ("learned", "attention"):
         # sizes and patch size from the checkpoint; any missing encoder key is an error, never a random encoder

@@ -44,7 +44,6 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
 import data
 import masking
@@ -59,7 +58,8 @@ def get_args(argv=None):
     g.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
                    help="MAE's and SemMAE Table 1 left's ViT-B/16; SemMAE's main model is ViT-B/8, ObjMAE's ViT-S/16")
     g.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
-    g.add_argument("--data_path", default=None, help="image folder (ImageNet layout); omitted = built-in shapes")
+    g.add_argument("--data_path", default=None, help="folder of images at any depth, class folders or none (no "
+                                                     "labels are read); omitted = built-in shapes")
     g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
     g.add_argument("--data_seed", type=int, default=0,
                    help="which built-in shapes scenes (--seed changes only the training randomness)")
@@ -123,6 +123,9 @@ def get_args(argv=None):
     g.add_argument("--log_every", type=int, default=20,
                    help="read the loss on the host (a device sync), update the bar and stop on NaN every N steps")
     g.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
+    g.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the loss and lr (every --log_every steps) and each epoch's loss to TensorBoard "
+                        "event files in DIR (needs `pip install tensorboard`, not in requirements.txt)")
     g.add_argument("--num_workers", type=int, default=4)
     g.add_argument("--image_cache", default=None, metavar="FILE",
                    help="fast input path: decode and resize every image once into FILE (uint8, 3*S*S bytes an image: "
@@ -132,6 +135,12 @@ def get_args(argv=None):
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (the same result, faster on a GPU); a backend name after it, e.g. "
                         "aot_eager, traces without generating kernels (to find a problem, or on a CPU with no compiler)")
+    g.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
+                   help="autocast of the forward pass: bf16, fp16 (with a loss scaler, for GPUs without bf16: V100, "
+                        "T4) or fp32 (no autocast); auto = bf16 on a GPU with native bf16, else fp32")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute each block's forward in the backward pass instead of keeping its activations "
+                        "(torch.utils.checkpoint): less memory for ViT-L/H at a large batch, about 1/3 more compute")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p.parse_args(argv)
@@ -252,13 +261,15 @@ def region_cell_size(args, regions, patch_size):
 def main(args):
     d = utils.init_distributed(args.device)
     check_args(args)
+    args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
+    summary_writer = utils.summary_writer_class(args.tensorboard)          # optional: installed, or one line
     utils.prepare_output_dir(args, d)                                      # resolves --resume auto
     torch.manual_seed(args.seed)                                           # same initial weights on every rank
 
     # data: the shapes scenes carry their own instance masks; a folder needs a regions file
     with utils.user_input():                                               # a bad folder, file or size: exit 2
         base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
-                if args.data_path is None else data.FolderDataset(args.data_path))
+                if args.data_path is None else data.FolderDataset(args.data_path, classes=False))
         regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
         patch_size = models.MODELS[args.model].keywords["patch_size"]
         cell_size = region_cell_size(args, regions, patch_size)
@@ -274,6 +285,7 @@ def main(args):
 
     with utils.user_input():                                               # --input_size not a multiple of the patch
         net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
+    net.grad_checkpointing = args.grad_checkpointing
     num_parts = None                    # semmae: the region ids 0..num_parts-1 ('ignore', 255, is one more)
     if regions:
         num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects")
@@ -293,6 +305,7 @@ def main(args):
                                   fused=True if d.device.type == "cuda" else None)  # one kernel for all params
     if args.lookahead:                                                     # ObjMAE Table 2
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
+    scaler = utils.grad_scaler(d.device, args.precision)                   # fp16 only; a no-op otherwise
     start_epoch = 0
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
@@ -306,12 +319,14 @@ def main(args):
                              f"{args.model}; resume with --model {ckpt['args'].get('model')}")
         net.load_state_dict(ckpt["model"])
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
+        utils.load_scaler(scaler, ckpt.get("scaler"))
         start_epoch = ckpt["epoch"] + 1
     ddp = utils.wrap_ddp(net, d)
     step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp   # checkpoints keep net's names
 
     utils.start_run(args, d)
     utils.print_args(d, args)
+    tb = summary_writer(args.tensorboard) if summary_writer and d.is_main else None
     utils.print0(d, f"{args.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, "
                     f"{len(dataset)} images, effective batch {eff_batch}, lr {base_lr:.2e}, "
                     f"epochs {start_epoch}..{args.epochs - 1}")
@@ -331,7 +346,7 @@ def main(args):
         ddp.train()
         # the loss is summed on the device and read every --log_every steps: no host sync in the other steps
         t0, loss_sum, n_sum = time.time(), torch.zeros((), dtype=torch.float64, device=d.device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
+        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every)  # plain lines outside a terminal
         for it, (imgs, cells, scores, _, *choices) in enumerate(bar):
             if it == iters:                                                # the leftover micro-batches
                 break
@@ -349,11 +364,12 @@ def main(args):
             src_ids, tgt_ids, src_valid, tgt_valid = masker(cells, scores, progress)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(ddp, sync, d):
-                with utils.autocast(d.device):
+                with utils.autocast(d.device, args.precision):
                     loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
-                (loss / args.accum_iter).backward()
+                scaler.scale(loss / args.accum_iter).backward()
             if sync:
-                optimizer.step()
+                scaler.step(optimizer)                                     # fp16: unscale, skip a step with inf
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             n_sum += 1
@@ -363,12 +379,15 @@ def main(args):
                                          ckpt_path)                       # before any checkpoint of this epoch
                 shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
+                if tb:
+                    tb.add_scalar("train/loss", loss_value, i + 1)
+                    tb.add_scalar("train/lr", lr, i + 1)
         bar.close()
 
         train_loss = utils.all_reduce_mean(loss_value, d)
         if d.is_main:
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "args": vars(args)}
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "args": vars(args)}
             if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
                 utils.save_checkpoint(ckpt_path, state)
             if args.save_every and (epoch + 1) % args.save_every == 0:
@@ -377,12 +396,17 @@ def main(args):
             if args.mask == "semmae":
                 record["alpha"] = masker.alpha(progress)
             utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            if tb:
+                tb.add_scalar("epoch/train_loss", train_loss, epoch)
+                tb.flush()
             print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} ({record['time_s']}s)", flush=True)
             if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
                 g = torch.Generator(d.device).manual_seed(args.seed)
                 net.eval()
                 save_reconstructions(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"), net, vis_imgs,
                                      masker(vis_cells, vis_scores, progress, generator=g))
+    if tb:
+        tb.close()
     utils.cleanup_distributed()
 
 

@@ -492,3 +492,52 @@ def test_export_meta_from_integer_sums():
     assert (cells, objects, top) == (5, 3, 3)
     assert cells / (objects * 4) == pytest.approx(data.object_ratio(labels))
     assert part_learn.object_counts(torch.full((1, 2, 2), 255, dtype=torch.uint8)) == (0, 0, -1)
+
+
+# ----------------------------------------------------------------------------- folders without classes
+
+def three_layouts(root, n=8):
+    """The same n shapes scenes (and instance masks) as class folders, as one flat folder and as nested folders
+    with no classes, numbered in the class layout's order -> {layout: (images folder, masks folder)}."""
+    ds = data.ShapesDataset(n, img_size=32, seed=0)
+    data.write_shapes(ds, str(root / "classes"))
+    order = data.FolderDataset(str(root / "classes" / "images")).files
+    for j, rel in enumerate(order):
+        for layout, new in (("flat", f"{j:03d}.png"), ("nested", f"{'a/b' if j < n // 2 else 'c'}/{j:03d}.png")):
+            for sub in ("images", "masks"):
+                os.makedirs(os.path.dirname(root / layout / sub / new), exist_ok=True)
+                os.link(root / "classes" / sub / rel, root / layout / sub / new)
+    return {k: (str(root / k / "images"), str(root / k / "masks")) for k in ("classes", "flat", "nested")}
+
+
+def test_flat_and_nested_folders_give_the_class_layouts_regions_and_batches(tmp_path, encoder_ckpt):
+    layouts = three_layouts(tmp_path)
+    labelled = data.FolderDataset(layouts["classes"][0])
+    assert data.FolderDataset(layouts["classes"][0], classes=False).files == labelled.files   # one order either way
+    assert data.FolderDataset(layouts["nested"][0], classes=False).files[:5] == [
+        "a/b/000.png", "a/b/001.png", "a/b/002.png", "a/b/003.png", "c/004.png"]
+    with pytest.raises(ValueError, match="no images in class sub-folders"):
+        data.FolderDataset(layouts["flat"][0])                              # what ImageFolder says; the stages don't
+    regions, objects, weights = {}, {}, {}
+    for layout, (images, masks) in layouts.items():
+        out = tmp_path / f"out-{layout}"
+        run_part_learn("--method", "learned", "--encoder_weights", encoder_ckpt, "--data_path", images,
+                       "--output_dir", str(out / "parts"))
+        run_part_learn("--method", "segmentation", "--data_path", images, "--masks", masks, "--cell_size", "8",
+                       "--output_dir", str(out / "objects"))
+        files = data.FolderDataset(images, classes=False).files
+        regions[layout] = learned_regions(str(out / "parts"), files)
+        objects[layout] = learned_regions(str(out / "objects"), files)
+        pretrain.main(pretrain.get_args(["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--batch_size", "4",
+                                         "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0",
+                                         "--vis_every", "0", "--mask", "semmae", "--data_path", images,
+                                         "--regions", str(out / "parts" / "regions.pt"),
+                                         "--output_dir", str(out / "pretrain")]))
+        weights[layout] = torch.load(out / "pretrain" / "checkpoint-last.pth", weights_only=True)["model"]
+    for layout in ("flat", "nested"):
+        for made in (regions, objects):
+            assert torch.equal(made[layout]["labels"], made["classes"]["labels"]), layout
+            a, b = made[layout]["scores"], made["classes"]["scores"]                 # segmentation: none
+            assert (a is None and b is None) or torch.equal(a, b), layout
+        for k in weights["classes"]:
+            assert torch.equal(weights[layout][k], weights["classes"][k]), (layout, k)

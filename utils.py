@@ -13,14 +13,17 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
+import time
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- errors
@@ -61,7 +64,7 @@ def run_stage(main, get_args):
         die(str(e))
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one line is enough
-            last = os.path.join(args.output_dir, "checkpoint-last.pth")
+            last = os.path.join(getattr(args, "output_dir", None) or "", "checkpoint-last.pth")
             kept = (f"{last} is kept as it was; continue with --resume auto" if os.path.isfile(last)
                     else "no checkpoint was written yet")
             print(f"\ninterrupted: {kept}", file=sys.stderr, flush=True)
@@ -115,7 +118,8 @@ class Dist(NamedTuple):
 
 
 def init_distributed(device="auto"):
-    """Single process when launched with `python`, one process per device under `torchrun`.
+    """Single process when launched with `python`, one process per device under `torchrun` or as SLURM's srun tasks
+    (`srun -n 8 python X.py`: slurm_to_torchrun).
 
     NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop).
     """
@@ -123,6 +127,8 @@ def init_distributed(device="auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+    if "RANK" not in os.environ and slurm_tasks() > 1 and "SLURM_PROCID" in os.environ:
+        os.environ.update(slurm_to_torchrun())
     if "RANK" not in os.environ:  # plain `python X.py`
         check_not_scheduler_tasks()
         return Dist(0, 1, 0, torch.device(device), True)
@@ -138,20 +144,64 @@ def init_distributed(device="auto"):
     return Dist(rank, world, local_rank, dev, rank == 0)
 
 
+def slurm_tasks():
+    """Tasks of this srun step (SLURM_STEP_NUM_TASKS), else of the job (SLURM_NTASKS); 0 when not under SLURM."""
+    value = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or ""
+    return int(value) if value.isdigit() else 0
+
+
+def first_host(nodelist):
+    """The first host of a SLURM host list: 'gpu[003-005,9],cpu1' -> 'gpu003', 'r[1-2]-n[07-08]' -> 'r1-n07'."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist[:end])
+
+
+def slurm_to_torchrun():
+    """srun tasks -> the variables torchrun sets (MAE's code accepts srun the same way): RANK = SLURM_PROCID,
+    WORLD_SIZE = the step's tasks, LOCAL_RANK = SLURM_LOCALID modulo the GPUs this task sees; the rendezvous is rank 0's
+    node, the step's first (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST: srun puts task 0 there) or
+    SLURM_LAUNCH_NODE_IPADDR, unless MASTER_ADDR is set, and MASTER_PORT or 20000 + the job id mod 20000 (so two
+    jobs sharing a node do not meet)."""
+    env = {"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": str(slurm_tasks())}
+    if not os.environ.get("SLURM_LOCALID", "").isdigit():
+        raise UsageError("launched by srun without SLURM_LOCALID, so a task cannot know its GPU; start it with srun, "
+                         "or with torchrun")
+    # the task's GPU: with --gpus-per-task (or a cgroup per task) each task sees only its own, as device 0
+    local, gpus = int(os.environ["SLURM_LOCALID"]), torch.cuda.device_count()
+    env["LOCAL_RANK"] = str(local % gpus if gpus else local)
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
+    master = os.environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else
+                                               os.environ.get("SLURM_LAUNCH_NODE_IPADDR", ""))
+    if not master:
+        raise UsageError("launched by srun but no task can find rank 0: none of MASTER_ADDR, SLURM_STEP_NODELIST, "
+                         "SLURM_JOB_NODELIST, SLURM_LAUNCH_NODE_IPADDR is set; export MASTER_ADDR=<first node>")
+    job = os.environ.get("SLURM_JOB_ID", "")
+    env["MASTER_ADDR"] = master
+    env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(20000 + (int(job) % 20000 if job.isdigit() else 9500))
+    return env
+
+
 # a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH / Intel MPI
 SCHEDULER_TASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def check_not_scheduler_tasks():
-    """A stage started as several tasks by a cluster launcher (srun -n 8, mpirun -np 8) but not through torchrun has
-    no RANK/WORLD_SIZE: every task would train alone on the whole data and overwrite the same checkpoint. Stop."""
+    """A stage started as several tasks by a cluster launcher (mpirun -np 8, or SLURM tasks with no SLURM_PROCID) but
+    not through torchrun or srun has no rank: every task would train alone on the whole data and overwrite the same
+    checkpoint. Stop."""
     for name in SCHEDULER_TASKS:
         value = os.environ.get(name, "")
         if value.isdigit():
             if int(value) > 1:
-                raise UsageError(f"launched as {value} tasks ({name}={value}) without torchrun's RANK/WORLD_SIZE, so "
-                                 "every task would train alone and overwrite the same checkpoint; start one task per "
-                                 "node running `torchrun --nnodes N --nproc_per_node GPUS --rdzv_backend c10d "
+                raise UsageError(f"launched as {value} tasks ({name}={value}) without torchrun's RANK/WORLD_SIZE or "
+                                 "srun's SLURM_PROCID, so every task would train alone and overwrite the same "
+                                 "checkpoint; start the tasks with `srun -n N python X.py ...`, or one task per node "
+                                 "running `torchrun --nnodes N --nproc_per_node GPUS --rdzv_backend c10d "
                                  "--rdzv_endpoint HOST:PORT X.py ...` (or one task in all)")
             return                                      # the first variable that is set decides (a step's own count)
 
@@ -280,11 +330,57 @@ def no_sync_unless(model, sync, d):
     return model.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (no loss scaler needed), full fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device):
+    """A GPU with bf16 in hardware (NVIDIA Ampere and later); V100 and T4 emulate it slowly or not at all."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_precision(precision, device):
+    """--precision -> the one a run uses: 'auto' is bf16 on a GPU with native bf16 (no loss scaler needed), else
+    fp32 (on V100/T4-class GPUs ask for fp16: it needs a GradScaler and can overflow). A choice the device cannot
+    do is bad input: bf16 on a GPU without it, or an autocast dtype that fails on this device."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "fp32":
+        return precision
+    if device.type == "cuda" and precision == "bf16" and not native_bf16(device):
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16; use "
+                         "--precision fp16 (with a loss scaler) or fp32")
+    try:                                                                  # a matmul is what autocast must cast
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
+            ok = (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype == AUTOCAST_DTYPES[precision]
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise UsageError(f"--precision {precision}: autocast to {precision} does not work on {device.type} with this "
+                         f"torch {torch.__version__}; use --precision fp32")
+    return precision
+
+
+def autocast(device, precision="auto"):
+    """The forward pass's precision (resolve_precision's choice): autocast to bf16 or fp16, or none (fp32)."""
+    precision = resolve_precision(precision, device) if precision == "auto" else precision
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(device, precision):
+    """fp16 needs its loss scaled so small gradients do not underflow (torch.amp.GradScaler); its scale goes in the
+    checkpoint so a resumed run continues bit for bit. bf16 and fp32 get a disabled scaler: scale() returns the loss
+    as it is and step() is optimizer.step()."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def load_scaler(scaler, state):
+    """A resumed run's loss scale; a checkpoint saved at another precision (a disabled scaler saves {}) leaves the
+    fresh one, so a run that overflowed in fp16 can continue in bf16 or fp32."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- data loading
@@ -522,3 +618,53 @@ def save_args(path, args):
 
 def print_args(d, args):
     print0(d, " ".join(f"{k}={v}" for k, v in vars(args).items()))
+
+
+# ----------------------------------------------------------------------------- progress and TensorBoard
+
+def progress(iterable, desc, total, d, every=1):
+    """rank 0's progress: a tqdm bar in a terminal; outside one (a cluster job's log, nohup, a pipe) tqdm's stream of
+    carriage returns would fill the log, so plain lines instead, one per `every` steps (PlainProgress)."""
+    if d.is_main and not sys.stdout.isatty():
+        return PlainProgress(iterable, desc, total, every)
+    return tqdm(iterable, desc=desc, total=total, disable=not d.is_main, leave=False, dynamic_ncols=True)
+
+
+class PlainProgress:
+    """tqdm's interface where the stages use it: iterate, set_postfix (the stages call it every --log_every steps;
+    it prints `epoch 3 step 40/100 loss 0.8123 lr 1.20e-04 (12.5 it/s)` when the step count is a multiple of
+    `every`, or the last), close. Silent where nothing is set (export loops: the stage prints what it wrote)."""
+
+    def __init__(self, iterable, desc, total, every):
+        self.iterable, self.desc, self.every, self.n = iterable, desc, every, 0
+        self.total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else None
+        self.start = time.time()
+
+    def __iter__(self):
+        for item in self.iterable:
+            self.n += 1                                 # steps begun: inside the loop body, the step's number
+            yield item
+
+    def set_postfix(self, **values):
+        if self.n % self.every and self.n != self.total:
+            return
+        shown = " ".join(f"{k} {v}" for k, v in values.items())
+        rate = self.n / max(time.time() - self.start, 1e-9)
+        print(f"{self.desc} step {self.n}/{self.total if self.total is not None else '?'} {shown} "
+              f"({rate:.1f} it/s)", flush=True)
+
+    def close(self):
+        pass
+
+
+def summary_writer_class(log_dir):
+    """--tensorboard DIR: TensorBoard is optional, imported only when asked for, so it stays out of requirements.txt.
+    Checked before any work: not installed is bad input, one line. -> SummaryWriter, or None without the flag."""
+    if not log_dir:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError(f"--tensorboard {log_dir} needs the tensorboard package, which is not installed; "
+                         "pip install tensorboard, or drop --tensorboard") from None
+    return SummaryWriter
