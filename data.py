@@ -141,14 +141,22 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- the regions file
 
-def save_regions(path, labels, scores, files, meta):
+def save_regions(path, labels, scores, files, meta, masks=None):
     """Write the regions file atomically (temp file in the same folder, then os.replace).
     labels: uint8 [N, gh, gw]; scores: [N, gh, gw] (stored float16) or None; files: N paths
-    relative to the data root in dataset order; meta: dict of plain types (method, kind, input_size, cell_size, num_regions, object_ratio, source)."""
+    relative to the data root in dataset order; meta: dict of plain types (method, kind, input_size, cell_size, num_regions, object_ratio, source;
+    objects: min_share, min_object). masks: objects only, uint8 [N, S, S] or None: the per-pixel object ids the
+    labels were made from (instance ids, or 1 = CAM object), on the image resized to S x S, so that a crop can
+    re-apply the 20% and 5% rules to its own patches (ObjMAE §3.2, §4.1); S x S bytes an image."""
     labels = torch.as_tensor(labels).to(torch.uint8).contiguous()
     if labels.dim() != 3 or labels.shape[0] != len(files):
         raise ValueError(f"labels must be [N, gh, gw] with N = {len(files)} files, got {tuple(labels.shape)}")
     obj = {"labels": labels, "files": [str(f) for f in files], "meta": dict(meta)}
+    if masks is not None:
+        masks = torch.as_tensor(masks).to(torch.uint8).contiguous()
+        if masks.dim() != 3 or masks.shape[0] != len(files):
+            raise ValueError(f"masks must be [N, S, S] with N = {len(files)} files, got {tuple(masks.shape)}")
+        obj["masks"] = masks
     if scores is not None:
         scores = torch.as_tensor(scores).to(torch.float16).contiguous()
         if scores.shape != labels.shape:
@@ -181,8 +189,8 @@ def temp_file(folder, prefix):
 
 def load_regions(path, files, input_size):
     """Load and check a regions file against the dataset's files and --input_size.
-    -> {'labels': uint8 [N, gh, gw], 'scores': float16 [N, gh, gw] or None, 'files', 'meta'}
-    (memory-mapped: DataLoader workers share the pages)."""
+    -> {'labels': uint8 [N, gh, gw], 'scores': float16 [N, gh, gw] or None, 'masks': uint8 [N, S, S] or None,
+    'files', 'meta'} (memory-mapped: DataLoader workers share the pages)."""
     if not os.path.isfile(path):
         raise ValueError(f"regions file {path} does not exist; make it with part_learn.py first")
     try:
@@ -213,7 +221,12 @@ def load_regions(path, files, input_size):
         raise ValueError(f"{path} holds labels of shape {tuple(getattr(labels, 'shape', ()))}, expected uint8 "
                          f"[{len(files)}, {grid}, {grid}] for input size {input_size} and cell size {cell} "
                          "(and scores of the same shape); remake it with part_learn.py")
-    return {"labels": labels, "scores": scores, "files": r["files"], "meta": meta}
+    masks = r.get("masks")
+    if masks is not None and (not isinstance(masks, torch.Tensor) or masks.dtype != torch.uint8
+                              or tuple(masks.shape) != (len(files), input_size, input_size)):
+        raise ValueError(f"{path} holds object masks of shape {tuple(getattr(masks, 'shape', ()))}, expected uint8 "
+                         f"[{len(files)}, {input_size}, {input_size}]; remake it with part_learn.py")
+    return {"labels": labels, "scores": scores, "masks": masks, "files": r["files"], "meta": meta}
 
 
 # ----------------------------------------------------------------------------- cells -> patches

@@ -244,6 +244,11 @@ def region_cell_size(args, regions, patch_size):
         raise UsageError(f"{args.regions} holds objects on {cell_size}-px cells, but the 20% rule (ObjMAE §3.2) "
                          f"must see each {patch_size}-px patch's own pixels; remake it with part_learn.py "
                          f"--cell_size {patch_size}")
+    if (regions["meta"].get("kind") == "objects" and args.crop_scale is not None and cell_size > 1
+            and regions.get("masks") is None):
+        raise UsageError(f"{args.regions} holds objects without their pixel masks, so --crop_scale cannot re-apply "
+                         "the 20% rule to the cropped patches (ObjMAE §3.2); remake it with part_learn.py, which "
+                         "stores them")
     return cell_size
 
 

@@ -192,6 +192,13 @@ def test_regions_round_trip(tmp_path):
     assert [f for f in os.listdir(path.parent)] == ["regions.pt"]          # no temp file left behind
     data.save_regions(str(path), labels.numpy(), None, files, meta)      # numpy in, no scores
     assert data.load_regions(str(path), files, 32)["scores"] is None
+    assert data.load_regions(str(path), files, 32)["masks"] is None
+    masks = torch.randint(0, 3, (len(files), 32, 32), dtype=torch.uint8)  # objects' pixel masks, for the crop
+    data.save_regions(str(path), labels, None, files, meta, masks=masks)
+    assert torch.equal(data.load_regions(str(path), files, 32)["masks"], masks)
+    data.save_regions(str(path), labels, None, files, meta, masks=masks[:, :16, :16])
+    with pytest.raises(ValueError, match=r"object masks of shape .*remake it"):
+        data.load_regions(str(path), files, 32)
 
 
 def test_regions_errors(tmp_path):
