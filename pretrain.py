@@ -76,9 +76,11 @@ def get_args(argv=None):
     g = p.add_argument_group("--mask objmae only")
     g.add_argument("--seq_ratio", type=float, default=0.25,
                    help="objmae: source and target length / L (alpha, §3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
-    g.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"],
-                   help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which; throwout's "
-                        "length is the batch minimum, read on the host: one sync a step")
+    g.add_argument("--padding", default="zero", choices=["zero", "masked", "replicate", "random", "throwout"],
+                   help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which. zero: "
+                        "zero-filled tokens the model attends to (§3.3), no loss; masked (not the paper's): the "
+                        "same slots removed from attention too; throwout's length is the batch minimum, read on the "
+                        "host: one sync a step")
     g.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
                    help="objmae: source and target from one object (§3, Table 6's best), two objects, or the image")
     # augmentation of image and region cells together (data.PretrainDataset)
@@ -330,6 +332,7 @@ def main(args):
     iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    zero_pad = args.mask == "objmae" and args.padding == "zero"            # ObjMAE §3.3: attended zero tokens
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
         loader.sampler.set_epoch(epoch)
@@ -355,7 +358,7 @@ def main(args):
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(ddp, sync, d):
                 with utils.autocast(d.device):
-                    loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+                    loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid, attend_padding=zero_pad)
                 (loss / args.accum_iter).backward()
             if sync:
                 optimizer.step()
@@ -387,19 +390,19 @@ def main(args):
                 g = torch.Generator(d.device).manual_seed(args.seed)
                 net.eval()
                 save_reconstructions(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"), net, vis_imgs,
-                                     masker(vis_cells, vis_scores, progress, generator=g))
+                                     masker(vis_cells, vis_scores, progress, generator=g), zero_pad)
     utils.cleanup_distributed()
 
 
 # ----------------------------------------------------------------------------- pictures
 
-def save_reconstructions(path, net, imgs, masks):
+def save_reconstructions(path, net, imgs, masks, attend_padding=False):
     """One row per image: original | visible (source) patches | reconstruction of the targets |
     reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE) stay grey."""
     src_ids, tgt_ids, src_valid, tgt_valid = masks
     p = net.patch_size
     with torch.no_grad():
-        _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+        _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid, attend_padding)
         pred = net.pred_to_pixels(imgs, tgt_ids, pred)                     # de-normalise norm_pix_loss
     patches = models.patchify(imgs, p)                                     # [B, L, p*p*3]
     mean = torch.tensor(data.IMAGENET_MEAN).repeat(p * p)                  # pixel order (p, q, c)

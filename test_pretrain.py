@@ -224,6 +224,22 @@ def test_cropped_objects_without_masks_are_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("padding,attended", [("zero", True), ("masked", False), ("replicate", False)])
+def test_zero_padding_reaches_the_model_as_attended_tokens(tmp_path, monkeypatch, padding, attended):
+    """--padding zero (the default) runs the model with attend_padding (ObjMAE §3.3's zero-filled tokens);
+    --padding masked keeps the padding out of attention."""
+    seen = set()
+    real = models.MaskedAutoencoderViT.forward
+
+    def record(self, *a, attend_padding=False, **k):
+        seen.add(attend_padding)
+        return real(self, *a, attend_padding=attend_padding, **k)
+    monkeypatch.setattr(models.MaskedAutoencoderViT, "forward", record)
+    pretrain.main(pretrain.get_args(TINY_QUIET + ["--mask", "objmae", "--padding", padding, "--epochs", "1",
+                                                  "--output_dir", str(tmp_path / padding)]))
+    assert seen == {attended}
+
+
 def test_objects_on_finer_cells_are_refused_at_a_coarser_patch(tmp_path):
     """An object regions file on 8-px cells (every file made before this rule) cannot feed a patch-16 model: one
     line that says how to remake it. Parts on 8-px cells can (a vote), and cells coarser than the patch cannot."""
