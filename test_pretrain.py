@@ -240,6 +240,32 @@ def test_zero_padding_reaches_the_model_as_attended_tokens(tmp_path, monkeypatch
     assert seen == {attended}
 
 
+def test_objmae_drops_images_without_objects_and_says_how_many(tmp_path, monkeypatch, capsys):
+    """ObjMAE §4.1: images with no object are not pre-trained on. From a regions file: two images with no object
+    and one whose only object is a single patch (it cannot be split into source and target) are never drawn."""
+    ds = data.ShapesDataset(16, img_size=32)
+    labels = torch.zeros(16, 4, 4, dtype=torch.uint8)
+    labels[:, :2, :2] = 1                                                  # a 4-patch object
+    labels[[0, 3]] = 0
+    labels[5] = 0
+    labels[5, 3, 3] = 2                                                    # one patch: no object to split
+    path = str(tmp_path / "objects.pt")
+    data.save_regions(path, labels, None, ds.files, {"kind": "objects", "input_size": 32, "cell_size": 8,
+                                                     "num_regions": 2}, masks=torch.zeros(16, 32, 32))
+    drawn = set()
+    real = data.PretrainDataset.__getitem__
+
+    def record(self, i):
+        if self.hflip:                                                     # the training set, not the pictures'
+            drawn.add(i)
+        return real(self, i)
+    monkeypatch.setattr(data.PretrainDataset, "__getitem__", record)
+    pretrain.main(pretrain.get_args(TINY_QUIET + ["--mask", "objmae", "--regions", path, "--epochs", "1",
+                                                  "--batch_size", "13", "--output_dir", str(tmp_path / "o")]))
+    assert drawn == set(range(16)) - {0, 3, 5}
+    assert "dropped 3 of 16 images with no object" in capsys.readouterr().out
+
+
 def test_objects_on_finer_cells_are_refused_at_a_coarser_patch(tmp_path):
     """An object regions file on 8-px cells (every file made before this rule) cannot feed a patch-16 model: one
     line that says how to remake it. Parts on 8-px cells can (a vote), and cells coarser than the patch cannot."""
@@ -925,7 +951,7 @@ def test_cosine_lr_values():
 class ExactMAE(models.MaskedAutoencoderViT):
     """Predicts every target patch exactly, normalised by its own mean and std as norm_pix_loss trains it."""
 
-    def forward(self, imgs, src_ids, tgt_ids, src_valid=None, tgt_valid=None):
+    def forward(self, imgs, src_ids, tgt_ids, src_valid=None, tgt_valid=None, attend_padding=False):
         patches = models.patchify(imgs, self.patch_size)
         target = patches.gather(1, tgt_ids[..., None].expand(-1, -1, patches.shape[-1]))   # [B, n, p*p*3]
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
