@@ -102,13 +102,19 @@ class PretrainDataset(torch.utils.data.Dataset):
             x = TF.to_tensor(resized(img, S))                              # [3, S, S] in [0, 1]
         else:                                                              # MAE: the box cut from the original
             x = resized_crop(TF.to_tensor(img), box, S)
-        if self.regions is None and mask is not None and mask.shape != (S, S):
-            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))  # as its image, ids stay ids
-        labels, scores = self.cells(i, mask, box, extent)
+        labels, scores = self.cells(i, self.square_mask(mask), box, extent)
         if self.hflip and torch.rand(()) < 0.5:
             x, labels, scores = x.flip(-1), labels.flip(-1), scores.flip(-1)
         x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
         return x, labels, scores, target
+
+    def square_mask(self, mask):
+        """The base's instance mask (or None) at S x S, resized as its image is (nearest: ids stay ids); not read
+        with a regions file, which brings its own objects."""
+        S = self.size
+        if self.regions is None and mask is not None and mask.shape != (S, S):
+            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
+        return mask
 
     def cells(self, i, mask, box, extent):
         """Region cells and scores of sample i for the crop `box` (top, left, h, w in pixels of the original image,
@@ -297,12 +303,13 @@ def crop_box(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     return (H - h) // 2, (W - w) // 2, h, w
 
 
-def _boxes(box, n):
-    """One box (top, left, h, w) or n of them ([n, 4]) -> a list of n int 4-tuples."""
-    rows = torch.as_tensor(box).reshape(-1, 4).tolist()
+def _boxes(box, n, kind=int):
+    """One box (top, left, h, w) or n of them ([n, 4]) -> a list of n 4-tuples of `kind` (int for pixels, float
+    for cells, which a box of fractional pixels may cut, as a centre crop's mapped onto the original does)."""
+    rows = torch.as_tensor(box, dtype=torch.float64).reshape(-1, 4).tolist()
     if len(rows) not in (1, n):
         raise ValueError(f"{len(rows)} crop boxes for {n} images")
-    return [tuple(int(v) for v in r) for r in (rows * n if len(rows) == 1 else rows)]
+    return [tuple(kind(v) for v in r) for r in (rows * n if len(rows) == 1 else rows)]
 
 
 def resized_crop(x, box, size):
@@ -347,7 +354,7 @@ def resized_crop_cells(labels, scores, box, size):
     B, gh, gw = lab.shape
     H, W = _extent(size)
     out_lab, out_sc = [], []
-    for b, (t, l, h, w) in enumerate(_boxes(box, B)):
+    for b, (t, l, h, w) in enumerate(_boxes(box, B, float)):
         (ny, wy), (nx, wx) = _axis_map(t, h, H, gh), _axis_map(l, w, W, gw)
         out_lab.append(lab[b][ny.to(lab.device)][:, nx.to(lab.device)])
         if sc is not None:
@@ -361,13 +368,13 @@ def resized_crop_cells(labels, scores, box, size):
 def resized_crop_mask(mask, box, size, extent=None):
     """Instance mask np.uint8 [mh, mw] over an image of `extent` (H, W) pixels (None: the mask's own size) -> the
     crop box (top, left, h, w, in the image's pixels) resized to size x size, nearest (the mask pixel under each
-    output pixel's centre, exact integer arithmetic): ids stay ids. A mask stored at S x S for an H x W image (the
-    regions file's, the image cache's) is cropped by the same box as the image."""
-    (mh, mw), t, l, h, w = mask.shape, *(int(v) for v in box)
+    output pixel's centre; float64, exact for integer boxes): ids stay ids. A mask stored at S x S for an H x W image
+    (the regions file's, the image cache's) is cropped by the same box as the image; the box may be fractional."""
+    (mh, mw), (t, l, h, w) = mask.shape, (float(v) for v in box)
     H, W = (mh, mw) if extent is None else extent
-    y = ((2 * size * t + (2 * np.arange(size) + 1) * h) * mh) // (2 * size * H)
-    x = ((2 * size * l + (2 * np.arange(size) + 1) * w) * mw) // (2 * size * W)
-    return np.ascontiguousarray(mask[y[:, None], x[None]])
+    y = np.floor((2 * size * t + (2 * np.arange(size) + 1) * h) * mh / (2 * size * H)).astype(np.int64)
+    x = np.floor((2 * size * l + (2 * np.arange(size) + 1) * w) * mw / (2 * size * W)).astype(np.int64)
+    return np.ascontiguousarray(mask[y.clip(0, mh - 1)[:, None], x.clip(0, mw - 1)[None]])
 
 
 # ----------------------------------------------------------------------------- image folders

@@ -43,7 +43,8 @@ probe because LARS's steps are tiny at batch 64 (see --opt):
 Flags left at their default (None) take the recipe of the mode: fine-tuning (MAE's main_finetune: AdamW, blr 5e-4,
 layer decay 0.65, wd 0.05, drop path 0.1, 100 epochs, 5 warm-up, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
 RandAugment m9 n2, random erasing 0.25, global average pooling) or linear probing (MAE's main_linprobe: LARS,
-blr 0.1, wd 0, 90 epochs, 10 warm-up, RandomResizedCrop + flip only, class token, BatchNorm without affine).
+blr 0.1, wd 0, 90 epochs, 10 warm-up, RandomResizedCrop + flip only, class token, BatchNorm without affine; with
+--keep_ratio the crops cut the foreground cells too).
 The saved models use timm's key names: model-timm.pth loads into timm's VisionTransformer unchanged.
 
 References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
@@ -464,15 +465,36 @@ def timm_state_dict(net):
 # ----------------------------------------------------------------------------- data
 
 class Foreground(data.PretrainDataset):
-    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe. No crop, so the cells stay on
-    the image (only a joint flip, as in pre-training). Scores come from the regions file, else object cells
-    (id 1..254 of the regions or of the base's instance masks) count 1 and background 0."""
+    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe, with MAE's linear-probe
+    pipeline on the image and its cells together: training, RandomResizedCrop (crop_scale = (--crop_min, 1), cut
+    from the original) + flip, PretrainDataset's joint crop; validation (crop_pct), resize the shorter side to
+    S / crop_pct + centre crop S as torchvision's Resize + CenterCrop, the cells cut to the same box mapped onto
+    the original. Scores come from the regions file, else object cells (id 1..254 of the regions or of the base's
+    instance masks) count 1 and background 0."""
+
+    def __init__(self, base, input_size, crop_pct=None, **kw):
+        super().__init__(base, input_size, **kw)
+        self.crop_pct = crop_pct
 
     def __getitem__(self, i):
-        img, cells, scores, target = super().__getitem__(i)
+        img, cells, scores, target = super().__getitem__(i) if self.crop_pct is None else self.centre(i)
         if self.regions is None or self.regions["scores"] is None:
             scores = ((cells > 0) & (cells != data.IGNORE)).float()
         return img, target, scores
+
+    def centre(self, i):
+        """MAE's validation view of sample i: (img [3, S, S] normalised, labels, scores, target), no flip."""
+        img, mask, target = self.base.load(i)
+        S, (H, W) = self.size, (img.height, img.width)
+        short = int(S / self.crop_pct)                                     # torchvision Resize(int): shorter side
+        nh, nw = (int(short * H / W), short) if W <= H else (short, int(short * W / H))
+        top, left = int(round((nh - S) / 2.0)), int(round((nw - S) / 2.0))  # torchvision CenterCrop
+        bicubic = v2.InterpolationMode.BICUBIC
+        x = v2.functional.center_crop(v2.functional.resize(img, [nh, nw], interpolation=bicubic, antialias=True), S)
+        x = v2.functional.to_dtype(v2.functional.to_image(x), torch.float32, scale=True)
+        box = (top * H / nh, left * W / nw, S * H / nh, S * W / nw)       # the crop, in the original's pixels
+        labels, scores = self.cells(i, self.square_mask(mask), box, (H, W))
+        return v2.functional.normalize(x, data.IMAGENET_MEAN, data.IMAGENET_STD), labels, scores, target
 
 
 def build_transform(args, train):
@@ -535,7 +557,8 @@ def build_datasets(args):
         if regions and regions["scores"] is None and regions["meta"].get("kind") != "objects":
             raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs part_learn.py's scores")
         cell = regions["meta"]["cell_size"] if regions else 8
-        sets.append(Foreground(base, args.input_size, regions=regions, hflip=train, cell_size=cell))
+        sets.append(Foreground(base, args.input_size, crop_pct=None if train else args.crop_pct, regions=regions,
+                               hflip=train, cell_size=cell, crop_scale=(args.crop_min, 1.0) if train else None))
     return (None if args.eval else sets[0]), sets[-1], bases[0].classes
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 import data
 import finetune
@@ -228,3 +229,27 @@ def test_load_error_lists_the_names_that_fit(tmp_path):
     finetune.check_args(args)
     with pytest.raises(UsageError, match="pass --model vit_tiny_patch8$"):
         finetune.load_pretrained(finetune.build_model(args, 20), args.finetune)
+
+
+def test_keep_ratio_probe_uses_maes_probe_crops():
+    """SemMAE Table 1 right's probe (--keep_ratio < 1) with MAE's linear-probe pipeline: training samples are the
+    joint RandomResizedCrop(--crop_min, 1) + flip of image and cells; validation resizes the shorter side to
+    S / --crop_pct and centre-crops S, as torchvision does, with the cells cut to the same box (so --crop_min and
+    --crop_pct act here, not only in fine-tuning)."""
+    args = checked_args(FT_TINY + ["--linprobe", "--keep_ratio", "0.5", "--crop_min", "0.3", "--crop_pct", "0.8"])
+    train, val, _ = finetune.build_datasets(args)
+    assert train.crop_scale == (0.3, 1.0) and train.hflip and val.crop_scale is None and not val.hflip
+    S, base = 32, val.base
+    img, target, scores = val[3]
+    photo, mask, label = base.load(3)
+    bicubic = v2.InterpolationMode.BICUBIC
+    ref = v2.Compose([v2.Resize(int(S / 0.8), interpolation=bicubic, antialias=True), v2.CenterCrop(S),
+                      v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                      v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])(photo)
+    assert torch.allclose(img, ref, atol=1e-6) and target == label
+    side = int(S / 0.8)                                                    # 40: the box is pixels 4..36 of 40
+    box = (4 * S / side, 4 * S / side, S * S / side, S * S / side)
+    cells = data.instance_cells(data.resized_crop_mask(mask, box, S), (S // 8, S // 8))
+    assert torch.equal(scores, torch.from_numpy(cells > 0).float())
+    whole = [torch.from_numpy(data.instance_cells(base.load(i)[1], (4, 4)) > 0).float() for i in range(8)]
+    assert any(not torch.equal(val[i][2], whole[i]) for i in range(8))   # not the whole-image squash
