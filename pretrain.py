@@ -190,6 +190,7 @@ def check_args(args):
         "gamma": (semmae_schedule, "with --mask semmae and no --alpha (the schedule alpha = progress ** gamma)"),
         "reverse": (semmae_schedule, "with --mask semmae and no --alpha (the schedule runs 1 -> 0)"),
         "alpha": (args.mask == "semmae", "with --mask semmae"),
+        "mask_ratio": (args.mask != "objmae", "with --mask random or semmae (objmae's lengths are --seq_ratio)"),
         "seq_ratio": (args.mask == "objmae", "with --mask objmae"),
         "padding": (args.mask == "objmae", "with --mask objmae"),
         "relation": (args.mask == "objmae", "with --mask objmae"),
