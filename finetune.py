@@ -42,7 +42,7 @@ probe because LARS's steps are tiny at batch 64 (see --opt):
 
 Flags left at their default (None) take the recipe of the mode: fine-tuning (MAE's main_finetune: AdamW, blr 5e-4,
 layer decay 0.65, wd 0.05, drop path 0.1, 100 epochs, 5 warm-up, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
-RandAugment m9 n2, random erasing 0.25, global average pooling) or linear probing (MAE's main_linprobe: LARS,
+RandAugment rand-m9-mstd0.5-inc1 (timm's policy: randaugment.py), random erasing 0.25, global average pooling) or linear probing (MAE's main_linprobe: LARS,
 blr 0.1, wd 0, 90 epochs, 10 warm-up, RandomResizedCrop + flip only, class token, BatchNorm without affine; with
 --keep_ratio the crops cut the foreground cells too).
 The saved models use timm's key names: model-timm.pth loads into timm's VisionTransformer unchanged.
@@ -67,6 +67,7 @@ from tqdm import tqdm
 import data
 import masking
 import model as models
+import randaugment
 import utils
 from utils import UsageError
 
@@ -103,7 +104,9 @@ def get_args(argv=None):
     g = p.add_argument_group("augmentation (MAE's main_finetune; fine-tuning only, except --crop_min and --crop_pct)")
     g.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
     g.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to size/crop_pct, centre crop")
-    g.add_argument("--aa", default="rand-m9-n2", help="RandAugment 'rand-m<magnitude>-n<ops>' or 'none'")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
+                   help="timm's RandAugment string, 'rand' then -m<magnitude> (of 10), -n<ops>, -mstd<magnitude noise>, "
+                        "-inc<0|1> (MAE: rand-m9-mstd0.5-inc1; randaugment.py), or 'none'")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
@@ -508,9 +511,8 @@ def build_transform(args, train):
         head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic, antialias=True),
                 v2.RandomHorizontalFlip()]
         if not args.linprobe and randaug(args.aa):
-            magnitude, ops = randaug(args.aa)
-            head.append(v2.RandAugment(ops, magnitude, interpolation=bicubic,
-                                       fill=[round(255 * m) for m in mean]))  # timm fills with the mean colour
+            head.append(randaugment.RandAugment(**randaug(args.aa),
+                                                fill=[round(255 * m) for m in mean]))  # timm: the mean colour
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if train and not args.linprobe and args.reprob > 0:
         tail.append(v2.RandomErasing(args.reprob, value="random"))
@@ -518,14 +520,23 @@ def build_transform(args, train):
 
 
 def randaug(aa):
-    """'rand-m9-n2' -> (magnitude 9, 2 ops), 'none' -> None. timm's 'mstd0.5' (noise on the magnitude) has no
-    torchvision counterpart, so MAE's rand-m9-mstd0.5-inc1 becomes a fixed magnitude 9."""
+    """timm's RandAugment string -> randaugment.RandAugment's arguments, 'none' -> None. 'rand-m9-mstd0.5-inc1'
+    (MAE) -> magnitude 9, 2 ops, magnitude noise 0.5, the increasing ops; sections in any order, timm's defaults
+    for those left out (m10, n2, mstd0, inc0)."""
     if aa == "none":
         return None
-    m = re.fullmatch(r"rand-m(\d+)-n(\d+)", aa)
-    if not m:
-        raise UsageError(f"--aa {aa} is not 'rand-m<magnitude>-n<ops>' (e.g. rand-m9-n2) or 'none'")
-    return int(m[1]), int(m[2])
+    parts = aa.split("-")
+    out = dict(magnitude=10, num_ops=2, mstd=0.0, increasing=False)
+    keys = {"m": ("magnitude", int), "n": ("num_ops", int), "mstd": ("mstd", float), "inc": ("increasing", int)}
+    sections = [re.fullmatch(r"(mstd|inc|m|n)(\d+(?:\.\d+)?)", part) for part in parts[1:]]
+    if parts[0] != "rand" or not all(m and (m[1] == "mstd" or "." not in m[2]) for m in sections):
+        raise UsageError(f"--aa {aa} is not timm's 'rand-m<magnitude>-n<ops>-mstd<noise>-inc<0|1>' "
+                         "(e.g. rand-m9-mstd0.5-inc1) or 'none'")
+    for m in sections:
+        name, kind = keys[m[1]]
+        out[name] = kind(m[2])
+    out["increasing"] = bool(out["increasing"])
+    return out
 
 
 def build_datasets(args):

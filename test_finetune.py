@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -253,3 +254,72 @@ def test_keep_ratio_probe_uses_maes_probe_crops():
     assert torch.equal(scores, torch.from_numpy(cells > 0).float())
     whole = [torch.from_numpy(data.instance_cells(base.load(i)[1], (4, 4)) > 0).float() for i in range(8)]
     assert any(not torch.equal(val[i][2], whole[i]) for i in range(8))   # not the whole-image squash
+
+
+# ----------------------------------------------------------------------------- RandAugment (timm's policy)
+
+# timm's magnitudes at m9 (timm/data/auto_augment.py in huggingface/pytorch-image-models: _LEVEL_DENOM = 10, rotate
+# 30 * level degrees, shear 0.3 * level, translate_pct 0.45 * level, the 'Increasing' enhance ops 1 +- 0.9 * level,
+# PosterizeIncreasing 4 - int(4 * level) bits, SolarizeIncreasing 256 - int(256 * level), SolarizeAdd
+# int(110 * level)), with level = 9 / 10. Written out here: the tests do not import timm.
+TIMM_M9 = {"Rotate": 27.0, "ShearX": 0.27, "ShearY": 0.27, "TranslateXRel": 0.405, "TranslateYRel": 0.405,
+           "ColorIncreasing": 1.81, "ContrastIncreasing": 1.81, "BrightnessIncreasing": 1.81,
+           "SharpnessIncreasing": 1.81, "PosterizeIncreasing": 1, "SolarizeIncreasing": 26, "SolarizeAdd": 99}
+
+
+def test_randaugment_magnitudes_at_m9_are_timms():
+    """MAE's rand-m9-mstd0.5-inc1: each op's argument at m9 is timm's (torchvision's RandAugment(2, 9) has 31 bins:
+    rotate 9 degrees, shear 0.09, enhance 1 +- 0.27, a third of these)."""
+    import randaugment
+    for name, value in TIMM_M9.items():
+        assert randaugment.op_argument(name, 9) == pytest.approx(value), name
+    for name in ("Rotate", "ShearX", "TranslateYRel"):
+        assert randaugment.op_argument(name, 9, negate=True) == pytest.approx(-TIMM_M9[name])
+    assert randaugment.op_argument("ContrastIncreasing", 9, negate=True) == pytest.approx(0.19)
+    assert randaugment.op_argument("Rotate", 10) == 30.0 and randaugment.INCREASING[3] == "Rotate"
+    assert finetune.randaug("rand-m9-mstd0.5-inc1") == dict(magnitude=9, num_ops=2, mstd=0.5, increasing=True)
+    ra = [t for t in finetune.build_transform(checked_args(FT_TINY), True).transforms
+          if isinstance(t, randaugment.RandAugment)]
+    assert len(ra) == 1 and (ra[0].magnitude, ra[0].mstd, ra[0].ops) == (9, 0.5, randaugment.INCREASING)
+
+
+def test_randaugment_ops_give_timms_pixels():
+    """Each geometric and enhance op at its m9 argument gives the pixels of the PIL call timm makes (bicubic,
+    mean-colour fill): rotate by 27 degrees, shear by the factor 0.27, translate by 0.405 of the side (up to one
+    level in a rare pixel: torchvision's shear goes through an angle)."""
+    import randaugment
+    from PIL import Image, ImageEnhance
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((48, 60, 3)) * 255).astype(np.uint8)).resize((120, 96), Image.BICUBIC)
+    fill = (124, 116, 104)
+    W, H = img.size
+    refs = {"Rotate": img.rotate(27.0, resample=Image.BICUBIC, fillcolor=fill),
+            "ShearX": img.transform(img.size, Image.AFFINE, (1, 0.27, 0, 0, 1, 0), Image.BICUBIC, fillcolor=fill),
+            "ShearY": img.transform(img.size, Image.AFFINE, (1, 0, 0, 0.27, 1, 0), Image.BICUBIC, fillcolor=fill),
+            "TranslateXRel": img.transform(img.size, Image.AFFINE, (1, 0, 0.405 * W, 0, 1, 0), Image.BICUBIC,
+                                           fillcolor=fill),
+            "TranslateYRel": img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, 0.405 * H), Image.BICUBIC,
+                                           fillcolor=fill),
+            "ContrastIncreasing": ImageEnhance.Contrast(img).enhance(1.81),
+            "ColorIncreasing": ImageEnhance.Color(img).enhance(1.81),
+            "BrightnessIncreasing": ImageEnhance.Brightness(img).enhance(1.81),
+            "SharpnessIncreasing": ImageEnhance.Sharpness(img).enhance(1.81)}
+    for name, ref in refs.items():
+        out = randaugment.apply_op(img, name, randaugment.op_argument(name, 9), list(fill))
+        diff = np.abs(np.asarray(out, dtype=int) - np.asarray(ref, dtype=int))   # shear: factor -> angle -> factor
+        assert diff.max() <= 1 and diff.mean() < 1e-3, (name, diff.max(), diff.mean())
+
+
+def test_randaugment_draws_from_torch_and_applies_each_op_half_the_time():
+    """Two ops per image, each applied with probability 0.5: about a quarter of the images are left as they are;
+    the draws come from torch's generator (so a seeded DataLoader worker repeats them)."""
+    import randaugment
+    from PIL import Image
+    img = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
+    ra = randaugment.RandAugment(9, 2, 0.5, True, (124, 116, 104))
+    torch.manual_seed(0)
+    outs = [np.asarray(ra(img)) for _ in range(400)]
+    same = np.mean([np.array_equal(o, np.asarray(img)) for o in outs])
+    assert 0.18 < same < 0.36, same                                       # 1/4, plus ops that change nothing
+    torch.manual_seed(0)
+    assert all(np.array_equal(np.asarray(ra(img)), o) for o in outs[:20])
