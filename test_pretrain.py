@@ -1290,3 +1290,20 @@ def test_stage_skeleton_lr_rule_and_accumulation_check():
         utils.check_accum(loader, 10, types.SimpleNamespace(accum_iter=4, batch_size=4))
     net = torch.nn.Linear(2, 2)
     assert utils.wrap_ddp(net, types.SimpleNamespace(world=1, device=torch.device("cpu"), local_rank=0)) is net
+
+
+def test_pretraining_decays_the_tokens_as_maes_code():
+    """MAE's main_pretrain groups AdamW's parameters with timm 0.3.2's add_weight_decay and no skip list: only 1-D
+    tensors and biases are exempt, so cls_token and mask_token ([1, 1, D]) are decayed; the sin-cos position
+    embeddings are fixed. Fine-tuning keeps MAE's main_finetune rule (cls_token and pos_embed not decayed)."""
+    net = models.MODELS["mae_vit_tiny_patch8"](img_size=32)
+    decay, no_decay = utils.param_groups(net, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in net.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= decayed
+    assert not any(n.endswith(".bias") or "norm" in n or "pos_embed" in n for n in decayed), decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(p.requires_grad for p in net.parameters())
+    vit = models.VITS["vit_tiny_patch8"](img_size=32, num_classes=5)
+    ft = {id(p): g["weight_decay"] for g in finetune.param_groups_lrd(vit, 0.05, 0.65) for p in g["params"]}
+    assert ft[id(vit.cls_token)] == 0.0 and ft[id(vit.blocks[0].attn.qkv.weight)] == 0.05
