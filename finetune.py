@@ -4,7 +4,7 @@ The papers' settings, on 8 GPUs (effective batch = --batch_size x --accum_iter x
 beside each, what the paper reports (for the MAE baselines: --finetune mae16/checkpoint-last.pth).
 Fine-tuning with MAE's recipe (below), ImageNet-1k, batch 8 x 32 x 4 = 1024:
 SemMAE Table 2, ViT-B/16: MAE 83.26%, SemMAE 83.34%; ViT-B/8 (every patch: fine-tuning has no keep ratio):
-MAE 83.10%, SemMAE 84.5% (also Table 5):
+MAE 83.10% (--finetune mae8/checkpoint-last.pth), SemMAE 84.5% (also Table 5):
     torchrun --nproc_per_node=8 finetune.py --model vit_base_patch16 --finetune semmae16/checkpoint-last.pth \
         --data_path IMAGENET --accum_iter 4
     torchrun --nproc_per_node=8 finetune.py --model vit_base_patch8 --finetune semmae8/checkpoint-last.pth \
@@ -18,15 +18,19 @@ part_learn.py: MAE 66.8%, SemMAE 68.7%, also Table 5):
         --data_path IMAGENET --accum_iter 4 --keep_ratio 0.25 --regions parts/regions.pt \
         --val_regions parts_val/regions.pt
 ObjMAE (Table 2: AdamW (0.9, 0.999), eps 1e-8, Lookahead, layer decay 0.65, weight decay 0.05, min lr 1e-5; Table 3:
-batch 256, lr 1e-3, 5 warm-up epochs): ViT-S/16 fine-tuned on ImageNet-100 for 100 epochs (Table 4, CAM objects,
-seq_ratio 1/4: 88.69% top-1, 98.06% top-5; Table 5, COCO objects: 87.52%, 97.48%), on CIFAR-100 for 90 epochs, images
-resized to 224 (Table 5: 81.80%), and linear probing on ImageNet-100 (Table 5: 29.84%; its recipe is not given, MAE's).
-For the COCO run: --finetune objmae_coco/checkpoint-last.pth.
+batch 256, lr 1e-3, 5 warm-up epochs; §4.2: BiT's fine-tuning settings (Kolesnikov et al. 2020): resize + random crop
++ flip, MixUp 0.1, no RandAugment, CutMix, erasing or label smoothing): ViT-S/16 fine-tuned on ImageNet-100 for 100
+epochs (Table 4, CAM objects, seq_ratio 1/4: 88.69% top-1, 98.06% top-5; Table 5, COCO objects: 87.52%, 97.48%), on
+CIFAR-100 for 90 epochs, images resized from 32 to 224 (--crop_pct 1.0: no centre crop; Table 5: 81.80%), and linear
+probing on ImageNet-100 (Table 5: 29.84%; its recipe is not given, MAE's). For the COCO run:
+--finetune objmae_coco/checkpoint-last.pth.
     torchrun --nproc_per_node=8 finetune.py --model vit_small_patch16 --finetune objmae/checkpoint-last.pth \
-        --data_path IMAGENET100 --batch_size 32 --epochs 100 --warmup_epochs 5 --blr 1e-3 --min_lr 1e-5 --lookahead
+        --data_path IMAGENET100 --batch_size 32 --epochs 100 --warmup_epochs 5 --blr 1e-3 --min_lr 1e-5 --lookahead \
+        --train_crop bit --aa none --mixup 0.1 --cutmix 0 --reprob 0 --smoothing 0
     torchrun --nproc_per_node=8 finetune.py --model vit_small_patch16 --finetune objmae/checkpoint-last.pth \
         --dataset cifar100 --data_path data/cifar100 --download --batch_size 32 --epochs 90 --warmup_epochs 5 \
-        --blr 1e-3 --min_lr 1e-5 --lookahead
+        --blr 1e-3 --min_lr 1e-5 --lookahead --crop_pct 1.0 \
+        --train_crop bit --aa none --mixup 0.1 --cutmix 0 --reprob 0 --smoothing 0
     torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_small_patch16 --finetune objmae/checkpoint-last.pth \
         --data_path IMAGENET100
 Top-1/top-5 of a trained model (ours, or an official fine-tuned MAE checkpoint {'model': ...}) without training:
@@ -102,6 +106,10 @@ def get_args(argv=None):
     g.add_argument("--keep_ratio", type=float, default=1.0,
                    help="linear probing on the most foreground fraction of patches (SemMAE 8x8: 0.25)")
     g = p.add_argument_group("augmentation (MAE's main_finetune; fine-tuning only, except --crop_min and --crop_pct)")
+    g.add_argument("--train_crop", default="rrc", choices=["rrc", "bit"],
+                   help="fine-tuning crop: rrc = RandomResizedCrop(--crop_min, 1) (MAE); bit = the image resized to a "
+                        "square of 7/6 the input size, then a random crop of the input size (BiT, Kolesnikov et al. "
+                        "2020: 448 -> 384), which ObjMAE §4.2 follows")
     g.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
     g.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to size/crop_pct, centre crop")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
@@ -125,7 +133,8 @@ def get_args(argv=None):
                    help="fine-tuning AdamW betas (MAE's main_finetune: torch's default; ObjMAE Table 2: the same)")
     g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
     g.add_argument("--lookahead", action="store_true", help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
-    g.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
+    g.add_argument("--lookahead_k", type=int, default=5,
+                   help="Lookahead's k, not given by ObjMAE (Zhang et al. 2019: 5; timm's Lookahead: 6)")
     g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
     g = p.add_argument_group("linear probing only (--linprobe)")
     g.add_argument("--opt", default="lars", choices=["lars", "sgd"],
@@ -146,7 +155,8 @@ def check_args(args):
     tuning, probing = (not args.linprobe, "in fine-tuning (without --linprobe)"), (args.linprobe, "with --linprobe")
     utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
         **{f: tuning for f in ("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing", "layer_decay",
-                               "opt_betas", "opt_eps")},
+                               "opt_betas", "opt_eps", "train_crop")},
+        "crop_min": (args.linprobe or args.train_crop == "rrc", "with --train_crop rrc (or --linprobe)"),
         "opt": probing,
         "blr": (args.lr is None, "without --lr (which overrides it)"),
         "lookahead_k": (args.lookahead, "with --lookahead"),
@@ -502,7 +512,9 @@ class Foreground(data.PretrainDataset):
 
 def build_transform(args, train):
     """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip + RandAugment + random
-    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop."""
+    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop.
+    --train_crop bit: BiT's resize to a square of 7/6 the size + random crop (bilinear, torchvision's default, as
+    BiT's code) in place of RandomResizedCrop."""
     bicubic = v2.InterpolationMode.BICUBIC
     size, mean, std = args.input_size, data.IMAGENET_MEAN, data.IMAGENET_STD
     if not train:
@@ -510,6 +522,8 @@ def build_transform(args, train):
     else:
         head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic, antialias=True),
                 v2.RandomHorizontalFlip()]
+        if args.train_crop == "bit" and not args.linprobe:
+            head[0:1] = [v2.Resize((round(size * 7 / 6),) * 2, antialias=True), v2.RandomCrop(size)]
         if not args.linprobe and randaug(args.aa):
             head.append(randaugment.RandAugment(**randaug(args.aa),
                                                 fill=[round(255 * m) for m in mean]))  # timm: the mean colour

@@ -17,6 +17,7 @@ The papers' settings, on 8 GPUs. SemMAE's parts (§4.1: a frozen self-supervised
 blur 7, lambda 0.03; "2 hours on one A100"), on 8-px cells for a ViT-B/8 (SemMAE Table 1 right, Tables 2, 5):
     torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
         --encoder_weights dino_deitsmall8_pretrain.pth --output_dir parts
+(DINO's released ViT-S/8 stands in for SemMAE's iBOT-pretrained ViT-S on 8x8 patches; an iBOT checkpoint also loads)
 the same parts for a ViT-B/16 (Table 1 left): the maps pooled over each 16-px patch, then the argmax, no training:
     torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
         --encoder_weights dino_deitsmall8_pretrain.pth --export_only --resume parts/checkpoint-last.pth \

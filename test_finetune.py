@@ -323,3 +323,31 @@ def test_randaugment_draws_from_torch_and_applies_each_op_half_the_time():
     assert 0.18 < same < 0.36, same                                       # 1/4, plus ops that change nothing
     torch.manual_seed(0)
     assert all(np.array_equal(np.asarray(ra(img)), o) for o in outs[:20])
+
+
+BIT = ["--train_crop", "bit", "--aa", "none", "--mixup", "0.1", "--cutmix", "0", "--reprob", "0", "--smoothing", "0"]
+
+
+def test_bit_recipe_for_objmae_fine_tuning():
+    """ObjMAE §4.2 fine-tunes with BiT's settings (Kolesnikov et al. 2020): the image resized to a square and
+    randomly cropped (448 -> 384, here 7/6 of the input size), a flip, MixUp 0.1; no RandAugment, CutMix, erasing or
+    label smoothing. The ObjMAE fine-tuning commands carry these flags."""
+    from PIL import Image
+    args = checked_args(FT_TINY + BIT)
+    tf = finetune.build_transform(args, True)
+    photo = Image.fromarray((np.random.default_rng(0).random((30, 50, 3)) * 255).astype(np.uint8))
+    ref = v2.Compose([v2.Resize((37, 37), antialias=True), v2.RandomCrop(32), v2.RandomHorizontalFlip(), v2.ToImage(),
+                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    for seed in range(4):
+        torch.manual_seed(seed)
+        x = tf(photo)
+        torch.manual_seed(seed)
+        assert torch.equal(x, ref(photo)), seed
+    mix = finetune.make_mixup(args, 20)
+    assert isinstance(mix.transforms[0], v2.MixUp) and len(mix.transforms) == 1 and mix.transforms[0].alpha == 0.1
+    with pytest.raises(UsageError, match="--crop_min does nothing here"):
+        checked_args(FT_TINY + BIT + ["--crop_min", "0.3"])
+    docs = (finetune.__doc__ + open(os.path.join(HERE, "README.md")).read()).replace("\\\n", " ")
+    objmae_rows = [" ".join(ln.split()) for ln in docs.splitlines() if "torchrun" in ln and "finetune.py" in ln
+                   and "objmae" in ln and "--linprobe" not in ln]
+    assert len(objmae_rows) == 4 and all(" ".join(BIT) in row for row in objmae_rows), objmae_rows

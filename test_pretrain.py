@@ -460,6 +460,7 @@ def test_every_documented_command_parses_and_has_the_papers_flags():
             assert ("random", "mae_vit_base_patch16", 1.0, (0.2, 1.0), False, (0.9, 0.95), 0.0, 0.25, True) in seen
             assert ("semmae", "mae_vit_base_patch16", 1.0, (), False, (0.9, 0.95), 0.0, 0.25, True) in seen
             assert ("semmae", "mae_vit_base_patch8", 0.25, (), False, (0.9, 0.95), 0.0, 0.25, True) in seen
+            assert ("random", "mae_vit_base_patch8", 0.25, (), False, (0.9, 0.95), 0.0, 0.25, True) in seen
             for seq in (0.25, 0.34):                                       # Table 4 (CAM), Table 5 (COCO)
                 assert ("objmae", "mae_vit_small_patch16", 1.0, (0.2, 1.0), True, (0.9, 0.999), 1e-5, seq,
                         False) in seen
@@ -1206,6 +1207,7 @@ REFUSED = [  # (stage, argv, the flag named, the mode named)
     ("finetune", ["--linprobe", "--reprob", "0"], "--reprob", "fine-tuning"),
     ("finetune", ["--linprobe", "--smoothing", "0"], "--smoothing", "fine-tuning"),
     ("finetune", ["--linprobe", "--drop_path", "0"], "--drop_path", "fine-tuning"),
+    ("finetune", ["--linprobe", "--train_crop", "bit"], "--train_crop", "fine-tuning"),
     ("finetune", ["--linprobe", "--opt_betas", "0.9", "0.95"], "--opt_betas", "fine-tuning"),
     ("finetune", ["--lr", "1e-3", "--blr", "1e-3"], "--blr", "without --lr"),
     ("finetune", ["--lookahead_alpha", "0.8"], "--lookahead_alpha", "--lookahead"),
