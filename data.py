@@ -56,8 +56,8 @@ IGNORE = 255                     # region id of a cell with no label (the region
 # ----------------------------------------------------------------------------- pre-training samples
 
 def resized(img, size):
-    """A PIL image as size x size, the whole image resized bicubically (no crop: the regions file's cells and the
-    image cache are made on this image; a random-resized crop, where a recipe has one, comes after)."""
+    """A PIL image as size x size, the whole image resized bicubically: the regions file's cells and the image cache
+    are made on this image (a random-resized crop, where a recipe has one, is cut from the original instead)."""
     return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
 
 
@@ -68,11 +68,11 @@ class PretrainDataset(torch.utils.data.Dataset):
     (`instance_cells` at `cell_size`: pass the model's patch size, so the 20% rule is on each patch's own pixels,
     ObjMAE §3.2), else they are all 255 (ignore) with zero scores.
 
-    Augmentation, in this order: the whole image resized to S x S (PIL bicubic); with `crop_scale`, a random-
-    resized crop of that S x S image (`crop_box`, then `resized_crop` back to S x S) and of its cells
-    (`resized_crop_cells`; an instance mask is cropped at the pixel level and its cells recomputed, so the 20% and
-    5% rules hold on the crop); then, with `hflip`, a horizontal flip of image and cells together; then the
-    ImageNet normalisation. SemMAE §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
+    Augmentation, in this order: without `crop_scale` the whole image resized to S x S (PIL bicubic); with it, MAE's
+    random-resized crop cut from the original image (`crop_box` on its H x W, then `resized_crop` to S x S), the
+    cells cut by the same box mapped onto their grid (`resized_crop_cells`), and objects (an instance mask, or a
+    regions file's `masks`) cropped at the pixel level and their cells recomputed, so the 20% and 5% rules hold on
+    the crop; then, with `hflip`, a horizontal flip of image and cells together; then the ImageNet normalisation. SemMAE §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
     choice comes from torch's global RNG, in this order (box, then coin), so worker seeding and resume control it.
     """
 

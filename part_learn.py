@@ -6,7 +6,8 @@
 --method attention     SemMAE Table 4's "iBOT-initialized parts": the frozen encoder's last-layer class-token
                        attention, one head per part.
 --method cam           ObjMAE §3.2, Appendix A: a ResNet's class activation map of its top class, / its maximum,
-                       pixels > 0.3 are the object, a cell is object when >= 20% of its pixels are.
+                       pixels > 0.3 are the object, dropped when under 5% of the image (§4.1), a cell is object
+                       when >= 20% of its pixels are.
 --method segmentation  ObjMAE §3.2, §4.1: instance masks (shapes, a PNG folder, or a COCO JSON), 20% cell rule,
                        instances < 5% of the image dropped; prints the mean object ratio (ObjMAE's seq_ratio).
 Objects are made on cells the size of the pre-training model's patch (default 16, ObjMAE's ViT-S/16), so the 20%
