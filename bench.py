@@ -126,7 +126,7 @@ def step_time(kind, ratio, device, batch, repeats, precision="auto", grad_checkp
             masks = (*masking.mask_to_ids(mask), None, None)
         else:   # one object covering the image, so every slot is valid: src = tgt = round(seq_ratio * L)
             masks = masking.object_wise_masking(torch.ones(batch, L, dtype=torch.long, device=device), ratio)
-        loss_fn = lambda: net(imgs, *masks)[0]
+        loss_fn = lambda: net(imgs, *masks, attend_padding=True)[0]   # --padding zero, the default
     net.grad_checkpointing = grad_checkpointing
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     scaler = utils.grad_scaler(device, precision)

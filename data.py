@@ -57,8 +57,8 @@ IGNORE = 255                     # region id of a cell with no label (the region
 # ----------------------------------------------------------------------------- pre-training samples
 
 def resized(img, size):
-    """A PIL image as size x size, the whole image resized bicubically (no crop: the regions file's cells and the
-    image cache are made on this image; a random-resized crop, where a recipe has one, comes after)."""
+    """A PIL image as size x size, the whole image resized bicubically: the regions file's cells and the image cache
+    are made on this image (a random-resized crop, where a recipe has one, is cut from the original instead)."""
     return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
 
 
@@ -69,11 +69,11 @@ class PretrainDataset(torch.utils.data.Dataset):
     (`instance_cells` at `cell_size`: pass the model's patch size, so the 20% rule is on each patch's own pixels,
     ObjMAE §3.2), else they are all 255 (ignore) with zero scores.
 
-    Augmentation, in this order: the whole image resized to S x S (PIL bicubic); with `crop_scale`, a random-
-    resized crop of that S x S image (`crop_box`, then `resized_crop` back to S x S) and of its cells
-    (`resized_crop_cells`; an instance mask is cropped at the pixel level and its cells recomputed, so the 20% and
-    5% rules hold on the crop); then, with `hflip`, a horizontal flip of image and cells together; then the
-    ImageNet normalisation. SemMAE §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
+    Augmentation, in this order: without `crop_scale` the whole image resized to S x S (PIL bicubic); with it, MAE's
+    random-resized crop cut from the original image (`crop_box` on its H x W, then `resized_crop` to S x S), the
+    cells cut by the same box mapped onto their grid (`resized_crop_cells`), and objects (an instance mask, or a
+    regions file's `masks`) cropped at the pixel level and their cells recomputed, so the 20% and 5% rules hold on
+    the crop; then, with `hflip`, a horizontal flip of image and cells together; then the ImageNet normalisation. SemMAE §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
     choice comes from torch's global RNG, in this order (box, then coin), so worker seeding and resume control it.
     """
 
@@ -97,50 +97,73 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img, mask, target = self.base.load(i)
-        S = self.size
-        x = TF.to_tensor(resized(img, S))                                  # [3, S, S] in [0, 1]
-        if self.regions is None and mask is not None and mask.shape != (S, S):
-            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))  # as its image, ids stay ids
-        box = None if self.crop_scale is None else crop_box(S, self.crop_scale, self.crop_ratio)
-        if box is not None:
-            x = resized_crop(x, box, S)
-        labels, scores = self.cells(i, mask, box)
+        S, extent = self.size, (img.height, img.width)
+        box = None if self.crop_scale is None else crop_box(extent, self.crop_scale, self.crop_ratio)
+        if box is None:
+            x = TF.to_tensor(resized(img, S))                              # [3, S, S] in [0, 1]
+        else:                                                              # MAE: the box cut from the original
+            x = resized_crop(TF.to_tensor(img), box, S)
+        labels, scores = self.cells(i, self.square_mask(mask), box, extent)
         if self.hflip and torch.rand(()) < 0.5:
             x, labels, scores = x.flip(-1), labels.flip(-1), scores.flip(-1)
         x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
         return x, labels, scores, target
 
-    def cells(self, i, mask, box):
-        """Region cells and scores of sample i on its S x S image cropped to `box` (None: no crop). mask: the
-        base's instance mask at S x S, or None. -> (labels long [gh, gw], scores float [gh, gw])"""
+    def square_mask(self, mask):
+        """The base's instance mask (or None) at S x S, resized as its image is (nearest: ids stay ids); not read
+        with a regions file, which brings its own objects."""
         S = self.size
-        labels, scores = None, torch.zeros(self.grid)
+        if self.regions is None and mask is not None and mask.shape != (S, S):
+            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
+        return mask
+
+    def cells(self, i, mask, box, extent):
+        """Region cells and scores of sample i for the crop `box` (top, left, h, w in pixels of the original image,
+        extent = its (H, W); None: no crop). mask: the base's instance mask at S x S (the image resized, as the
+        regions file's cells are), or None. -> (labels long [gh, gw], scores float [gh, gw])
+        Objects (an instance mask, or a regions file of objects with its per-pixel `masks`) are recomputed from the
+        cropped mask by ObjMAE's 20% and 5% rules (§3.2, §4.1); parts are resampled nearest; scores by area."""
+        S = self.size
+        labels, scores, rule = None, torch.zeros(self.grid), (0.2, 0.05)
         if self.regions is not None:
             labels = self.regions["labels"][i].long()
             sc = self.regions["scores"]
             scores = sc[i].float() if sc is not None else scores
+            mask = None                                                    # the file's objects, not the base's
+            if box is not None and self.regions.get("masks") is not None:
+                meta = self.regions["meta"]
+                mask, rule = self.regions["masks"][i].numpy(), (meta["min_share"], meta["min_object"])
         elif mask is None:
             labels = torch.full(self.grid, IGNORE, dtype=torch.long)
         if box is not None:
             if labels is not None:
-                labels, scores = resized_crop_cells(labels, scores, box, S)
-            else:
-                mask = resized_crop_mask(mask, box, S)
+                labels, scores = resized_crop_cells(labels, scores, box, extent)
+            if mask is not None:
+                mask = resized_crop_mask(mask, box, S, extent)
+                labels = None
         if labels is None:                                                 # ObjMAE §3.2, §4.1 on the (cropped) mask
-            labels = torch.from_numpy(instance_cells(mask, self.grid)).long()
+            labels = torch.from_numpy(instance_cells(mask, self.grid, *rule)).long()
         return labels, scores
 
 
 # ----------------------------------------------------------------------------- the regions file
 
-def save_regions(path, labels, scores, files, meta):
+def save_regions(path, labels, scores, files, meta, masks=None):
     """Write the regions file atomically (temp file in the same folder, then os.replace).
     labels: uint8 [N, gh, gw]; scores: [N, gh, gw] (stored float16) or None; files: N paths
-    relative to the data root in dataset order; meta: dict of plain types (method, kind, input_size, cell_size, num_regions, object_ratio, source)."""
+    relative to the data root in dataset order; meta: dict of plain types (method, kind, input_size, cell_size, num_regions, object_ratio, source;
+    objects: min_share, min_object). masks: objects only, uint8 [N, S, S] or None: the per-pixel object ids the
+    labels were made from (instance ids, or 1 = CAM object), on the image resized to S x S, so that a crop can
+    re-apply the 20% and 5% rules to its own patches (ObjMAE §3.2, §4.1); S x S bytes an image."""
     labels = torch.as_tensor(labels).to(torch.uint8).contiguous()
     if labels.dim() != 3 or labels.shape[0] != len(files):
         raise ValueError(f"labels must be [N, gh, gw] with N = {len(files)} files, got {tuple(labels.shape)}")
     obj = {"labels": labels, "files": [str(f) for f in files], "meta": dict(meta)}
+    if masks is not None:
+        masks = torch.as_tensor(masks).to(torch.uint8).contiguous()
+        if masks.dim() != 3 or masks.shape[0] != len(files):
+            raise ValueError(f"masks must be [N, S, S] with N = {len(files)} files, got {tuple(masks.shape)}")
+        obj["masks"] = masks
     if scores is not None:
         scores = torch.as_tensor(scores).to(torch.float16).contiguous()
         if scores.shape != labels.shape:
@@ -173,8 +196,8 @@ def temp_file(folder, prefix):
 
 def load_regions(path, files, input_size):
     """Load and check a regions file against the dataset's files and --input_size.
-    -> {'labels': uint8 [N, gh, gw], 'scores': float16 [N, gh, gw] or None, 'files', 'meta'}
-    (memory-mapped: DataLoader workers share the pages)."""
+    -> {'labels': uint8 [N, gh, gw], 'scores': float16 [N, gh, gw] or None, 'masks': uint8 [N, S, S] or None,
+    'files', 'meta'} (memory-mapped: DataLoader workers share the pages)."""
     if not os.path.isfile(path):
         raise ValueError(f"regions file {path} does not exist; make it with part_learn.py first")
     try:
@@ -205,7 +228,12 @@ def load_regions(path, files, input_size):
         raise ValueError(f"{path} holds labels of shape {tuple(getattr(labels, 'shape', ()))}, expected uint8 "
                          f"[{len(files)}, {grid}, {grid}] for input size {input_size} and cell size {cell} "
                          "(and scores of the same shape); remake it with part_learn.py")
-    return {"labels": labels, "scores": scores, "files": r["files"], "meta": meta}
+    masks = r.get("masks")
+    if masks is not None and (not isinstance(masks, torch.Tensor) or masks.dtype != torch.uint8
+                              or tuple(masks.shape) != (len(files), input_size, input_size)):
+        raise ValueError(f"{path} holds object masks of shape {tuple(getattr(masks, 'shape', ()))}, expected uint8 "
+                         f"[{len(files)}, {input_size}, {input_size}]; remake it with part_learn.py")
+    return {"labels": labels, "scores": scores, "masks": masks, "files": r["files"], "meta": meta}
 
 
 # ----------------------------------------------------------------------------- cells -> patches
@@ -243,44 +271,52 @@ def scores_to_patches(scores, factor):
 
 # ----------------------------------------------------------------------------- joint random-resized crop
 # MAE pre-trains on RandomResizedCrop(scale 0.2-1, bicubic) + flip (MAE Table 1f: crops beat resize-only), ObjMAE
-# §4.2 "randomly cropped into 224x224", SemMAE §4.1 "only random horizontal flipping". The crop is drawn on the
-# image already resized to S x S, so the region cells (made on that S x S image) and the image share one box.
+# §4.2 "randomly cropped into 224x224", SemMAE §4.1 "only random horizontal flipping". As MAE's RandomResizedCrop,
+# the box is drawn on the original H x W image and cut from it; the region cells (made on the image resized to
+# S x S) cover the same H x W, so a box in the original's pixels maps onto them fractionally (`_axis_map`).
 # Pure functions on tensors, any device, one image or a batch, so a GPU input path can call the same ones.
 
+def _extent(size):
+    """An image size: int (square) or (H, W) -> (H, W)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def crop_box(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """A random crop box (top, left, h, w) in pixels of a size x size image, drawn from torch's global RNG by
-    torchvision's RandomResizedCrop rule: up to 10 tries of an area share uniform in `scale` and an aspect ratio
-    (w / h) log-uniform in `ratio`; the first that fits is placed uniformly at random; if none fits, the largest
-    centred box whose aspect ratio is inside `ratio`."""
+    """A random crop box (top, left, h, w) in pixels of an image of `size` (int: square, or (H, W)), drawn from
+    torch's global RNG by torchvision's RandomResizedCrop rule: up to 10 tries of an area share uniform in `scale`
+    and an aspect ratio (w / h) log-uniform in `ratio`; the first that fits is placed uniformly at random; if none
+    fits, the whole image clipped to the nearest ratio in `ratio`, centred."""
+    H, W = _extent(size)
     log_ratio = torch.log(torch.tensor(ratio))                            # float32, as torchvision draws it
     for _ in range(10):
-        area = size * size * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        area = H * W * torch.empty(1).uniform_(scale[0], scale[1]).item()
         aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]))).item()
         w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-        if 0 < w <= size and 0 < h <= size:
-            top = int(torch.randint(0, size - h + 1, size=(1,)).item())
-            left = int(torch.randint(0, size - w + 1, size=(1,)).item())
+        if 0 < w <= W and 0 < h <= H:
+            top = int(torch.randint(0, H - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, W - w + 1, size=(1,)).item())
             return top, left, h, w
-    h = w = size                                                          # a square image: clip to the ratios
-    if min(ratio) > 1:
-        h = int(round(size / min(ratio)))
-    elif max(ratio) < 1:
-        w = int(round(size * max(ratio)))
-    return (size - h) // 2, (size - w) // 2, h, w
+    h, w = H, W
+    if W / H < min(ratio):
+        h = int(round(W / min(ratio)))
+    elif W / H > max(ratio):
+        w = int(round(H * max(ratio)))
+    return (H - h) // 2, (W - w) // 2, h, w
 
 
-def _boxes(box, n):
-    """One box (top, left, h, w) or n of them ([n, 4]) -> a list of n int 4-tuples."""
-    rows = torch.as_tensor(box).reshape(-1, 4).tolist()
+def _boxes(box, n, kind=int):
+    """One box (top, left, h, w) or n of them ([n, 4]) -> a list of n 4-tuples of `kind` (int for pixels, float
+    for cells, which a box of fractional pixels may cut, as a centre crop's mapped onto the original does)."""
+    rows = torch.as_tensor(box, dtype=torch.float64).reshape(-1, 4).tolist()
     if len(rows) not in (1, n):
         raise ValueError(f"{len(rows)} crop boxes for {n} images")
-    return [tuple(int(v) for v in r) for r in (rows * n if len(rows) == 1 else rows)]
+    return [tuple(kind(v) for v in r) for r in (rows * n if len(rows) == 1 else rows)]
 
 
 def resized_crop(x, box, size):
     """Pixels in [0, 1], [3, H, W] or [B, 3, H, W] -> the box (top, left, h, w), or one box per image [B, 4],
-    resized to size x size: bicubic with antialias (MAE's crop uses PIL bicubic), clipped to [0, 1] as PIL's
-    8-bit output is. The same dtype and device as x."""
+    resized to size x size: bicubic with antialias (torchvision's RandomResizedCrop on a tensor; MAE's on a PIL image
+    differs by PIL's rounding to 8 bits), clipped to [0, 1] as PIL's 8-bit output is. The same dtype and device as x."""
     one = x.dim() == 3
     xs = x[None] if one else x
     out = []
@@ -293,31 +329,34 @@ def resized_crop(x, box, size):
     return out[0] if one else out
 
 
-def _axis_map(start, length, size, g):
-    """One axis of a crop on a grid of g cells over `size` pixels: the box spans pixels [start, start + length),
-    split into g output cells. -> (nearest input cell per output cell [g], long: the cell under the output cell's
-    centre; area weights [g, g], float64: the share of output cell j that lies in input cell i)."""
-    j = torch.arange(g, dtype=torch.long)
-    nearest = ((2 * g * start + (2 * j + 1) * length) // (2 * size)).clamp(0, g - 1)   # exact integer arithmetic
+def _axis_map(start, length, extent, g):
+    """One axis of a crop on a grid of g cells over `extent` pixels of the original image: the box spans pixels
+    [start, start + length) of it, split into g output cells. -> (nearest input cell per output cell [g], long: the
+    cell under the output cell's centre; area weights [g, g], float64: the share of output cell j that lies in input
+    cell i). float64 is exact here for integer boxes: the centre's cell is floor of a ratio of integers < 2**53."""
+    j = torch.arange(g, dtype=torch.float64)
+    nearest = torch.floor((2 * g * start + (2 * j + 1) * length) / (2 * extent)).long().clamp(0, g - 1)
     edges = start + torch.arange(g + 1, dtype=torch.float64) * length / g             # output cell edges, pixels
-    cells = torch.arange(g + 1, dtype=torch.float64) * size / g                        # input cell edges, pixels
+    cells = torch.arange(g + 1, dtype=torch.float64) * extent / g                      # input cell edges, pixels
     overlap = (torch.minimum(edges[1:, None], cells[None, 1:]) -
                torch.maximum(edges[:-1, None], cells[None, :-1])).clamp_min(0)         # [g_out, g_in]
     return nearest, overlap / (length / g)
 
 
 def resized_crop_cells(labels, scores, box, size):
-    """Region cells of a size x size image, labels [gh, gw] or [B, gh, gw] and scores of the same shape (or None),
-    -> the cells of the crop `box` (top, left, h, w in pixels; or [B, 4]) resized to size x size, on the same grid.
-    Region ids are resampled nearest (the input cell under each output cell's centre: ids stay ids); scores by
-    area (the mean of the input cells' scores weighted by how much of the output cell each covers)."""
+    """Region cells over an image of `size` (int: square, or (H, W): the original image, whatever the grid's own
+    resolution), labels [gh, gw] or [B, gh, gw] and scores of the same shape (or None), -> the cells of the crop
+    `box` (top, left, h, w in that image's pixels; or [B, 4]) resized to the same grid. Region ids are resampled
+    nearest (the input cell under each output cell's centre: ids stay ids); scores by area (the mean of the input
+    cells' scores weighted by how much of the output cell each covers)."""
     one = labels.dim() == 2
     lab = labels[None] if one else labels
     sc = None if scores is None else (scores[None] if one else scores)
     B, gh, gw = lab.shape
+    H, W = _extent(size)
     out_lab, out_sc = [], []
-    for b, (t, l, h, w) in enumerate(_boxes(box, B)):
-        (ny, wy), (nx, wx) = _axis_map(t, h, size, gh), _axis_map(l, w, size, gw)
+    for b, (t, l, h, w) in enumerate(_boxes(box, B, float)):
+        (ny, wy), (nx, wx) = _axis_map(t, h, H, gh), _axis_map(l, w, W, gw)
         out_lab.append(lab[b][ny.to(lab.device)][:, nx.to(lab.device)])
         if sc is not None:
             wy, wx = wy.to(sc.device), wx.to(sc.device)
@@ -327,13 +366,16 @@ def resized_crop_cells(labels, scores, box, size):
     return (out_lab[0], None if out_sc is None else out_sc[0]) if one else (out_lab, out_sc)
 
 
-def resized_crop_mask(mask, box, size):
-    """Instance mask np.uint8 [size, size] -> the crop box (top, left, h, w) resized to size x size, nearest (the
-    source pixel under each output pixel's centre, exact integer arithmetic): ids stay ids."""
-    t, l, h, w = box
-    y = t + ((2 * np.arange(size) + 1) * h) // (2 * size)
-    x = l + ((2 * np.arange(size) + 1) * w) // (2 * size)
-    return np.ascontiguousarray(mask[y[:, None], x[None]])
+def resized_crop_mask(mask, box, size, extent=None):
+    """Instance mask np.uint8 [mh, mw] over an image of `extent` (H, W) pixels (None: the mask's own size) -> the
+    crop box (top, left, h, w, in the image's pixels) resized to size x size, nearest (the mask pixel under each
+    output pixel's centre; float64, exact for integer boxes): ids stay ids. A mask stored at S x S for an H x W image
+    (the regions file's, the image cache's) is cropped by the same box as the image; the box may be fractional."""
+    (mh, mw), (t, l, h, w) = mask.shape, (float(v) for v in box)
+    H, W = (mh, mw) if extent is None else extent
+    y = np.floor((2 * size * t + (2 * np.arange(size) + 1) * h) * mh / (2 * size * H)).astype(np.int64)
+    x = np.floor((2 * size * l + (2 * np.arange(size) + 1) * w) * mw / (2 * size * W)).astype(np.int64)
+    return np.ascontiguousarray(mask[y.clip(0, mh - 1)[:, None], x.clip(0, mw - 1)[None]])
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -837,7 +879,8 @@ def fsync_path(path):
 
 class _CacheRows(torch.utils.data.Dataset):
     """What the cache stores of image i: uint8 [3, S, S], resized exactly as PretrainDataset resizes it (PIL
-    bicubic), and the instance mask resized as PretrainDataset resizes it (nearest), or an empty tensor."""
+    bicubic), the original's (H, W) (int32 [2], where the crop box is drawn), and the instance mask resized as
+    PretrainDataset resizes it (nearest), or an empty tensor."""
 
     def __init__(self, base, size, with_masks):
         self.base, self.size, self.with_masks = base, size, with_masks
@@ -848,15 +891,16 @@ class _CacheRows(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, mask, _ = self.base.load(i)
         S = self.size
+        extent = torch.tensor([img.height, img.width], dtype=torch.int32)
         img = resized(img, S)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # [3, S, S]
         if not self.with_masks:
-            return x, torch.empty(0, dtype=torch.uint8)
+            return x, extent, torch.empty(0, dtype=torch.uint8)
         if mask is None:
             raise ValueError(f"image {self.base.files[i]} has no instance mask but image 0 has one")
         if mask.shape != (S, S):
             mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
-        return x, torch.from_numpy(np.array(mask, dtype=np.uint8))        # a writable copy
+        return x, extent, torch.from_numpy(np.array(mask, dtype=np.uint8))   # a writable copy
 
 
 def open_image_cache(path, base, size, num_workers=4, rank=0, world=1):
@@ -865,7 +909,9 @@ def open_image_cache(path, base, size, num_workers=4, rank=0, world=1):
     the one file that rank 0 reserved, then rank 0 renames it into place (atomic: a killed run leaves no cache, only
     <path>.tmp). The file is a torch.save dict {'images': uint8 [N, 3, S, S], 'masks': uint8 [N, S, S] (datasets
     with instance masks), 'files', 'meta'}, read through a memory map, so every DataLoader worker and every rank on
-    a machine share its pages. It must be on a filesystem that every node sees. -> the checked cache."""
+    a machine share its pages. It must be on a filesystem that every node sees. -> the checked cache.
+    'sizes' (int32 [N, 2]) holds each original's (H, W): the crop box is drawn on the original, as in
+    PretrainDataset, and mapped onto the stored square (`cache_box`)."""
     exists = [os.path.isfile(path)]
     if world > 1:                                   # rank 0 decides, so all ranks take the same branch
         dist.broadcast_object_list(exists, src=0)
@@ -887,7 +933,8 @@ def write_image_cache(path, base, size, num_workers, rank, world):
             raise ValueError(f"--image_cache {path} needs {need / 1e9:.1f} GB ({n} images x 3 x {size} x {size} bytes) "
                              f"but {folder} has {free / 1e9:.1f} GB free; pass a path on a larger disk, or omit "
                              "--image_cache to decode the images every epoch")
-        obj = {"images": fake_tensor((n, 3, size, size), torch.uint8), "files": list(base.files),
+        obj = {"images": fake_tensor((n, 3, size, size), torch.uint8), "sizes": fake_tensor((n, 2), torch.int32),
+               "files": list(base.files),
                "meta": {"kind": "image_cache", "input_size": size, "resize": "PIL bicubic, whole image"}}
         if with_masks:
             obj["masks"] = fake_tensor((n, size, size), torch.uint8)
@@ -904,9 +951,10 @@ def write_image_cache(path, base, size, num_workers, rank, world):
     fd = os.open(tmp, os.O_WRONLY)
     try:
         i = lo
-        for imgs, masks in tqdm(loader, desc="image cache", disable=rank != 0 or not sys.stdout.isatty(), leave=False,
-                                dynamic_ncols=True):
+        for imgs, sizes, masks in tqdm(loader, desc="image cache", disable=rank != 0 or not sys.stdout.isatty(),
+                                       leave=False, dynamic_ncols=True):
             pwrite_all(fd, imgs, offsets["images"] + i * row)             # rows i .. i+b-1, in order
+            pwrite_all(fd, sizes, offsets["sizes"] + i * 8)
             if with_masks:
                 pwrite_all(fd, masks, offsets["masks"] + i * size * size)
             i += len(imgs)
@@ -947,10 +995,14 @@ def load_image_cache(path, files, size):
         if a != b:
             raise ValueError(f"image cache {path} does not match the dataset: image {i} is '{a}' there but '{b}' in "
                              "the dataset; pass the --image_cache of this --data_path (or delete it to write a new one)")
+    if "sizes" not in c:
+        raise ValueError(f"image cache {path} does not hold the images' original sizes (written by an older version); "
+                         "delete it to write a new one")
     if c["meta"].get("input_size") != size or tuple(c["images"].shape) != (len(files), 3, size, size):
         raise ValueError(f"image cache {path} holds images of {c['meta'].get('input_size')} px but --input_size is "
                          f"{size}; pass --input_size {c['meta'].get('input_size')} or another --image_cache path")
-    return {"images": c["images"], "masks": c.get("masks"), "files": c["files"], "meta": c["meta"], "path": path}
+    return {"images": c["images"], "sizes": c["sizes"], "masks": c.get("masks"), "files": c["files"],
+            "meta": c["meta"], "path": path}
 
 
 class CachedPretrainDataset(PretrainDataset):
@@ -958,6 +1010,9 @@ class CachedPretrainDataset(PretrainDataset):
     order (crop box, then coin), applied to the cells here (small), but the image is returned as it is in the
     cache, uint8 [3, S, S], with the choices beside it for `device_batch`:
     (img uint8 [3, S, S], cell_labels long, cell_scores float, target, flip bool [], box long [4] (top, left, h, w)).
+    The box is drawn on the original's H x W (the cache's 'sizes'), so the cells are the default path's exactly;
+    the image is cut from the stored S x S square with that box rounded to its pixels (`cache_box`), which is
+    close to, not equal to, the default path's cut from the original (README: the fast input path)
     `cache` is open_image_cache's. Forked DataLoader workers share its memory map; spawned ones get only its path
     and map the file themselves (pickling the map would copy the whole cache)."""
 
@@ -972,16 +1027,27 @@ class CachedPretrainDataset(PretrainDataset):
     def __getitem__(self, i):
         if self.cache is None:                      # a spawned worker: the parent process checked the file
             c = torch.load(self.cache_path, weights_only=True, mmap=True)
-            self.cache = {"images": c["images"], "masks": c.get("masks")}
+            self.cache = {"images": c["images"], "sizes": c["sizes"], "masks": c.get("masks")}
         img, S = self.cache["images"][i], self.size                       # [3, S, S] uint8, a view of the map
+        extent = tuple(int(v) for v in self.cache["sizes"][i])            # the original's (H, W)
         mask = None if self.cache["masks"] is None else self.cache["masks"][i].numpy()   # already S x S
-        box = None if self.crop_scale is None else crop_box(S, self.crop_scale, self.crop_ratio)
-        labels, scores = self.cells(i, mask, box)
-        box = (0, 0, S, S) if box is None else box
+        box = None if self.crop_scale is None else crop_box(extent, self.crop_scale, self.crop_ratio)
+        labels, scores = self.cells(i, mask, box, extent)
+        box = (0, 0, S, S) if box is None else cache_box(box, extent, S)
         flip = bool(self.hflip and torch.rand(()) < 0.5)
         if flip:
             labels, scores = labels.flip(-1), scores.flip(-1)
         return img, labels, scores, self.base.targets[i], torch.tensor(flip), torch.tensor(box)
+
+
+def cache_box(box, extent, size):
+    """A crop box (top, left, h, w) in pixels of an H x W original -> the same box on its size x size resized
+    copy, edges rounded to the nearest pixel (halves up), at least 1 pixel each way."""
+    (t, l, h, w), (H, W) = box, extent
+    top, left = (2 * t * size + H) // (2 * H), (2 * l * size + W) // (2 * W)
+    bottom, right = (2 * (t + h) * size + H) // (2 * H), (2 * (l + w) * size + W) // (2 * W)
+    top, left = min(top, size - 1), min(left, size - 1)
+    return top, left, max(1, bottom - top), max(1, right - left)
 
 
 _MEAN_STD = {}

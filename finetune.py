@@ -4,7 +4,7 @@ The papers' settings, on 8 GPUs (effective batch = --batch_size x --accum_iter x
 beside each, what the paper reports (for the MAE baselines: --finetune mae16/checkpoint-last.pth).
 Fine-tuning with MAE's recipe (below), ImageNet-1k, batch 8 x 32 x 4 = 1024:
 SemMAE Table 2, ViT-B/16: MAE 83.26%, SemMAE 83.34%; ViT-B/8 (every patch: fine-tuning has no keep ratio):
-MAE 83.10%, SemMAE 84.5% (also Table 5):
+MAE 83.10% (--finetune mae8/checkpoint-last.pth), SemMAE 84.5% (also Table 5):
     torchrun --nproc_per_node=8 finetune.py --model vit_base_patch16 --finetune semmae16/checkpoint-last.pth \
         --data_path IMAGENET --accum_iter 4
     torchrun --nproc_per_node=8 finetune.py --model vit_base_patch8 --finetune semmae8/checkpoint-last.pth \
@@ -18,15 +18,19 @@ part_learn.py: MAE 66.8%, SemMAE 68.7%, also Table 5):
         --data_path IMAGENET --accum_iter 4 --keep_ratio 0.25 --regions parts/regions.pt \
         --val_regions parts_val/regions.pt
 ObjMAE (Table 2: AdamW (0.9, 0.999), eps 1e-8, Lookahead, layer decay 0.65, weight decay 0.05, min lr 1e-5; Table 3:
-batch 256, lr 1e-3, 5 warm-up epochs): ViT-S/16 fine-tuned on ImageNet-100 for 100 epochs (Table 4, CAM objects,
-seq_ratio 1/4: 88.69% top-1, 98.06% top-5; Table 5, COCO objects: 87.52%, 97.48%), on CIFAR-100 for 90 epochs, images
-resized to 224 (Table 5: 81.80%), and linear probing on ImageNet-100 (Table 5: 29.84%; its recipe is not given, MAE's).
-For the COCO run: --finetune objmae_coco/checkpoint-last.pth.
+batch 256, lr 1e-3, 5 warm-up epochs; §4.2: BiT's fine-tuning settings (Kolesnikov et al. 2020): resize + random crop
++ flip, MixUp 0.1, no RandAugment, CutMix, erasing or label smoothing): ViT-S/16 fine-tuned on ImageNet-100 for 100
+epochs (Table 4, CAM objects, seq_ratio 1/4: 88.69% top-1, 98.06% top-5; Table 5, COCO objects: 87.52%, 97.48%), on
+CIFAR-100 for 90 epochs, images resized from 32 to 224 (--crop_pct 1.0: no centre crop; Table 5: 81.80%), and linear
+probing on ImageNet-100 (Table 5: 29.84%; its recipe is not given, MAE's). For the COCO run:
+--finetune objmae_coco/checkpoint-last.pth.
     torchrun --nproc_per_node=8 finetune.py --model vit_small_patch16 --finetune objmae/checkpoint-last.pth \
-        --data_path IMAGENET100 --batch_size 32 --epochs 100 --warmup_epochs 5 --blr 1e-3 --min_lr 1e-5 --lookahead
+        --data_path IMAGENET100 --batch_size 32 --epochs 100 --warmup_epochs 5 --blr 1e-3 --min_lr 1e-5 --lookahead \
+        --train_crop bit --aa none --mixup 0.1 --cutmix 0 --reprob 0 --smoothing 0
     torchrun --nproc_per_node=8 finetune.py --model vit_small_patch16 --finetune objmae/checkpoint-last.pth \
         --dataset cifar100 --data_path data/cifar100 --download --batch_size 32 --epochs 90 --warmup_epochs 5 \
-        --blr 1e-3 --min_lr 1e-5 --lookahead
+        --blr 1e-3 --min_lr 1e-5 --lookahead --crop_pct 1.0 \
+        --train_crop bit --aa none --mixup 0.1 --cutmix 0 --reprob 0 --smoothing 0
     torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_small_patch16 --finetune objmae/checkpoint-last.pth \
         --data_path IMAGENET100
 Top-1/top-5 of a trained model (ours, or an official fine-tuned MAE checkpoint {'model': ...}) without training:
@@ -42,8 +46,9 @@ probe because LARS's steps are tiny at batch 64 (see --opt):
 
 Flags left at their default (None) take the recipe of the mode: fine-tuning (MAE's main_finetune: AdamW, blr 5e-4,
 layer decay 0.65, wd 0.05, drop path 0.1, 100 epochs, 5 warm-up, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
-RandAugment m9 n2, random erasing 0.25, global average pooling) or linear probing (MAE's main_linprobe: LARS,
-blr 0.1, wd 0, 90 epochs, 10 warm-up, RandomResizedCrop + flip only, class token, BatchNorm without affine).
+RandAugment rand-m9-mstd0.5-inc1 (timm's policy: randaugment.py), random erasing 0.25, global average pooling) or linear probing (MAE's main_linprobe: LARS,
+blr 0.1, wd 0, 90 epochs, 10 warm-up, RandomResizedCrop + flip only, class token, BatchNorm without affine; with
+--keep_ratio the crops cut the foreground cells too).
 The saved models use timm's key names: model-timm.pth loads into timm's VisionTransformer unchanged.
 
 References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
@@ -65,6 +70,7 @@ from torchvision.transforms import v2
 import data
 import masking
 import model as models
+import randaugment
 import utils
 from utils import UsageError
 
@@ -99,9 +105,15 @@ def get_args(argv=None):
     g.add_argument("--keep_ratio", type=float, default=1.0,
                    help="linear probing on the most foreground fraction of patches (SemMAE 8x8: 0.25)")
     g = p.add_argument_group("augmentation (MAE's main_finetune; fine-tuning only, except --crop_min and --crop_pct)")
+    g.add_argument("--train_crop", default="rrc", choices=["rrc", "bit"],
+                   help="fine-tuning crop: rrc = RandomResizedCrop(--crop_min, 1) (MAE); bit = the image resized to a "
+                        "square of 7/6 the input size, then a random crop of the input size (BiT, Kolesnikov et al. "
+                        "2020: 448 -> 384), which ObjMAE §4.2 follows")
     g.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
     g.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to size/crop_pct, centre crop")
-    g.add_argument("--aa", default="rand-m9-n2", help="RandAugment 'rand-m<magnitude>-n<ops>' or 'none'")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
+                   help="timm's RandAugment string, 'rand' then -m<magnitude> (of 10), -n<ops>, -mstd<magnitude noise>, "
+                        "-inc<0|1> (MAE: rand-m9-mstd0.5-inc1; randaugment.py), or 'none'")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
@@ -120,7 +132,8 @@ def get_args(argv=None):
                    help="fine-tuning AdamW betas (MAE's main_finetune: torch's default; ObjMAE Table 2: the same)")
     g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
     g.add_argument("--lookahead", action="store_true", help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
-    g.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
+    g.add_argument("--lookahead_k", type=int, default=5,
+                   help="Lookahead's k, not given by ObjMAE (Zhang et al. 2019: 5; timm's Lookahead: 6)")
     g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
     g = p.add_argument_group("linear probing only (--linprobe)")
     g.add_argument("--opt", default="lars", choices=["lars", "sgd"],
@@ -152,7 +165,8 @@ def check_args(args):
     tuning, probing = (not args.linprobe, "in fine-tuning (without --linprobe)"), (args.linprobe, "with --linprobe")
     utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
         **{f: tuning for f in ("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing", "layer_decay",
-                               "opt_betas", "opt_eps", "grad_checkpointing")},
+                               "opt_betas", "opt_eps", "grad_checkpointing", "train_crop")},
+        "crop_min": (args.linprobe or args.train_crop == "rrc", "with --train_crop rrc (or --linprobe)"),
         "opt": probing,
         "blr": (args.lr is None, "without --lr (which overrides it)"),
         "lookahead_k": (args.lookahead, "with --lookahead"),
@@ -492,20 +506,43 @@ def timm_state_dict(net):
 # ----------------------------------------------------------------------------- data
 
 class Foreground(data.PretrainDataset):
-    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe. No crop, so the cells stay on
-    the image (only a joint flip, as in pre-training). Scores come from the regions file, else object cells
-    (id 1..254 of the regions or of the base's instance masks) count 1 and background 0."""
+    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe, with MAE's linear-probe
+    pipeline on the image and its cells together: training, RandomResizedCrop (crop_scale = (--crop_min, 1), cut
+    from the original) + flip, PretrainDataset's joint crop; validation (crop_pct), resize the shorter side to
+    S / crop_pct + centre crop S as torchvision's Resize + CenterCrop, the cells cut to the same box mapped onto
+    the original. Scores come from the regions file, else object cells (id 1..254 of the regions or of the base's
+    instance masks) count 1 and background 0."""
+
+    def __init__(self, base, input_size, crop_pct=None, **kw):
+        super().__init__(base, input_size, **kw)
+        self.crop_pct = crop_pct
 
     def __getitem__(self, i):
-        img, cells, scores, target = super().__getitem__(i)
+        img, cells, scores, target = super().__getitem__(i) if self.crop_pct is None else self.centre(i)
         if self.regions is None or self.regions["scores"] is None:
             scores = ((cells > 0) & (cells != data.IGNORE)).float()
         return img, target, scores
 
+    def centre(self, i):
+        """MAE's validation view of sample i: (img [3, S, S] normalised, labels, scores, target), no flip."""
+        img, mask, target = self.base.load(i)
+        S, (H, W) = self.size, (img.height, img.width)
+        short = int(S / self.crop_pct)                                     # torchvision Resize(int): shorter side
+        nh, nw = (int(short * H / W), short) if W <= H else (short, int(short * W / H))
+        top, left = int(round((nh - S) / 2.0)), int(round((nw - S) / 2.0))  # torchvision CenterCrop
+        bicubic = v2.InterpolationMode.BICUBIC
+        x = v2.functional.center_crop(v2.functional.resize(img, [nh, nw], interpolation=bicubic, antialias=True), S)
+        x = v2.functional.to_dtype(v2.functional.to_image(x), torch.float32, scale=True)
+        box = (top * H / nh, left * W / nw, S * H / nh, S * W / nw)       # the crop, in the original's pixels
+        labels, scores = self.cells(i, self.square_mask(mask), box, (H, W))
+        return v2.functional.normalize(x, data.IMAGENET_MEAN, data.IMAGENET_STD), labels, scores, target
+
 
 def build_transform(args, train):
     """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip + RandAugment + random
-    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop."""
+    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop.
+    --train_crop bit: BiT's resize to a square of 7/6 the size + random crop (bilinear, torchvision's default, as
+    BiT's code) in place of RandomResizedCrop."""
     bicubic = v2.InterpolationMode.BICUBIC
     size, mean, std = args.input_size, data.IMAGENET_MEAN, data.IMAGENET_STD
     if not train:
@@ -513,10 +550,11 @@ def build_transform(args, train):
     else:
         head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic, antialias=True),
                 v2.RandomHorizontalFlip()]
+        if args.train_crop == "bit" and not args.linprobe:
+            head[0:1] = [v2.Resize((round(size * 7 / 6),) * 2, antialias=True), v2.RandomCrop(size)]
         if not args.linprobe and randaug(args.aa):
-            magnitude, ops = randaug(args.aa)
-            head.append(v2.RandAugment(ops, magnitude, interpolation=bicubic,
-                                       fill=[round(255 * m) for m in mean]))  # timm fills with the mean colour
+            head.append(randaugment.RandAugment(**randaug(args.aa),
+                                                fill=[round(255 * m) for m in mean]))  # timm: the mean colour
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if train and not args.linprobe and args.reprob > 0:
         tail.append(v2.RandomErasing(args.reprob, value="random"))
@@ -524,14 +562,23 @@ def build_transform(args, train):
 
 
 def randaug(aa):
-    """'rand-m9-n2' -> (magnitude 9, 2 ops), 'none' -> None. timm's 'mstd0.5' (noise on the magnitude) has no
-    torchvision counterpart, so MAE's rand-m9-mstd0.5-inc1 becomes a fixed magnitude 9."""
+    """timm's RandAugment string -> randaugment.RandAugment's arguments, 'none' -> None. 'rand-m9-mstd0.5-inc1'
+    (MAE) -> magnitude 9, 2 ops, magnitude noise 0.5, the increasing ops; sections in any order, timm's defaults
+    for those left out (m10, n2, mstd0, inc0)."""
     if aa == "none":
         return None
-    m = re.fullmatch(r"rand-m(\d+)-n(\d+)", aa)
-    if not m:
-        raise UsageError(f"--aa {aa} is not 'rand-m<magnitude>-n<ops>' (e.g. rand-m9-n2) or 'none'")
-    return int(m[1]), int(m[2])
+    parts = aa.split("-")
+    out = dict(magnitude=10, num_ops=2, mstd=0.0, increasing=False)
+    keys = {"m": ("magnitude", int), "n": ("num_ops", int), "mstd": ("mstd", float), "inc": ("increasing", int)}
+    sections = [re.fullmatch(r"(mstd|inc|m|n)(\d+(?:\.\d+)?)", part) for part in parts[1:]]
+    if parts[0] != "rand" or not all(m and (m[1] == "mstd" or "." not in m[2]) for m in sections):
+        raise UsageError(f"--aa {aa} is not timm's 'rand-m<magnitude>-n<ops>-mstd<noise>-inc<0|1>' "
+                         "(e.g. rand-m9-mstd0.5-inc1) or 'none'")
+    for m in sections:
+        name, kind = keys[m[1]]
+        out[name] = kind(m[2])
+    out["increasing"] = bool(out["increasing"])
+    return out
 
 
 def build_datasets(args):
@@ -563,7 +610,8 @@ def build_datasets(args):
         if regions and regions["scores"] is None and regions["meta"].get("kind") != "objects":
             raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs part_learn.py's scores")
         cell = regions["meta"]["cell_size"] if regions else 8
-        sets.append(Foreground(base, args.input_size, regions=regions, hflip=train, cell_size=cell))
+        sets.append(Foreground(base, args.input_size, crop_pct=None if train else args.crop_pct, regions=regions,
+                               hflip=train, cell_size=cell, crop_scale=(args.crop_min, 1.0) if train else None))
     return (None if args.eval else sets[0]), sets[-1], bases[0].classes
 
 

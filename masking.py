@@ -34,7 +34,7 @@ import torch
 
 _IGNORE = 255           # region label of cells that belong to nothing (regions file convention)
 _NUM_LABELS = 256       # object labels are uint8 values: 0 = background, 1..254 = objects, 255 = ignore
-_PADDINGS = ("zero", "replicate", "random", "throwout")
+_PADDINGS = ("zero", "masked", "replicate", "random", "throwout")
 _RELATIONS = ("intra", "inter", "image")
 
 
@@ -274,9 +274,10 @@ def source_target_ids(part_labels, mask_ratio, alpha=None, *, num_parts=None, ig
 
 class ObjectMasks(NamedTuple):
     """ObjMAE's index sets, each [B, n]. ids are patch indices in [0, L); a slot with valid = False is
-    padding that carries nothing (zero padding): the model gives it no content, no attention and no loss.
-    Its id repeats the set's first patch, so gathers stay in range and source and target never share a
-    patch, padding included. The order of the slots carries no meaning."""
+    padding that carries no patch ("zero" and "masked" padding): the model gives it no content and no loss,
+    and for "zero" feeds it as a zero-filled token that is attended (ObjMAE §3.3), for "masked" removes it
+    from attention as well. Its id repeats the set's first patch, so gathers stay in range and source and
+    target never share a patch, padding included. The order of the slots carries no meaning."""
     src_ids: torch.Tensor    # [B, n] long: the encoder's input patches (source, ObjMAE §3.1)
     tgt_ids: torch.Tensor    # [B, n] long: the patches the decoder rebuilds (target)
     src_valid: torch.Tensor  # [B, n] bool
@@ -344,7 +345,10 @@ def object_wise_masking(object_labels, seq_ratio, padding="zero", relation="intr
     seq_ratio: in [0, 1), the paper's alpha: source and target both get n = max(1, round(seq_ratio * L))
         slots (§3.3; 0.34 on COCO, 0.25 or 0.17 in Tables 4 and 9). Python's round (halves to even).
     padding (§3.3, Table 8), for a set with fewer than n patches:
-        "zero": the extra slots are invalid (no content, no loss);
+        "zero": the extra slots are invalid: "the added patches are filled with zero so that they contain
+            no information" (§3.3); the model feeds them as zero-filled tokens, attended, not in the loss;
+        "masked": the same invalid slots, also removed from attention (not the paper's: §3.3's variable-length
+            sequences, at a fixed length);
         "replicate": the set's own patches repeated cyclically (valid);
         "random": patches from the whole image that are in neither the source nor the target set, in a
             random order; the source takes its padding first, the target the next ones, so the two sets
@@ -438,7 +442,7 @@ def object_wise_masking(object_labels, seq_ratio, padding="zero", relation="intr
             filled = real | (k < pool_size)
             padded = pool.gather(1, k.clamp(0, L - 1))
             return torch.where(real, start + slot, torch.where(filled, padded, start)), filled
-        return torch.where(real, start + slot, start), real               # zero / throwout
+        return torch.where(real, start + slot, start), real               # zero / masked / throwout
 
     src_pos, src_valid = align(src_start, src_len, 0)
     tgt_pos, tgt_valid = align(tgt_start, tgt_len, n - src_len)

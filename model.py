@@ -242,11 +242,13 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def forward_features(self, imgs, ids=None, valid=None):
+    def forward_features(self, imgs, ids=None, valid=None, attend_padding=False):
         """Tokens [B, 1+n, D] (cls first) after the final norm (none with global_pool: fc_norm acts on the
-        pooled vector). ids [B, n]: which patches; valid [B, n]: invalid slots are never attended to."""
+        pooled vector). ids [B, n]: which patches; valid [B, n]: invalid slots get zero pixels and are never
+        attended to, or with attend_padding are attended as such zero-filled tokens (ObjMAE §3.3 zero padding)."""
         x = self.embed(imgs, ids, valid)  # [B, 1+n, D]
-        x = run_blocks(self.blocks, x, key_mask(with_cls(valid)), self.grad_checkpointing)
+        mask = None if attend_padding else key_mask(with_cls(valid))
+        x = run_blocks(self.blocks, x, mask, self.grad_checkpointing)
         return x if self.global_pool else self.norm(x)
 
     def forward(self, imgs):
@@ -316,14 +318,18 @@ class MaskedAutoencoderViT(VisionTransformer):
             return loss.mean()
         return torch.where(tgt_valid, loss, 0.0).sum() / tgt_valid.sum().clamp(min=1)
 
-    def forward(self, imgs, src_ids, tgt_ids, src_valid=None, tgt_valid=None):
+    def forward(self, imgs, src_ids, tgt_ids, src_valid=None, tgt_valid=None, attend_padding=False):
         """imgs [B, C, H, W]; src_ids [B, n_src], tgt_ids [B, n_tgt] patch indices; *_valid bool (False = padding)
-        -> (loss, pred [B, n_tgt, p*p*C] in patchify's order, normalised pixels when norm_pix_loss)."""
+        -> (loss, pred [B, n_tgt, p*p*C] in patchify's order, normalised pixels when norm_pix_loss).
+        Padding never enters the loss. It is removed from attention, or with attend_padding (ObjMAE §3.3's zero
+        padding) attended: a source padding slot as a token of zero pixels at its slot's position, a target one
+        as a mask token there."""
         size = tuple(g * self.patch_size for g in self.grid)
         if tuple(imgs.shape[-2:]) != size:
             raise ValueError(f"images are {tuple(imgs.shape[-2:])} but this model was built for img_size={size}")
-        latent = self.forward_features(imgs, src_ids, src_valid)  # [B, 1+n_src, D]
-        pred = self.forward_decoder(latent, src_ids, tgt_ids, src_valid, tgt_valid)
+        latent = self.forward_features(imgs, src_ids, src_valid, attend_padding)  # [B, 1+n_src, D]
+        attended = (None, None) if attend_padding else (src_valid, tgt_valid)
+        pred = self.forward_decoder(latent, src_ids, tgt_ids, *attended)
         return self.forward_loss(imgs, tgt_ids, pred, tgt_valid), pred
 
     def pred_to_pixels(self, imgs, tgt_ids, pred):

@@ -6,7 +6,8 @@
 --method attention     SemMAE Table 4's "iBOT-initialized parts": the frozen encoder's last-layer class-token
                        attention, one head per part.
 --method cam           ObjMAE §3.2, Appendix A: a ResNet's class activation map of its top class, / its maximum,
-                       pixels > 0.3 are the object, a cell is object when >= 20% of its pixels are.
+                       pixels > 0.3 are the object, dropped when under 5% of the image (§4.1), a cell is object
+                       when >= 20% of its pixels are.
 --method segmentation  ObjMAE §3.2, §4.1: instance masks (shapes, a PNG folder, or a COCO JSON), 20% cell rule,
                        instances < 5% of the image dropped; prints the mean object ratio (ObjMAE's seq_ratio).
 Objects are made on cells the size of the pre-training model's patch (default 16, ObjMAE's ViT-S/16), so the 20%
@@ -17,6 +18,7 @@ The papers' settings, on 8 GPUs. SemMAE's parts (§4.1: a frozen self-supervised
 blur 7, lambda 0.03; "2 hours on one A100"), on 8-px cells for a ViT-B/8 (SemMAE Table 1 right, Tables 2, 5):
     torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
         --encoder_weights dino_deitsmall8_pretrain.pth --output_dir parts
+(DINO's released ViT-S/8 stands in for SemMAE's iBOT-pretrained ViT-S on 8x8 patches; an iBOT checkpoint also loads)
 the same parts for a ViT-B/16 (Table 1 left): the maps pooled over each 16-px patch, then the argmax, no training:
     torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
         --encoder_weights dino_deitsmall8_pretrain.pth --export_only --resume parts/checkpoint-last.pth \
@@ -50,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 import data
 import model as models
@@ -81,14 +84,15 @@ def get_args(argv=None):
     g.add_argument("--blur", type=int, default=7, help="learned: blur kernel size (SemMAE §4.1: 7)")
     g.add_argument("--div_weight", type=float, default=0.03, help="learned: lambda of Eq. 7 (SemMAE §4.1: 0.03)")
     # cam (ObjMAE Appendix A) and segmentation (ObjMAE §3.2, §4.1)
-    g = p.add_argument_group("--method cam (and --min_share: cam and segmentation)")
+    g = p.add_argument_group("--method cam (and --min_share, --min_object: cam and segmentation)")
     g.add_argument("--cam_weights", default=None, help="cam: torchvision ResNet state dict (ImageNet-1k trained)")
     g.add_argument("--cam_arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
                    help="cam: ResNet-50 (ObjMAE App. A); ResNet-34 for ImageNet-100 (ObjMAE §4.1)")
     g.add_argument("--cam_threshold", type=float, default=0.3, help="cam: object pixels have map > this")
     g.add_argument("--min_share", type=float, default=0.2, help="a cell is object when >= this share of its pixels are")
+    g.add_argument("--min_object", type=float, default=0.05,
+                   help="drop objects under this share of the image (ObjMAE §4.1, on the pre-training data)")
     g = p.add_argument_group("--method segmentation only")
-    g.add_argument("--min_object", type=float, default=0.05, help="segmentation: drop instances under this share")
     g.add_argument("--masks", default=None, help="segmentation: instance PNG folder, same relative names as images")
     g.add_argument("--coco", default=None, help="segmentation: COCO instances JSON for the images in --data_path")
     # optimisation of the part learner (the paper gives only the cost: 2 h on one A100)
@@ -142,7 +146,7 @@ def check_args(args):
         "encoder_weights": (args.method in ("learned", "attention"), "with --method learned or attention"),
         **{f: (args.method == "cam", "with --method cam") for f in ("cam_weights", "cam_arch", "cam_threshold")},
         "min_share": (args.method in ("cam", "segmentation"), "with --method cam or segmentation"),
-        "min_object": (args.method == "segmentation", "with --method segmentation"),
+        "min_object": (args.method in ("cam", "segmentation"), "with --method cam or segmentation"),
         "eval_images": (args.eval_iou, "with --eval_iou")})
     if (args.masks or args.coco) and args.method != "segmentation":
         raise UsageError("--masks and --coco are for --method segmentation")
@@ -318,9 +322,11 @@ def build_cam_net(args):
     return net.eval()
 
 
-def cam_objects(net, imgs, cell, threshold, min_share):
+def cam_objects(net, imgs, cell, threshold, min_share, min_object=0.05):
     """ObjMAE Appendix A, Eq. 2: M_c(x, y) = sum_k w_k^c f_k(x, y) for the top class c, / its maximum; pixels above
-    threshold are the object; a cell is object (1) when >= min_share of its pixels are. Score = mean map per cell."""
+    threshold are the object; an object under min_object of the image is background (ObjMAE §4.1's 5% rule, applied
+    to the pre-training data); a cell is object (1) when >= min_share of its pixels are. Score = mean map per cell.
+    -> (labels uint8 [B, gh, gw], scores [B, gh, gw], object pixels uint8 [B, S, S]: 1 = object, for the crop)"""
     with torch.no_grad(), utils.autocast(imgs.device):
         x = imgs
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
@@ -331,13 +337,17 @@ def cam_objects(net, imgs, cell, threshold, min_share):
         cam = torch.einsum("bk,bkhw->bhw", w, f).clamp_min(0)             # Eq. 2
     cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-12)           # range 0-1
     cam = F.interpolate(cam[:, None], size=imgs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    share = F.avg_pool2d((cam > threshold).float()[:, None], cell)[:, 0]  # [B, gh, gw] object pixel share
+    pixels = cam > threshold                                               # [B, S, S] object pixels
+    big = pixels.float().mean((1, 2), keepdim=True) >= min_object - 1e-6   # [B, 1, 1] the 5% rule
+    pixels = pixels & big
+    share = F.avg_pool2d(pixels.float()[:, None], cell)[:, 0]             # [B, gh, gw] object pixel share
     scores = F.avg_pool2d(cam[:, None], cell)[:, 0]
-    return (share >= min_share - 1e-6).to(torch.uint8), scores
+    return (share >= min_share - 1e-6).to(torch.uint8), scores, pixels.to(torch.uint8)
 
 
 class SegmentationCells(torch.utils.data.Dataset):
-    """Object id per cell from instance masks (ObjMAE §3.2: 20% rule; §4.1: instances < 5% dropped)."""
+    """Object id per cell from instance masks (ObjMAE §3.2: 20% rule; §4.1: instances < 5% dropped), and the
+    instance mask resized to the input size as its image is (nearest), for the crop. -> (uint8 [gh, gw], [S, S])"""
 
     def __init__(self, base, args, coco_masks=None):
         self.base, self.args, self.coco = base, args, coco_masks
@@ -351,8 +361,11 @@ class SegmentationCells(torch.utils.data.Dataset):
             mask = self.coco[os.path.basename(self.base.files[i])]
         else:
             mask = self.base.load(i)[1]
-        a = self.args
-        return torch.from_numpy(data.mask_cells(mask, a.input_size, self.grid, a.min_share, a.min_object))
+        a, S = self.args, self.args.input_size
+        if mask.shape != (S, S):
+            mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
+        return (torch.from_numpy(data.instance_cells(mask, self.grid, a.min_share, a.min_object)),
+                torch.from_numpy(np.array(mask, dtype=np.uint8)))
 
 
 def load_coco(args, base):
@@ -378,11 +391,12 @@ def object_counts(labels):
     return int(objects.sum()), int((objects > 0).sum()), int(real.max()) if real.numel() else -1
 
 
-def export(items, label_fn, grid, has_scores, args, d, desc, out):
+def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
     """Run label_fn over every item, rank r taking the r-th contiguous block of items, and write the rows to this
-    rank's shard <out>.rank<r>.tmp as they come (labels uint8 [rows, gh, gw], then scores float16), so a rank holds
-    one batch, never its whole share. -> (object cells, objects, largest id) summed / maxed over all ranks."""
-    n, cells = len(items), grid[0] * grid[1]
+    rank's shard <out>.rank<r>.tmp as they come (labels uint8 [rows, gh, gw], then scores float16, then with
+    mask_side > 0 the object masks uint8 [rows, mask_side, mask_side]), so a rank holds one batch, never its whole
+    share. -> (object cells, objects, largest id) summed / maxed over all ranks."""
+    n, cells, pixels = len(items), grid[0] * grid[1], mask_side * mask_side
     lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(lo, hi)), batch_size=args.batch_size,
                                          num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
@@ -390,11 +404,14 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out):
     fd = os.open(f"{out}.rank{d.rank}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for batch in utils.progress(loader, desc, None, d):
-            lab, sc = label_fn(batch)
+            lab, sc, masks = label_fn(batch)
             lab = lab.to(torch.uint8).cpu()
             data.pwrite_all(fd, lab, row * cells)
             if has_scores:
                 data.pwrite_all(fd, sc.to(torch.float16).cpu(), (hi - lo) * cells + 2 * row * cells)
+            if pixels:
+                data.pwrite_all(fd, masks.to(torch.uint8).cpu(),
+                                (hi - lo) * cells * (1 + 2 * has_scores) + row * pixels)
             obj_cells, objs, batch_top = object_counts(lab)
             sums, top, row = sums + torch.tensor([obj_cells, objs]), max(top, batch_top), row + len(lab)
         os.fsync(fd)
@@ -408,7 +425,7 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out):
     return int(sums[0]), int(sums[1]), top
 
 
-def merge_shards(out, n, grid, has_scores, files, meta, d):
+def merge_shards(out, n, grid, has_scores, files, meta, d, mask_side=0):
     """The regions file `out` (data.save_regions' format, atomic) from the ranks' shards, without any process
     holding it: rank 0 reserves the final file (data.reserve_tensor_file: torch.save without the tensors' bytes)
     and copies each shard's bytes to their place in it, 16 MB at a time, then renames it into place and deletes the
@@ -421,6 +438,8 @@ def merge_shards(out, n, grid, has_scores, files, meta, d):
                "meta": dict(meta)}                       # the keys in save_regions' order
         if has_scores:
             obj["scores"] = data.fake_tensor((n, *grid), torch.float16)
+        if mask_side:
+            obj["masks"] = data.fake_tensor((n, mask_side, mask_side), torch.uint8)
         tmp_fd, tmp = data.temp_file(folder, ".regions-")
         os.close(tmp_fd)
         try:
@@ -429,10 +448,13 @@ def merge_shards(out, n, grid, has_scores, files, meta, d):
             try:
                 for r in range(d.world):
                     lo, hi = r * n // d.world, (r + 1) * n // d.world
-                    with open(f"{out}.rank{r}.tmp", "rb") as shard:       # labels, then scores: read in order
+                    with open(f"{out}.rank{r}.tmp", "rb") as shard:       # labels, scores, masks: in order
                         copy_bytes(shard, fd, offsets["labels"] + lo * cells, (hi - lo) * cells)
                         if has_scores:
                             copy_bytes(shard, fd, offsets["scores"] + 2 * lo * cells, 2 * (hi - lo) * cells)
+                        if mask_side:
+                            px = mask_side * mask_side
+                            copy_bytes(shard, fd, offsets["masks"] + lo * px, (hi - lo) * px)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -478,32 +500,38 @@ def make_regions(base, args, d, nets, out, cache=None):
         def label_fn(batch):
             cls_feat, patch_feat = encoder_features(encoder, batch_images(batch, d.device))
             with torch.no_grad():
-                return parts_from_maps(learner.part_maps(cls_feat, patch_feat), grid)
+                return (*parts_from_maps(learner.part_maps(cls_feat, patch_feat), grid), None)
         meta.update(kind="parts", num_regions=args.num_parts, source=args.encoder_weights)
     elif args.method == "attention":
         encoder = nets[0]
 
         def label_fn(batch):
-            return attention_parts(encoder, batch_images(batch, d.device), grid)
+            return (*attention_parts(encoder, batch_images(batch, d.device), grid), None)
         meta.update(kind="parts", num_regions=encoder.blocks[-1].attn.num_heads, source=args.encoder_weights)
     elif args.method == "cam":
         net = nets[0]
 
         def label_fn(batch):
             return cam_objects(net, batch_images(batch, d.device), args.cell_size, args.cam_threshold,
-                               args.min_share)
+                               args.min_share, args.min_object)
         meta.update(kind="objects", num_regions=1, source=f"{args.cam_arch} {args.cam_weights}")
     else:
         def label_fn(batch):
-            return batch, None
+            return batch[0], None, batch[1]
         meta.update(kind="objects", source=args.coco or args.masks or "shapes instance masks")
     has_scores = args.method != "segmentation"
-    obj_cells, objs, top = export(images, label_fn, grid, has_scores, args, d, f"export {args.method}", out)
+    # objects keep their per-pixel masks (S x S bytes an image), so pretrain.py's crop re-applies the 20% and 5%
+    # rules to the cropped patch (ObjMAE §3.2, §4.1); 1-px cells are their own mask
+    mask_side = args.input_size if meta["kind"] == "objects" and args.cell_size > 1 else 0
+    if meta["kind"] == "objects":
+        meta.update(min_share=args.min_share, min_object=args.min_object)
+    obj_cells, objs, top = export(images, label_fn, grid, has_scores, args, d, f"export {args.method}", out,
+                                  mask_side)
     if meta["kind"] == "objects":
         meta["object_ratio"] = obj_cells / (objs * grid[0] * grid[1]) if objs else 0.0   # = data.object_ratio
         if args.method == "segmentation":
             meta["num_regions"] = max(top, 0)
-    merge_shards(out, len(base), grid, has_scores, base.files, meta, d)
+    merge_shards(out, len(base), grid, has_scores, base.files, meta, d, mask_side)
     return meta
 
 

@@ -12,6 +12,10 @@ SemMAE ViT-B/16 (§4.1: flip only, batch 4096, lr 2.4e-3; Table 1 left: linear p
 83.34%), parts exported at the patch size (part_learn.py --cell_size 16):
     torchrun --nproc_per_node=8 pretrain.py --mask semmae --gamma 2 --model mae_vit_base_patch16 \
         --batch_size 64 --accum_iter 8 --data_path IMAGENET/train --regions parts16/regions.pt --output_dir semmae16
+MAE ViT-B/8 in SemMAE's ViT-B/8 setting, random masking on the 1/4 most foreground patches (Table 3's "Random
+masking" row; Table 1 right: linear probing 66.8%, Table 2: fine-tuning 83.10%):
+    torchrun --nproc_per_node=8 pretrain.py --mask random --model mae_vit_base_patch8 --keep_ratio 0.25 \
+        --batch_size 64 --accum_iter 8 --data_path IMAGENET/train --regions parts/regions.pt --output_dir mae8
 SemMAE ViT-B/8 (§4.2: only the 1/4 most foreground patches are used; Table 1 right: linear probing 68.7%,
 Table 2 and 5: fine-tuning 84.5%):
     torchrun --nproc_per_node=8 pretrain.py --mask semmae --gamma 2 --model mae_vit_base_patch8 --keep_ratio 0.25 \
@@ -43,6 +47,7 @@ import argparse
 import os
 import time
 
+import numpy as np
 import torch
 
 import data
@@ -76,9 +81,11 @@ def get_args(argv=None):
     g = p.add_argument_group("--mask objmae only")
     g.add_argument("--seq_ratio", type=float, default=0.25,
                    help="objmae: source and target length / L (alpha, §3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
-    g.add_argument("--padding", default="zero", choices=["zero", "replicate", "random", "throwout"],
-                   help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which; throwout's "
-                        "length is the batch minimum, read on the host: one sync a step")
+    g.add_argument("--padding", default="zero", choices=["zero", "masked", "replicate", "random", "throwout"],
+                   help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which. zero: "
+                        "zero-filled tokens the model attends to (§3.3), no loss; masked (not the paper's): the "
+                        "same slots removed from attention too; throwout's length is the batch minimum, read on the "
+                        "host: one sync a step")
     g.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
                    help="objmae: source and target from one object (§3, Table 6's best), two objects, or the image")
     # augmentation of image and region cells together (data.PretrainDataset)
@@ -106,11 +113,12 @@ def get_args(argv=None):
                         "setting'); ObjMAE Table 2: 0.9 0.999")
     g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
     g.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table 2)")
-    g.add_argument("--lookahead_k", type=int, default=5, help="Lookahead's k (Zhang et al. 2019: 5)")
+    g.add_argument("--lookahead_k", type=int, default=5,
+                   help="Lookahead's k, not given by ObjMAE (Zhang et al. 2019: 5; timm's Lookahead: 6)")
     g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="regress each target patch's normalised pixels: MAE's recommendation (MAE §3, Table 1d); "
-                        "SemMAE's paper does not say and its released code defaults to off; ObjMAE does not say")
+                        "SemMAE's paper does not say, its released pre-training command passes it; ObjMAE does not say")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="output/pretrain")
     g.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto': this --output_dir's "
@@ -196,6 +204,7 @@ def check_args(args):
         "gamma": (semmae_schedule, "with --mask semmae and no --alpha (the schedule alpha = progress ** gamma)"),
         "reverse": (semmae_schedule, "with --mask semmae and no --alpha (the schedule runs 1 -> 0)"),
         "alpha": (args.mask == "semmae", "with --mask semmae"),
+        "mask_ratio": (args.mask != "objmae", "with --mask random or semmae (objmae's lengths are --seq_ratio)"),
         "seq_ratio": (args.mask == "objmae", "with --mask objmae"),
         "padding": (args.mask == "objmae", "with --mask objmae"),
         "relation": (args.mask == "objmae", "with --mask objmae"),
@@ -253,7 +262,32 @@ def region_cell_size(args, regions, patch_size):
         raise UsageError(f"{args.regions} holds objects on {cell_size}-px cells, but the 20% rule (ObjMAE §3.2) "
                          f"must see each {patch_size}-px patch's own pixels; remake it with part_learn.py "
                          f"--cell_size {patch_size}")
+    if (regions["meta"].get("kind") == "objects" and args.crop_scale is not None and cell_size > 1
+            and regions.get("masks") is None):
+        raise UsageError(f"{args.regions} holds objects without their pixel masks, so --crop_scale cannot re-apply "
+                         "the 20% rule to the cropped patches (ObjMAE §3.2); remake it with part_learn.py, which "
+                         "stores them")
     return cell_size
+
+
+def images_with_objects(base, regions, input_size, cell_size, d, chunk=4096):
+    """bool [N]: which images have an object ObjMAE can mask, a region id in 1..254 on >= 2 patches (masking.py's
+    rule: a 1-patch object cannot be split into source and target). Read from the regions file's labels (objects
+    are on the model's patches), else from the shapes' own masks by the 20% and 5% rules (ObjMAE §3.2, §4.1).
+    ObjMAE §4.1 drops the rest (COCO: 72,452 of 82,783 images kept); so does the dataset here, before any crop."""
+    grid = (input_size // cell_size,) * 2
+    if regions is None:
+        rows = (data.mask_cells(base.load(i)[1], input_size, grid)
+                for i in utils.progress(range(len(base)), "objects per image", None, d))
+        labels = torch.from_numpy(np.stack(list(rows)))
+    else:
+        labels = regions["labels"]
+    found = []
+    for lo in range(0, len(labels), chunk):                               # a memory-mapped file, a chunk at a time
+        lab = labels[lo:lo + chunk].reshape(-1, grid[0] * grid[1]).long()
+        counts = torch.zeros(len(lab), 256, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))
+        found.append((counts[:, 1:data.IGNORE] >= 2).any(1))
+    return torch.cat(found)
 
 
 # ----------------------------------------------------------------------------- main
@@ -280,6 +314,14 @@ def main(args):
             dataset = data.CachedPretrainDataset(base, cache, args.input_size, **augment)
         else:
             dataset = data.PretrainDataset(base, args.input_size, **augment)
+        if args.mask == "objmae":       # ObjMAE §4.1: images without an object are not pre-trained on
+            keep = images_with_objects(base, regions, args.input_size, cell_size, d).nonzero().flatten().tolist()
+            utils.print0(d, f"--mask objmae: dropped {len(base) - len(keep)} of {len(base)} images with no object "
+                            f"(ObjMAE §4.1), training on {len(keep)}")
+            if not keep:
+                raise UsageError(f"--mask objmae: none of the {len(base)} images has an object; pass --regions "
+                                 "with objects (part_learn.py --method cam or segmentation)")
+            dataset = torch.utils.data.Subset(dataset, keep)
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     utils.check_accum(loader, len(dataset), args)
 
@@ -340,6 +382,7 @@ def main(args):
     iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    zero_pad = args.mask == "objmae" and args.padding == "zero"            # ObjMAE §3.3: attended zero tokens
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
         loader.sampler.set_epoch(epoch)
@@ -365,7 +408,7 @@ def main(args):
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(ddp, sync, d):
                 with utils.autocast(d.device, args.precision):
-                    loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+                    loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid, attend_padding=zero_pad)
                 scaler.scale(loss / args.accum_iter).backward()
             if sync:
                 scaler.step(optimizer)                                     # fp16: unscale, skip a step with inf
@@ -404,7 +447,7 @@ def main(args):
                 g = torch.Generator(d.device).manual_seed(args.seed)
                 net.eval()
                 save_reconstructions(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"), net, vis_imgs,
-                                     masker(vis_cells, vis_scores, progress, generator=g))
+                                     masker(vis_cells, vis_scores, progress, generator=g), zero_pad)
     if tb:
         tb.close()
     utils.cleanup_distributed()
@@ -412,13 +455,13 @@ def main(args):
 
 # ----------------------------------------------------------------------------- pictures
 
-def save_reconstructions(path, net, imgs, masks):
+def save_reconstructions(path, net, imgs, masks, attend_padding=False):
     """One row per image: original | visible (source) patches | reconstruction of the targets |
     reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE) stay grey."""
     src_ids, tgt_ids, src_valid, tgt_valid = masks
     p = net.patch_size
     with torch.no_grad():
-        _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid)
+        _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid, attend_padding=attend_padding)
         pred = net.pred_to_pixels(imgs, tgt_ids, pred)                     # de-normalise norm_pix_loss
     patches = models.patchify(imgs, p)                                     # [B, L, p*p*3]
     mean = torch.tensor(data.IMAGENET_MEAN).repeat(p * p)                  # pixel order (p, q, c)

@@ -49,7 +49,7 @@ def get_args(argv=None):
     p.add_argument("--alpha", type=float, default=None,
                    help="semmae: 0 = a portion of every part, 1 = whole parts (default 1, the end of training, §3.2)")
     p.add_argument("--seq_ratio", type=float, default=None, help="objmae: source and target length / L (default 0.25)")
-    p.add_argument("--padding", default=None, choices=["zero", "replicate", "random", "throwout"], help="objmae")
+    p.add_argument("--padding", default=None, choices=["zero", "masked", "replicate", "random", "throwout"], help="objmae")
     p.add_argument("--relation", default=None, choices=["intra", "inter", "image"], help="objmae")
     p.add_argument("--regions", default=None, help="regions.pt from part_learn.py: parts (semmae) or objects (objmae)")
     p.add_argument("--data_path", default=None, help="the folder the images (and the regions file) are in")
@@ -228,7 +228,8 @@ def main(args):
     masker = pretrain.Masker(pargs, net.patch_size, cell_size, net.grid, num_parts)
     masks = masker(cells, scores, 1.0, generator=torch.Generator(device).manual_seed(args.seed))
     net.to(device)
-    pretrain.save_reconstructions(args.output, net, imgs, masks)
+    zero_pad = pargs.mask == "objmae" and pargs.padding == "zero"          # as pretrain.py trains it (§3.3)
+    pretrain.save_reconstructions(args.output, net, imgs, masks, zero_pad)
     print(f"wrote {args.output}: {len(base)} images, {name} from {args.checkpoint} "
           f"({'normalised' if norm_pix else 'plain'} pixels), --mask {args.mask}", flush=True)
     return imgs, masks

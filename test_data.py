@@ -11,6 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -191,6 +192,13 @@ def test_regions_round_trip(tmp_path):
     assert [f for f in os.listdir(path.parent)] == ["regions.pt"]          # no temp file left behind
     data.save_regions(str(path), labels.numpy(), None, files, meta)      # numpy in, no scores
     assert data.load_regions(str(path), files, 32)["scores"] is None
+    assert data.load_regions(str(path), files, 32)["masks"] is None
+    masks = torch.randint(0, 3, (len(files), 32, 32), dtype=torch.uint8)  # objects' pixel masks, for the crop
+    data.save_regions(str(path), labels, None, files, meta, masks=masks)
+    assert torch.equal(data.load_regions(str(path), files, 32)["masks"], masks)
+    data.save_regions(str(path), labels, None, files, meta, masks=masks[:, :16, :16])
+    with pytest.raises(ValueError, match=r"object masks of shape .*remake it"):
+        data.load_regions(str(path), files, 32)
 
 
 def test_regions_errors(tmp_path):
@@ -383,17 +391,20 @@ def crop_cells_slow(labels, scores, box, size):
 # ============================================================================= joint random-resized crop
 
 @pytest.mark.parametrize("size,scale,ratio", [(224, (0.2, 1.0), (3 / 4, 4 / 3)), (64, (0.08, 0.5), (0.5, 2.0)),
-                                              (32, (0.9, 1.0), (1.5, 2.0)), (32, (0.9, 1.0), (0.3, 0.5))])
+                                              (32, (0.9, 1.0), (1.5, 2.0)), (32, (0.9, 1.0), (0.3, 0.5)),
+                                              ((375, 500), (0.2, 1.0), (3 / 4, 4 / 3)),
+                                              ((500, 375), (0.9, 1.0), (1.5, 2.0)), ((40, 90), (0.9, 1.0), (0.3, 0.5))])
 def test_crop_box_is_torchvisions_rule(size, scale, ratio):
     """The same boxes as torchvision's RandomResizedCrop from the same global RNG state (the last two settings
     cannot fit a box in 10 tries and take the centred fallback)."""
-    rrc = v2.RandomResizedCrop(size, scale=scale, ratio=ratio)
+    rrc = v2.RandomResizedCrop(32, scale=scale, ratio=ratio)
+    H, W = (size, size) if isinstance(size, int) else size
     for seed in range(40):
         torch.manual_seed(seed)
         box = data.crop_box(size, scale, ratio)
         after = torch.rand(())
         torch.manual_seed(seed)
-        p = rrc.make_params([torch.zeros(3, size, size)])
+        p = rrc.make_params([torch.zeros(3, H, W)])
         assert box == (p["top"], p["left"], p["height"], p["width"])
         assert torch.rand(()) == after                                     # the same RNG draws were used
 
@@ -448,6 +459,43 @@ def test_joint_crop_cells_follow_their_pixels():
                 torch.tensor(data.IMAGENET_MEAN)[:, None, None]
             expected = v2.functional.normalize(data.resized_crop(x, box, S), data.IMAGENET_MEAN, data.IMAGENET_STD)
             assert torch.allclose(img, expected, atol=1e-5) and target == base.load(i)[2]
+
+
+def test_pretrain_crop_is_cut_from_the_original_photo(tmp_path):
+    """MAE's RandomResizedCrop cuts its box from the original 500x375 photo, not from the photo squashed to S x S
+    first: the sample is torchvision's RandomResizedCrop (bicubic, antialias) of the original for the same RNG
+    state, and within PIL's 8-bit rounding of MAE's PIL pipeline. The cells of a regions file follow the box, mapped
+    fractionally onto their grid over the squashed image."""
+    os.makedirs(tmp_path / "c0")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    pixels = np.stack([xx * 255 // 500, yy * 255 // 375, (3 * xx + yy) % 256], -1) + rng.integers(0, 20, (375, 500, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(tmp_path / "c0" / "photo.png")
+    base = data.FolderDataset(str(tmp_path))
+    S, g = 64, 8
+    labels = torch.arange(g * g).reshape(1, g, g).to(torch.uint8)
+    regions = {"labels": labels, "scores": None, "files": base.files, "meta": {"kind": "parts"}}
+    ds = data.PretrainDataset(base, S, regions=regions, hflip=False, cell_size=8, crop_scale=(0.2, 1.0))
+    photo = base.load(0)[0]
+    rrc = v2.RandomResizedCrop(S, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    pil_rrc = torchvision.transforms.RandomResizedCrop(S, scale=(0.2, 1.0),
+                                                       interpolation=torchvision.transforms.InterpolationMode.BICUBIC)
+    unnorm = (torch.tensor(data.IMAGENET_STD)[:, None, None], torch.tensor(data.IMAGENET_MEAN)[:, None, None])
+    for seed in range(8):
+        torch.manual_seed(seed)
+        img, cells, _, _ = ds[0]
+        torch.manual_seed(seed)
+        ref = rrc(v2.functional.to_dtype(v2.functional.to_image(photo), torch.float32, scale=True)).clamp(0, 1)
+        x = img * unnorm[0] + unnorm[1]
+        assert (x - ref).abs().max() < 1e-5, seed
+        torch.manual_seed(seed)
+        mae = v2.functional.to_dtype(v2.functional.to_image(pil_rrc(photo)), torch.float32, scale=True)
+        assert (x - mae).abs().mean() < 1 / 255, seed                     # MAE's PIL crop, up to 8-bit rounding
+        torch.manual_seed(seed)
+        t, l, h, w = data.crop_box((375, 500), (0.2, 1.0))
+        rows = [math.floor((t + (j + 0.5) * h / g) * g / 375) for j in range(g)]   # the cell under each centre
+        cols = [math.floor((l + (j + 0.5) * w / g) * g / 500) for j in range(g)]
+        assert cells.tolist() == [[r * g + c for c in cols] for r in rows], seed
 
 
 def test_joint_crop_regions_then_flip():
@@ -636,12 +684,16 @@ def test_headings_over_unchanged_cells(tmp_path, size, headings):
 
 # ============================================================================= the fast input path
 
-@pytest.mark.parametrize("source", ["folder", "shapes"])
+@pytest.mark.parametrize("source", ["folder", "shapes", "shapes-40"])
 def test_fast_path_gives_the_default_tensors(tmp_path, source):
-    """Same image, same seed -> same crop box and coin: the cached uint8 image cropped, flipped and normalised in
-    a batch by device_batch equals PretrainDataset's tensor (far inside uint8 rounding, 1/255/std = 0.017), and
-    the cells and scores are identical. Shapes also checks the instance-mask cells (cropped at the pixel level)."""
-    base = jpeg_folder(str(tmp_path / "imgs")) if source == "folder" else data.ShapesDataset(5, img_size=40)
+    """Same image, same seed -> same crop box and coin: the cells and scores are identical (the box is drawn on the
+    original's size, stored in the cache). Without a crop, or when the originals are already S x S, the cached
+    uint8 image cropped, flipped and normalised in a batch by device_batch equals PretrainDataset's tensor (far
+    inside uint8 rounding, 1/255/std = 0.017). With a crop of a larger original the default path cuts the box from
+    the original and the cache from its S x S copy (the box rounded to its pixels): close, not equal. Shapes also
+    checks the instance-mask cells (cropped at the pixel level)."""
+    base = {"folder": lambda: jpeg_folder(str(tmp_path / "imgs")), "shapes": lambda: data.ShapesDataset(5, img_size=32),
+            "shapes-40": lambda: data.ShapesDataset(5, img_size=40)}[source]()
     cache = data.open_image_cache(str(tmp_path / "cache.pt"), base, 32, num_workers=0)
     for crop in (None, (0.2, 1.0)):
         slow = data.PretrainDataset(base, 32, crop_scale=crop)
@@ -658,11 +710,21 @@ def test_fast_path_gives_the_default_tensors(tmp_path, source):
         imgs, labels, scores, _, flip, boxes = (torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in range(6))
         assert imgs.dtype == torch.uint8 and imgs.shape == (len(samples), 3, 32, 32)
         x = data.device_batch(imgs, flip, boxes if crop else None)       # the whole batch at once
+        std = torch.tensor(data.IMAGENET_STD)[:, None, None]
         for k, (img, lab, sc, target) in enumerate(expected):
-            assert (x[k] - img).abs().max() < 1e-5, (crop, k)
+            if crop is None or source == "shapes":
+                assert (x[k] - img).abs().max() < 1e-5, (crop, k)
+            else:                                                          # mean error in [0, 1] pixel units
+                assert ((x[k] - img) * std).abs().mean() < 0.05, (crop, k)
             assert torch.equal(labels[k], lab) and torch.equal(scores[k], sc) and samples[k][3] == target
         if crop:
             assert len({tuple(b.tolist()) for b in boxes}) > 5           # the boxes really differ
+
+
+def test_cache_box_rounds_the_original_box_onto_the_square():
+    assert data.cache_box((0, 0, 375, 500), (375, 500), 224) == (0, 0, 224, 224)
+    assert data.cache_box((10, 20, 30, 40), (100, 100), 50) == (5, 10, 15, 20)
+    assert data.cache_box((99, 99, 1, 1), (100, 100), 10) == (9, 9, 1, 1)   # never empty, never outside
 
 
 def test_image_cache_is_written_once_and_checked(tmp_path):

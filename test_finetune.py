@@ -6,8 +6,10 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 import data
 import finetune
@@ -228,3 +230,124 @@ def test_load_error_lists_the_names_that_fit(tmp_path):
     finetune.check_args(args)
     with pytest.raises(UsageError, match="pass --model vit_tiny_patch8$"):
         finetune.load_pretrained(finetune.build_model(args, 20), args.finetune)
+
+
+def test_keep_ratio_probe_uses_maes_probe_crops():
+    """SemMAE Table 1 right's probe (--keep_ratio < 1) with MAE's linear-probe pipeline: training samples are the
+    joint RandomResizedCrop(--crop_min, 1) + flip of image and cells; validation resizes the shorter side to
+    S / --crop_pct and centre-crops S, as torchvision does, with the cells cut to the same box (so --crop_min and
+    --crop_pct act here, not only in fine-tuning)."""
+    args = checked_args(FT_TINY + ["--linprobe", "--keep_ratio", "0.5", "--crop_min", "0.3", "--crop_pct", "0.8"])
+    train, val, _ = finetune.build_datasets(args)
+    assert train.crop_scale == (0.3, 1.0) and train.hflip and val.crop_scale is None and not val.hflip
+    S, base = 32, val.base
+    img, target, scores = val[3]
+    photo, mask, label = base.load(3)
+    bicubic = v2.InterpolationMode.BICUBIC
+    ref = v2.Compose([v2.Resize(int(S / 0.8), interpolation=bicubic, antialias=True), v2.CenterCrop(S),
+                      v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                      v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])(photo)
+    assert torch.allclose(img, ref, atol=1e-6) and target == label
+    side = int(S / 0.8)                                                    # 40: the box is pixels 4..36 of 40
+    box = (4 * S / side, 4 * S / side, S * S / side, S * S / side)
+    cells = data.instance_cells(data.resized_crop_mask(mask, box, S), (S // 8, S // 8))
+    assert torch.equal(scores, torch.from_numpy(cells > 0).float())
+    whole = [torch.from_numpy(data.instance_cells(base.load(i)[1], (4, 4)) > 0).float() for i in range(8)]
+    assert any(not torch.equal(val[i][2], whole[i]) for i in range(8))   # not the whole-image squash
+
+
+# ----------------------------------------------------------------------------- RandAugment (timm's policy)
+
+# timm's magnitudes at m9 (timm/data/auto_augment.py in huggingface/pytorch-image-models: _LEVEL_DENOM = 10, rotate
+# 30 * level degrees, shear 0.3 * level, translate_pct 0.45 * level, the 'Increasing' enhance ops 1 +- 0.9 * level,
+# PosterizeIncreasing 4 - int(4 * level) bits, SolarizeIncreasing 256 - int(256 * level), SolarizeAdd
+# int(110 * level)), with level = 9 / 10. Written out here: the tests do not import timm.
+TIMM_M9 = {"Rotate": 27.0, "ShearX": 0.27, "ShearY": 0.27, "TranslateXRel": 0.405, "TranslateYRel": 0.405,
+           "ColorIncreasing": 1.81, "ContrastIncreasing": 1.81, "BrightnessIncreasing": 1.81,
+           "SharpnessIncreasing": 1.81, "PosterizeIncreasing": 1, "SolarizeIncreasing": 26, "SolarizeAdd": 99}
+
+
+def test_randaugment_magnitudes_at_m9_are_timms():
+    """MAE's rand-m9-mstd0.5-inc1: each op's argument at m9 is timm's (torchvision's RandAugment(2, 9) has 31 bins:
+    rotate 9 degrees, shear 0.09, enhance 1 +- 0.27, a third of these)."""
+    import randaugment
+    for name, value in TIMM_M9.items():
+        assert randaugment.op_argument(name, 9) == pytest.approx(value), name
+    for name in ("Rotate", "ShearX", "TranslateYRel"):
+        assert randaugment.op_argument(name, 9, negate=True) == pytest.approx(-TIMM_M9[name])
+    assert randaugment.op_argument("ContrastIncreasing", 9, negate=True) == pytest.approx(0.19)
+    assert randaugment.op_argument("Rotate", 10) == 30.0 and randaugment.INCREASING[3] == "Rotate"
+    assert finetune.randaug("rand-m9-mstd0.5-inc1") == dict(magnitude=9, num_ops=2, mstd=0.5, increasing=True)
+    ra = [t for t in finetune.build_transform(checked_args(FT_TINY), True).transforms
+          if isinstance(t, randaugment.RandAugment)]
+    assert len(ra) == 1 and (ra[0].magnitude, ra[0].mstd, ra[0].ops) == (9, 0.5, randaugment.INCREASING)
+
+
+def test_randaugment_ops_give_timms_pixels():
+    """Each geometric and enhance op at its m9 argument gives the pixels of the PIL call timm makes (bicubic,
+    mean-colour fill): rotate by 27 degrees, shear by the factor 0.27, translate by 0.405 of the side (up to one
+    level in a rare pixel: torchvision's shear goes through an angle)."""
+    import randaugment
+    from PIL import Image, ImageEnhance
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((48, 60, 3)) * 255).astype(np.uint8)).resize((120, 96), Image.BICUBIC)
+    fill = (124, 116, 104)
+    W, H = img.size
+    refs = {"Rotate": img.rotate(27.0, resample=Image.BICUBIC, fillcolor=fill),
+            "ShearX": img.transform(img.size, Image.AFFINE, (1, 0.27, 0, 0, 1, 0), Image.BICUBIC, fillcolor=fill),
+            "ShearY": img.transform(img.size, Image.AFFINE, (1, 0, 0, 0.27, 1, 0), Image.BICUBIC, fillcolor=fill),
+            "TranslateXRel": img.transform(img.size, Image.AFFINE, (1, 0, 0.405 * W, 0, 1, 0), Image.BICUBIC,
+                                           fillcolor=fill),
+            "TranslateYRel": img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, 0.405 * H), Image.BICUBIC,
+                                           fillcolor=fill),
+            "ContrastIncreasing": ImageEnhance.Contrast(img).enhance(1.81),
+            "ColorIncreasing": ImageEnhance.Color(img).enhance(1.81),
+            "BrightnessIncreasing": ImageEnhance.Brightness(img).enhance(1.81),
+            "SharpnessIncreasing": ImageEnhance.Sharpness(img).enhance(1.81)}
+    for name, ref in refs.items():
+        out = randaugment.apply_op(img, name, randaugment.op_argument(name, 9), list(fill))
+        diff = np.abs(np.asarray(out, dtype=int) - np.asarray(ref, dtype=int))   # shear: factor -> angle -> factor
+        assert diff.max() <= 1 and diff.mean() < 1e-3, (name, diff.max(), diff.mean())
+
+
+def test_randaugment_draws_from_torch_and_applies_each_op_half_the_time():
+    """Two ops per image, each applied with probability 0.5: about a quarter of the images are left as they are;
+    the draws come from torch's generator (so a seeded DataLoader worker repeats them)."""
+    import randaugment
+    from PIL import Image
+    img = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
+    ra = randaugment.RandAugment(9, 2, 0.5, True, (124, 116, 104))
+    torch.manual_seed(0)
+    outs = [np.asarray(ra(img)) for _ in range(400)]
+    same = np.mean([np.array_equal(o, np.asarray(img)) for o in outs])
+    assert 0.18 < same < 0.36, same                                       # 1/4, plus ops that change nothing
+    torch.manual_seed(0)
+    assert all(np.array_equal(np.asarray(ra(img)), o) for o in outs[:20])
+
+
+BIT = ["--train_crop", "bit", "--aa", "none", "--mixup", "0.1", "--cutmix", "0", "--reprob", "0", "--smoothing", "0"]
+
+
+def test_bit_recipe_for_objmae_fine_tuning():
+    """ObjMAE §4.2 fine-tunes with BiT's settings (Kolesnikov et al. 2020): the image resized to a square and
+    randomly cropped (448 -> 384, here 7/6 of the input size), a flip, MixUp 0.1; no RandAugment, CutMix, erasing or
+    label smoothing. The ObjMAE fine-tuning commands carry these flags."""
+    from PIL import Image
+    args = checked_args(FT_TINY + BIT)
+    tf = finetune.build_transform(args, True)
+    photo = Image.fromarray((np.random.default_rng(0).random((30, 50, 3)) * 255).astype(np.uint8))
+    ref = v2.Compose([v2.Resize((37, 37), antialias=True), v2.RandomCrop(32), v2.RandomHorizontalFlip(), v2.ToImage(),
+                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    for seed in range(4):
+        torch.manual_seed(seed)
+        x = tf(photo)
+        torch.manual_seed(seed)
+        assert torch.equal(x, ref(photo)), seed
+    mix = finetune.make_mixup(args, 20)
+    assert isinstance(mix.transforms[0], v2.MixUp) and len(mix.transforms) == 1 and mix.transforms[0].alpha == 0.1
+    with pytest.raises(UsageError, match="--crop_min does nothing here"):
+        checked_args(FT_TINY + BIT + ["--crop_min", "0.3"])
+    docs = (finetune.__doc__ + open(os.path.join(HERE, "README.md")).read()).replace("\\\n", " ")
+    objmae_rows = [" ".join(ln.split()) for ln in docs.splitlines() if "torchrun" in ln and "finetune.py" in ln
+                   and "objmae" in ln and "--linprobe" not in ln]
+    assert len(objmae_rows) == 4 and all(" ".join(BIT) in row for row in objmae_rows), objmae_rows

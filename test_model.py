@@ -216,6 +216,28 @@ def test_invalid_slots_carry_nothing():
     assert torch.allclose(loss, per_patch[valid].mean(), atol=1e-6)
 
 
+def test_zero_padding_is_attended_zero_filled_tokens():
+    """ObjMAE §3.3 zero padding ("the added patches are filled with zero"): with attend_padding the invalid
+    source slots are tokens of zero pixels at their positions and every slot is attended, i.e. the model of an
+    image whose padded patches are zero, all slots real; only the valid targets enter the loss. Not the masked
+    variant: the valid outputs change."""
+    m = tiny_mae()
+    imgs = torch.randn(2, 3, 32, 32)
+    src = torch.arange(0, 6).expand(2, -1)
+    tgt = torch.arange(6, 12).expand(2, -1)
+    valid = torch.tensor([[True] * 4 + [False] * 2, [True] * 5 + [False]])
+    loss, pred = m(imgs, src, tgt, valid, valid, attend_padding=True)
+    zeroed = M.patchify(imgs, 8)
+    zeroed[0, [4, 5]] = 0.0                                                # the padded sources, zero-filled
+    zeroed[1, 5] = 0.0
+    _, ref_pred = m(M.unpatchify(zeroed, 8, 4, 4), src, tgt)              # every slot a real, attended token
+    assert torch.allclose(pred, ref_pred, atol=1e-5)
+    per_patch = ((pred - M.gather_tokens(M.patchify(imgs, 8), tgt)) ** 2).mean(-1)
+    assert torch.allclose(loss, per_patch[valid].mean(), atol=1e-6)
+    _, masked_pred = m(imgs, src, tgt, valid, valid)                       # --padding masked
+    assert not torch.allclose(pred[valid], masked_pred[valid], atol=1e-3)
+
+
 def test_all_valid_flags_equal_no_flags():
     m = tiny_mae()
     imgs = torch.randn(2, 3, 32, 32)

@@ -172,7 +172,7 @@ def test_cam_threshold_and_20_percent_rule():
     img[0, 0, 8:, :2] = 0.5                                                # cell (1, 0): 25% above 0.3 -> object
     img[0, 0, :1, 8:] = 0.5                                                # cell (0, 1): 12.5% -> background
     img[0, 0, 8:, 8:] = 0.2                                                # cell (1, 1): below 0.3 everywhere
-    labels, scores = part_learn.cam_objects(FakeResNet(), img, 8, 0.3, 0.2)
+    labels, scores, _ = part_learn.cam_objects(FakeResNet(), img, 8, 0.3, 0.2)
     assert labels.tolist() == [[[1, 0], [1, 0]]]
     assert torch.allclose(scores, torch.tensor([[[1.0, 0.5 / 8], [0.5 * 2 / 8, 0.2]]]))
 
@@ -193,8 +193,10 @@ def test_cam_method_writes_objects(tmp_path):
     ds = data.PretrainDataset(data.ShapesDataset(8, img_size=64, seed=0), 64, hflip=False)
     net = torchvision.models.resnet18(num_classes=10)
     net.load_state_dict(torch.load(weights, weights_only=True))
-    labels, scores = part_learn.cam_objects(net.eval(), torch.stack([ds[i][0] for i in range(8)]), 16, 0.3, 0.2)
+    labels, scores, pixels = part_learn.cam_objects(net.eval(), torch.stack([ds[i][0] for i in range(8)]), 16, 0.3,
+                                                    0.2)
     assert torch.equal(r["labels"], labels) and torch.allclose(r["scores"].float(), scores, atol=1e-3)
+    assert torch.equal(r["masks"], pixels) and r["meta"]["min_object"] == 0.05   # the pixels, for the crop
 
 
 # ----------------------------------------------------------------------------- segmentation objects
@@ -326,9 +328,22 @@ def test_cam_objects_per_patch_are_the_pixel_rule(scenes_224):
     args = part_learn.get_args(["--method", "cam", "--cam_weights", __file__])
     part_learn.check_args(args)
     assert args.cell_size == 16
-    labels, _ = part_learn.cam_objects(IdentityResNet(), img, args.cell_size, args.cam_threshold, args.min_share)
+    labels, _, pixels = part_learn.cam_objects(IdentityResNet(), img, args.cell_size, args.cam_threshold,
+                                               args.min_share, args.min_object)
     for i, m in enumerate(masks):
-        assert np.array_equal(labels[i].numpy(), pixel_rule((m > 0).astype(np.uint8), 16, min_object=0.0))
+        assert np.array_equal(labels[i].numpy(), pixel_rule((m > 0).astype(np.uint8), 16))
+        assert np.array_equal(pixels[i].numpy(), (m > 0).astype(np.uint8))   # kept for the crop
+
+
+def test_cam_objects_under_five_percent_are_background():
+    """ObjMAE §4.1's 5% rule holds for CAM objects too: a CAM blob of 4.6% of the image is no object (it was one,
+    9 patches, before), one of 5.1% is."""
+    img = torch.zeros(2, 3, 224, 224)
+    img[0, 0, 16:64, 16:64] = 1                                            # 48 x 48 = 4.6% of 224 x 224
+    img[1, 0, 16:67, 16:66] = 1                                            # 51 x 50 = 5.1%
+    labels, _, pixels = part_learn.cam_objects(IdentityResNet(), img, 16, 0.3, 0.2, 0.05)
+    assert labels[0].sum() == 0 and pixels[0].sum() == 0
+    assert labels[1].sum() == 9 and pixels[1].sum() == 51 * 50
 
 
 def test_part_votes_favour_no_part(monkeypatch):

@@ -311,15 +311,20 @@ def load_optimizer(optimizer, state, path):
 
 
 def no_weight_decay(name, param):
-    """Biases, norms, position embeddings and tokens are not decayed (MAE, timm)."""
+    """Fine-tuning (MAE's main_finetune, timm's no_weight_decay list): biases, norms, the position embedding and the
+    class token are not decayed."""
     return param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
 
 
 def param_groups(model, weight_decay):
+    """Pre-training's AdamW groups, as MAE's main_pretrain (which SemMAE's code keeps): timm 0.3.2's
+    add_weight_decay with no skip list exempts only 1-D tensors (biases, norms) and names ending in '.bias', so the
+    [1, 1, D] cls_token and mask_token are decayed; the fixed sin-cos position embeddings are not trained at all.
+    We follow that code rather than timm's later rule, so that MAE's recipe is MAE's."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
