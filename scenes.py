@@ -4,9 +4,9 @@ The shapes scenes (data.ShapesDataset) are flat-coloured objects whose class is 
 the mean colour alone gets most of what an encoder gets, and "semantic parts" collapse to object vs background.
 These scenes are built so that SemMAE's parts (SemMAE §3.1) and ObjMAE's objects (ObjMAE §3.2) are real:
 
-- one object, an ellipse of 28-42% of the image (18-27 of the 64 patches of a 64-px image at patch 8, so
-  ObjMAE's seq_ratio changes how many of its patches the encoder sees), cut across its long axis into three
-  bands of equal area: its parts;
+- one object made of three squares (its parts) in a row, a column or an L, each 28-34% of the image side (18-22 px
+  at 64 px, about 2.5 patches of 8: several patches of each part hold that part alone); the object covers about 24
+  of the 64 patches of a 64-px image at patch 8, so ObjMAE's seq_ratio changes how many of them the encoder sees;
 - each part a texture with a 4-px period, resolvable inside an 8-px patch: stripes at 0, 45, 90 or 135
   degrees, checks, or dots (TEXTURES), drawn in two colours drawn at random per part, so colour says nothing;
 - the class is the set of the object's three textures, in any order along the object: the 20 sets of 3 of
@@ -14,7 +14,7 @@ These scenes are built so that SemMAE's parts (SemMAE §3.1) and ObjMAE's object
 - a plain background, with pixel noise in half of the scenes.
 
 `PartsDataset` has ShapesDataset's interface (files, classes, targets, `load(i)` -> image, instance mask,
-class), plus `part_mask(i)` (0 = background, 1..3 = the parts along the long axis). Every scene is a pure
+class), plus `part_mask(i)` (0 = background, 1..3 = the object's squares). Every scene is a pure
 function of (seed, split, index).
 
     python scenes.py --write OUT --num_images 200 --img_size 64   # as an image folder + instance masks
@@ -32,7 +32,10 @@ CLASSES = sorted("+".join(TEXTURES[t] for t in c) for c in itertools.combination
 CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 PERIOD = 4                       # texture period in pixels: two periods across an 8-px patch
 NUM_PARTS = 3
-CUT = 0.2649                     # |t| < CUT * a holds 1/3 of an ellipse's area: asin(x) + x sqrt(1 - x^2) = pi / 6
+SIDE = (0.28, 0.34)              # a part's side as a share of the image side: 18-22 px at 64 px, ~2.5 patches of 8
+# the object's three squares, (column, row) on a grid of squares: in a row, in a column, or one of four L shapes
+LAYOUTS = [np.array(p) for p in ([(0, 0), (1, 0), (2, 0)], [(0, 0), (0, 1), (0, 2)], [(0, 0), (1, 0), (0, 1)],
+                                 [(0, 0), (1, 0), (1, 1)], [(0, 0), (0, 1), (1, 1)], [(1, 0), (0, 1), (1, 1)])]
 
 
 def texture(kind, x, y):
@@ -77,16 +80,14 @@ class PartsDataset:
         S = self.img_size
         cls = int(rng.integers(len(CLASSES)))
         kinds = [TEXTURES.index(t) for t in CLASSES[cls].split("+")]
-        order = rng.permutation(NUM_PARTS)                                  # textures in any order along the axis
-        area, aspect, angle = rng.uniform(0.28, 0.42), rng.uniform(0.55, 0.8), rng.uniform(0, np.pi)
-        a = np.sqrt(area * S * S / (np.pi * aspect))                        # semi-axes a >= b
-        b = aspect * a
-        hx = np.hypot(a * np.cos(angle), b * np.sin(angle))                 # half extents of the rotated ellipse
-        hy = np.hypot(a * np.sin(angle), b * np.cos(angle))
-        shrink = min(1.0, (S / 2 - 1) / hx, (S / 2 - 1) / hy)              # a long object at 45 deg must fit
-        a, b, hx, hy = a * shrink, b * shrink, hx * shrink, hy * shrink
-        cx, cy = rng.uniform(hx, S - hx), rng.uniform(hy, S - hy)
-        return rng, dict(cls=cls, kinds=[kinds[j] for j in order], a=a, b=b, angle=angle, cx=cx, cy=cy)
+        order = rng.permutation(NUM_PARTS)                                  # textures in any order along the object
+        layout = LAYOUTS[int(rng.integers(len(LAYOUTS)))]                  # [3, 2] square positions (col, row)
+        cols, rows = layout[:, 0].max() + 1, layout[:, 1].max() + 1
+        side = rng.uniform(*SIDE) * S
+        side = min(side, (S - 2) / max(cols, rows))                         # the whole object fits
+        x0, y0 = rng.uniform(1, S - 1 - cols * side), rng.uniform(1, S - 1 - rows * side)
+        boxes = [(x0 + c * side, y0 + r * side) for c, r in layout]
+        return rng, dict(cls=cls, kinds=[kinds[j] for j in order], side=side, boxes=boxes)
 
     def target(self, i):
         return self._scene(i)[1]["cls"]
@@ -98,14 +99,13 @@ class PartsDataset:
         return self._targets
 
     def _parts(self, o):
-        """-> part id per pixel np.uint8 [S, S]: 0 background, 1..3 the bands along the long axis."""
+        """-> part id per pixel np.uint8 [S, S]: 0 background, 1..3 the object's squares."""
         S = self.img_size
         y, x = np.mgrid[0:S, 0:S] + 0.5                                    # pixel centres
-        u = (x - o["cx"]) * np.cos(o["angle"]) + (y - o["cy"]) * np.sin(o["angle"])    # along the long axis
-        v = -(x - o["cx"]) * np.sin(o["angle"]) + (y - o["cy"]) * np.cos(o["angle"])
-        inside = (u / o["a"]) ** 2 + (v / o["b"]) ** 2 <= 1
-        band = np.digitize(u, [-CUT * o["a"], CUT * o["a"]]) + 1                       # 1, 2, 3
-        return np.where(inside, band, 0).astype(np.uint8)
+        parts = np.zeros((S, S), np.uint8)
+        for p, (bx, by) in enumerate(o["boxes"], 1):
+            parts[(x >= bx) & (x < bx + o["side"]) & (y >= by) & (y < by + o["side"])] = p
+        return parts
 
     def part_mask(self, i):
         """True part ids per pixel, np.uint8 [S, S] (0 = background, 1..3 = the object's parts)."""
