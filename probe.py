@@ -5,7 +5,7 @@ statistics over seeds.
   by L-BFGS (deterministic: the same features give the same accuracy), its weight decay chosen on a held-out
   split of the training set, then refitted on all of it. The converged form of MAE's linear probe (MAE §4,
   Appendix A.2), without the SGD run whose own seed moves the result.
-- `knn_predict`: DINO's weighted k-NN (Caron et al. 2021, arXiv:2104.14294, §4.1 and its eval_knn.py): cosine
+- `knn_votes`, `knn_predict`: DINO's weighted k-NN (Caron et al. 2021, arXiv:2104.14294, §4.1 and its eval_knn.py): cosine
   similarity to the training features, the k = 20 nearest vote with weight exp(similarity / T), T = 0.07.
 - `paired_ci`: the paired difference of two arms over seeds, its 95% Student-t interval and two-sided p-value.
 - `holm`: Holm's step-down correction of several p-values (Holm 1979), so a family of contrasts holds 5%.
@@ -63,18 +63,22 @@ def logistic_probe(x, y, x_val, y_val, num_classes, weight_decays=WEIGHT_DECAYS,
     return dict(acc=accuracy(w, b, x_val, y_val), weight_decay=weight_decays[best])
 
 
-def knn_predict(train_feats, train_labels, feats, num_classes, k=20, temperature=0.07, chunk=1024):
+def knn_votes(train_feats, train_labels, feats, num_classes, k=20, temperature=0.07, chunk=1024):
     """DINO's weighted k-NN vote: cosine similarity s to every training feature, the k nearest each vote for
-    their class with weight exp(s / T). train_feats [N, D], train_labels long [N], feats [M, D] -> long [M]."""
+    their class with weight exp(s / T). train_feats [N, D], train_labels long [N], feats [M, D] -> votes [M, C]."""
     bank = F.normalize(train_feats.float(), dim=1)
     k = min(k, len(bank))
-    preds = []
+    votes = []
     for start in range(0, len(feats), chunk):                       # [chunk, N] similarities at a time
         sim = F.normalize(feats[start:start + chunk].float(), dim=1) @ bank.T
         top, idx = sim.topk(k, dim=1)                               # [m, k]
-        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_labels[idx], (top / temperature).exp())
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
+        votes.append(torch.zeros(len(sim), num_classes).scatter_add_(1, train_labels[idx], (top / temperature).exp()))
+    return torch.cat(votes)
+
+
+def knn_predict(train_feats, train_labels, feats, num_classes, k=20, temperature=0.07, chunk=1024):
+    """The class with the most k-NN votes (knn_votes) -> long [M]."""
+    return knn_votes(train_feats, train_labels, feats, num_classes, k, temperature, chunk).argmax(1)
 
 
 # ----------------------------------------------------------------------------- paired statistics
