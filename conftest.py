@@ -7,6 +7,7 @@ References (the comments cite "ObjMAE §3.2"; SemMAE is the other masking these 
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -24,6 +25,13 @@ import pretrain
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# what a launcher puts in the environment (SLURM, torchrun, MPI): a suite run inside an `sbatch --ntasks 4` job or
+# a shell with a stray RANK must not make every stage refuse to start or try to join a process group
+LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "MASTER_")
+LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME")
+for launcher_var in [k for k in os.environ if k.startswith(LAUNCHER_PREFIXES) or k in LAUNCHER_NAMES]:
+    del os.environ[launcher_var]                # this process's too: the in-process tests call init_distributed
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images", "16", "--batch_size", "8",
         "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--vis_every", "1"]
@@ -36,20 +44,33 @@ FT = ["--model", "vit_tiny_patch8", "--input_size", "32", "--num_images", "8", "
 STAGES = {"pretrain": pretrain, "finetune": finetune, "part_learn": part_learn}
 
 
-def cli(script, *argv, env=None):
+def as_in_a_terminal():
+    """In the child before it starts: SIGINT does what it does in a terminal. A suite started from a background job
+    or nohup ignores SIGINT, and an ignored signal stays ignored across exec, so the stage would never see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def cli(script, *argv, env=None, launcher=()):
     """Start a stage as a user does, in its own process group (a terminal's Ctrl-C reaches the DataLoader workers
-    too) -> Popen (stdout and stderr together)."""
-    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, argv)], cwd=HERE,
+    too), with SIGINT as in a terminal; launcher: what goes before the script (torchrun's argv) -> Popen (stdout and
+    stderr together)."""
+    return subprocess.Popen([sys.executable, *launcher, os.path.join(HERE, script), *map(str, argv)], cwd=HERE,
                             env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_in_a_terminal)
 
 
-def run_cli(script, *argv, env=None):
+def run_cli(script, *argv, env=None, launcher=()):
     """Run a stage as a user does, to its end; the one way the tests run a stage's command line
     -> (exit code, stdout and stderr together)."""
-    proc = cli(script, *argv, env=env)
+    proc = cli(script, *argv, env=env, launcher=launcher)
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
+
+
+def torchrun(nproc=2):
+    """torchrun's argv for `nproc` processes on this machine. --standalone: the rendezvous binds a free port itself,
+    so two suites on one machine, or a busy port, never collide."""
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def run(argv, **kw):

@@ -32,7 +32,7 @@ from utils import UsageError
 
 from conftest import (FT, HERE, PRE, STAGES, TINY, TINY_QUIET, as_png, assert_same_tensors, check_band, cli,
                      error_lines, load, masker_patch_labels, patchy_images, pixel_rule, read_cells, read_log, run,
-                     run_cli)
+                     run_cli, torchrun)
 
 
 # ----------------------------------------------------------------------------- pretrain.py
@@ -130,12 +130,9 @@ def test_pretrain_bad_input_exit_2_and_checkpoint_untouched(tmp_path, object_reg
 
 def test_pretrain_torchrun_two_processes(tmp_path):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
-           os.path.join(HERE, "pretrain.py"), *TINY, "--mask", "objmae", "--epochs", "2", "--device", "cpu",
-           "--output_dir", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, output = run_cli("pretrain.py", *TINY, "--mask", "objmae", "--epochs", "2", "--device", "cpu",
+                           "--output_dir", out, launcher=torchrun())
+    assert code == 0, output
     assert len(read_log(out)) == 2                                 # one log, written by rank 0 only
     assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == ["checkpoint-last.pth"]
 
