@@ -5,11 +5,13 @@ References (the comments cite "ObjMAE §3.2"; SemMAE is the other masking these 
   SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
   ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
 """
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -65,6 +67,46 @@ def run_cli(script, *argv, env=None, launcher=()):
     proc = cli(script, *argv, env=env, launcher=launcher)
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
+
+
+# runs a stage (argv[1:]) with a signal sent to itself right after the n-th return of one utils function: a kill,
+# a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
+SIGNAL_AFTER = """
+import os, runpy, signal, sys
+import utils
+name, calls, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
+real, seen = getattr(utils, name), []
+def hooked(*a, **k):
+    out = real(*a, **k)
+    seen.append(1)
+    if len(seen) == calls:
+        os.kill(os.getpid(), sig)
+    return out
+setattr(utils, name, hooked)
+sys.argv = sys.argv[4:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_signalled(script, *argv, after, calls=1, sig="SIGKILL", env=None):
+    """Run a stage to its end, sending itself `sig` right after its `calls`-th call of utils.<after> returns (the
+    DataLoader workers of a killed run are killed with it) -> (exit code, stdout and stderr together)."""
+    proc = cli(script, *argv, env=env, launcher=["-c", SIGNAL_AFTER, after, str(calls), sig])
+    out, _ = proc.communicate(timeout=600)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
+def stop_when(proc, ready):
+    """SIGSTOP the process group of `proc` once ready() is true, and wait until the stage is stopped (Linux: its
+    state in /proc), so the test can read its files while they cannot change."""
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    while open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.001)
 
 
 def torchrun(nproc=2):

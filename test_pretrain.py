@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from unittest import mock
 
 import numpy as np
@@ -32,7 +31,7 @@ from utils import UsageError
 
 from conftest import (FT, HERE, PRE, STAGES, TINY, TINY_QUIET, as_png, assert_same_tensors, check_band, cli,
                      error_lines, load, masker_patch_labels, patchy_images, pixel_rule, read_cells, read_log, run,
-                     run_cli, torchrun)
+                     run_cli, run_signalled, stop_when, torchrun)
 
 
 # ----------------------------------------------------------------------------- pretrain.py
@@ -411,18 +410,6 @@ def test_pretrain_cli_refuses_objects_on_finer_cells(tmp_path):
     assert "--cell_size 16" in errors[0] and not out.exists()
 
 
-def kill_after_first_checkpoint(script, argv, out):
-    """Start a run, SIGKILL it as soon as its first checkpoint-last.pth is on disk -> the epoch it holds."""
-    proc = cli(script, *argv, "--output_dir", out)
-    ckpt = os.path.join(out, "checkpoint-last.pth")
-    while not os.path.exists(ckpt):
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    return load(ckpt)["epoch"]
-
-
 @pytest.mark.parametrize("script, argv", [
     ("pretrain.py", PRE[:5] + ["32", "--batch_size", "8", "--mask", "objmae", "--vis_every", "0"]),
     # finetune with MAE's full recipe: RandomResizedCrop, flip, RandAugment, random erasing, mixup/cutmix, drop path
@@ -433,8 +420,8 @@ def test_kill_and_resume_with_workers_equals_uninterrupted(tmp_path, script, arg
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     code, output = run_cli(script, *common, "--output_dir", full)
     assert code == 0, output
-    epoch = kill_after_first_checkpoint(script, common, killed)
-    assert epoch < 2                                                # it really stopped part-way
+    code, output = run_signalled(script, *common, "--output_dir", killed, after="save_checkpoint")
+    assert code == -signal.SIGKILL and load(os.path.join(killed, "checkpoint-last.pth"))["epoch"] == 0, output
     code, output = run_cli(script, *common, "--output_dir", killed, "--resume", "auto")
     assert code == 0 and f"continuing from {killed}" in output, output
     a, b = load(os.path.join(full, "checkpoint-last.pth")), load(os.path.join(killed, "checkpoint-last.pth"))
@@ -695,11 +682,10 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "out"
     argv = PRE[:5] + ["256", "--batch_size", "8", "--epochs", "50", "--vis_every", "0", "--num_workers", "2"]
     proc = cli("pretrain.py", *argv, "--output_dir", out)
-    while not (out / "log.txt").exists():                           # epoch 0 saved, epoch 1 running
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.01)
-    saved = (out / "checkpoint-last.pth").read_bytes()
+    stop_when(proc, (out / "checkpoint-last.pth").exists)           # epoch 0 saved, epoch 1 running
+    saved = (out / "checkpoint-last.pth").read_bytes()              # stopped: it cannot change under us
     os.killpg(proc.pid, signal.SIGINT)                              # what Ctrl-C in a terminal does
+    os.killpg(proc.pid, signal.SIGCONT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     assert "Traceback" not in output and output.count("interrupted") == 1, output
