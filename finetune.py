@@ -238,7 +238,7 @@ def main(args):
         optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
     if args.lookahead:                                                     # ObjMAE Table 2
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
-    start_epoch, max_acc1 = 0, 0.0
+    start_epoch, max_acc1, start_step, carry = 0, 0.0, 0, None
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
         load_trained(net, ckpt, args, args.resume)
@@ -246,12 +246,13 @@ def main(args):
             raise UsageError(f"{args.resume} has no optimizer state; --resume continues a run of this script")
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0)
+        start_step, carry = utils.resume_partial(ckpt, d, args.resume)    # stopped mid-epoch: the rest of it
     module = net.head if args.linprobe else net
     trainable = utils.wrap_ddp(module, d)
     mixup = make_mixup(args, len(classes))
     smoothing = 0.0 if args.linprobe else args.smoothing
 
-    utils.start_run(args, d)
+    utils.start_run(args, d, start_epoch)
     utils.print_args(d, args)
     trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
     utils.print0(d, f"{args.model}{' (linear probe)' if args.linprobe else ''}: {trained / 1e6:.2f}M trained "
@@ -261,14 +262,20 @@ def main(args):
     iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    precision = utils.precision_name(d.device)
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
-        loader.sampler.set_epoch(epoch)
+        skip = start_step if epoch == start_epoch else 0                   # micro-batches done before a stop
+        loader.sampler.set_epoch(epoch, skip * args.batch_size)
         net.train(not args.linprobe)  # linear probe: the encoder stays in eval mode, only the head trains
         module.train()
         t0, loss_sum, n_sum = time.time(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
-        for it, (imgs, target, *scores) in enumerate(bar):
+        if skip:                                    # where the stop left the RNGs and the sums
+            utils.set_rng_state(carry["rng"])
+            loss_sum, n_sum = carry["sums"]
+        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, initial=skip, disable=not d.is_main, leave=False,
+                   dynamic_ncols=True)
+        for it, (imgs, target, *scores) in enumerate(bar, start=skip):
             if it == iters:                                                # the leftover micro-batches
                 break
             if it % args.accum_iter == 0:
@@ -290,23 +297,31 @@ def main(args):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
-            utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path)
+            utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path, precision)
             loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if sync and it + 1 < iters and utils.stop_requested(d, True):  # SIGTERM/SIGUSR1: stop after this step
+                bar.close()                                                # (the loss is read every step here)
+                utils.stop_now(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "epoch": epoch - 1, "max_acc1": max_acc1, "args": vars(args)}, d,
+                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum, n_sum))
         bar.close()
 
         train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
         stats = evaluate(net, val_loader, d, args)
         max_acc1 = max(max_acc1, stats["acc1"])
-        if d.is_main:
-            utils.save_checkpoint(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)})
+        state = ({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                  "max_acc1": max_acc1, "args": vars(args)} if d.is_main else None)
+        if d.is_main:                               # the log line before the checkpoint: see pretrain.py
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
                       "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
                       "time_s": round(time.time() - t0, 2)}
             utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            utils.save_checkpoint(ckpt_path, state)
             print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 {100 * stats['acc1']:.2f}% top-5 "
                   f"{100 * stats['acc5']:.2f}% (max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
+        if epoch + 1 < args.epochs and utils.stop_requested(d, True):   # a stop in the epoch's last step
+            utils.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     if d.is_main:
         path = os.path.join(args.output_dir, "model-timm.pth")
         utils.save_checkpoint(path, timm_state_dict(net))

@@ -293,7 +293,7 @@ def main(args):
                                   fused=True if d.device.type == "cuda" else None)  # one kernel for all params
     if args.lookahead:                                                     # ObjMAE Table 2
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
-    start_epoch = 0
+    start_epoch, start_step, carry = 0, 0, None
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
         if not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt:  # e.g. an official MAE/SemMAE file
@@ -307,10 +307,11 @@ def main(args):
         net.load_state_dict(ckpt["model"])
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch = ckpt["epoch"] + 1
+        start_step, carry = utils.resume_partial(ckpt, d, args.resume)    # stopped mid-epoch: the rest of it
     ddp = utils.wrap_ddp(net, d)
     step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp   # checkpoints keep net's names
 
-    utils.start_run(args, d)
+    utils.start_run(args, d, start_epoch)
     utils.print_args(d, args)
     utils.print0(d, f"{args.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, "
                     f"{len(dataset)} images, effective batch {eff_batch}, lr {base_lr:.2e}, "
@@ -325,14 +326,20 @@ def main(args):
     iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    precision = utils.precision_name(d.device)
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
-        loader.sampler.set_epoch(epoch)
+        skip = start_step if epoch == start_epoch else 0                   # micro-batches done before a stop
+        loader.sampler.set_epoch(epoch, skip * args.batch_size)
         ddp.train()
         # the loss is summed on the device and read every --log_every steps: no host sync in the other steps
         t0, loss_sum, n_sum = time.time(), torch.zeros((), dtype=torch.float64, device=d.device), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not d.is_main, leave=False, dynamic_ncols=True)
-        for it, (imgs, cells, scores, _, *choices) in enumerate(bar):
+        if skip:                                    # where the stop left the RNGs and the sums
+            utils.set_rng_state(carry["rng"])
+            loss_sum, n_sum = carry["sums"][0].to(d.device), carry["sums"][1]
+        bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, initial=skip, disable=not d.is_main, leave=False,
+                   dynamic_ncols=True)
+        for it, (imgs, cells, scores, _, *choices) in enumerate(bar, start=skip):
             if it == iters:                                                # the leftover micro-batches
                 break
             i = epoch * iters + it
@@ -357,32 +364,42 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             n_sum += 1
-            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
+            log_now = (it + 1) % args.log_every == 0 or it + 1 == iters   # always at the epoch's last step
+            if log_now:
                 loss_value = loss_sum.item() / n_sum                      # the sync: the epoch's mean so far
                 utils.stop_if_not_finite(loss_value, f"one of steps {i - (it % args.log_every)}..{i} (epoch {epoch})",
-                                         ckpt_path)                       # before any checkpoint of this epoch
+                                         ckpt_path, precision)            # before any checkpoint of this epoch
                 shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
+            if sync and it + 1 < iters and utils.stop_requested(d, log_now):  # SIGTERM/SIGUSR1: stop after this step
+                bar.close()
+                utils.stop_now(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "epoch": epoch - 1, "args": vars(args)}, d,
+                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum.cpu(), n_sum))
         bar.close()
 
         train_loss = utils.all_reduce_mean(loss_value, d)
+        state = ({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "args": vars(args)}
+                 if d.is_main else None)
         if d.is_main:
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "args": vars(args)}
-            if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
-                utils.save_checkpoint(ckpt_path, state)
-            if args.save_every and (epoch + 1) % args.save_every == 0:
-                utils.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), state)
+            # the log line first: a run killed before the checkpoint redoes the epoch, and the resume cuts the log
+            # back to the checkpoint (utils.start_run), so every epoch is in the log once
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "time_s": round(time.time() - t0, 2)}
             if args.mask == "semmae":
                 record["alpha"] = masker.alpha(progress)
             utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
+                utils.save_checkpoint(ckpt_path, state)
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                utils.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), state)
             print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} ({record['time_s']}s)", flush=True)
             if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
                 g = torch.Generator(d.device).manual_seed(args.seed)
                 net.eval()
                 save_reconstructions(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"), net, vis_imgs,
                                      masker(vis_cells, vis_scores, progress, generator=g))
+        if epoch + 1 < args.epochs and utils.stop_requested(d, True):   # a stop in the epoch's last step
+            utils.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     utils.cleanup_distributed()
 
 

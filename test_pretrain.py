@@ -86,23 +86,33 @@ def test_pretrain_resume_is_bit_identical(tmp_path):
     assert [r["train_loss"] for r in read_log(full)][1:] == [r["train_loss"] for r in read_log(resumed)]
 
 
-def test_pretrain_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("clean", [24, 8], ids=["after-a-checkpoint", "before-any-checkpoint"])
+def test_pretrain_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys, clean):
+    """A NaN loss: its own exit code (3, so a requeue wrapper does not loop on it), one line with the precision,
+    naming the checkpoint kept, or saying there is none."""
     out = str(tmp_path / "out")
     args = pretrain.get_args(TINY + ["--epochs", "3", "--vis_every", "0", "--output_dir", out])
     calls = {"n": 0}
     real_getitem = data.PretrainDataset.__getitem__
 
-    def poisoned(self, i):  # 8 picture images + 16 training images of epoch 0 are clean, then NaN
+    def poisoned(self, i):  # 8 picture images (+ 16 training images of epoch 0) are clean, then NaN
         calls["n"] += 1
         img, cells, scores, target = real_getitem(self, i)
-        return (img * float("nan") if calls["n"] > 24 else img), cells, scores, target
+        return (img * float("nan") if calls["n"] > clean else img), cells, scores, target
 
     monkeypatch.setattr(data.PretrainDataset, "__getitem__", poisoned)
     with pytest.raises(SystemExit) as exc:
         pretrain.main(args)
-    assert exc.value.code == 1
-    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
-    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert exc.value.code == utils.EXIT_NOT_FINITE == 3
+    ckpt_path = os.path.join(out, "checkpoint-last.pth")
+    line, = error_lines(capsys.readouterr().err)                  # on its own line, not after the bar's \r
+    assert line.startswith("error: loss is nan at one of steps") and "(fp32)" in line and "--lr" in line, line
+    if clean == 24:
+        assert line.endswith(f"the last good checkpoint {ckpt_path} is kept")
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    else:
+        assert line.endswith("no checkpoint was written yet") and not os.path.exists(ckpt_path)
 
 
 @pytest.mark.parametrize("case", ["mismatch", "not_divisible", "semmae_no_regions", "bad_ratio", "bad_resume"])
@@ -692,7 +702,7 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path):
     assert [ln for ln in output.splitlines() if "interrupted" in ln] == [
         f"interrupted: {out / 'checkpoint-last.pth'} is kept as it was; continue with --resume auto"]
     assert (out / "checkpoint-last.pth").read_bytes() == saved
-    assert sorted(os.listdir(out)) == ["args.json", "checkpoint-last.pth", "log.txt"]  # no stray .tmp
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint-last.pth", "log.txt"]  # no stray .tmp
 
 
 # ----------------------------------------------------------------------------- masking.py on its own
@@ -1185,3 +1195,37 @@ def test_stage_skeleton_lr_rule_and_accumulation_check():
         utils.check_accum(loader, 10, types.SimpleNamespace(accum_iter=4, batch_size=4))
     net = torch.nn.Linear(2, 2)
     assert utils.wrap_ddp(net, types.SimpleNamespace(world=1, device=torch.device("cpu"), local_rank=0)) is net
+
+
+# ============================================================================= faults a cluster brings
+
+STOP_RUN = PRE[:5] + ["32", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--mask", "objmae",
+                      "--log_every", "3", "--num_workers", "2"]          # 4 steps an epoch
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_stops_after_the_step_and_resumes_bit_identically(tmp_path, sig):
+    """SIGTERM/SIGUSR1 (SLURM's preemption and time-limit signals) during step 1 of epoch 1 (the 6th lr update):
+    a checkpoint of step 2, one line, exit 75; --resume auto ends where an uninterrupted run ends, bit for bit, with
+    each epoch logged once."""
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    code, output = run_cli("pretrain.py", *STOP_RUN, "--output_dir", full)
+    assert code == 0, output
+    code, output = run_signalled("pretrain.py", *STOP_RUN, "--output_dir", stopped, after="set_lr", calls=6, sig=sig)
+    ckpt = stopped / "checkpoint-last.pth"
+    assert code == utils.EXIT_STOPPED == 75 and "Traceback" not in output, output
+    assert [ln for ln in output.splitlines() if ln.startswith("stopped")] == [
+        f"stopped by {sig} after step 2 of 4 of epoch 1: {ckpt} holds the run up to there; continue with "
+        "--resume auto"]
+    saved = load(ckpt)
+    assert saved["epoch"] == 0 and saved["partial"]["step"] == 2
+    assert [r["epoch"] for r in read_log(stopped)] == [0]
+    assert sorted(os.listdir(stopped)) == [".lock", "args.json", "checkpoint-last.pth", "log.txt"]  # no stray .tmp
+    code, output = run_cli("pretrain.py", *STOP_RUN, "--output_dir", stopped, "--resume", "auto")
+    assert code == 0, output
+    a, b = load(full / "checkpoint-last.pth"), load(ckpt)
+    assert a["epoch"] == b["epoch"] == 1 and "partial" not in b
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+    strip = lambda log: [{k: v for k, v in r.items() if k != "time_s"} for r in log]
+    assert strip(read_log(full)) == strip(read_log(stopped))         # the epoch's loss sums carried over too
