@@ -71,15 +71,17 @@ def run_cli(script, *argv, env=None, launcher=()):
 
 # runs a stage (argv[1:]) with a signal sent to itself right after the n-th return of one utils function: a kill,
 # a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
+# (under torchrun: only in the process whose RANK is SIGNAL_RANK, when that is set)
 SIGNAL_AFTER = """
 import os, runpy, signal, sys
+sys.path.insert(0, os.path.dirname(sys.argv[4]))
 import utils
 name, calls, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
 real, seen = getattr(utils, name), []
 def hooked(*a, **k):
     out = real(*a, **k)
     seen.append(1)
-    if len(seen) == calls:
+    if len(seen) == calls and os.environ.get("SIGNAL_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
         os.kill(os.getpid(), sig)
     return out
 setattr(utils, name, hooked)
@@ -88,10 +90,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_signalled(script, *argv, after, calls=1, sig="SIGKILL", env=None):
+def run_signalled(script, *argv, after, calls=1, sig="SIGKILL", env=None, launcher=None):
     """Run a stage to its end, sending itself `sig` right after its `calls`-th call of utils.<after> returns (the
-    DataLoader workers of a killed run are killed with it) -> (exit code, stdout and stderr together)."""
-    proc = cli(script, *argv, env=env, launcher=["-c", SIGNAL_AFTER, after, str(calls), sig])
+    DataLoader workers of a killed run are killed with it). launcher: torchrun's argv, and the file to write the
+    hook into -> (exit code, stdout and stderr together)."""
+    if launcher is None:
+        launcher = ["-c", SIGNAL_AFTER]
+    else:
+        launcher, hook = launcher
+        with open(hook, "w") as f:
+            f.write(SIGNAL_AFTER)
+        launcher = [*launcher, hook]
+    proc = cli(script, *argv, env=env, launcher=[*launcher, after, str(calls), sig])
     out, _ = proc.communicate(timeout=600)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)

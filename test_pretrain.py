@@ -1196,36 +1196,3 @@ def test_stage_skeleton_lr_rule_and_accumulation_check():
     net = torch.nn.Linear(2, 2)
     assert utils.wrap_ddp(net, types.SimpleNamespace(world=1, device=torch.device("cpu"), local_rank=0)) is net
 
-
-# ============================================================================= faults a cluster brings
-
-STOP_RUN = PRE[:5] + ["32", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--mask", "objmae",
-                      "--log_every", "3", "--num_workers", "2"]          # 4 steps an epoch
-
-
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
-def test_preemption_signal_stops_after_the_step_and_resumes_bit_identically(tmp_path, sig):
-    """SIGTERM/SIGUSR1 (SLURM's preemption and time-limit signals) during step 1 of epoch 1 (the 6th lr update):
-    a checkpoint of step 2, one line, exit 75; --resume auto ends where an uninterrupted run ends, bit for bit, with
-    each epoch logged once."""
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    code, output = run_cli("pretrain.py", *STOP_RUN, "--output_dir", full)
-    assert code == 0, output
-    code, output = run_signalled("pretrain.py", *STOP_RUN, "--output_dir", stopped, after="set_lr", calls=6, sig=sig)
-    ckpt = stopped / "checkpoint-last.pth"
-    assert code == utils.EXIT_STOPPED == 75 and "Traceback" not in output, output
-    assert [ln for ln in output.splitlines() if ln.startswith("stopped")] == [
-        f"stopped by {sig} after step 2 of 4 of epoch 1: {ckpt} holds the run up to there; continue with "
-        "--resume auto"]
-    saved = load(ckpt)
-    assert saved["epoch"] == 0 and saved["partial"]["step"] == 2
-    assert [r["epoch"] for r in read_log(stopped)] == [0]
-    assert sorted(os.listdir(stopped)) == [".lock", "args.json", "checkpoint-last.pth", "log.txt"]  # no stray .tmp
-    code, output = run_cli("pretrain.py", *STOP_RUN, "--output_dir", stopped, "--resume", "auto")
-    assert code == 0, output
-    a, b = load(full / "checkpoint-last.pth"), load(ckpt)
-    assert a["epoch"] == b["epoch"] == 1 and "partial" not in b
-    assert_same_tensors(a["model"], b["model"], "model")
-    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
-    strip = lambda log: [{k: v for k, v in r.items() if k != "time_s"} for r in log]
-    assert strip(read_log(full)) == strip(read_log(stopped))         # the epoch's loss sums carried over too
