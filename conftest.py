@@ -71,7 +71,7 @@ def run_cli(script, *argv, env=None, launcher=()):
 
 # runs a stage (argv[1:]) with a signal sent to itself right after the n-th return of one utils function: a kill,
 # a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
-# (under torchrun: only in the process whose RANK is SIGNAL_RANK, when that is set)
+# (under torchrun: only in the process whose RANK is SIGNAL_RANK, when that is set; its pid goes to SIGNAL_PIDFILE)
 SIGNAL_AFTER = """
 import os, runpy, signal, sys
 sys.path.insert(0, os.path.dirname(sys.argv[4]))
@@ -82,6 +82,8 @@ def hooked(*a, **k):
     out = real(*a, **k)
     seen.append(1)
     if len(seen) == calls and os.environ.get("SIGNAL_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
+        if "SIGNAL_PIDFILE" in os.environ:
+            open(os.environ["SIGNAL_PIDFILE"], "w").write(str(os.getpid()))
         os.kill(os.getpid(), sig)
     return out
 setattr(utils, name, hooked)

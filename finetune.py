@@ -134,6 +134,9 @@ def get_args(argv=None):
     g.add_argument("--num_workers", type=int, default=4)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
+                   help="under torchrun: seconds a process waits for the others (at the start, in a collective) "
+                        "before the run ends with one line; raise it where rank 0 alone works long between steps")
     return p.parse_args(argv)
 
 
@@ -202,7 +205,7 @@ def check_args(args):
 # ----------------------------------------------------------------------------- train and evaluate
 
 def main(args):
-    d = utils.init_distributed(args.device)
+    d = utils.init_distributed(args.device, args.dist_timeout)
     check_args(args)
     if not args.eval:  # --eval writes nothing
         utils.prepare_output_dir(args, d)  # resolves --resume auto

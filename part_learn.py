@@ -115,6 +115,9 @@ def get_args(argv=None):
                    help="learned: read the losses on the host (a device sync), update the bar, stop on NaN every N steps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
+                   help="under torchrun: seconds a process waits for the others (at the start, in a collective) "
+                        "before the run ends with one line; raise it where rank 0 alone works long between steps")
     return p.parse_args(argv)
 
 
@@ -593,7 +596,7 @@ def save_picture(path, imgs, labels, recon=None, kind="parts"):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    d = utils.init_distributed(args.device)
+    d = utils.init_distributed(args.device, args.dist_timeout)
     check_args(args)
     utils.prepare_output_dir(args, d)                                      # resolves --resume auto
     check_resume(args)

@@ -134,6 +134,9 @@ def get_args(argv=None):
                         "aot_eager, traces without generating kernels (to find a problem, or on a CPU with no compiler)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
+                   help="under torchrun: seconds a process waits for the others (at the start, in a collective) "
+                        "before the run ends with one line; raise it where rank 0 alone works long between steps")
     return p.parse_args(argv)
 
 
@@ -250,7 +253,7 @@ def region_cell_size(args, regions, patch_size):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    d = utils.init_distributed(args.device)
+    d = utils.init_distributed(args.device, args.dist_timeout)
     check_args(args)
     utils.prepare_output_dir(args, d)                                      # resolves --resume auto
     torch.manual_seed(args.seed)                                           # same initial weights on every rank

@@ -1,9 +1,11 @@
 """utils.py's stage skeleton under the faults a cluster brings: preemption signals, two runs in one folder, full
 disks, damaged checkpoints, kills between a checkpoint and its log line, a NaN that must not be requeued."""
+import contextlib
 import errno
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 
@@ -15,7 +17,7 @@ import pretrain
 import utils
 from utils import UsageError
 
-from conftest import (ENV, FT, HERE, PRE, as_in_a_terminal, assert_same_tensors, cli, error_lines, load, read_log,
+from conftest import (ENV, FT, HERE, PRE, SIGNAL_AFTER, as_in_a_terminal, assert_same_tensors, cli, error_lines, load, read_log,
                       run_cli, run_signalled, stop_when, torchrun)
 
 STOP_RUN = PRE[:5] + ["32", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--mask", "objmae",
@@ -275,3 +277,49 @@ def test_stage_files_use_the_documented_exit_codes():
     readme = open(os.path.join(HERE, "README.md")).read()
     for code in ("| 2 |", "| 3 |", "| 75 |", "| 130 |"):
         assert code in readme, code
+
+
+# ----------------------------------------------------------------------------- many processes
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK=0 is set but MASTER_ADDR, MASTER_PORT are not"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "PORT"},
+     "process 0 of 2 waited 2 s for the others at 127.0.0.1:"),
+], ids=["no-master-addr", "the-others-never-come"])
+def test_a_process_group_that_cannot_form_is_one_line(tmp_path, env, words):
+    env = {k: str(free_port()) if v == "PORT" else v for k, v in env.items()}
+    code, output = run_cli("pretrain.py", *PRE, "--dist_timeout", "2", "--output_dir", tmp_path / "out", env=env)
+    lines = error_lines(output)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in output, output
+    assert words in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_a_stalled_rank_ends_the_run_after_dist_timeout_with_one_line(tmp_path):
+    """Rank 1 stops (SIGSTOP) in its second step: rank 0 waits --dist_timeout 3 s in the gradient all-reduce, then
+    ends with one line (no gloo traceback) instead of hanging for torch's 30 minutes."""
+    hook = tmp_path / "hook.py"
+    hook.write_text(SIGNAL_AFTER)
+    proc = cli("pretrain.py", *STOP_RUN, "--num_images", "64", "--device", "cpu", "--dist_timeout", "3",
+               "--output_dir", tmp_path / "out", env={"SIGNAL_RANK": "1", "SIGNAL_PIDFILE": str(tmp_path / "pid")},
+               launcher=[*torchrun(), str(hook), "set_lr", "2", "SIGSTOP"])
+    lines = []
+    try:
+        for line in proc.stdout:                                   # until rank 0's line: then torchrun would wait
+            lines.append(line)                                     # 30 s more for the stopped rank
+            if "error:" in line:                                   # (after the bar's \r)
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):   # torchrun starts each rank in a session
+            os.killpg(int((tmp_path / "pid").read_text()), signal.SIGKILL)  # of its own (with its loader workers)
+        proc.communicate(timeout=60)
+    output = "".join(lines)
+    assert error_lines(output) == ["error: process 0: another process did not answer within --dist_timeout 3 s "
+                                   "(stalled or hung); the last checkpoint is kept"], output
+    assert "Traceback" not in output, output

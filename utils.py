@@ -8,6 +8,7 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
 """
 import argparse
 import contextlib
+import datetime
 import errno
 import hashlib
 import json
@@ -83,6 +84,14 @@ def run_stage(main, get_args):
         main(args)
     except UsageError as e:
         die(str(e))
+    except RuntimeError as e:
+        why = lost_peer(e)
+        if why is None:
+            raise
+        if why == "stalled":          # the stalled process cannot say so; an ended one has said why itself
+            say(f"error: process {dist.get_rank()}: another process did not answer within --dist_timeout "
+                f"{args.dist_timeout:g} s (stalled or hung); the last checkpoint is kept")
+        sys.exit(1)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one line is enough
             last = os.path.join(args.output_dir, "checkpoint-last.pth")
@@ -220,10 +229,14 @@ class Dist(NamedTuple):
     is_main: bool
 
 
-def init_distributed(device="auto"):
+DIST_TIMEOUT = 600.0   # s: a stalled or lost process ends the others' wait after 10 minutes, not torch's 30
+
+
+def init_distributed(device="auto", timeout=DIST_TIMEOUT):
     """Single process when launched with `python`, one process per device under `torchrun`.
 
-    NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop).
+    NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop). timeout: seconds a process
+    waits for the others, at the start and in every collective (--dist_timeout).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,16 +245,39 @@ def init_distributed(device="auto"):
     if "RANK" not in os.environ:  # plain `python X.py`
         check_not_scheduler_tasks()
         return Dist(0, 1, 0, torch.device(device), True)
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise UsageError(f"RANK={os.environ['RANK']} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
+                         " not: launch with torchrun, which sets them all, or unset RANK to run one process")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"--dist_timeout {timeout} must be a positive number of seconds")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=dev)
-    else:
-        dev = torch.device("cpu")
-        dist.init_process_group("gloo")
+    wait = datetime.timedelta(seconds=timeout)
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+            dev = torch.device("cuda", local_rank)
+            dist.init_process_group("nccl", device_id=dev, timeout=wait)
+        else:
+            dev = torch.device("cpu")
+            dist.init_process_group("gloo", timeout=wait)
+    except dist.DistError as e:                       # the others never came (RANK=0 WORLD_SIZE=2 by hand)
+        raise UsageError(f"process {rank} of {world} waited {timeout:g} s for the others at {os.environ['MASTER_ADDR']}:"
+                         f"{os.environ['MASTER_PORT']} ({str(e).splitlines()[0]}); start all {world} (torchrun "
+                         "does), or raise --dist_timeout") from None
     return Dist(rank, world, local_rank, dev, rank == 0)
+
+
+def lost_peer(e):
+    """-> 'stalled' or 'gone' when a collective failed because another process stalled past --dist_timeout or
+    ended (gloo reports both as a RuntimeError from its transport, NCCL as a DistError), else None."""
+    if not dist.is_initialized() or not isinstance(e, RuntimeError):
+        return None
+    text = str(e)
+    if isinstance(e, dist.DistError) or "/gloo/" in text:
+        return "stalled" if "timed out" in text.lower() or "timeout" in text.lower() else "gone"
+    return None
 
 
 # a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH / Intel MPI
