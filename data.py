@@ -197,6 +197,9 @@ def load_regions(path, files, input_size):
         raise ValueError(f"{path} was made at input size {meta.get('input_size')} but --input_size is "
                          f"{input_size}; pass --input_size {meta.get('input_size')} or remake the regions")
     cell = meta.get("cell_size", 8)
+    if not isinstance(cell, int) or not 0 < cell <= input_size or input_size % cell:
+        raise ValueError(f"{path} has cell size {cell!r} in its meta, which does not divide input size {input_size}; "
+                         "remake it with part_learn.py")
     grid = input_size // cell
     if (not isinstance(labels, torch.Tensor) or labels.dtype != torch.uint8
             or tuple(labels.shape) != (len(files), grid, grid)
@@ -204,6 +207,12 @@ def load_regions(path, files, input_size):
         raise ValueError(f"{path} holds labels of shape {tuple(getattr(labels, 'shape', ()))}, expected uint8 "
                          f"[{len(files)}, {grid}, {grid}] for input size {input_size} and cell size {cell} "
                          "(and scores of the same shape); remake it with part_learn.py")
+    regions = meta.get("num_regions")
+    if isinstance(regions, int):                     # parts 0..K-1; objects 1..K (0 = background); 255 = ignore
+        top = max((int(torch.where(c == IGNORE, 0, c).max()) for c in labels.split(1 << 16)), default=0)  # in chunks
+        if top >= regions + (meta.get("kind") == "objects"):
+            raise ValueError(f"{path} holds region id {top} but its meta says {regions} regions "
+                             f"({meta.get('kind', 'parts')}); remake it with part_learn.py")
     return {"labels": labels, "scores": scores, "files": r["files"], "meta": meta}
 
 
@@ -850,6 +859,8 @@ def open_image_cache(path, base, size, num_workers=4, rank=0, world=1):
     <path>.tmp). The file is a torch.save dict {'images': uint8 [N, 3, S, S], 'masks': uint8 [N, S, S] (datasets
     with instance masks), 'files', 'meta'}, read through a memory map, so every DataLoader worker and every rank on
     a machine share its pages. It must be on a filesystem that every node sees. -> the checked cache."""
+    if os.path.isdir(path):
+        raise ValueError(f"--image_cache {path} is a folder; pass a file name (e.g. {os.path.join(path, 'cache.pt')})")
     exists = [os.path.isfile(path)]
     if world > 1:                                   # rank 0 decides, so all ranks take the same branch
         dist.broadcast_object_list(exists, src=0)

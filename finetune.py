@@ -423,7 +423,10 @@ def load_pretrained(net, path, verbose=True):
                f"no --model has these sizes (choices: {', '.join(sorted(models.VITS))})")
         raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but --model has {want}; {fix}")
     sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)  # e.g. 14x14 -> 28x28, cls kept
-    missing, unexpected = net.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:                       # a tensor of another shape (an edited or foreign file)
+        raise UsageError(f"{path} does not fit --model: {str(e).splitlines()[1].strip()}") from None
     if verbose:
         print(f"loaded {path} ({info['layout']} layout): missing {missing}, unexpected {unexpected}", flush=True)
     fresh = ("head.", "fc_norm.") if net.global_pool else ("head.",)

@@ -304,10 +304,18 @@ def main(args):
                              "released MAE/SemMAE weights?); --resume continues a pretrain.py run from its "
                              f"checkpoint-last.pth; to fine-tune released weights: finetune.py --finetune "
                              f"{args.resume}")
+        other = "part_learn.py" if "learner" in ckpt else "finetune.py" if "linprobe" in ckpt["args"] else None
+        if other:                                   # another stage's run: no --model of this one fits it
+            raise UsageError(f"{args.resume} is a checkpoint of {other}, not of pretrain.py; --resume continues a "
+                             "pretrain.py run from its checkpoint-last.pth")
         if ckpt["args"].get("model") != args.model:
             raise UsageError(f"{args.resume} holds a {ckpt['args'].get('model')} model, not --model "
                              f"{args.model}; resume with --model {ckpt['args'].get('model')}")
-        net.load_state_dict(ckpt["model"])
+        try:
+            net.load_state_dict(ckpt["model"])
+        except RuntimeError as e:                   # another --input_size (pos_embed), or an edited tensor
+            raise UsageError(f"{args.resume} does not fit this run's model: {str(e).splitlines()[1].strip()}; "
+                             "resume with the flags the run started with (its args.json)") from None
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         start_epoch = ckpt["epoch"] + 1
         start_step, carry = utils.resume_partial(ckpt, d, args.resume)    # stopped mid-epoch: the rest of it

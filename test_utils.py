@@ -323,3 +323,63 @@ def test_a_stalled_rank_ends_the_run_after_dist_timeout_with_one_line(tmp_path):
     assert error_lines(output) == ["error: process 0: another process did not answer within --dist_timeout 3 s "
                                    "(stalled or hung); the last checkpoint is kept"], output
     assert "Traceback" not in output, output
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+
+def bad_input_case(case, tmp_path, one_epoch):
+    """-> (stage, argv, words the one line must hold) for each bad input that gave a traceback."""
+    out = ["--output_dir", str(tmp_path / "new")]
+    if case == "part_learn_ckpt":
+        torch.save({"learner": {}, "optimizer": {}, "epoch": 0, "args": {"num_parts": 6}}, tmp_path / "pl.pth")
+    if case == "finetune_ckpt":
+        torch.save({"model": {}, "optimizer": {}, "epoch": 0, "args": {"model": "vit_tiny_patch8", "linprobe": False}},
+                   tmp_path / "ft.pth")
+    if case in ("cell_size_0", "labels_above_num_regions"):
+        files = data.ShapesDataset(8, img_size=32).files
+        labels = torch.full((8, 4, 4), 7 if case == "labels_above_num_regions" else 1, dtype=torch.uint8)
+        meta = {"kind": "parts", "input_size": 32, "cell_size": 0 if case == "cell_size_0" else 8, "num_regions": 4}
+        data.save_regions(str(tmp_path / "r.pt"), labels, None, files, meta)
+    if case in ("numpy_scalars", "wrong_shape_tensor"):
+        import numpy as np
+        net = pretrain.models.MODELS["mae_vit_tiny_patch8"](img_size=32)
+        sd = net.state_dict()
+        if case == "wrong_shape_tensor":
+            sd["blocks.0.mlp.fc1.weight"] = torch.zeros(3, 3)
+        obj = {"model": sd, "epoch": np.int64(799)} if case == "numpy_scalars" else {"model": sd}
+        torch.save(obj, tmp_path / "released.pth")
+    resume = ["--output_dir", one_epoch, "--resume", "auto"]
+    return {
+        "device_tpu": ("pretrain.py", PRE + ["--device", "tpu"] + out, "--device tpu is not one of"),
+        "empty_output_dir": ("pretrain.py", PRE + ["--output_dir", ""], "--output_dir is empty"),
+        "resume_other_input_size": ("pretrain.py", PRE[:3] + ["64"] + PRE[4:] + ["--epochs", "2"] + resume,
+                                    "does not fit this run's model: size mismatch for pos_embed"),
+        "part_learn_ckpt": ("pretrain.py", PRE + out + ["--resume", str(tmp_path / "pl.pth")],
+                            "is a checkpoint of part_learn.py, not of pretrain.py"),
+        "finetune_ckpt": ("pretrain.py", PRE + out + ["--resume", str(tmp_path / "ft.pth")],
+                          "is a checkpoint of finetune.py, not of pretrain.py"),
+        "image_cache_folder": ("pretrain.py", PRE + out + ["--image_cache", str(tmp_path)], "is a folder"),
+        "cell_size_0": ("pretrain.py", PRE + out + ["--mask", "semmae", "--regions", str(tmp_path / "r.pt")],
+                        "has cell size 0"),
+        "labels_above_num_regions": ("pretrain.py", PRE + out + ["--mask", "semmae", "--regions",
+                                                                  str(tmp_path / "r.pt")],
+                                     "holds region id 7 but its meta says 4 regions"),
+        "numpy_scalars": ("finetune.py", FT + out + ["--finetune", str(tmp_path / "released.pth")],
+                          "holds Python objects besides tensors"),
+        "wrong_shape_tensor": ("finetune.py", FT + out + ["--finetune", str(tmp_path / "released.pth")],
+                               "does not fit --model: size mismatch for blocks.0.mlp.fc1.weight"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["device_tpu", "empty_output_dir", "resume_other_input_size", "part_learn_ckpt",
+                                  "finetune_ckpt", "image_cache_folder", "cell_size_0", "labels_above_num_regions",
+                                  "numpy_scalars", "wrong_shape_tensor"])
+def test_bad_input_that_gave_a_traceback_is_one_line(tmp_path, one_epoch, case):
+    stage, argv, words = bad_input_case(case, tmp_path, one_epoch)
+    before = open(os.path.join(one_epoch, "checkpoint-last.pth"), "rb").read()
+    code, output = run_cli(stage, *argv)
+    lines = error_lines(output)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in output and "\x1b[" not in output, output
+    assert words in lines[0], lines[0]
+    assert open(os.path.join(one_epoch, "checkpoint-last.pth"), "rb").read() == before
+    assert not (tmp_path / "new").exists()

@@ -240,6 +240,8 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"--device {device} is not one of auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
     if "RANK" not in os.environ:  # plain `python X.py`
@@ -684,6 +686,8 @@ def prepare_output_dir(args, d):
     needs --resume. `--resume auto` continues from that checkpoint-last.pth when there is one and starts
     a new run when there is none (what a preemptible cluster job wants); args.resume becomes the path."""
     out = args.output_dir
+    if not out.strip():
+        raise UsageError("--output_dir is empty; pass a folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--output_dir {out} is a file, not a folder; pass a folder")
     existing = os.path.abspath(out)
