@@ -69,15 +69,18 @@ def run_cli(script, *argv, env=None, launcher=()):
     return proc.returncode, out
 
 
-# runs a stage (argv[1:]) with a signal sent to itself right after the n-th return of one utils function: a kill,
-# a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
+# runs a stage (argv[4:]) with a signal sent to itself right after the n-th return of one utils function (or data.X):
+# a kill, a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
 # (under torchrun: only in the process whose RANK is SIGNAL_RANK, when that is set; its pid goes to SIGNAL_PIDFILE)
 SIGNAL_AFTER = """
 import os, runpy, signal, sys
 sys.path.insert(0, os.path.dirname(sys.argv[4]))
 import utils
+import data
 name, calls, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
-real, seen = getattr(utils, name), []
+module = data if name.startswith("data.") else utils
+name = name.split(".")[-1]
+real, seen = getattr(module, name), []
 def hooked(*a, **k):
     out = real(*a, **k)
     seen.append(1)
@@ -86,7 +89,7 @@ def hooked(*a, **k):
             open(os.environ["SIGNAL_PIDFILE"], "w").write(str(os.getpid()))
         os.kill(os.getpid(), sig)
     return out
-setattr(utils, name, hooked)
+setattr(module, name, hooked)
 sys.argv = sys.argv[4:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -27,6 +27,7 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
   MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -905,6 +906,10 @@ def write_image_cache(path, base, size, num_workers, rank, world):
                 pwrite_all(fd, masks, offsets["masks"] + i * size * size)
             i += len(imgs)
         os.fsync(fd)
+    except BaseException:                           # Ctrl-C or a full disk: no half-written cache left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
     if world > 1:

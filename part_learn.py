@@ -42,6 +42,7 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
   MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -422,6 +423,10 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out):
             obj_cells, objs, batch_top = object_counts(lab)
             sums, top, row = sums + torch.tensor([obj_cells, objs]), max(top, batch_top), row + len(lab)
         os.fsync(fd)
+    except BaseException:                                # Ctrl-C or a full disk: no stray shard
+        with contextlib.suppress(OSError):
+            os.unlink(f"{out}.rank{d.rank}.tmp")
+        raise
     finally:
         os.close(fd)
     if d.world > 1:                                      # NCCL reduces device tensors only

@@ -383,3 +383,15 @@ def test_bad_input_that_gave_a_traceback_is_one_line(tmp_path, one_epoch, case):
     assert words in lines[0], lines[0]
     assert open(os.path.join(one_epoch, "checkpoint-last.pth"), "rb").read() == before
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("where", ["image-cache", "regions-export"])
+def test_ctrl_c_while_writing_the_image_cache_or_the_regions_leaves_no_temp_file(tmp_path, encoder_ckpt, where):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cache.mkdir()
+    argv = ["--input_size", "32", "--num_images", "8", "--batch_size", "4", "--num_workers", "0", "--output_dir", out]
+    argv += (["--method", "attention", "--encoder_weights", encoder_ckpt, "--image_cache", cache / "c.pt"]
+             if where == "image-cache" else ["--method", "segmentation"])
+    code, output = run_signalled("part_learn.py", *argv, after="data.pwrite_all", sig="SIGINT")
+    assert code == 130 and "Traceback" not in output and "interrupted: no checkpoint was written yet" in output, output
+    assert os.listdir(cache) == [] and not [f for f in os.listdir(out) if f.endswith(".tmp")]
