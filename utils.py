@@ -238,6 +238,8 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
     NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop). timeout: seconds a process
     waits for the others, at the start and in every collective (--dist_timeout).
     """
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"--dist_timeout {timeout} must be a positive number of seconds")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not (device == "cpu" or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
@@ -251,8 +253,6 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
     if missing:
         raise UsageError(f"RANK={os.environ['RANK']} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
                          " not: launch with torchrun, which sets them all, or unset RANK to run one process")
-    if not (math.isfinite(timeout) and timeout > 0):
-        raise UsageError(f"--dist_timeout {timeout} must be a positive number of seconds")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     wait = datetime.timedelta(seconds=timeout)
