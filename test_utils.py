@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,8 +18,8 @@ import pretrain
 import utils
 from utils import UsageError
 
-from conftest import (ENV, FT, HERE, PRE, SIGNAL_AFTER, as_in_a_terminal, assert_same_tensors, cli, error_lines, load, read_log,
-                      run_cli, run_signalled, stop_when, torchrun)
+from conftest import (ENV, FT, HERE, PRE, SIGNAL_AFTER, as_in_a_terminal, assert_same_tensors, cli, error_lines,
+                      load, read_log, run_cli, run_signalled, stop_when, torchrun)
 
 STOP_RUN = PRE[:5] + ["32", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--mask", "objmae",
                       "--log_every", "3", "--num_workers", "2"]          # 4 steps an epoch
@@ -341,7 +342,6 @@ def bad_input_case(case, tmp_path, one_epoch):
         meta = {"kind": "parts", "input_size": 32, "cell_size": 0 if case == "cell_size_0" else 8, "num_regions": 4}
         data.save_regions(str(tmp_path / "r.pt"), labels, None, files, meta)
     if case in ("numpy_scalars", "wrong_shape_tensor"):
-        import numpy as np
         net = pretrain.models.MODELS["mae_vit_tiny_patch8"](img_size=32)
         sd = net.state_dict()
         if case == "wrong_shape_tensor":

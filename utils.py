@@ -149,7 +149,12 @@ _stop = {"signal": 0}                                 # the stop signal this pro
 def catch_stop_signals():
     """SIGTERM and SIGUSR1 only note that the run must stop: the training loop reads it at the next step boundary
     (stop_requested), writes a checkpoint that resumes bit-identically from there and exits EXIT_STOPPED."""
+    owner = os.getpid()
+
     def note(signum, frame):
+        if os.getpid() != owner:                      # a forked DataLoader worker: die as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         _stop["signal"] = signum
     for s in STOP_SIGNALS:
         signal.signal(s, note)
@@ -251,8 +256,9 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
         return Dist(0, 1, 0, torch.device(device), True)
     missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise UsageError(f"RANK={os.environ['RANK']} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
-                         " not: launch with torchrun, which sets them all, or unset RANK to run one process")
+        are = "is" if len(missing) == 1 else "are"
+        raise UsageError(f"RANK={os.environ['RANK']} is set but {', '.join(missing)} {are} not: launch with "
+                         "torchrun, which sets them all, or unset RANK to run one process")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     wait = datetime.timedelta(seconds=timeout)
@@ -265,9 +271,10 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
             dev = torch.device("cpu")
             dist.init_process_group("gloo", timeout=wait)
     except dist.DistError as e:                       # the others never came (RANK=0 WORLD_SIZE=2 by hand)
-        raise UsageError(f"process {rank} of {world} waited {timeout:g} s for the others at {os.environ['MASTER_ADDR']}:"
-                         f"{os.environ['MASTER_PORT']} ({str(e).splitlines()[0]}); start all {world} (torchrun "
-                         "does), or raise --dist_timeout") from None
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise UsageError(f"process {rank} of {world} waited {timeout:g} s for the others at {where} "
+                         f"({str(e).splitlines()[0]}); start all {world} (torchrun does), or raise --dist_timeout"
+                         ) from None
     return Dist(rank, world, local_rank, dev, rank == 0)
 
 
