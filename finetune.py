@@ -199,6 +199,9 @@ def check_args(args):
                          f"{args.lookahead_alpha} in (0, 1]")
     if not (0.0 <= args.opt_betas[0] < 1.0 and 0.0 <= args.opt_betas[1] < 1.0 and args.opt_eps > 0):
         raise UsageError(f"--opt_betas {args.opt_betas[0]} {args.opt_betas[1]} must be in [0, 1) and --opt_eps > 0")
+    if args.linprobe and args.batch_size < 2:
+        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a BatchNorm (MAE's linear "
+                         "probe), which needs two images per batch")
     randaug(args.aa)
 
 

@@ -37,7 +37,7 @@ def without_time(log):
 
 # ----------------------------------------------------------------------------- preemption (SIGTERM, SIGUSR1)
 
-@pytest.mark.parametrize("stage, sig", [("pretrain.py", "SIGTERM"), ("pretrain.py", "SIGUSR1"),
+@pytest.mark.parametrize("stage, sig", [("pretrain.py", "SIGTERM"),
                                         ("finetune.py", "SIGTERM"), ("part_learn.py", "SIGUSR1")])
 def test_preemption_signal_stops_after_the_step_and_resumes_bit_identically(tmp_path, encoder_ckpt, stage, sig):
     """SIGTERM/SIGUSR1 (SLURM's preemption and time-limit signals) during step 1 of epoch 1 (the 6th lr update):
@@ -368,12 +368,14 @@ def bad_input_case(case, tmp_path, one_epoch):
                           "holds Python objects besides tensors"),
         "wrong_shape_tensor": ("finetune.py", FT + out + ["--finetune", str(tmp_path / "released.pth")],
                                "does not fit --model: size mismatch for blocks.0.mlp.fc1.weight"),
+        "linprobe_batch_1": ("finetune.py", FT[:9] + ["1"] + FT[10:] + out + ["--linprobe"],
+                             "--linprobe needs --batch_size >= 2"),
     }[case]
 
 
 @pytest.mark.parametrize("case", ["device_tpu", "empty_output_dir", "resume_other_input_size", "part_learn_ckpt",
                                   "finetune_ckpt", "image_cache_folder", "cell_size_0", "labels_above_num_regions",
-                                  "numpy_scalars", "wrong_shape_tensor"])
+                                  "numpy_scalars", "wrong_shape_tensor", "linprobe_batch_1"])
 def test_bad_input_that_gave_a_traceback_is_one_line(tmp_path, one_epoch, case):
     stage, argv, words = bad_input_case(case, tmp_path, one_epoch)
     before = open(os.path.join(one_epoch, "checkpoint-last.pth"), "rb").read()
