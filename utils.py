@@ -262,6 +262,9 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     wait = datetime.timedelta(seconds=timeout)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:       # RANK set by hand, not torchrun: say what it waits for
+        say(f"process {rank} of {world}: joining the others at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+            f"(waits up to --dist_timeout {timeout:g} s)")
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
