@@ -5,10 +5,13 @@ References (the comments cite "ObjMAE §3.2"; SemMAE is the other masking these 
   SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
   ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
 """
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +27,13 @@ import pretrain
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# what a launcher puts in the environment (SLURM, torchrun, MPI): a suite run inside an `sbatch --ntasks 4` job or
+# a shell with a stray RANK must not make every stage refuse to start or try to join a process group
+LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "MASTER_")
+LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME")
+for launcher_var in [k for k in os.environ if k.startswith(LAUNCHER_PREFIXES) or k in LAUNCHER_NAMES]:
+    del os.environ[launcher_var]                # this process's too: the in-process tests call init_distributed
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--model", "mae_vit_tiny_patch8", "--input_size", "32", "--num_images", "16", "--batch_size", "8",
         "--num_workers", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--vis_every", "1"]
@@ -36,20 +46,88 @@ FT = ["--model", "vit_tiny_patch8", "--input_size", "32", "--num_images", "8", "
 STAGES = {"pretrain": pretrain, "finetune": finetune, "part_learn": part_learn}
 
 
-def cli(script, *argv, env=None):
+def as_in_a_terminal():
+    """In the child before it starts: SIGINT does what it does in a terminal. A suite started from a background job
+    or nohup ignores SIGINT, and an ignored signal stays ignored across exec, so the stage would never see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def cli(script, *argv, env=None, launcher=()):
     """Start a stage as a user does, in its own process group (a terminal's Ctrl-C reaches the DataLoader workers
-    too) -> Popen (stdout and stderr together)."""
-    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, argv)], cwd=HERE,
+    too), with SIGINT as in a terminal; launcher: what goes before the script (torchrun's argv) -> Popen (stdout and
+    stderr together)."""
+    return subprocess.Popen([sys.executable, *launcher, os.path.join(HERE, script), *map(str, argv)], cwd=HERE,
                             env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_in_a_terminal)
 
 
-def run_cli(script, *argv, env=None):
+def run_cli(script, *argv, env=None, launcher=()):
     """Run a stage as a user does, to its end; the one way the tests run a stage's command line
     -> (exit code, stdout and stderr together)."""
-    proc = cli(script, *argv, env=env)
+    proc = cli(script, *argv, env=env, launcher=launcher)
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
+
+
+# runs a stage (argv[4:]) with a signal sent to itself right after the n-th return of one utils function (or data.X):
+# a kill, a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
+# (under torchrun: only in the process whose RANK is SIGNAL_RANK, when that is set; its pid goes to SIGNAL_PIDFILE)
+SIGNAL_AFTER = """
+import os, runpy, signal, sys
+sys.path.insert(0, os.path.dirname(sys.argv[4]))
+import utils
+import data
+name, calls, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
+module = data if name.startswith("data.") else utils
+name = name.split(".")[-1]
+real, seen = getattr(module, name), []
+def hooked(*a, **k):
+    out = real(*a, **k)
+    seen.append(1)
+    if len(seen) == calls and os.environ.get("SIGNAL_RANK", os.environ.get("RANK")) == os.environ.get("RANK"):
+        if "SIGNAL_PIDFILE" in os.environ:
+            open(os.environ["SIGNAL_PIDFILE"], "w").write(str(os.getpid()))
+        os.kill(os.getpid(), sig)
+    return out
+setattr(module, name, hooked)
+sys.argv = sys.argv[4:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_signalled(script, *argv, after, calls=1, sig="SIGKILL", env=None, launcher=None):
+    """Run a stage to its end, sending itself `sig` right after its `calls`-th call of utils.<after> returns (the
+    DataLoader workers of a killed run are killed with it). launcher: torchrun's argv, and the file to write the
+    hook into -> (exit code, stdout and stderr together)."""
+    if launcher is None:
+        launcher = ["-c", SIGNAL_AFTER]
+    else:
+        launcher, hook = launcher
+        with open(hook, "w") as f:
+            f.write(SIGNAL_AFTER)
+        launcher = [*launcher, hook]
+    proc = cli(script, *argv, env=env, launcher=[*launcher, after, str(calls), sig])
+    out, _ = proc.communicate(timeout=600)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
+def stop_when(proc, ready):
+    """SIGSTOP the process group of `proc` once ready() is true, and wait until the stage is stopped (Linux: its
+    state in /proc), so the test can read its files while they cannot change."""
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    while open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.001)
+
+
+def torchrun(nproc=2):
+    """torchrun's argv for `nproc` processes on this machine. --standalone: the rendezvous binds a free port itself,
+    so two suites on one machine, or a busy port, never collide."""
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def run(argv, **kw):

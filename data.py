@@ -27,6 +27,7 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
   MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -221,6 +222,9 @@ def load_regions(path, files, input_size):
         raise ValueError(f"{path} was made at input size {meta.get('input_size')} but --input_size is "
                          f"{input_size}; pass --input_size {meta.get('input_size')} or remake the regions")
     cell = meta.get("cell_size", 8)
+    if not isinstance(cell, int) or not 0 < cell <= input_size or input_size % cell:
+        raise ValueError(f"{path} has cell size {cell!r} in its meta, which does not divide input size {input_size}; "
+                         "remake it with part_learn.py")
     grid = input_size // cell
     if (not isinstance(labels, torch.Tensor) or labels.dtype != torch.uint8
             or tuple(labels.shape) != (len(files), grid, grid)
@@ -228,6 +232,12 @@ def load_regions(path, files, input_size):
         raise ValueError(f"{path} holds labels of shape {tuple(getattr(labels, 'shape', ()))}, expected uint8 "
                          f"[{len(files)}, {grid}, {grid}] for input size {input_size} and cell size {cell} "
                          "(and scores of the same shape); remake it with part_learn.py")
+    regions = meta.get("num_regions")
+    if isinstance(regions, int):                     # parts 0..K-1; objects 1..K (0 = background); 255 = ignore
+        top = max((int(torch.where(c == IGNORE, 0, c).max()) for c in labels.split(1 << 16)), default=0)  # in chunks
+        if top >= regions + (meta.get("kind") == "objects"):
+            raise ValueError(f"{path} holds region id {top} but its meta says {regions} regions "
+                             f"({meta.get('kind', 'parts')}); remake it with part_learn.py")
     masks = r.get("masks")
     if masks is not None and (not isinstance(masks, torch.Tensor) or masks.dtype != torch.uint8
                               or tuple(masks.shape) != (len(files), input_size, input_size)):
@@ -912,6 +922,8 @@ def open_image_cache(path, base, size, num_workers=4, rank=0, world=1):
     a machine share its pages. It must be on a filesystem that every node sees. -> the checked cache.
     'sizes' (int32 [N, 2]) holds each original's (H, W): the crop box is drawn on the original, as in
     PretrainDataset, and mapped onto the stored square (`cache_box`)."""
+    if os.path.isdir(path):
+        raise ValueError(f"--image_cache {path} is a folder; pass a file name (e.g. {os.path.join(path, 'cache.pt')})")
     exists = [os.path.isfile(path)]
     if world > 1:                                   # rank 0 decides, so all ranks take the same branch
         dist.broadcast_object_list(exists, src=0)
@@ -959,6 +971,10 @@ def write_image_cache(path, base, size, num_workers, rank, world):
                 pwrite_all(fd, masks, offsets["masks"] + i * size * size)
             i += len(imgs)
         os.fsync(fd)
+    except BaseException:                           # Ctrl-C or a full disk: no half-written cache left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
     if world > 1:

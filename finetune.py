@@ -157,6 +157,9 @@ def get_args(argv=None):
                         "T4) or fp32 (no autocast); auto = bf16 on a GPU with native bf16, else fp32")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
+                   help="under torchrun: seconds a process waits for the others (at the start, in a collective) "
+                        "before the run ends with one line; raise it where rank 0 alone works long between steps")
     return p.parse_args(argv)
 
 
@@ -221,13 +224,16 @@ def check_args(args):
                          f"{args.lookahead_alpha} in (0, 1]")
     if not (0.0 <= args.opt_betas[0] < 1.0 and 0.0 <= args.opt_betas[1] < 1.0 and args.opt_eps > 0):
         raise UsageError(f"--opt_betas {args.opt_betas[0]} {args.opt_betas[1]} must be in [0, 1) and --opt_eps > 0")
+    if args.linprobe and args.batch_size < 2:
+        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a BatchNorm (MAE's linear "
+                         "probe), which needs two images per batch")
     randaug(args.aa)
 
 
 # ----------------------------------------------------------------------------- train and evaluate
 
 def main(args):
-    d = utils.init_distributed(args.device)
+    d = utils.init_distributed(args.device, args.dist_timeout)
     check_args(args)
     args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
     summary_writer = utils.summary_writer_class(args.tensorboard)          # optional: installed, or one line
@@ -267,7 +273,7 @@ def main(args):
     if args.lookahead:                                                     # ObjMAE Table 2
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
     scaler = utils.grad_scaler(d.device, args.precision)                   # fp16 only; a no-op otherwise
-    start_epoch, max_acc1 = 0, 0.0
+    start_epoch, max_acc1, start_step, carry = 0, 0.0, 0, None
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
         load_trained(net, ckpt, args, args.resume)
@@ -276,12 +282,13 @@ def main(args):
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         utils.load_scaler(scaler, ckpt.get("scaler"))
         start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0)
+        start_step, carry = utils.resume_partial(ckpt, d, args.resume)    # stopped mid-epoch: the rest of it
     module = net.head if args.linprobe else net
     trainable = utils.wrap_ddp(module, d)
     mixup = make_mixup(args, len(classes))
     smoothing = 0.0 if args.linprobe else args.smoothing
 
-    utils.start_run(args, d)
+    utils.start_run(args, d, start_epoch)
     utils.print_args(d, args)
     tb = summary_writer(args.tensorboard) if summary_writer and d.is_main else None
     trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -294,12 +301,16 @@ def main(args):
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
-        loader.sampler.set_epoch(epoch)
+        skip = start_step if epoch == start_epoch else 0                   # micro-batches done before a stop
+        loader.sampler.set_epoch(epoch, skip * args.batch_size)
         net.train(not args.linprobe)  # linear probe: the encoder stays in eval mode, only the head trains
         module.train()
         t0, loss_sum, n_sum = time.time(), 0.0, 0
-        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every)  # plain lines outside a terminal
-        for it, (imgs, target, *scores) in enumerate(bar):
+        if skip:                                    # where the stop left the RNGs and the sums
+            utils.set_rng_state(carry["rng"])
+            loss_sum, n_sum = carry["sums"]
+        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)  # plain lines outside a tty
+        for it, (imgs, target, *scores) in enumerate(bar, start=skip):
             if it == iters:                                                # the leftover micro-batches
                 break
             if it % args.accum_iter == 0:
@@ -322,21 +333,26 @@ def main(args):
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
-            utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path)
+            utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path, args.precision)
             loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if tb and ((it + 1) % args.log_every == 0 or it + 1 == iters):
                 tb.add_scalar("train/loss", loss_value, epoch * iters + it + 1)
                 tb.add_scalar("train/lr", lr, epoch * iters + it + 1)
+            if sync and it + 1 < iters and utils.stop_requested(d, True):  # SIGTERM/SIGUSR1: stop after this step
+                bar.close()                                                # (the loss is read every step here)
+                utils.stop_now(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "scaler": scaler.state_dict(), "epoch": epoch - 1, "max_acc1": max_acc1,
+                                           "args": vars(args)}, d,
+                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum, n_sum))
         bar.close()
 
         train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
         stats = evaluate(net, val_loader, d, args)
         max_acc1 = max(max_acc1, stats["acc1"])
-        if d.is_main:
-            utils.save_checkpoint(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "scaler": scaler.state_dict(), "epoch": epoch, "max_acc1": max_acc1,
-                                              "args": vars(args)})
+        state = ({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                  "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)} if d.is_main else None)
+        if d.is_main:                               # the log line before the checkpoint: see pretrain.py
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
                       "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
                       "time_s": round(time.time() - t0, 2)}
@@ -345,8 +361,11 @@ def main(args):
                 for k in ("train_loss", "val_acc1", "val_acc5"):
                     tb.add_scalar(f"epoch/{k}", record[k], epoch)
                 tb.flush()
+            utils.save_checkpoint(ckpt_path, state)
             print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 {100 * stats['acc1']:.2f}% top-5 "
                   f"{100 * stats['acc5']:.2f}% (max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
+        if epoch + 1 < args.epochs and utils.stop_requested(d, True):   # a stop in the epoch's last step
+            utils.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     if tb:
         tb.close()
     if d.is_main:
@@ -447,7 +466,10 @@ def load_pretrained(net, path, verbose=True):
                f"no --model has these sizes (choices: {', '.join(sorted(models.VITS))})")
         raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but --model has {want}; {fix}")
     sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)  # e.g. 14x14 -> 28x28, cls kept
-    missing, unexpected = net.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:                       # a tensor of another shape (an edited or foreign file)
+        raise UsageError(f"{path} does not fit --model: {str(e).splitlines()[1].strip()}") from None
     if verbose:
         print(f"loaded {path} ({info['layout']} layout): missing {missing}, unexpected {unexpected}", flush=True)
     fresh = ("head.", "fc_norm.") if net.global_pool else ("head.",)

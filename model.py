@@ -11,6 +11,7 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
 """
 import math
 import os
+import pickle
 from argparse import Namespace  # only to read MAE/SemMAE checkpoints, which pickle their args as one
 from functools import partial
 
@@ -489,7 +490,12 @@ def read_checkpoint(path):
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip (or a pickle)
             raise ValueError(f"{path} is not a checkpoint (it starts with {head[:20]!r}, not the bytes torch.save "
                              "writes); pass the .pth file itself") from None
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+        if isinstance(e, pickle.UnpicklingError):  # e.g. numpy scalars in a released file's extra entries
+            raise ValueError(f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) does "
+                             "not run; if you trust the file, keep only its weights: python -c \"import torch; "
+                             f"c = torch.load('{path}', weights_only=False); torch.save({{'model': c['model']}}, "
+                             f"'{path}.weights.pth')\" and pass that file") from None
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def encoder_state_dict(obj):

@@ -44,6 +44,7 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
   MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -119,6 +120,9 @@ def get_args(argv=None):
                    help="learned: read the losses on the host (a device sync), update the bar, stop on NaN every N steps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
+                   help="under torchrun: seconds a process waits for the others (at the start, in a collective) "
+                        "before the run ends with one line; raise it where rank 0 alone works long between steps")
     return p.parse_args(argv)
 
 
@@ -173,6 +177,10 @@ def check_resume(args):
                          f"{args.method} writes into an --output_dir that holds no checkpoint-last.pth")
     if args.export_only and not (args.method == "learned" and args.resume):
         raise UsageError("--export_only re-exports a trained part learner: pass --method learned --resume <ckpt>")
+    regions = os.path.join(args.output_dir, "regions.pt")
+    if os.path.isfile(regions) and not args.resume:   # a finished run: never replaced by a new one
+        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({regions}); pass another "
+                         "--output_dir (or, for --method learned, --resume auto to continue or re-export it)")
 
 
 # ----------------------------------------------------------------------------- training the part learner
@@ -183,7 +191,7 @@ def train_learner(args, d, base, encoder, cache=None):
     width = encoder.cls_token.shape[-1]
     learner = models.PartLearner(width, args.num_parts, args.blur, encoder.patch_size).to(d.device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr)
-    start_epoch = 0
+    start_epoch, start_step, carry = 0, 0, None
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
         if "learner" not in ckpt:
@@ -197,7 +205,8 @@ def train_learner(args, d, base, encoder, cache=None):
                              "of the same width") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch = ckpt["epoch"] + 1
-    utils.start_run(args, d)
+        start_step, carry = utils.resume_partial(ckpt, d, args.resume)    # stopped mid-epoch: the rest of it
+    utils.start_run(args, d, start_epoch)
     if args.export_only:
         return learner.eval()
 
@@ -216,14 +225,19 @@ def train_learner(args, d, base, encoder, cache=None):
                     f"{len(dataset)} images, epochs {start_epoch}..{args.epochs - 1}")
     iters = len(loader)
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    precision = utils.resolve_precision("auto", d.device)   # the frozen encoder's (encoder_features)
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same flips and order
-        loader.sampler.set_epoch(epoch)
+        skip = start_step if epoch == start_epoch else 0                   # steps done before a stop
+        loader.sampler.set_epoch(epoch, skip * args.batch_size)
         learner.train()
         # the losses are summed on the device and read every --log_every steps: no host sync in the other steps
         t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
-        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every)  # plain lines outside a terminal
-        for it, batch in enumerate(bar):
+        if skip:                                    # where the stop left the RNGs and the sums
+            utils.set_rng_state(carry["rng"])
+            sums, n = carry["sums"][0].to(d.device), carry["sums"][1]
+        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)  # plain lines outside a tty
+        for it, batch in enumerate(bar, start=skip):
             lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
             utils.set_lr(optimizer, lr)
             imgs = batch_images(batch, d.device)
@@ -237,24 +251,34 @@ def train_learner(args, d, base, encoder, cache=None):
             optimizer.step()
             sums += torch.stack([loss, rec, div]).detach()
             n += 1
-            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
+            log_now = (it + 1) % args.log_every == 0 or it + 1 == iters   # always at the epoch's last step
+            if log_now:
                 means = (sums / n).tolist()                               # the sync: the epoch's means so far
                 utils.stop_if_not_finite(means[0], f"epoch {epoch}, one of steps {it - it % args.log_every}..{it}",
-                                         ckpt_path)                       # before this epoch's checkpoint
+                                         ckpt_path, precision)            # before this epoch's checkpoint
                 bar.set_postfix(loss=f"{means[0]:.4f}", div=f"{means[2]:.3f}", lr=f"{lr:.2e}")
+            if it + 1 < iters and utils.stop_requested(d, log_now):       # SIGTERM/SIGUSR1: stop after this step
+                bar.close()
+                utils.stop_now(ckpt_path, {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "epoch": epoch - 1, "args": vars(args)}, d,
+                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (sums.cpu(), n))
+        bar.close()
         loss, rec, div = (utils.all_reduce_mean(v, d) for v in means)
-        if d.is_main:
-            utils.save_checkpoint(ckpt_path, {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch": epoch, "args": vars(args)})
+        state = ({"learner": learner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                  "args": vars(args)} if d.is_main else None)
+        if d.is_main:                               # the log line before the checkpoint: see pretrain.py
             record = {"epoch": epoch, "train_loss": loss, "rec_loss": rec, "div_loss": div, "lr": lr,
                       "time_s": round(time.time() - t0, 2)}
             utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            utils.save_checkpoint(ckpt_path, state)
             print(f"epoch {epoch}: loss {loss:.4f} (rec {rec:.4f}, div {div:.4f}) ({record['time_s']}s)", flush=True)
             learner.eval()
             with torch.no_grad():
                 maps, recon = learner(*encoder_features(encoder, vis_imgs), vis_imgs.shape[-2:])
             labels, _ = parts_from_maps(maps, (args.input_size // args.cell_size,) * 2)
             save_picture(os.path.join(args.output_dir, f"parts-{epoch:04d}.png"), vis_imgs, labels, recon)
+        if epoch + 1 < args.epochs and utils.stop_requested(d, True):   # a stop in the epoch's last step
+            utils.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     return learner.eval()
 
 
@@ -415,6 +439,10 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
             obj_cells, objs, batch_top = object_counts(lab)
             sums, top, row = sums + torch.tensor([obj_cells, objs]), max(top, batch_top), row + len(lab)
         os.fsync(fd)
+    except BaseException:                                # Ctrl-C or a full disk: no stray shard
+        with contextlib.suppress(OSError):
+            os.unlink(f"{out}.rank{d.rank}.tmp")
+        raise
     finally:
         os.close(fd)
     if d.world > 1:                                      # NCCL reduces device tensors only
@@ -600,7 +628,7 @@ def save_picture(path, imgs, labels, recon=None, kind="parts"):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    d = utils.init_distributed(args.device)
+    d = utils.init_distributed(args.device, args.dist_timeout)
     check_args(args)
     utils.prepare_output_dir(args, d)                                      # resolves --resume auto
     check_resume(args)

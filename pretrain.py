@@ -151,6 +151,9 @@ def get_args(argv=None):
                         "(torch.utils.checkpoint): less memory for ViT-L/H at a large batch, about 1/3 more compute")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
+                   help="under torchrun: seconds a process waits for the others (at the start, in a collective) "
+                        "before the run ends with one line; raise it where rank 0 alone works long between steps")
     return p.parse_args(argv)
 
 
@@ -293,7 +296,7 @@ def images_with_objects(base, regions, input_size, cell_size, d, chunk=4096):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    d = utils.init_distributed(args.device)
+    d = utils.init_distributed(args.device, args.dist_timeout)
     check_args(args)
     args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
     summary_writer = utils.summary_writer_class(args.tensorboard)          # optional: installed, or one line
@@ -348,7 +351,7 @@ def main(args):
     if args.lookahead:                                                     # ObjMAE Table 2
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
     scaler = utils.grad_scaler(d.device, args.precision)                   # fp16 only; a no-op otherwise
-    start_epoch = 0
+    start_epoch, start_step, carry = 0, 0, None
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
         if not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt:  # e.g. an official MAE/SemMAE file
@@ -356,17 +359,26 @@ def main(args):
                              "released MAE/SemMAE weights?); --resume continues a pretrain.py run from its "
                              f"checkpoint-last.pth; to fine-tune released weights: finetune.py --finetune "
                              f"{args.resume}")
+        other = "part_learn.py" if "learner" in ckpt else "finetune.py" if "linprobe" in ckpt["args"] else None
+        if other:                                   # another stage's run: no --model of this one fits it
+            raise UsageError(f"{args.resume} is a checkpoint of {other}, not of pretrain.py; --resume continues a "
+                             "pretrain.py run from its checkpoint-last.pth")
         if ckpt["args"].get("model") != args.model:
             raise UsageError(f"{args.resume} holds a {ckpt['args'].get('model')} model, not --model "
                              f"{args.model}; resume with --model {ckpt['args'].get('model')}")
-        net.load_state_dict(ckpt["model"])
+        try:
+            net.load_state_dict(ckpt["model"])
+        except RuntimeError as e:                   # another --input_size (pos_embed), or an edited tensor
+            raise UsageError(f"{args.resume} does not fit this run's model: {str(e).splitlines()[1].strip()}; "
+                             "resume with the flags the run started with (its args.json)") from None
         utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
         utils.load_scaler(scaler, ckpt.get("scaler"))
         start_epoch = ckpt["epoch"] + 1
+        start_step, carry = utils.resume_partial(ckpt, d, args.resume)    # stopped mid-epoch: the rest of it
     ddp = utils.wrap_ddp(net, d)
     step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp   # checkpoints keep net's names
 
-    utils.start_run(args, d)
+    utils.start_run(args, d, start_epoch)
     utils.print_args(d, args)
     tb = summary_writer(args.tensorboard) if summary_writer and d.is_main else None
     utils.print0(d, f"{args.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, "
@@ -385,12 +397,16 @@ def main(args):
     zero_pad = args.mask == "objmae" and args.padding == "zero"            # ObjMAE §3.3: attended zero tokens
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
-        loader.sampler.set_epoch(epoch)
+        skip = start_step if epoch == start_epoch else 0                   # micro-batches done before a stop
+        loader.sampler.set_epoch(epoch, skip * args.batch_size)
         ddp.train()
         # the loss is summed on the device and read every --log_every steps: no host sync in the other steps
         t0, loss_sum, n_sum = time.time(), torch.zeros((), dtype=torch.float64, device=d.device), 0
-        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every)  # plain lines outside a terminal
-        for it, (imgs, cells, scores, _, *choices) in enumerate(bar):
+        if skip:                                    # where the stop left the RNGs and the sums
+            utils.set_rng_state(carry["rng"])
+            loss_sum, n_sum = carry["sums"][0].to(d.device), carry["sums"][1]
+        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)  # plain lines outside a tty
+        for it, (imgs, cells, scores, _, *choices) in enumerate(bar, start=skip):
             if it == iters:                                                # the leftover micro-batches
                 break
             i = epoch * iters + it
@@ -416,25 +432,29 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             n_sum += 1
-            if (it + 1) % args.log_every == 0 or it + 1 == iters:        # always at the epoch's last step
+            log_now = (it + 1) % args.log_every == 0 or it + 1 == iters   # always at the epoch's last step
+            if log_now:
                 loss_value = loss_sum.item() / n_sum                      # the sync: the epoch's mean so far
                 utils.stop_if_not_finite(loss_value, f"one of steps {i - (it % args.log_every)}..{i} (epoch {epoch})",
-                                         ckpt_path)                       # before any checkpoint of this epoch
+                                         ckpt_path, args.precision)            # before any checkpoint of this epoch
                 shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
                 if tb:
                     tb.add_scalar("train/loss", loss_value, i + 1)
                     tb.add_scalar("train/lr", lr, i + 1)
+            if sync and it + 1 < iters and utils.stop_requested(d, log_now):  # SIGTERM/SIGUSR1: stop after this step
+                bar.close()
+                utils.stop_now(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "scaler": scaler.state_dict(), "epoch": epoch - 1, "args": vars(args)}, d,
+                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum.cpu(), n_sum))
         bar.close()
 
         train_loss = utils.all_reduce_mean(loss_value, d)
+        state = ({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                  "epoch": epoch, "args": vars(args)} if d.is_main else None)
         if d.is_main:
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "args": vars(args)}
-            if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
-                utils.save_checkpoint(ckpt_path, state)
-            if args.save_every and (epoch + 1) % args.save_every == 0:
-                utils.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), state)
+            # the log line first: a run killed before the checkpoint redoes the epoch, and the resume cuts the log
+            # back to the checkpoint (utils.start_run), so every epoch is in the log once
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "time_s": round(time.time() - t0, 2)}
             if args.mask == "semmae":
                 record["alpha"] = masker.alpha(progress)
@@ -442,12 +462,18 @@ def main(args):
             if tb:
                 tb.add_scalar("epoch/train_loss", train_loss, epoch)
                 tb.flush()
+            if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
+                utils.save_checkpoint(ckpt_path, state)
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                utils.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), state)
             print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} ({record['time_s']}s)", flush=True)
             if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
                 g = torch.Generator(d.device).manual_seed(args.seed)
                 net.eval()
                 save_reconstructions(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"), net, vis_imgs,
                                      masker(vis_cells, vis_scores, progress, generator=g), zero_pad)
+        if epoch + 1 < args.epochs and utils.stop_requested(d, True):   # a stop in the epoch's last step
+            utils.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     if tb:
         tb.close()
     utils.cleanup_distributed()

@@ -3,8 +3,6 @@ released encoders' names."""
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import model as models
 import pretrain
 from utils import UsageError
 
-from conftest import FT, HERE, read_log, run_cli
+from conftest import FT, HERE, read_log, run_cli, torchrun
 
 
 # ============================================================================= finetune.py
@@ -195,15 +193,13 @@ def test_finetune_bad_input_exit_2_and_checkpoint_untouched(tmp_path, case):
 
 def test_finetune_torchrun_two_processes(tmp_path, encoder_ckpt):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29521",
-           os.path.join(HERE, "finetune.py"), *FT_TINY, "--num_val_images", "15", "--finetune", encoder_ckpt,
-           "--linprobe", "--keep_ratio", "0.5", "--device", "cpu", "--output_dir", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, output = run_cli("finetune.py", *FT_TINY, "--num_val_images", "15", "--finetune", encoder_ckpt,
+                           "--linprobe", "--keep_ratio", "0.5", "--device", "cpu", "--output_dir", out,
+                           launcher=torchrun())
+    assert code == 0, output
     log = read_log(out)
     assert len(log) == 1 and log[0]["val_images"] == 15            # every image counted once, none padded
-    assert proc.stdout.count("loaded ") == 1                        # rank 0 speaks
+    assert output.count("loaded ") == 1                             # rank 0 speaks
 
 
 # ============================================================================= a model name for every encoder

@@ -4,8 +4,6 @@ import contextlib
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,8 +19,8 @@ import pretrain
 import utils
 from utils import UsageError
 
-from conftest import (ENV, HERE, as_png, check_band, masker_patch_labels, patchy_images, pixel_rule, read_cells,
-                     run_cli)
+from conftest import (as_png, check_band, masker_patch_labels, patchy_images, pixel_rule, read_cells,
+                     run_cli, torchrun)
 
 
 # ============================================================================= part_learn.py
@@ -100,13 +98,10 @@ def test_pretrain_semmae_reads_the_learned_parts(learned, tmp_path):
 
 def test_torchrun_export_equals_single_process(learned, tmp_path, encoder_ckpt):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29531",
-           os.path.join(HERE, "part_learn.py"), *PL_TINY, "--batch_size", "3", "--encoder_weights", encoder_ckpt,
-           "--export_only", "--resume", os.path.join(learned, "checkpoint-last.pth"), "--device", "cpu",
-           "--output_dir", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, output = run_cli("part_learn.py", *PL_TINY, "--batch_size", "3", "--encoder_weights", encoder_ckpt,
+                           "--export_only", "--resume", os.path.join(learned, "checkpoint-last.pth"), "--device",
+                           "cpu", "--output_dir", out, launcher=torchrun())
+    assert code == 0, output
     a, b = learned_regions(learned), learned_regions(out)
     assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"].float(), b["scores"].float())
 
@@ -484,11 +479,9 @@ def test_sharded_export_with_image_cache_equals_single_process(tmp_path):
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     part_learn.main(part_learn.get_args(common + ["--output_dir", single]))
     cache = str(tmp_path / "cache.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29547",
-           os.path.join(HERE, "part_learn.py"), *common, "--device", "cpu", "--image_cache", cache,
-           "--output_dir", ddp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600, env=ENV)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, output = run_cli("part_learn.py", *common, "--device", "cpu", "--image_cache", cache, "--output_dir", ddp,
+                           launcher=torchrun())
+    assert code == 0, output
     files = data.ShapesDataset(9, img_size=32).files
     a = data.load_regions(os.path.join(single, "regions.pt"), files, 32)
     b = data.load_regions(os.path.join(ddp, "regions.pt"), files, 32)

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from unittest import mock
 
 import numpy as np
@@ -32,7 +31,7 @@ from utils import UsageError
 
 from conftest import (FT, HERE, PRE, STAGES, TINY, TINY_QUIET, as_png, assert_same_tensors, check_band, cli,
                      error_lines, load, masker_patch_labels, patchy_images, pixel_rule, read_cells, read_log, run,
-                     run_cli)
+                     run_cli, run_signalled, stop_when, torchrun)
 
 
 # ----------------------------------------------------------------------------- pretrain.py
@@ -87,23 +86,33 @@ def test_pretrain_resume_is_bit_identical(tmp_path):
     assert [r["train_loss"] for r in read_log(full)][1:] == [r["train_loss"] for r in read_log(resumed)]
 
 
-def test_pretrain_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("clean", [24, 8], ids=["after-a-checkpoint", "before-any-checkpoint"])
+def test_pretrain_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys, clean):
+    """A NaN loss: its own exit code (3, so a requeue wrapper does not loop on it), one line with the precision,
+    naming the checkpoint kept, or saying there is none."""
     out = str(tmp_path / "out")
     args = pretrain.get_args(TINY + ["--epochs", "3", "--vis_every", "0", "--output_dir", out])
     calls = {"n": 0}
     real_getitem = data.PretrainDataset.__getitem__
 
-    def poisoned(self, i):  # 8 picture images + 16 training images of epoch 0 are clean, then NaN
+    def poisoned(self, i):  # 8 picture images (+ 16 training images of epoch 0) are clean, then NaN
         calls["n"] += 1
         img, cells, scores, target = real_getitem(self, i)
-        return (img * float("nan") if calls["n"] > 24 else img), cells, scores, target
+        return (img * float("nan") if calls["n"] > clean else img), cells, scores, target
 
     monkeypatch.setattr(data.PretrainDataset, "__getitem__", poisoned)
     with pytest.raises(SystemExit) as exc:
         pretrain.main(args)
-    assert exc.value.code == 1
-    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
-    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert exc.value.code == utils.EXIT_NOT_FINITE == 3
+    ckpt_path = os.path.join(out, "checkpoint-last.pth")
+    line, = error_lines(capsys.readouterr().err)                  # on its own line, not after the bar's \r
+    assert line.startswith("error: loss is nan at one of steps") and "(fp32)" in line and "--lr" in line, line
+    if clean == 24:
+        assert line.endswith(f"the last good checkpoint {ckpt_path} is kept")
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    else:
+        assert line.endswith("no checkpoint was written yet") and not os.path.exists(ckpt_path)
 
 
 @pytest.mark.parametrize("case", ["mismatch", "not_divisible", "semmae_no_regions", "bad_ratio", "bad_resume"])
@@ -130,12 +139,9 @@ def test_pretrain_bad_input_exit_2_and_checkpoint_untouched(tmp_path, object_reg
 
 def test_pretrain_torchrun_two_processes(tmp_path):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
-           os.path.join(HERE, "pretrain.py"), *TINY, "--mask", "objmae", "--epochs", "2", "--device", "cpu",
-           "--output_dir", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, output = run_cli("pretrain.py", *TINY, "--mask", "objmae", "--epochs", "2", "--device", "cpu",
+                           "--output_dir", out, launcher=torchrun())
+    assert code == 0, output
     assert len(read_log(out)) == 2                                 # one log, written by rank 0 only
     assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == ["checkpoint-last.pth"]
 
@@ -500,18 +506,6 @@ def test_pretrain_cli_refuses_objects_on_finer_cells(tmp_path):
     assert "--cell_size 16" in errors[0] and not out.exists()
 
 
-def kill_after_first_checkpoint(script, argv, out):
-    """Start a run, SIGKILL it as soon as its first checkpoint-last.pth is on disk -> the epoch it holds."""
-    proc = cli(script, *argv, "--output_dir", out)
-    ckpt = os.path.join(out, "checkpoint-last.pth")
-    while not os.path.exists(ckpt):
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    return load(ckpt)["epoch"]
-
-
 @pytest.mark.parametrize("script, argv", [
     ("pretrain.py", PRE[:5] + ["32", "--batch_size", "8", "--mask", "objmae", "--vis_every", "0"]),
     # finetune with MAE's full recipe: RandomResizedCrop, flip, RandAugment, random erasing, mixup/cutmix, drop path
@@ -522,8 +516,8 @@ def test_kill_and_resume_with_workers_equals_uninterrupted(tmp_path, script, arg
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     code, output = run_cli(script, *common, "--output_dir", full)
     assert code == 0, output
-    epoch = kill_after_first_checkpoint(script, common, killed)
-    assert epoch < 2                                                # it really stopped part-way
+    code, output = run_signalled(script, *common, "--output_dir", killed, after="save_checkpoint")
+    assert code == -signal.SIGKILL and load(os.path.join(killed, "checkpoint-last.pth"))["epoch"] == 0, output
     code, output = run_cli(script, *common, "--output_dir", killed, "--resume", "auto")
     assert code == 0 and f"continuing from {killed}" in output, output
     a, b = load(os.path.join(full, "checkpoint-last.pth")), load(os.path.join(killed, "checkpoint-last.pth"))
@@ -785,18 +779,17 @@ def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "out"
     argv = PRE[:5] + ["256", "--batch_size", "8", "--epochs", "50", "--vis_every", "0", "--num_workers", "2"]
     proc = cli("pretrain.py", *argv, "--output_dir", out)
-    while not (out / "log.txt").exists():                           # epoch 0 saved, epoch 1 running
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.01)
-    saved = (out / "checkpoint-last.pth").read_bytes()
+    stop_when(proc, (out / "checkpoint-last.pth").exists)           # epoch 0 saved, epoch 1 running
+    saved = (out / "checkpoint-last.pth").read_bytes()              # stopped: it cannot change under us
     os.killpg(proc.pid, signal.SIGINT)                              # what Ctrl-C in a terminal does
+    os.killpg(proc.pid, signal.SIGCONT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     assert "Traceback" not in output and output.count("interrupted") == 1, output
     assert [ln for ln in output.splitlines() if "interrupted" in ln] == [
         f"interrupted: {out / 'checkpoint-last.pth'} is kept as it was; continue with --resume auto"]
     assert (out / "checkpoint-last.pth").read_bytes() == saved
-    assert sorted(os.listdir(out)) == ["args.json", "checkpoint-last.pth", "log.txt"]  # no stray .tmp
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint-last.pth", "log.txt"]  # no stray .tmp
 
 
 # ----------------------------------------------------------------------------- masking.py on its own

@@ -14,7 +14,7 @@ from PIL import Image
 import data
 import finetune
 import study
-from conftest import HERE, TINY, run_cli
+from conftest import ENV, HERE, TINY, run_cli
 
 
 def run_study(*argv):
@@ -149,7 +149,7 @@ def test_the_cli_runs_stages_as_subprocesses(tmp_path):
     out = str(tmp_path)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "study.py"), "--table", "objmae-relation", "--quick",
                            "--seeds", "1", "--out", out], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "### objmae-relation" in proc.stdout
     info = json.load(open(os.path.join(run_folder(out, "pretrain-objmae_relationinter_s0-"), "study.json")))

@@ -8,16 +8,26 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
 """
 import argparse
 import contextlib
+import datetime
+import errno
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import signal
+import socket
 import sys
 import tempfile
 import time
+import zipfile
 from typing import NamedTuple
+
+try:
+    import fcntl                                     # POSIX; without it (Windows) the output folder is not locked
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -26,7 +36,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------- errors
+# ----------------------------------------------------------------------------- errors and exit codes
+
+# what a stage's exit code tells a job script (README, "Exit codes"); 1 is a bug, with its traceback
+EXIT_BAD_INPUT = 2      # bad input, or a checkpoint that cannot be written or read: fix it, then run again
+EXIT_NOT_FINITE = 3     # the loss became NaN or infinite: running again repeats it (lower the lr); do not requeue
+EXIT_STOPPED = 75       # SIGTERM / SIGUSR1 (preemption, time limit): checkpoint written; requeue with --resume auto
+EXIT_INTERRUPTED = 130  # Ctrl-C: the last checkpoint is kept as it was
 
 class UsageError(ValueError):
     """Bad input from the user (a flag, a file). The stages print it as one line and exit 2. A ValueError, so
@@ -48,27 +64,43 @@ def user_input():
 
 def die(msg):
     """One clear line on stderr and exit code 2: the convention for bad input in every stage."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    say(f"error: {msg}")
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def say(line):
+    """One line on stderr, on a line of its own even while a progress bar is drawn (tqdm clears it first)."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def run_stage(main, get_args):
     """A stage's entry point: bad input (a UsageError) becomes one line and exit 2. Stages validate
     everything before writing, so nothing is overwritten. Any other exception is a bug: its traceback shows.
     Ctrl-C is one line too (exit 130): checkpoints are written to a temporary file and renamed, so the
-    last one stays whole whenever the run is stopped."""
+    last one stays whole whenever the run is stopped. SIGTERM and SIGUSR1 stop the run at the next step
+    boundary with a checkpoint of that step (catch_stop_signals)."""
     args = get_args()
+    catch_stop_signals()
     try:
         main(args)
     except UsageError as e:
         die(str(e))
+    except RuntimeError as e:
+        why = lost_peer(e)
+        if why is None:
+            raise
+        if why == "stalled":          # the stalled process cannot say so; an ended one has said why itself
+            say(f"error: process {dist.get_rank()}: another process did not answer within --dist_timeout "
+                f"{args.dist_timeout:g} s (stalled or hung); the last checkpoint is kept")
+        sys.exit(1)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one line is enough
             last = os.path.join(getattr(args, "output_dir", None) or "", "checkpoint-last.pth")
             kept = (f"{last} is kept as it was; continue with --resume auto" if os.path.isfile(last)
                     else "no checkpoint was written yet")
             print(f"\ninterrupted: {kept}", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def check_ranges(args, ranges):
@@ -99,12 +131,99 @@ def refuse_unused(args, defaults, rules):
             raise UsageError(f"--{name} does nothing here: it acts only {where}; drop it")
 
 
-def stop_if_not_finite(loss_value, where, ckpt_path):
-    """A NaN/inf loss ends the run (exit 1) before anything is saved, so the last good checkpoint stays."""
+def stop_if_not_finite(loss_value, where, ckpt_path, precision):
+    """A NaN/inf loss ends the run (EXIT_NOT_FINITE) before anything is saved, so the last good checkpoint stays.
+    Its own exit code: a resume repeats the same steps bit for bit, so a requeue would loop on it."""
     if not math.isfinite(loss_value):
-        print(f"error: loss is {loss_value} at {where}; stopping. The last good checkpoint is kept at "
-              f"{ckpt_path}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.isfile(ckpt_path)
+                else "no checkpoint was written yet")
+        say(f"error: loss is {loss_value} at {where} ({precision}); stopping: a resume would repeat it, so lower "
+            f"--lr/--blr or raise --warmup_epochs; {kept}")
+        sys.exit(EXIT_NOT_FINITE)
+
+
+# ----------------------------------------------------------------------------- stopping at a step boundary
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)      # SLURM: SIGTERM at preemption and the time limit; --signal
+_stop = {"signal": 0}                                 # the stop signal this process received, 0 = none
+
+
+def catch_stop_signals():
+    """SIGTERM and SIGUSR1 only note that the run must stop: the training loop reads it at the next step boundary
+    (stop_requested), writes a checkpoint that resumes bit-identically from there and exits EXIT_STOPPED."""
+    owner = os.getpid()
+
+    def note(signum, frame):
+        if os.getpid() != owner:                      # a forked DataLoader worker: die as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        _stop["signal"] = signum
+    for s in STOP_SIGNALS:
+        signal.signal(s, note)
+
+
+def stop_requested(d, collective):
+    """Whether to stop at this step boundary. Under DDP every rank must stop at the same step: the ranks' notes are
+    combined (a MAX all-reduce, a host sync) only where collective is true, the steps where the loss is read
+    anyway; every rank must pass the same value. In one process, at every step, at no cost."""
+    if d.world == 1:
+        return _stop["signal"] != 0
+    if not collective:
+        return False
+    t = torch.tensor([_stop["signal"]], dtype=torch.int64, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    _stop["signal"] = _stop["signal"] or int(t.item())
+    return _stop["signal"] != 0
+
+
+def rng_state():
+    """Every RNG state of this process, in types torch.load(weights_only=True) reads back."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+
+
+def stop_now(path, state, d, where, step=None, sums=None):
+    """Write checkpoint `state` (rank 0's; None on the others) to path, print one line, exit EXIT_STOPPED.
+    Mid-epoch (step: the micro-batches of this epoch already trained, state["epoch"] the last finished epoch) the
+    checkpoint also holds what the rest of the epoch needs from each rank: its RNG states and its loss sums."""
+    if step is not None:
+        mine = {"rng": rng_state(), "sums": sums}
+        ranks = [mine] if d.world == 1 else [None] * d.world
+        if d.world > 1:
+            dist.all_gather_object(ranks, mine)
+        if d.is_main:
+            state = {**state, "partial": {"step": step, "world": d.world, "ranks": ranks}}
+    if d.is_main:
+        save_checkpoint(path, state)
+        say(f"stopped by {signal.Signals(_stop['signal']).name} {where}: {path} holds the run up to there; "
+            "continue with --resume auto")
+    if d.world > 1:
+        dist.barrier()                                # a rank that exits first would make torchrun kill rank 0
+    cleanup_distributed()
+    sys.exit(EXIT_STOPPED)
+
+
+def resume_partial(ckpt, d, path):
+    """A checkpoint written mid-epoch by stop_now -> (micro-batches of the epoch done, this rank's RNG states and
+    loss sums); (0, None) for one written at an epoch's end."""
+    partial = ckpt.get("partial")
+    if partial is None:
+        return 0, None
+    if partial["world"] != d.world:
+        raise UsageError(f"{path} was written mid-epoch by {partial['world']} processes; resume it with "
+                         f"{partial['world']} (each one's data shard and random state are in it)")
+    return partial["step"], partial["ranks"][d.rank]
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -117,14 +236,22 @@ class Dist(NamedTuple):
     is_main: bool
 
 
-def init_distributed(device="auto"):
+DIST_TIMEOUT = 600.0   # s: a stalled or lost process ends the others' wait after 10 minutes, not torch's 30
+
+
+def init_distributed(device="auto", timeout=DIST_TIMEOUT):
     """Single process when launched with `python`, one process per device under `torchrun` or as SLURM's srun tasks
     (`srun -n 8 python X.py`: slurm_to_torchrun).
 
-    NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop).
+    NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop). timeout: seconds a process
+    waits for the others, at the start and in every collective (--dist_timeout).
     """
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"--dist_timeout {timeout} must be a positive number of seconds")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"--device {device} is not one of auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
     if "RANK" not in os.environ and slurm_tasks() > 1 and "SLURM_PROCID" in os.environ:
@@ -132,15 +259,30 @@ def init_distributed(device="auto"):
     if "RANK" not in os.environ:  # plain `python X.py`
         check_not_scheduler_tasks()
         return Dist(0, 1, 0, torch.device(device), True)
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        are = "is" if len(missing) == 1 else "are"
+        raise UsageError(f"RANK={os.environ['RANK']} is set but {', '.join(missing)} {are} not: launch with "
+                         "torchrun, which sets them all, or unset RANK to run one process")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=dev)
-    else:
-        dev = torch.device("cpu")
-        dist.init_process_group("gloo")
+    wait = datetime.timedelta(seconds=timeout)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:       # RANK set by hand, not torchrun: say what it waits for
+        say(f"process {rank} of {world}: joining the others at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+            f"(waits up to --dist_timeout {timeout:g} s)")
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+            dev = torch.device("cuda", local_rank)
+            dist.init_process_group("nccl", device_id=dev, timeout=wait)
+        else:
+            dev = torch.device("cpu")
+            dist.init_process_group("gloo", timeout=wait)
+    except dist.DistError as e:                       # the others never came (RANK=0 WORLD_SIZE=2 by hand)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise UsageError(f"process {rank} of {world} waited {timeout:g} s for the others at {where} "
+                         f"({str(e).splitlines()[0]}); start all {world} (torchrun does), or raise --dist_timeout"
+                         ) from None
     return Dist(rank, world, local_rank, dev, rank == 0)
 
 
@@ -186,6 +328,17 @@ def slurm_to_torchrun():
     return env
 
 
+def lost_peer(e):
+    """-> 'stalled' or 'gone' when a collective failed because another process stalled past --dist_timeout or
+    ended (gloo reports both as a RuntimeError from its transport, NCCL as a DistError), else None."""
+    if not dist.is_initialized() or not isinstance(e, RuntimeError):
+        return None
+    text = str(e)
+    if isinstance(e, dist.DistError) or "/gloo/" in text:
+        return "stalled" if "timed out" in text.lower() or "timeout" in text.lower() else "gone"
+    return None
+
+
 # a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH / Intel MPI
 SCHEDULER_TASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
@@ -207,8 +360,11 @@ def check_not_scheduler_tasks():
 
 
 def cleanup_distributed():
+    """The end of a stage: leave the process group and free the output folder (lock_output_dir)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _locks:
+        os.close(_locks.popitem()[1])
 
 
 def all_reduce_mean(value, d):
@@ -307,7 +463,12 @@ def load_optimizer(optimizer, state, path):
     if saved != isinstance(optimizer, Lookahead):
         raise UsageError(f"{path} was saved {'with' if saved else 'without'} --lookahead; resume it "
                          f"{'with' if saved else 'without'} --lookahead")
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as e:                           # other parameter groups: e.g. another weight-decay rule
+        raise UsageError(f"{path}: its optimizer state does not fit this run's parameter groups ({e}); it was written "
+                         "by another version of this code: resume it with that version, or start a new "
+                         "--output_dir") from None
 
 
 def no_weight_decay(name, param):
@@ -441,31 +602,42 @@ def wrap_ddp(module, d):
 class EpochSampler(torch.utils.data.Sampler):
     """Single-process counterpart of DistributedSampler: the order depends only on (seed, epoch),
     never on the global RNG, so a resumed run sees the same batches as an uninterrupted one.
-    Yields (epoch, index) for SeededSamples."""
+    Yields (epoch, index) for SeededSamples. set_epoch's skip: the first samples of the epoch's order are left out
+    (a run resumed from a checkpoint written mid-epoch, stop_now)."""
 
     def __init__(self, dataset, shuffle, seed):
-        self.n, self.shuffle, self.seed, self.epoch = len(dataset), shuffle, seed, 0
+        self.n, self.shuffle, self.seed, self.epoch, self.skip = len(dataset), shuffle, seed, 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         order = range(self.n)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
-        return iter([(self.epoch, i) for i in order])
+        return iter([(self.epoch, i) for i in order[self.skip:]])
 
     def __len__(self):
-        return self.n
+        return self.n - self.skip
 
 
 class DistributedEpochSampler(torch.utils.data.DistributedSampler):
-    """torch's DistributedSampler (this rank's share of the (seed, epoch) order), yielding (epoch, index)."""
+    """torch's DistributedSampler (this rank's share of the (seed, epoch) order), yielding (epoch, index), the
+    first `skip` of them left out as in EpochSampler."""
+
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self):
         epoch = self.epoch
-        return iter([(epoch, i) for i in super().__iter__()])
+        return iter([(epoch, i) for i in list(super().__iter__())[self.skip:]])
+
+    def __len__(self):
+        return super().__len__() - self.skip
 
 
 def sample_seed(seed, epoch, index):
@@ -512,20 +684,47 @@ class SeededSamples(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- checkpoints and logs
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, fsync it, then rename: a run killed mid-save (or a machine that loses power
-    after the rename) never leaves a half-written checkpoint where a good one was."""
-    tmp = f"{path}.tmp"
+    """Write to a temporary file of its own (two writers never share one), fsync it, then rename: a run killed
+    mid-save (or a machine that loses power after the rename) never leaves a half-written checkpoint where a good
+    one was. A write that fails (full disk, file-size limit, read-only folder) is one line naming the cause."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
     try:
-        with open(tmp, "wb") as f:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with open(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())                    # the bytes are on disk before the name points at them
+        os.chmod(tmp, 0o666 & ~current_umask())     # mkstemp's 0600 -> what open() would have given
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C or a full disk mid-save: the last good checkpoint stays, no stray .tmp
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except BaseException as e:  # Ctrl-C or a full disk mid-save: the last good checkpoint stays, no stray .tmp
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        cause = os_error(e)
+        if cause is None:
+            raise
+        kept = f"{path} is kept as it was" if os.path.isfile(path) else "no earlier checkpoint was there"
+        raise UsageError(f"cannot write checkpoint {path}: {cause.strerror or cause} "
+                         f"({errno.errorcode.get(cause.errno, cause.errno)}); {kept}; make room (or lift the "
+                         "limit) and continue with --resume auto") from None
+    fsync_dir(folder)
+
+
+def os_error(e):
+    """The OSError behind an exception (torch.save reports a failed write as a RuntimeError raised while handling
+    it), or None when there is none: only those are the disk's fault, anything else is a bug."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder):
@@ -547,12 +746,25 @@ def not_a_checkpoint(path):
     short phrase; None when it may be one."""
     with open(path, "rb") as f:
         head = f.read(64)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    if head.startswith(b"PK\x03\x04"):
+        return damaged(path)
+    if head[:1] == b"\x80":
         return None
     if not head:
         return "it is empty"
     text = head.decode("utf-8", errors="replace").splitlines()[0][:40]
     return f"it starts with {text!r}, not the bytes torch.save writes"
+
+
+def damaged(path):
+    """torch.save's zip format keeps a CRC-32 of every record: read them all (the whole file, once) -> why the file
+    is not what was written (a flipped byte, a zeroed block), or None when every record checks."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:                          # a damaged header or directory: zipfile says where
+        return f"it is damaged: {str(e) or type(e).__name__}"
+    return f"it is damaged: {bad} fails its CRC check" if bad else None
 
 
 def load_checkpoint(path):
@@ -562,6 +774,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist; check the --resume path")
     why = not_a_checkpoint(path)
+    if why and why.startswith("it is damaged"):
+        raise UsageError(f"checkpoint {path} cannot be used ({why}); it changed after it was written (disk or "
+                         "copy fault): resume from a copy (--save_every keeps checkpoint-<epoch>.pth) or start anew")
     if why:
         raise UsageError(f"{path} is not a checkpoint ({why}); --resume takes the checkpoint-last.pth "
                          "a run of this stage wrote")
@@ -581,6 +796,8 @@ def prepare_output_dir(args, d):
     needs --resume. `--resume auto` continues from that checkpoint-last.pth when there is one and starts
     a new run when there is none (what a preemptible cluster job wants); args.resume becomes the path."""
     out = args.output_dir
+    if not out.strip():
+        raise UsageError("--output_dir is empty; pass a folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--output_dir {out} is a file, not a folder; pass a folder")
     existing = os.path.abspath(out)
@@ -604,11 +821,74 @@ def prepare_output_dir(args, d):
                          "pass another --output_dir")
 
 
-def start_run(args, d):
-    """The run is known to start (every input checked): make --output_dir and write args.json (rank 0)."""
+def start_run(args, d, first_epoch=0):
+    """The run is known to start (every input checked), at epoch first_epoch: make --output_dir, lock it, and
+    (rank 0) write args.json for a new run (a resume keeps the one its run started with: a resume that fails later
+    changes nothing there) and cut log.txt back to the epochs before first_epoch."""
     os.makedirs(args.output_dir, exist_ok=True)
-    if d.is_main:
-        save_args(os.path.join(args.output_dir, "args.json"), args)
+    if not d.is_main:
+        return
+    lock_output_dir(args.output_dir)
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    if args.resume is None and os.path.isfile(last):  # written by another run since prepare_output_dir looked
+        raise UsageError(f"--output_dir {args.output_dir} already holds a run ({last}); continue it with "
+                         "--resume auto, or pass another --output_dir")
+    path = os.path.join(args.output_dir, "args.json")
+    if not args.resume or not os.path.isfile(path):
+        save_args(path, args)
+    cut_log(os.path.join(args.output_dir, "log.txt"), first_epoch)
+
+
+_locks = {}                                          # lock file path -> the open descriptor holding its lock
+
+
+def lock_output_dir(out):
+    """One run per output folder: an exclusive flock on <out>/.lock, held until the stage ends. The kernel drops it
+    when the process dies, however it dies, so the lock of a killed run is taken over by the next one."""
+    if fcntl is None:
+        return
+    path = os.path.abspath(os.path.join(out, ".lock"))
+    if path in _locks:                               # this process ran a stage here before (the tests do)
+        os.close(_locks.pop(path))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UsageError(f"--output_dir {out} is in use by a running run ({holder}); wait for it to end, or pass "
+                         "another --output_dir") from None
+    except OSError as e:                             # a filesystem without locks: run, but say so
+        print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses --output_dir {out}",
+              file=sys.stderr, flush=True)
+        os.close(fd)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _locks[path] = fd
+
+
+def cut_log(path, first_epoch):
+    """Keep log.txt's lines of the epochs before first_epoch (and those of no epoch): a run resumed from a
+    checkpoint older than its last log line (killed between the two, or --ckpt_every > 1) logs those epochs again,
+    and each epoch must be in the log once. A half-written last line goes too."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+
+    def kept(line):
+        try:
+            return line.endswith("\n") and json.loads(line).get("epoch", -1) < first_epoch
+        except ValueError:
+            return False
+    keep = [ln for ln in lines if kept(ln)]
+    if keep == lines:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def append_log(path, record):
@@ -627,12 +907,14 @@ def print_args(d, args):
 
 # ----------------------------------------------------------------------------- progress and TensorBoard
 
-def progress(iterable, desc, total, d, every=1):
+def progress(iterable, desc, total, d, every=1, initial=0):
     """rank 0's progress: a tqdm bar in a terminal; outside one (a cluster job's log, nohup, a pipe) tqdm's stream of
-    carriage returns would fill the log, so plain lines instead, one per `every` steps (PlainProgress)."""
+    carriage returns would fill the log, so plain lines instead, one per `every` steps (PlainProgress). initial: the
+    steps of this epoch done before a stop (a resumed run counts on from there)."""
     if d.is_main and not sys.stdout.isatty():
-        return PlainProgress(iterable, desc, total, every)
-    return tqdm(iterable, desc=desc, total=total, disable=not d.is_main, leave=False, dynamic_ncols=True)
+        return PlainProgress(iterable, desc, total, every, initial)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not d.is_main, leave=False,
+                dynamic_ncols=True)
 
 
 class PlainProgress:
@@ -640,8 +922,8 @@ class PlainProgress:
     it prints `epoch 3 step 40/100 loss 0.8123 lr 1.20e-04 (12.5 it/s)` when the step count is a multiple of
     `every`, or the last), close. Silent where nothing is set (export loops: the stage prints what it wrote)."""
 
-    def __init__(self, iterable, desc, total, every):
-        self.iterable, self.desc, self.every, self.n = iterable, desc, every, 0
+    def __init__(self, iterable, desc, total, every, initial=0):
+        self.iterable, self.desc, self.every, self.n, self.initial = iterable, desc, every, initial, initial
         self.total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else None
         self.start = time.time()
 
@@ -654,7 +936,7 @@ class PlainProgress:
         if self.n % self.every and self.n != self.total:
             return
         shown = " ".join(f"{k} {v}" for k, v in values.items())
-        rate = self.n / max(time.time() - self.start, 1e-9)
+        rate = (self.n - self.initial) / max(time.time() - self.start, 1e-9)
         print(f"{self.desc} step {self.n}/{self.total if self.total is not None else '?'} {shown} "
               f"({rate:.1f} it/s)", flush=True)
 
