@@ -1,4 +1,4 @@
-"""Stage 3: fine-tuning, linear probing (--linprobe) and evaluation (--eval) of a pre-trained ViT encoder.
+"""Stage 3: fine-tuning, linear probing (--linprobe), k-NN (--knn) and evaluation (--eval) of a pre-trained ViT encoder.
 
 The papers' settings, on 8 GPUs (effective batch = --batch_size x --accum_iter x 8), from pretrain.py's checkpoints;
 beside each, what the paper reports (for the MAE baselines: --finetune mae16/checkpoint-last.pth).
@@ -43,6 +43,9 @@ probe because LARS's steps are tiny at batch 64 (see --opt):
         --crop_min 0.35
     python finetune.py --linprobe --opt sgd --global_pool --model vit_tiny_patch8 --input_size 64 \
         --finetune output/pretrain/checkpoint-last.pth --epochs 10 --warmup_epochs 1 --batch_size 64
+DINO's weighted k-NN (k 20, T 0.07) of the same encoder, no training (seconds):
+    python finetune.py --knn --model vit_tiny_patch8 --input_size 64 --finetune output/pretrain/checkpoint-last.pth \
+        --batch_size 64
 
 Flags left at their default (None) take the recipe of the mode: fine-tuning (MAE's main_finetune: AdamW, blr 5e-4,
 layer decay 0.65, wd 0.05, drop path 0.1, 100 epochs, 5 warm-up, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
@@ -70,6 +73,7 @@ from torchvision.transforms import v2
 import data
 import masking
 import model as models
+import probe
 import randaugment
 import utils
 from utils import UsageError
@@ -87,6 +91,9 @@ def get_args(argv=None):
     g.add_argument("--finetune", default=None, help="pre-trained encoder: ours, MAE's, SemMAE's or a timm state dict")
     g.add_argument("--linprobe", action="store_true", help="train only a linear head on the frozen encoder")
     g.add_argument("--eval", action="store_true", help="top-1/top-5 of --resume on the validation set, no training")
+    g.add_argument("--knn", action="store_true",
+                   help="top-1/top-5 of DINO's weighted k-NN on the frozen --finetune encoder's features (the class "
+                        "token, or --global_pool's mean; no --finetune: a random encoder), no training")
     g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=None,
                    help="mean of the patch tokens + fc_norm (fine-tuning default) or the class token (--no-global_pool,"
                         " linear probing default), as MAE")
@@ -138,6 +145,9 @@ def get_args(argv=None):
     g = p.add_argument_group("linear probing only (--linprobe)")
     g.add_argument("--opt", default="lars", choices=["lars", "sgd"],
                    help="linear probing: LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
+    g = p.add_argument_group("k-NN only (--knn; DINO, Caron et al. 2021, §4.1: k 20, T 0.07)")
+    g.add_argument("--knn_k", type=int, default=20, help="neighbours that vote")
+    g.add_argument("--knn_t", type=float, default=0.07, help="temperature of the vote weights exp(similarity / T)")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="output/finetune")
     g.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval); "
@@ -165,7 +175,8 @@ def get_args(argv=None):
 
 def check_args(args):
     """Fill the mode's recipe into the flags left at None, then refuse combinations that cannot work."""
-    tuning, probing = (not args.linprobe, "in fine-tuning (without --linprobe)"), (args.linprobe, "with --linprobe")
+    tuning = (not args.linprobe and not args.knn, "in fine-tuning (without --linprobe or --knn)")
+    probing, knn = (args.linprobe, "with --linprobe"), (args.knn, "with --knn")
     utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
         **{f: tuning for f in ("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing", "layer_decay",
                                "opt_betas", "opt_eps", "grad_checkpointing", "train_crop")},
@@ -174,19 +185,20 @@ def check_args(args):
         "blr": (args.lr is None, "without --lr (which overrides it)"),
         "lookahead_k": (args.lookahead, "with --lookahead"),
         "lookahead_alpha": (args.lookahead, "with --lookahead"),
-        "download": (args.dataset == "cifar100", "with --dataset cifar100")})
+        "download": (args.dataset == "cifar100", "with --dataset cifar100"),
+        "knn_k": knn, "knn_t": knn})
     for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.global_pool is None:
-        args.global_pool = not args.linprobe
+        args.global_pool = not (args.linprobe or args.knn)               # MAE's probe and DINO's k-NN: class token
     utils.check_ranges(args, {  # every numeric flag; the finer rules follow
         "input_size": (8, 4096), "drop_path": (0, 1), "num_images": (1, 10**6), "num_val_images": (1, 10**6),
         "keep_ratio": (0, 1), "crop_min": (0, 1), "crop_pct": (0, 1), "reprob": (0, 1), "mixup": (0, 100),
         "cutmix": (0, 100), "smoothing": (0, 1), "epochs": (1, None), "warmup_epochs": (0, None),
         "batch_size": (1, None), "accum_iter": (1, None), "blr": (0, 10), "lr": (0, 10), "min_lr": (0, 10),
         "weight_decay": (0, 1), "layer_decay": (0, 1), "num_workers": (0, 256), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1),
-        "log_every": (1, None),
+        "log_every": (1, None), "knn_k": (1, None), "knn_t": (0, None),
         "opt_betas": (0, 1), "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1)})
     if args.drop_path >= 1.0:
         raise UsageError(f"--drop_path {args.drop_path} must be < 1: at 1 every block would be dropped")
@@ -199,6 +211,11 @@ def check_args(args):
     if args.finetune and not os.path.isfile(args.finetune):
         raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained checkpoint (pretrain.py's "
                          "checkpoint-last.pth, MAE's or SemMAE's released .pth, a timm state dict)")
+    if args.knn and (args.linprobe or args.eval or args.resume):
+        raise UsageError("--knn measures a frozen --finetune encoder with no training; drop --linprobe, --eval and "
+                         "--resume")
+    if args.knn_t == 0:
+        raise UsageError("--knn_t must be > 0 (the votes are exp(similarity / T))")
     if args.eval and args.finetune:
         raise UsageError("--eval evaluates --resume (a model with its head); drop --finetune")
     if not 0.0 < args.keep_ratio <= 1.0:
@@ -237,7 +254,9 @@ def main(args):
     check_args(args)
     args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
     summary_writer = utils.summary_writer_class(args.tensorboard)          # optional: installed, or one line
-    if not args.eval:  # --eval writes nothing
+    if args.knn and d.world > 1:
+        raise UsageError("--knn runs in one process: python finetune.py --knn ...")
+    if not (args.eval or args.knn):  # --eval and --knn write nothing
         utils.prepare_output_dir(args, d)  # resolves --resume auto
     torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
     with utils.user_input():                       # a bad folder, regions file or checkpoint: exit 2
@@ -250,6 +269,12 @@ def main(args):
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world)),
                                              batch_size=args.batch_size, num_workers=args.num_workers,
                                              pin_memory=d.device.type == "cuda")
+    if args.knn:
+        stats = knn_accuracy(net, train_set, val_set, len(classes), d, args)
+        print(f"{args.finetune or 'a random encoder'}: k-NN (k {args.knn_k}, T {args.knn_t:g}) top-1 "
+              f"{100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% on {stats['n']} validation images "
+              f"({len(train_set)} training images)", flush=True)
+        return stats
     if args.eval:
         if args.resume == "auto":  # evaluate this --output_dir's last checkpoint
             args.resume = os.path.join(args.output_dir, "checkpoint-last.pth")
@@ -414,6 +439,31 @@ def evaluate(net, loader, d, args):
     if d.world > 1:
         dist.all_reduce(counts)
     return {"acc1": (counts[0] / counts[2]).item(), "acc5": (counts[1] / counts[2]).item(), "n": int(counts[2])}
+
+
+@torch.no_grad()
+def features(net, dataset, d, args):
+    """The frozen encoder's feature of every image [N, D] (class token, or the mean of the patch tokens + fc_norm
+    with --global_pool) and its class [N], in dataset order."""
+    net.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    feats, targets = [], []
+    for imgs, target in utils.progress(loader, "features", None, d):
+        with utils.autocast(d.device, args.precision):
+            x = net.forward_features(imgs.to(d.device, non_blocking=True))   # [B, 1+L, D]
+        feats.append((net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]).float().cpu())
+        targets.append(target)
+    return torch.cat(feats), torch.cat(targets)
+
+
+def knn_accuracy(net, train_set, val_set, num_classes, d, args):
+    """DINO's weighted k-NN (probe.knn_votes) of the validation features among the training ones: top-1, top-5."""
+    train_feats, train_labels = features(net, train_set, d, args)
+    val_feats, val_labels = features(net, val_set, d, args)
+    votes = probe.knn_votes(train_feats, train_labels, val_feats, num_classes, args.knn_k, args.knn_t)
+    hits = votes.topk(min(5, num_classes), dim=1).indices == val_labels[:, None]            # [M, 5]
+    return {"acc1": hits[:, 0].double().mean().item(), "acc5": hits.any(1).double().mean().item(),
+            "n": len(val_labels)}
 
 
 def soft_cross_entropy(logits, target):
@@ -625,7 +675,7 @@ def build_datasets(args):
     sets = []
     for base, train in zip(bases, splits):
         if args.keep_ratio == 1.0:
-            sets.append(data.Classification(base, build_transform(args, train)))
+            sets.append(data.Classification(base, build_transform(args, train and not args.knn)))  # k-NN: as val
             continue
         path = args.regions if train else args.val_regions
         regions = data.load_regions(path, base.files, args.input_size) if path else None

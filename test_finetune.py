@@ -1,6 +1,7 @@
 """Tests of finetune.py (stage 3): layer decay, checkpoint layouts, linear probing, resume, bad input and the
 released encoders' names."""
 import argparse
+import math
 import os
 import shutil
 
@@ -347,3 +348,47 @@ def test_bit_recipe_for_objmae_fine_tuning():
     objmae_rows = [" ".join(ln.split()) for ln in docs.splitlines() if "torchrun" in ln and "finetune.py" in ln
                    and "objmae" in ln and "--linprobe" not in ln]
     assert len(objmae_rows) == 4 and all(" ".join(BIT) in row for row in objmae_rows), objmae_rows
+
+
+def test_knn_equals_a_slow_reference(encoder_ckpt, capsys):
+    """--knn: every validation image's class token against every training one's, the 5 nearest vote with weight
+    exp(cos / 0.1), written out image by image."""
+    argv = FT + ["--knn", "--finetune", encoder_ckpt, "--knn_k", "5", "--knn_t", "0.1", "--num_images", "24"]
+    stats = finetune.main(finetune.get_args(argv))
+    assert "k-NN (k 5, T 0.1) top-1" in capsys.readouterr().out
+    args = finetune.get_args(argv)
+    finetune.check_args(args)
+    train, val, classes = finetune.build_datasets(args)
+    net = finetune.build_model(args, len(classes))
+    finetune.load_pretrained(net, encoder_ckpt, verbose=False)
+    net.eval()
+
+    def feature(img):
+        with torch.no_grad():
+            return net.forward_features(img[None])[0, 0]                  # the class token
+    bank = [(feature(img), y) for img, y in (train[i] for i in range(len(train)))]
+    top1 = top5 = 0
+    for i in range(len(val)):
+        img, y = val[i]
+        q = feature(img)
+        sims = sorted(((float(torch.dot(q, f) / (q.norm() * f.norm())), c) for f, c in bank), reverse=True)[:5]
+        votes = {}
+        for sim, c in sims:
+            votes[c] = votes.get(c, 0.0) + math.exp(sim / 0.1)
+        ranked = sorted(votes, key=lambda c: -votes[c])
+        top1 += ranked[0] == y
+        top5 += y in ranked[:5]
+    assert stats["n"] == len(val) == 8
+    assert stats["acc1"] == pytest.approx(top1 / len(val)) and stats["acc5"] == pytest.approx(top5 / len(val))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--linprobe"], "--knn measures a frozen --finetune encoder"),
+    (["--knn_t", "0"], "--knn_t must be > 0"),
+    (["--mixup", "0.5"], "--mixup does nothing here"),
+])
+def test_knn_refuses_what_it_cannot_do(extra, message):
+    with pytest.raises(UsageError, match=message):
+        finetune.check_args(finetune.get_args(FT + ["--knn"] + extra))
+    with pytest.raises(UsageError, match="--knn_k does nothing here"):
+        finetune.check_args(finetune.get_args(FT + ["--knn_k", "3"]))
