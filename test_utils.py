@@ -21,8 +21,8 @@ from utils import UsageError
 from conftest import (ENV, FT, HERE, PRE, SIGNAL_AFTER, as_in_a_terminal, assert_same_tensors, cli, error_lines,
                       load, read_log, run_cli, run_signalled, stop_when, torchrun)
 
-STOP_RUN = PRE[:5] + ["32", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--mask", "objmae",
-                      "--log_every", "3", "--num_workers", "2"]          # 4 steps an epoch
+STOP_RUN = PRE[:5] + ["34", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--mask", "objmae",
+                      "--log_every", "3", "--num_workers", "2"]          # 32 with an object (ObjMAE §4.1): 4 steps
 STOP_RUNS = {  # stage -> argv of a 2-epoch run with 4 steps an epoch
     "pretrain.py": STOP_RUN,
     "finetune.py": FT[:5] + ["32", "--num_val_images", "8", "--batch_size", "8", "--epochs", "2"],
@@ -72,7 +72,7 @@ def test_preemption_under_torchrun_stops_every_rank_at_one_step(tmp_path):
     """SIGTERM reaching rank 1 only, during step 1 of epoch 1: both ranks stop after step 2 (they agree at the log
     step), each rank's RNG states and sums are in the checkpoint, the resumed run under torchrun ends where an
     uninterrupted one does, bit for bit, and one process refuses to continue it."""
-    argv = STOP_RUN + ["--num_images", "64", "--log_every", "1", "--device", "cpu"]   # 4 steps a rank an epoch
+    argv = STOP_RUN + ["--num_images", "66", "--log_every", "1", "--device", "cpu"]   # 64 kept: 4 steps a rank
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     code, output = run_cli("pretrain.py", *argv, "--output_dir", full, launcher=torchrun())
     assert code == 0, output
