@@ -397,3 +397,14 @@ def test_ctrl_c_while_writing_the_image_cache_or_the_regions_leaves_no_temp_file
     code, output = run_signalled("part_learn.py", *argv, after="data.pwrite_all", sig="SIGINT")
     assert code == 130 and "Traceback" not in output and "interrupted: no checkpoint was written yet" in output, output
     assert os.listdir(cache) == [] and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_an_optimizer_state_of_other_parameter_groups_is_one_line():
+    """A checkpoint whose optimizer was built with other groups (an older version's weight-decay rule: cls_token and
+    mask_token in the no-decay group) is refused naming the file, not torch's ValueError traceback."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    old = torch.optim.AdamW([{"params": [net[0].weight]}, {"params": [net[0].bias, *net[1].parameters()]}])
+    new = torch.optim.AdamW([{"params": [net[0].weight, net[1].weight]}, {"params": [net[0].bias, net[1].bias]}])
+    with pytest.raises(UsageError, match="old.pth: its optimizer state does not fit this run's parameter groups"):
+        utils.load_optimizer(new, old.state_dict(), "old.pth")
+    utils.load_optimizer(new, new.state_dict(), "same.pth")               # the same groups load
