@@ -308,9 +308,9 @@ def crop_box(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
             return top, left, h, w
     h, w = H, W
     if W / H < min(ratio):
-        h = int(round(W / min(ratio)))
-    elif W / H > max(ratio):
-        w = int(round(H * max(ratio)))
+        h = max(1, int(round(W / min(ratio))))    # at least one pixel: torchvision's rule would give an empty box
+    elif W / H > max(ratio):                      # for a ratio beyond the image's side (99 at 32 px)
+        w = max(1, int(round(H * max(ratio))))
     return (H - h) // 2, (W - w) // 2, h, w
 
 

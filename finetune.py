@@ -230,8 +230,9 @@ def check_args(args):
                          "val/, then pass --regions <train regions.pt> --val_regions <val regions.pt>")
     if args.dataset == "cifar100" and args.data_path is None:
         raise UsageError("--dataset cifar100 needs --data_path (the folder holding cifar-100-python/)")
-    if not (0.0 < args.crop_min <= 1.0 and 0.0 < args.crop_pct <= 1.0):
-        raise UsageError("--crop_min and --crop_pct must be in (0, 1]")
+    if not (0.0 < args.crop_min <= 1.0 and 0.05 <= args.crop_pct <= 1.0):
+        raise UsageError("--crop_min must be in (0, 1] and --crop_pct in [0.05, 1] (the validation resize to "
+                         "--input_size / --crop_pct: at most 20 times the size)")
     if not (0.0 <= args.smoothing < 1.0 and 0.0 <= args.reprob <= 1.0 and args.mixup >= 0 and args.cutmix >= 0):
         raise UsageError("--smoothing must be in [0, 1), --reprob in [0, 1], --mixup and --cutmix >= 0")
     if min(args.batch_size, args.accum_iter, args.epochs) < 1 or args.warmup_epochs < 0:

@@ -763,3 +763,13 @@ def test_reserve_tensor_file_offsets(tmp_path):
     for mmap in (False, True):
         r = torch.load(path, weights_only=True, mmap=mmap)
         assert torch.equal(r["a"], a) and torch.equal(r["b"], b) and r["names"] == ["x", "y"]
+
+
+def test_a_crop_ratio_beyond_the_image_still_gives_a_box_of_one_pixel_or_more():
+    """--crop_ratio 99 100 at 32 px: no try fits, and the fallback (the whole image clipped to the ratio) would be
+    0 px high by torchvision's rule; the box keeps at least one pixel, so the crop is resized, not a traceback."""
+    torch.manual_seed(0)
+    top, left, h, w = data.crop_box(32, (0.2, 1.0), (99, 100))
+    assert (h, w) == (1, 32) and 0 <= top < 32 and left == 0
+    top, left, h, w = data.crop_box(32, (0.2, 1.0), (1 / 100, 1 / 99))
+    assert (h, w) == (32, 1)

@@ -392,3 +392,10 @@ def test_knn_refuses_what_it_cannot_do(extra, message):
         finetune.check_args(finetune.get_args(FT + ["--knn"] + extra))
     with pytest.raises(UsageError, match="--knn_k does nothing here"):
         finetune.check_args(finetune.get_args(FT + ["--knn_k", "3"]))
+
+
+def test_a_crop_pct_that_would_resize_beyond_20_times_is_one_line():
+    code, output = run_cli("finetune.py", *FT, "--crop_pct", "1e-9")
+    assert code == 2 and output.strip().splitlines()[-1].endswith(
+        "--crop_min must be in (0, 1] and --crop_pct in [0.05, 1] (the validation resize to --input_size / "
+        "--crop_pct: at most 20 times the size)"), output
