@@ -325,6 +325,10 @@ def main(args):
     iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+
+    def run_state(epoch):                   # what a checkpoint holds, epoch = the last finished one
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)}
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
         skip = start_step if epoch == start_epoch else 0                   # micro-batches done before a stop
@@ -367,17 +371,14 @@ def main(args):
                 tb.add_scalar("train/lr", lr, epoch * iters + it + 1)
             if sync and it + 1 < iters and utils.stop_requested(d, True):  # SIGTERM/SIGUSR1: stop after this step
                 bar.close()                                                # (the loss is read every step here)
-                utils.stop_now(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "scaler": scaler.state_dict(), "epoch": epoch - 1, "max_acc1": max_acc1,
-                                           "args": vars(args)}, d,
+                utils.stop_now(ckpt_path, run_state(epoch - 1), d,
                                f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum, n_sum))
         bar.close()
 
         train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
         stats = evaluate(net, val_loader, d, args)
         max_acc1 = max(max_acc1, stats["acc1"])
-        state = ({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                  "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)} if d.is_main else None)
+        state = run_state(epoch) if d.is_main else None
         if d.is_main:                               # the log line before the checkpoint: see pretrain.py
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
                       "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,

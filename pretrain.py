@@ -394,6 +394,10 @@ def main(args):
     iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+
+    def run_state(epoch):                   # what a checkpoint holds, epoch = the last finished one
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "args": vars(args)}
     zero_pad = args.mask == "objmae" and args.padding == "zero"            # ObjMAE §3.3: attended zero tokens
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
@@ -444,14 +448,12 @@ def main(args):
                     tb.add_scalar("train/lr", lr, i + 1)
             if sync and it + 1 < iters and utils.stop_requested(d, log_now):  # SIGTERM/SIGUSR1: stop after this step
                 bar.close()
-                utils.stop_now(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "scaler": scaler.state_dict(), "epoch": epoch - 1, "args": vars(args)}, d,
+                utils.stop_now(ckpt_path, run_state(epoch - 1), d,
                                f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum.cpu(), n_sum))
         bar.close()
 
         train_loss = utils.all_reduce_mean(loss_value, d)
-        state = ({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                  "epoch": epoch, "args": vars(args)} if d.is_main else None)
+        state = run_state(epoch) if d.is_main else None
         if d.is_main:
             # the log line first: a run killed before the checkpoint redoes the epoch, and the resume cuts the log
             # back to the checkpoint (utils.start_run), so every epoch is in the log once
