@@ -14,6 +14,7 @@ from PIL import Image
 import data
 import finetune
 import study
+import study_measures
 from conftest import ENV, HERE, TINY, run_cli
 
 
@@ -184,15 +185,15 @@ def test_rollout_is_the_product_of_mixed_attention():
     g = torch.Generator().manual_seed(0)
     maps = [torch.rand(1, 3, 5, 5, generator=g).softmax(-1) for _ in range(3)]
     mixed = [0.5 * a.mean(1)[0] + 0.5 * torch.eye(5) for a in maps]        # rows already sum to 1
-    assert torch.allclose(study.rollout(maps)[0], mixed[2] @ mixed[1] @ mixed[0], atol=1e-6)
-    assert torch.allclose(study.rollout(maps)[0].sum(-1), torch.ones(5))
+    assert torch.allclose(study_measures.rollout(maps)[0], mixed[2] @ mixed[1] @ mixed[0], atol=1e-6)
+    assert torch.allclose(study_measures.rollout(maps)[0].sum(-1), torch.ones(5))
 
 
 def test_hidden_object_error_is_relative_to_the_patch_mean(quick):
     size = study.QUICK["input_size"]
-    net = study.load_mae(os.path.join(run_folder(quick, "pretrain-random_s0-"), "checkpoint-last.pth"), size)
-    imgs, labels = study.shapes_objects(4, size, 8)
-    tgt, pixels, heat, share = study.hide_object(net, imgs[0], labels[0])
+    net = study_measures.load_mae(os.path.join(run_folder(quick, "pretrain-random_s0-"), "checkpoint-last.pth"), size)
+    imgs, labels = study_measures.shapes_objects(4, size, 8)
+    tgt, pixels, heat, share = study_measures.hide_object(net, imgs[0], labels[0])
     obj = labels[0][tgt[0]]
     assert (obj == obj[0]).all() and obj[0] > 0 and int((labels[0] == obj[0]).sum()) == tgt.shape[1]
     visible = torch.ones(labels.shape[1], dtype=torch.bool)
@@ -208,7 +209,7 @@ def test_the_colour_floor_knows_the_colour_and_little_of_the_shape(tmp_path):
     s = study.Study(dict(study.QUICK, num_images=200, val_images=100), 1, str(tmp_path))
     run = s.colour()
     os.makedirs(tmp_path / run.name)
-    study.measure_colour(run, str(tmp_path))
+    study_measures.measure_colour(run, str(tmp_path))
     (rec,) = study.read_log(str(tmp_path / run.name))
     assert rec["colour_acc"] > 0.6 and rec["val_acc1"] < rec["colour_acc"] / 2, rec
 

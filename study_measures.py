@@ -1,0 +1,203 @@
+"""What study.py measures itself, as runs with no stage script (Run.stage None): the model step's
+time (objmae-speed), the hidden-object error and attention rollout (unseen-object), and the colour
+floor of the probe (semmae-masking). Each writes its numbers to its run's log.txt, ending "done"."""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+import bench
+import data
+import masking
+import model as models
+import utils
+
+
+# ----------------------------------------------------------------------------- study.py's own measurements
+
+def flag(run, out, name):
+    argv = run.argv(out)
+    return argv[argv.index(f"--{name}") + 1]
+
+
+def shapes_objects(n, size, patch, split="train"):
+    """(normalised images [n, 3, S, S], object id per patch [n, L]) of the first n built-in scenes
+    (data seed 0), objects by ObjMAE's 20% rule on each patch's pixels (§3.2)."""
+    base = data.ShapesDataset(n, img_size=size, seed=0, split=split)
+    pixels = data.PretrainDataset(base, size, hflip=False)
+    grid = (size // patch, size // patch)
+    imgs, labels = [], []
+    for i in range(n):
+        img, mask, _ = base.load(i)
+        imgs.append(pixels[i][0])
+        labels.append(torch.from_numpy(data.mask_cells(mask, size, grid)).long().flatten())
+    return torch.stack(imgs), torch.stack(labels)
+
+
+def measure_timing(run, out):
+    """Median time of one training step per setting (objmae-speed); writes {'step_ms': {setting: ms}}."""
+    size, batch = int(flag(run, out, "input_size")), int(flag(run, out, "batch_size"))
+    repeats = int(flag(run, out, "repeats"))
+    torch.manual_seed(0)
+    imgs, labels = shapes_objects(batch, size, 8)
+    mae = models.MODELS["mae_vit_tiny_patch8"](img_size=size, norm_pix_loss=True)
+    vit = models.VITS["vit_tiny_patch8"](img_size=size, num_classes=20)
+    L = mae.grid[0] * mae.grid[1]
+    calls = {}
+    for setting in flag(run, out, "settings").split(","):
+        if setting == "supervised":
+            target = torch.randint(0, 20, (batch,))
+            net, loss_fn = vit, (lambda: F.cross_entropy(vit(imgs), target))
+        elif setting.startswith("mae"):
+            ids = masking.mask_to_ids(masking.random_masking(batch, L, float(setting[3:])))
+            net, loss_fn = mae, (lambda ids=ids: mae(imgs, *ids)[0])
+        else:
+            m = masking.object_wise_masking(labels, float(setting[6:]), "zero", "intra")
+            net, loss_fn = mae, (lambda m=m: mae(imgs, *m)[0])
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def step(loss_fn=loss_fn, opt=opt):
+            loss_fn().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        calls[setting] = step
+    ms = bench.timed_ms(calls, repeats, torch.device("cpu"), warmup=2)
+    utils.append_log(os.path.join(out, run.name, "log.txt"), {"step_ms": ms, "threads": 1, "done": True})
+
+
+def load_mae(path, size):
+    ckpt = utils.load_checkpoint(path)
+    a = ckpt["args"]
+    net = models.MODELS[a["model"]](img_size=size, norm_pix_loss=a["norm_pix_loss"])
+    net.load_state_dict(ckpt["model"])
+    return net.eval()
+
+
+def attention_maps(net, fn):
+    """Run fn() and return the softmax attention of every encoder and decoder block, [B, heads, N, N] each
+    (recomputed from the block's input with q and k, since SDPA does not return them)."""
+    maps = {"enc": [], "dec": []}
+
+    def hook(kind):
+        def grab(module, inputs, output):
+            x, mask = inputs[0], inputs[1] if len(inputs) > 1 else None
+            q, k, _ = module.split_qkv(x)
+            logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            maps[kind].append(logits.softmax(-1))
+        return grab
+    handles = [b.attn.register_forward_hook(hook("enc")) for b in net.blocks]
+    handles += [b.attn.register_forward_hook(hook("dec")) for b in net.decoder_blocks]
+    try:
+        result = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return result, maps
+
+
+def rollout(maps):
+    """Abnar & Zuidema (2020): per block, (mean over heads + identity) / 2, rows renormalised; the product over
+    blocks. [B, heads, N, N] list -> [B, N, N]: how much each output token draws on each input token."""
+    result = None
+    for a in maps:
+        a = a.mean(1)
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1])
+        a = a / a.sum(-1, keepdim=True)
+        result = a if result is None else a @ result
+    return result
+
+
+def hide_object(net, img, labels):
+    """Hide every patch of the image's largest object (target) and show the rest (source).
+    -> (tgt_ids [1, k], pixels [1, k, p*p*3] of the reconstruction, heat [L] rollout of the hidden patches on
+    every patch, share of that rollout on the visible patches), or None when the image has no object."""
+    counts = torch.bincount(labels, minlength=256)[1:255]
+    if counts.max() == 0 or counts.max() == labels.numel():
+        return None
+    obj = int(counts.argmax()) + 1
+    tgt = (labels == obj).nonzero().flatten()[None]                        # [1, k]
+    src = (labels != obj).nonzero().flatten()[None]                        # [1, L - k]
+    with torch.no_grad():
+        (_, pred), maps = attention_maps(net, lambda: net(img[None], src, tgt))
+        pixels = net.pred_to_pixels(img[None], tgt, pred)
+    enc, dec = rollout(maps["enc"])[0], rollout(maps["dec"])[0]             # [1+s, 1+s], [1+s+k, 1+s+k]
+    s, k = src.shape[1], tgt.shape[1]
+    to_input = torch.block_diag(enc, torch.eye(k))                         # decoder tokens -> encoder inputs
+    hidden = (dec @ to_input)[1 + s:].mean(0)                              # [1+s+k]: cls, sources, targets
+    heat = torch.zeros(labels.numel())
+    heat[src[0]], heat[tgt[0]] = hidden[1:1 + s], hidden[1 + s:]
+    return tgt, pixels, heat, float(hidden[1:1 + s].sum())
+
+
+def measure_unseen(run, out):
+    """ObjMAE Fig. 2 / 7 on the first --images training and held-out scenes: rel_error = sum of squared errors
+    of the reconstruction of the hidden object / that of each hidden patch's own mean; rollout_visible = the
+    mean share of the hidden patches' rollout on the visible ones."""
+    size, n = int(flag(run, out, "input_size")), int(flag(run, out, "images"))
+    net = load_mae(flag(run, out, "checkpoint"), size)
+    for split in ("train", "val"):
+        imgs, labels = shapes_objects(n, size, net.patch_size, split)
+        err = base = 0.0
+        shares = []
+        for img, lab in zip(imgs, labels):
+            res = hide_object(net, img, lab)
+            if res is None:
+                continue
+            tgt, pixels, _, share = res
+            target = models.gather_tokens(models.patchify(img[None], net.patch_size), tgt)   # [1, k, p*p*3]
+            err += float(((pixels - target) ** 2).sum())
+            base += float(((target - target.mean(-1, keepdim=True)) ** 2).sum())
+            shares.append(share)
+        utils.append_log(os.path.join(out, run.name, "log.txt"),
+                         {"split": split, "images": len(shares), "rel_error": err / base,
+                          "rollout_visible": sum(shares) / len(shares)})
+    utils.append_log(os.path.join(out, run.name, "log.txt"), {"done": True})
+
+
+def measure_colour(run, out):
+    """What the probe can get from colour alone: the probe's own patches (finetune.py's --keep_ratio 0.25 on the
+    scenes' object cells), their mean RGB (3 numbers per image), a multinomial logistic regression (L-BFGS,
+    deterministic) fitted on the training scenes; writes top-1 and how often the colour is right on the held-out
+    ones (the class is '<colour>_<shape>')."""
+    import finetune
+    size, n, n_val = (int(flag(run, out, k)) for k in ("input_size", "num_images", "val_images"))
+    args = finetune.get_args(["--linprobe", "--keep_ratio", "0.25", "--input_size", str(size), "--num_images",
+                              str(n), "--num_val_images", str(n_val), "--data_seed", "0"])
+    finetune.check_args(args)
+    train, val, classes = finetune.build_datasets(args)
+    g = torch.Generator().manual_seed(0)
+
+    def features(ds):
+        rgb, ys = [], []
+        for i in range(len(ds)):
+            img, y, scores = ds[i]
+            ids = masking.keep_foreground(data.scores_to_patches(scores[None], 1), args.keep_ratio, generator=g)
+            patches = models.gather_tokens(models.patchify(img[None], 8), ids)        # [1, k, 8*8*3]
+            rgb.append(patches.reshape(-1, 8 * 8, 3).mean((0, 1)))                  # [3]
+            ys.append(y)
+        return torch.stack(rgb), torch.tensor(ys)
+    (x, y), (x_val, y_val) = features(train), features(val)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x, x_val = (x - mu) / sd, (x_val - mu) / sd
+    w = torch.zeros(3, len(classes), requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500)
+
+    def loss():
+        opt.zero_grad()
+        value = F.cross_entropy(x @ w + b, y) + 1e-3 * w.square().sum()
+        value.backward()
+        return value
+    opt.step(loss)
+    pred = (x_val @ w + b).argmax(1)
+    colour = [c.split("_")[0] for c in classes]
+    colour_right = sum(colour[p] == colour[t] for p, t in zip(pred.tolist(), y_val.tolist()))
+    utils.append_log(os.path.join(out, run.name, "log.txt"),
+                     {"val_acc1": (pred == y_val).float().mean().item(), "colour_acc": colour_right / len(y_val),
+                      "done": True})
+
+
+MEASURES = {"timing": measure_timing, "unseen": measure_unseen, "colour": measure_colour}
