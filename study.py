@@ -89,7 +89,7 @@ def probe_flags(b):
 
 
 def finetune_flags(b):
-    """Fine-tuning (the README's: MAE's recipe without RandAugment, mixup, cutmix and erasing, which change the
+    """Fine-tuning (RESULTS.md's: MAE's recipe without RandAugment, mixup, cutmix and erasing, which change the
     colour or hide the object that make a shapes class)."""
     return ["--model", "vit_tiny_patch8", "--input_size", b["input_size"], "--num_images", b["num_images"],
             "--num_val_images", b["val_images"], "--data_seed", 0, "--epochs", b["ft_epochs"], "--warmup_epochs", 1,

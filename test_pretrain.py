@@ -419,6 +419,7 @@ def test_every_step_is_the_mean_of_exactly_accum_iter_batches(tmp_path, monkeypa
 # ============================================================================= the documented commands
 
 SCRIPTS = {"pretrain.py": pretrain, "part_learn.py": part_learn, "finetune.py": finetune}
+PAGES = ("README.md", "PAPERS.md", "RESULTS.md", "SPEED.md")
 
 
 def commands(text):
@@ -439,8 +440,8 @@ def commands(text):
 
 
 def documented():
-    with open(os.path.join(HERE, "README.md")) as f:
-        readme = commands(f.read())
+    # the README and the pages beside it
+    readme = commands("\n".join(open(os.path.join(HERE, page)).read() for page in PAGES))
     return readme, {name: commands(mod.__doc__) for name, mod in SCRIPTS.items()}
 
 

@@ -263,8 +263,8 @@ def test_regions_mismatch_on_a_folder_still_blames_data_path(tmp_path):
 
 
 def test_every_documented_study_command_parses():
-    with open(os.path.join(HERE, "README.md")) as f:
-        texts = {"README.md": f.read(), "study.py docstring": study.__doc__}
+    texts = {page: open(os.path.join(HERE, page)).read() for page in ("README.md", "RESULTS.md")}
+    texts["study.py docstring"] = study.__doc__
     for source, text in texts.items():
         cmds = re.findall(r"python study\.py([^\n`#>&]*)", text)
         assert len(cmds) >= 3, source
