@@ -1,8 +1,8 @@
 """The papers' ablation tables, re-run at small scale on the built-in shapes data, with seeds.
 
-    python study.py --table all --quick          # a laptop: tiny sizes, minutes; checks the machinery
-    mkdir -p output && nohup python study.py --table all > output/study.log 2>&1 &   # 3 seeds, ~65 min
-    python study.py --table semmae-masking       # one table; runs shared with other tables are made once
+    python study.py --table all --quick        # a laptop: tiny sizes, minutes; checks the machinery
+    mkdir -p output && nohup python study.py --table all > output/study.log 2>&1 &   # ~65 min
+    python study.py --table semmae-masking     # one table; runs shared with others are made once
 
 RESULTS.md says what each table measures, how the budget was sized and what the study found.
 Every run is a stage script in a folder of its own under --out, named from its flags; a finished run
@@ -38,14 +38,14 @@ from study_tables import TABLES, render
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRETRAIN_DEFAULTS = vars(pretrain.get_args([]))
 
-# ----------------------------------------------------------------------------- the budget (one place)
+# -------------------------------------------------------------------------- the budget (one place)
 
 # Every row of every table uses these sizes; --epochs overrides pre_epochs, --quick picks QUICK.
 FULL = dict(input_size=64, num_images=1000, val_images=500, batch_size=64,
-            pre_epochs=20, pre_warmup=2, pre_blr=1.5e-3,            # pretrain.py
-            part_epochs=3, eval_images=200,                         # part_learn.py (SemMAE §3.1, demo.sh's size)
-            probe_epochs=10, ft_epochs=5, ft_blr=5e-3,              # finetune.py
-            unseen_images=200, timing_repeats=10)                  # unseen-object, objmae-speed's step timing
+            pre_epochs=20, pre_warmup=2, pre_blr=1.5e-3,  # pretrain.py
+            part_epochs=3, eval_images=200,               # part_learn.py (§3.1, demo.sh's size)
+            probe_epochs=10, ft_epochs=5, ft_blr=5e-3,    # finetune.py
+            unseen_images=200, timing_repeats=10)        # unseen-object, objmae-speed's timing
 QUICK = dict(input_size=32, num_images=32, val_images=16, batch_size=16,
              pre_epochs=1, pre_warmup=0, pre_blr=1.5e-3,
              part_epochs=1, eval_images=8,
@@ -54,66 +54,74 @@ QUICK = dict(input_size=32, num_images=32, val_images=16, batch_size=16,
 
 
 def pretrain_flags(b):
-    """pretrain.py flags shared by every pre-training run (the README's CPU recipe at the study's size)."""
-    return ["--model", "mae_vit_tiny_patch8", "--input_size", b["input_size"], "--num_images", b["num_images"],
-            "--data_seed", 0, "--epochs", b["pre_epochs"], "--warmup_epochs", b["pre_warmup"],
-            "--batch_size", b["batch_size"], "--blr", b["pre_blr"], "--num_workers", 0,
-            "--vis_every", b["pre_epochs"]]
+    """pretrain.py flags shared by every pre-training run (the README's CPU recipe at the study's
+    size)."""
+    return ["--model", "mae_vit_tiny_patch8", "--input_size", b["input_size"],
+            "--num_images", b["num_images"], "--data_seed", 0, "--epochs", b["pre_epochs"],
+            "--warmup_epochs", b["pre_warmup"], "--batch_size", b["batch_size"],
+            "--blr", b["pre_blr"], "--num_workers", 0, "--vis_every", b["pre_epochs"]]
 
 
-# Each paper's own pre-training recipe (pretrain.py's docstring has the full-scale commands). Every row of a table
-# trains with the recipe of that table's paper, so rows differ only in what the paper's table varies: SemMAE's
-# tables (random masking included, as in its Table 3) use SemMAE §4.1's (flip only, MAE's AdamW); ObjMAE's tables
-# (their MAE rows included, as its Table 9's "MAE with alpha") use ObjMAE's: random-resized crop (§4.2, MAE's
-# scale), no flip, AdamW (0.9, 0.999) + Lookahead, min lr 1e-5 (Table 2).
+# Each paper's own pre-training recipe (PAPERS.md has the full-scale commands). Every
+# row of a table trains with the recipe of that table's paper, so rows differ only in what the
+# paper's table varies: SemMAE's tables (random masking included, as in its Table 3) use SemMAE
+# §4.1's (flip only, MAE's AdamW); ObjMAE's tables (their MAE rows included, as its Table 9's "MAE
+# with alpha") use ObjMAE's: random-resized crop (§4.2, MAE's scale), no flip, AdamW (0.9, 0.999) +
+# Lookahead, min lr 1e-5 (Table 2).
 RECIPE = {"semmae": [],
-          "objmae": ["--crop_scale", 0.2, 1.0, "--no-hflip", "--opt_betas", 0.9, 0.999, "--lookahead", "--min_lr", 1e-5]}
+          "objmae": ["--crop_scale", 0.2, 1.0, "--no-hflip", "--opt_betas", 0.9, 0.999,
+                     "--lookahead", "--min_lr", 1e-5]}
 
 
 def part_flags(b):
     """part_learn.py flags shared by the learned and the attention parts."""
     return ["--input_size", b["input_size"], "--num_images", b["num_images"], "--data_seed", 0,
-            "--batch_size", b["batch_size"], "--eval_iou", "--eval_images", b["eval_images"], "--num_workers", 0,
-            "--seed", 0]
+            "--batch_size", b["batch_size"], "--eval_iou", "--eval_images", b["eval_images"],
+            "--num_workers", 0, "--seed", 0]
 
 
 def probe_flags(b):
-    """The linear probe of every table: SGD, BatchNorm + linear head on the mean of the tokens of the 1/4 most
-    object-like patches (SemMAE §4.2's probe for patch-8 models; the scores are the scenes' own object cells).
-    Chosen by measurement: at this budget a probe of the whole image's mean token does not tell a pre-trained
-    encoder from a random one (RESULTS.md, "Why this probe"), this one does."""
-    return ["--model", "vit_tiny_patch8", "--input_size", b["input_size"], "--num_images", b["num_images"],
-            "--num_val_images", b["val_images"], "--data_seed", 0, "--linprobe", "--opt", "sgd", "--global_pool",
-            "--keep_ratio", 0.25, "--epochs", b["probe_epochs"], "--warmup_epochs", 1,
-            "--batch_size", b["batch_size"], "--num_workers", 0, "--seed", 0]
+    """The linear probe of every table: SGD, BatchNorm + linear head on the mean of the tokens of
+    the 1/4 most object-like patches (SemMAE §4.2's probe for patch-8 models; the scores are the
+    scenes' own object cells). Chosen by measurement: at this budget a probe of the whole image's
+    mean token does not tell a pre-trained encoder from a random one (RESULTS.md, "Why this probe"),
+    this one does."""
+    return ["--model", "vit_tiny_patch8", "--input_size", b["input_size"],
+            "--num_images", b["num_images"], "--num_val_images", b["val_images"], "--data_seed", 0,
+            "--linprobe", "--opt", "sgd", "--global_pool", "--keep_ratio", 0.25,
+            "--epochs", b["probe_epochs"], "--warmup_epochs", 1, "--batch_size", b["batch_size"],
+            "--num_workers", 0, "--seed", 0]
 
 
 def finetune_flags(b):
-    """Fine-tuning (RESULTS.md's: MAE's recipe without RandAugment, mixup, cutmix and erasing, which change the
-    colour or hide the object that make a shapes class)."""
-    return ["--model", "vit_tiny_patch8", "--input_size", b["input_size"], "--num_images", b["num_images"],
-            "--num_val_images", b["val_images"], "--data_seed", 0, "--epochs", b["ft_epochs"], "--warmup_epochs", 1,
-            "--batch_size", b["batch_size"], "--blr", b["ft_blr"], "--aa", "none", "--mixup", 0, "--cutmix", 0,
-            "--reprob", 0, "--crop_min", 0.35, "--num_workers", 0, "--seed", 0]
+    """Fine-tuning (RESULTS.md's: MAE's recipe without RandAugment, mixup, cutmix and erasing, which
+    change the colour or hide the object that make a shapes class)."""
+    return ["--model", "vit_tiny_patch8", "--input_size", b["input_size"],
+            "--num_images", b["num_images"], "--num_val_images", b["val_images"], "--data_seed", 0,
+            "--epochs", b["ft_epochs"], "--warmup_epochs", 1, "--batch_size", b["batch_size"],
+            "--blr", b["ft_blr"], "--aa", "none", "--mixup", 0, "--cutmix", 0, "--reprob", 0,
+            "--crop_min", 0.35, "--num_workers", 0, "--seed", 0]
 
 
-# ----------------------------------------------------------------------------- the study: runs of one budget
+# ------------------------------------------------------------------- the study: runs of one budget
 
 class Study:
-    """Makes the runs of one budget and seed count; each helper returns the same Run for the same flags."""
+    """Makes the runs of one budget and seed count; each helper returns the same Run for the same
+    flags."""
 
     def __init__(self, budget, seeds, out):
         self.b, self.seeds, self.out = budget, list(range(seeds)), out
 
     def pretrain(self, seed, recipe=None, **key):
-        """pretrain.py with the shared flags, a paper's RECIPE (default: ObjMAE's for --mask objmae, else SemMAE's)
-        plus key (e.g. mask='semmae', gamma=2, regions=<parts run>). Flags at pretrain.py's default are dropped (but
-        --mask) and the rest sorted, so equal runs get one name."""
+        """pretrain.py with the shared flags, a paper's RECIPE (default: ObjMAE's for --mask objmae,
+        else SemMAE's) plus key (e.g. mask='semmae', gamma=2, regions=<parts run>). Flags at
+        pretrain.py's default are dropped (but --mask) and the rest sorted, so equal runs get one
+        name."""
         recipe = recipe or ("objmae" if key["mask"] == "objmae" else "semmae")
         flags, label = pretrain_flags(self.b) + RECIPE[recipe], []
         key = {k: v for k, v in key.items() if k == "mask" or v != PRETRAIN_DEFAULTS[k]}
         for k, v in sorted(key.items(), key=lambda kv: (kv[0] != "mask", kv[0])):
-            if isinstance(v, Run):                                         # a regions file of a parts run
+            if isinstance(v, Run):                             # a regions file of a parts run
                 flags += [f"--{k}", Ref(v, "regions.pt")]
                 label.append(v.name.split("-")[1])
             elif v is True:
@@ -121,11 +129,13 @@ class Study:
                 label.append(k)
             else:
                 flags += [f"--{k}", v]
-                label.append(f"{v}" if k == "mask" else f"{k}{v:.3g}" if isinstance(v, float) else f"{k}{v}")
+                label.append(f"{v}" if k == "mask" else f"{k}{v:.3g}" if isinstance(v, float)
+                             else f"{k}{v}")
         if key["mask"] == "random" and recipe == "objmae":
             label.append("objmae-recipe")
         flags += ["--seed", seed]
-        return Run("pretrain", "pretrain.py", flags, "_".join(label + [f"s{seed}"]), self.b["pre_epochs"])
+        name = "_".join(label + [f"s{seed}"])
+        return Run("pretrain", "pretrain.py", flags, name, self.b["pre_epochs"])
 
     def mae(self, seed, recipe="semmae"):
         return self.pretrain(seed, recipe, mask="random")
@@ -138,10 +148,12 @@ class Study:
         return self.pretrain(seed, mask="objmae", **{"seq_ratio": 0.25, **key})
 
     def parts(self, method):
-        """Part maps of the built-in scenes (SemMAE §3.1 'learned', Table 4's 'attention'), on the encoder of the
-        seed-0 random-masking run: the same parts for every seed and every row."""
+        """Part maps of the built-in scenes (SemMAE §3.1 'learned', Table 4's 'attention'), on the
+        encoder of the seed-0 random-masking run: the same parts for every seed and every row."""
         flags = ["--method", method, "--encoder_weights", Ref(self.mae(0), "checkpoint-last.pth")]
-        flags += part_flags(self.b) + (["--epochs", self.b["part_epochs"]] if method == "learned" else [])
+        flags += part_flags(self.b)
+        if method == "learned":
+            flags += ["--epochs", self.b["part_epochs"]]
         return Run("parts", "part_learn.py", flags, method)
 
     def probe(self, pre):
@@ -157,26 +169,30 @@ class Study:
                    pre.name.split("-", 1)[1] if pre else "scratch", self.b["ft_epochs"])
 
     def timing(self, settings):
-        """One measurement of the model step for every (name, masks) setting, interleaved (bench.timed_ms)."""
+        """One measurement of the model step for every (name, masks) setting, interleaved
+        (bench.timed_ms)."""
         flags = ["--input_size", self.b["input_size"], "--batch_size", self.b["batch_size"],
                  "--repeats", self.b["timing_repeats"], "--settings", ",".join(settings)]
         return Run("timing", None, flags, "steps")
 
     def colour(self):
-        """The probe's floor without an encoder: a linear classifier on the mean colour of the probed patches."""
+        """The probe's floor without an encoder: a linear classifier on the mean colour of the
+        probed patches."""
         flags = ["--input_size", self.b["input_size"], "--num_images", self.b["num_images"],
                  "--val_images", self.b["val_images"]]
         return Run("colour", None, flags, "mean-rgb")
 
     def unseen(self, pre):
-        flags = ["--checkpoint", Ref(pre, "checkpoint-last.pth"), "--images", self.b["unseen_images"],
-                 "--input_size", self.b["input_size"], "--num_images", self.b["num_images"]]
+        flags = ["--checkpoint", Ref(pre, "checkpoint-last.pth"),
+                 "--images", self.b["unseen_images"], "--input_size", self.b["input_size"],
+                 "--num_images", self.b["num_images"]]
         return Run("unseen", None, flags, pre.name.split("-", 1)[1])
 
 
 # ----------------------------------------------------------------------------- running
 def run_in_process(run, argv, output):
-    """The stage's main in this process (--in_process: no interpreter start per run; tests use it)."""
+    """The stage's main in this process (--in_process: no interpreter start per run; tests use
+    it)."""
     stage = importlib.import_module(run.stage[:-3])
     with open(output, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
@@ -185,13 +201,13 @@ def run_in_process(run, argv, output):
         except (utils.UsageError, ValueError) as e:
             print(f"error: {e}", flush=True)
             return 2
-        except SystemExit as e:                                            # a NaN stop (utils.stop_if_not_finite)
+        except SystemExit as e:                          # a NaN stop (utils.stop_if_not_finite)
             return e.code if isinstance(e.code, int) else 1
 
 
 def start(run, out):
-    """Prepare the run's folder and start it; -> (Popen, argv). An unfinished run continues from its checkpoint;
-    one that never saved a checkpoint starts again with an empty log."""
+    """Prepare the run's folder and start it; -> (Popen, argv). An unfinished run continues from its
+    checkpoint; one that never saved a checkpoint starts again with an empty log."""
     folder = os.path.join(out, run.name)
     argv = run.argv(out) + ["--output_dir", folder]
     ckpt = os.path.join(folder, "checkpoint-last.pth")
@@ -200,15 +216,16 @@ def start(run, out):
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         if run.epochs is None or saved["epoch"] < run.epochs - 1:
             return argv + ["--resume", ckpt]
-    if os.path.isdir(folder):        # nothing to continue from (or killed between checkpoint and log): again
+    if os.path.isdir(folder):   # nothing to continue from (or killed between checkpoint and log)
         shutil.rmtree(folder)
     os.makedirs(folder)
     return argv
 
 
 def execute(runs, out, jobs, in_process):
-    """Make the stage runs that are not complete, `jobs` at a time, dependencies first; study.py's own
-    measurements (stage None) after them, one at a time. Stops at the first failure with its command and output."""
+    """Make the stage runs that are not complete, `jobs` at a time, dependencies first; study.py's
+    own measurements (stage None) after them, one at a time. Stops at the first failure with its
+    command and output."""
     todo = [r for r in runs if not is_complete(r, out)]
     stage_runs = [r for r in todo if r.stage]
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -222,15 +239,16 @@ def execute(runs, out, jobs, in_process):
             for other in list(running):
                 other.terminate()
             tail = open(output).read().splitlines()[-15:] if os.path.isfile(output) else []
-            utils.die(f"run {run.name} failed (exit {code}); its output is {output}:\n  " + "\n  ".join(tail) +
-                      f"\ncommand: {run.command(out)}")
+            utils.die(f"run {run.name} failed (exit {code}); its output is {output}:\n  "
+                      + "\n  ".join(tail) + f"\ncommand: {run.command(out)}")
         wall = round(time.time() - t0, 1)
         cpu = round(cpu, 1) if cpu is not None else None
         with open(os.path.join(out, run.name, "study.json"), "w") as f:
             json.dump({"wall_s": wall, "cpu_s": cpu, "threads": 1 if in_process else threads,
                        "command": run.command(out)}, f)
         done_names.add(run.name)
-        print(f"  done {run.name} ({wall} s{f', cpu {cpu} s' if cpu is not None else ''})", flush=True)
+        cpu_text = f", cpu {cpu} s" if cpu is not None else ""
+        print(f"  done {run.name} ({wall} s{cpu_text})", flush=True)
 
     while stage_runs or running:
         started = False
@@ -250,16 +268,17 @@ def execute(runs, out, jobs, in_process):
                 finish(run, code, t0, time.process_time() - cpu)
                 continue
             with open(output, "a") as f:
-                proc = subprocess.Popen([sys.executable, os.path.join(HERE, run.stage)] + argv, stdout=f,
-                                        stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen([sys.executable, os.path.join(HERE, run.stage)] + argv,
+                                        stdout=f, stderr=subprocess.STDOUT, env=env)
             running[proc] = (run, t0)
         if not running:
             if stage_runs and not started:
-                raise RuntimeError(f"no run can start: {[r.name for r in stage_runs]}")  # a bug in the tables
+                # a bug in the tables
+                raise RuntimeError(f"no run can start: {[r.name for r in stage_runs]}")
             continue
         time.sleep(0.2)
         for proc in list(running):
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)          # wait4: the child's CPU time too
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)   # wait4: the child's CPU time too
             if pid:
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 run, t0 = running.pop(proc)
@@ -274,10 +293,11 @@ def execute(runs, out, jobs, in_process):
     return time.time() - t_study
 
 
-# ----------------------------------------------------------------------------- summary of a folder of runs
+# --------------------------------------------------------------------- summary of a folder of runs
 
 def summary(folder):
-    """One markdown table of the runs in folder (demo.sh): part IoU, pre-training loss, probe / fine-tune top-1."""
+    """One markdown table of the runs in folder (demo.sh): part IoU, pre-training loss, probe /
+    fine-tune top-1."""
     lines = ["| run | stage | what | result |", "|---|---|---|---|"]
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
@@ -288,21 +308,22 @@ def summary(folder):
         iou = next((r for r in log if "iou_top" in r), None)
         if "method" in a:
             what = f"{a['method']} parts/objects"
-            result = (f"IoU {iou['iou_top']:.3f} top cells, {iou['iou_parts']:.3f} object parts (random cells "
-                      f"{iou['iou_chance']:.3f})" if iou else "regions.pt")
+            result = (f"IoU {iou['iou_top']:.3f} top cells, {iou['iou_parts']:.3f} object parts "
+                      f"(random cells {iou['iou_chance']:.3f})" if iou else "regions.pt")
             stage = "part_learn.py"
         elif "mask" in a:
             what = {"random": "MAE, random masking", "semmae": f"SemMAE, gamma {a['gamma']}",
                     "objmae": f"ObjMAE, seq_ratio {a['seq_ratio']}"}[a["mask"]]
             first = min((r for r in log if "epoch" in r), key=lambda r: r["epoch"], default=None)
-            result = (f"loss {first['train_loss']:.3f} -> {last['train_loss']:.3f} ({last['epoch'] + 1} epochs)"
-                      if last else "no epoch yet")
+            result = (f"loss {first['train_loss']:.3f} -> {last['train_loss']:.3f} "
+                      f"({last['epoch'] + 1} epochs)" if last else "no epoch yet")
             stage = "pretrain.py"
         else:
-            src = os.path.basename(os.path.dirname(a["finetune"])) if a.get("finetune") else "random init"
+            src = (os.path.basename(os.path.dirname(a["finetune"])) if a.get("finetune")
+                   else "random init")
             what = f"{'linear probe' if a['linprobe'] else 'fine-tuning'} of {src}"
-            result = (f"top-1 {100 * last['val_acc1']:.1f}% ({last['epoch'] + 1} epochs, {last['val_images']} "
-                      "held-out)" if last else "no epoch yet")
+            result = (f"top-1 {100 * last['val_acc1']:.1f}% ({last['epoch'] + 1} epochs, "
+                      f"{last['val_images']} held-out)" if last else "no epoch yet")
             stage = "finetune.py"
         lines.append(f"| {name} | {stage} | {what} | {result} |")
     return "\n".join(lines)
@@ -311,20 +332,29 @@ def summary(folder):
 # ----------------------------------------------------------------------------- main
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", choices=sorted(TABLES) + ["all"], help="which table to run (or only --report)")
-    p.add_argument("--report", action="store_true", help="only aggregate the runs already in --out; run nothing")
-    p.add_argument("--pictures", action="store_true", help="write semmae-masks.png and objmae-masks.png to --out")
-    p.add_argument("--summary", metavar="DIR", help="print one markdown table of the runs in DIR (demo.sh)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", choices=sorted(TABLES) + ["all"],
+                   help="which table to run (or only --report)")
+    p.add_argument("--report", action="store_true",
+                   help="only aggregate the runs already in --out; run nothing")
+    p.add_argument("--pictures", action="store_true",
+                   help="write semmae-masks.png and objmae-masks.png to --out")
+    p.add_argument("--summary", metavar="DIR",
+                   help="print one markdown table of the runs in DIR (demo.sh)")
     p.add_argument("--out", default="output/study", help="one folder per run, and <table>.md")
     p.add_argument("--seeds", type=int, default=3, help="pre-training seeds 0..n-1 per row")
-    p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the budget's)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="pre-training epochs (default: the budget's)")
     p.add_argument("--num_images", type=int, default=None,
-                   help="training scenes of every stage (default: the budget's); the held-out ones stay")
+                   help="training scenes of every stage (default: the budget's); the held-out "
+                        "ones stay")
     p.add_argument("--quick", action="store_true", help="tiny sizes (QUICK): minutes, for tests")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, each on cores / jobs threads")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs at a time, each on cores / jobs threads")
     p.add_argument("--in_process", action="store_true",
-                   help="run the stages' main in this process, one at a time (saves the interpreter start)")
+                   help="run the stages' main in this process, one at a time (saves the "
+                        "interpreter start)")
     return p.parse_args(argv)
 
 
@@ -332,15 +362,17 @@ def main(argv=None):
     args = get_args(argv)
     if not (args.table or args.pictures or args.summary):
         utils.die("nothing to do: pass --table NAME (or all), --pictures or --summary DIR")
-    if args.seeds < 1 or args.jobs < 1 or any(v is not None and v < 1 for v in (args.epochs, args.num_images)):
+    if args.seeds < 1 or args.jobs < 1 or any(v is not None and v < 1
+                                              for v in (args.epochs, args.num_images)):
         utils.die("--seeds, --jobs, --epochs and --num_images must be >= 1")
     if args.summary:
         if not os.path.isdir(args.summary):
-            utils.die(f"--summary {args.summary} is not a folder; pass the output folder of demo.sh (output/demo)")
+            utils.die(f"--summary {args.summary} is not a folder; pass the output folder of "
+                      "demo.sh (output/demo)")
         print(summary(args.summary))
         return
-    # study.py's own work (measurements, in-process runs) on one thread, like each of its runs: two threads on
-    # a busy 2-core machine are many times slower
+    # study.py's own work (measurements, in-process runs) on one thread, like each of its runs: two
+    # threads on a busy 2-core machine are many times slower
     torch.set_num_threads(1)
     budget = dict(QUICK if args.quick else FULL)
     if args.epochs:

@@ -14,7 +14,7 @@ import model as models
 import utils
 
 
-# ----------------------------------------------------------------------------- study.py's own measurements
+# --------------------------------------------------------------------- study.py's own measurements
 
 def flag(run, out, name):
     argv = run.argv(out)
@@ -36,7 +36,8 @@ def shapes_objects(n, size, patch, split="train"):
 
 
 def measure_timing(run, out):
-    """Median time of one training step per setting (objmae-speed); writes {'step_ms': {setting: ms}}."""
+    """Median time of one training step per setting (objmae-speed); writes {'step_ms': {setting:
+    ms}}."""
     size, batch = int(flag(run, out, "input_size")), int(flag(run, out, "batch_size"))
     repeats = int(flag(run, out, "repeats"))
     torch.manual_seed(0)
@@ -63,7 +64,8 @@ def measure_timing(run, out):
             opt.zero_grad(set_to_none=True)
         calls[setting] = step
     ms = bench.timed_ms(calls, repeats, torch.device("cpu"), warmup=2)
-    utils.append_log(os.path.join(out, run.name, "log.txt"), {"step_ms": ms, "threads": 1, "done": True})
+    utils.append_log(os.path.join(out, run.name, "log.txt"),
+                     {"step_ms": ms, "threads": 1, "done": True})
 
 
 def load_mae(path, size):
@@ -75,8 +77,8 @@ def load_mae(path, size):
 
 
 def attention_maps(net, fn):
-    """Run fn() and return the softmax attention of every encoder and decoder block, [B, heads, N, N] each
-    (recomputed from the block's input with q and k, since SDPA does not return them)."""
+    """Run fn() and return the softmax attention of every encoder and decoder block, [B, heads, N,
+    N] each (recomputed from the block's input with q and k, since SDPA does not return them)."""
     maps = {"enc": [], "dec": []}
 
     def hook(kind):
@@ -99,8 +101,9 @@ def attention_maps(net, fn):
 
 
 def rollout(maps):
-    """Abnar & Zuidema (2020): per block, (mean over heads + identity) / 2, rows renormalised; the product over
-    blocks. [B, heads, N, N] list -> [B, N, N]: how much each output token draws on each input token."""
+    """Abnar & Zuidema (2020): per block, (mean over heads + identity) / 2, rows renormalised; the
+    product over blocks. [B, heads, N, N] list -> [B, N, N]: how much each output token draws on
+    each input token."""
     result = None
     for a in maps:
         a = a.mean(1)
@@ -111,9 +114,10 @@ def rollout(maps):
 
 
 def hide_object(net, img, labels):
-    """Hide every patch of the image's largest object (target) and show the rest (source).
-    -> (tgt_ids [1, k], pixels [1, k, p*p*3] of the reconstruction, heat [L] rollout of the hidden patches on
-    every patch, share of that rollout on the visible patches), or None when the image has no object."""
+    """Hide every patch of the image's largest object (target) and show the rest (source). ->
+    (tgt_ids [1, k], pixels [1, k, p*p*3] of the reconstruction, heat [L] rollout of the hidden
+    patches on every patch, share of that rollout on the visible patches), or None when the image
+    has no object."""
     counts = torch.bincount(labels, minlength=256)[1:255]
     if counts.max() == 0 or counts.max() == labels.numel():
         return None
@@ -123,19 +127,19 @@ def hide_object(net, img, labels):
     with torch.no_grad():
         (_, pred), maps = attention_maps(net, lambda: net(img[None], src, tgt))
         pixels = net.pred_to_pixels(img[None], tgt, pred)
-    enc, dec = rollout(maps["enc"])[0], rollout(maps["dec"])[0]             # [1+s, 1+s], [1+s+k, 1+s+k]
+    enc, dec = rollout(maps["enc"])[0], rollout(maps["dec"])[0]    # [1+s, 1+s], [1+s+k, 1+s+k]
     s, k = src.shape[1], tgt.shape[1]
-    to_input = torch.block_diag(enc, torch.eye(k))                         # decoder tokens -> encoder inputs
-    hidden = (dec @ to_input)[1 + s:].mean(0)                              # [1+s+k]: cls, sources, targets
+    to_input = torch.block_diag(enc, torch.eye(k))                # decoder tokens -> encoder inputs
+    hidden = (dec @ to_input)[1 + s:].mean(0)                     # [1+s+k]: cls, sources, targets
     heat = torch.zeros(labels.numel())
     heat[src[0]], heat[tgt[0]] = hidden[1:1 + s], hidden[1 + s:]
     return tgt, pixels, heat, float(hidden[1:1 + s].sum())
 
 
 def measure_unseen(run, out):
-    """ObjMAE Fig. 2 / 7 on the first --images training and held-out scenes: rel_error = sum of squared errors
-    of the reconstruction of the hidden object / that of each hidden patch's own mean; rollout_visible = the
-    mean share of the hidden patches' rollout on the visible ones."""
+    """ObjMAE Fig. 2 / 7 on the first --images training and held-out scenes: rel_error = sum of
+    squared errors of the reconstruction of the hidden object / that of each hidden patch's own
+    mean; rollout_visible = the mean share of the hidden patches' rollout on the visible ones."""
     size, n = int(flag(run, out, "input_size")), int(flag(run, out, "images"))
     net = load_mae(flag(run, out, "checkpoint"), size)
     for split in ("train", "val"):
@@ -147,7 +151,8 @@ def measure_unseen(run, out):
             if res is None:
                 continue
             tgt, pixels, _, share = res
-            target = models.gather_tokens(models.patchify(img[None], net.patch_size), tgt)   # [1, k, p*p*3]
+            patches = models.patchify(img[None], net.patch_size)
+            target = models.gather_tokens(patches, tgt)                   # [1, k, p*p*3]
             err += float(((pixels - target) ** 2).sum())
             base += float(((target - target.mean(-1, keepdim=True)) ** 2).sum())
             shares.append(share)
@@ -158,14 +163,15 @@ def measure_unseen(run, out):
 
 
 def measure_colour(run, out):
-    """What the probe can get from colour alone: the probe's own patches (finetune.py's --keep_ratio 0.25 on the
-    scenes' object cells), their mean RGB (3 numbers per image), a multinomial logistic regression (L-BFGS,
-    deterministic) fitted on the training scenes; writes top-1 and how often the colour is right on the held-out
-    ones (the class is '<colour>_<shape>')."""
+    """What the probe can get from colour alone: the probe's own patches (finetune.py's --keep_ratio
+    0.25 on the scenes' object cells), their mean RGB (3 numbers per image), a multinomial logistic
+    regression (L-BFGS, deterministic) fitted on the training scenes; writes top-1 and how often the
+    colour is right on the held-out ones (the class is '<colour>_<shape>')."""
     import finetune
     size, n, n_val = (int(flag(run, out, k)) for k in ("input_size", "num_images", "val_images"))
-    args = finetune.get_args(["--linprobe", "--keep_ratio", "0.25", "--input_size", str(size), "--num_images",
-                              str(n), "--num_val_images", str(n_val), "--data_seed", "0"])
+    args = finetune.get_args(["--linprobe", "--keep_ratio", "0.25", "--input_size", str(size),
+                              "--num_images", str(n), "--num_val_images", str(n_val),
+                              "--data_seed", "0"])
     finetune.check_args(args)
     train, val, classes = finetune.build_datasets(args)
     g = torch.Generator().manual_seed(0)
@@ -174,9 +180,10 @@ def measure_colour(run, out):
         rgb, ys = [], []
         for i in range(len(ds)):
             img, y, scores = ds[i]
-            ids = masking.keep_foreground(data.scores_to_patches(scores[None], 1), args.keep_ratio, generator=g)
-            patches = models.gather_tokens(models.patchify(img[None], 8), ids)        # [1, k, 8*8*3]
-            rgb.append(patches.reshape(-1, 8 * 8, 3).mean((0, 1)))                  # [3]
+            ids = masking.keep_foreground(data.scores_to_patches(scores[None], 1), args.keep_ratio,
+                                          generator=g)
+            patches = models.gather_tokens(models.patchify(img[None], 8), ids)   # [1, k, 8*8*3]
+            rgb.append(patches.reshape(-1, 8 * 8, 3).mean((0, 1)))             # [3]
             ys.append(y)
         return torch.stack(rgb), torch.tensor(ys)
     (x, y), (x_val, y_val) = features(train), features(val)
@@ -196,8 +203,8 @@ def measure_colour(run, out):
     colour = [c.split("_")[0] for c in classes]
     colour_right = sum(colour[p] == colour[t] for p, t in zip(pred.tolist(), y_val.tolist()))
     utils.append_log(os.path.join(out, run.name, "log.txt"),
-                     {"val_acc1": (pred == y_val).float().mean().item(), "colour_acc": colour_right / len(y_val),
-                      "done": True})
+                     {"val_acc1": (pred == y_val).float().mean().item(),
+                      "colour_acc": colour_right / len(y_val), "done": True})
 
 
 MEASURES = {"timing": measure_timing, "unseen": measure_unseen, "colour": measure_colour}

@@ -34,17 +34,21 @@ class Run:
 
     def argv(self, out):
         """The flags with the other runs' files as paths under out."""
-        return [os.path.join(out, f.run.name, f.file) if isinstance(f, Ref) else str(f) for f in self.flags]
+        return [os.path.join(out, f.run.name, f.file) if isinstance(f, Ref) else str(f)
+                for f in self.flags]
 
     def command(self, out):
-        """The command that makes this run by hand (study.py's own measurements: what it measures)."""
+        """The command that makes this run by hand (study.py's own measurements: what it
+        measures)."""
         if self.stage is None:
             return f"# study.py measures {self.kind}: " + " ".join(self.argv(out))
-        return " ".join(["python", self.stage] + self.argv(out) + ["--output_dir", os.path.join(out, self.name)])
+        folder = os.path.join(out, self.name)
+        return " ".join(["python", self.stage] + self.argv(out) + ["--output_dir", folder])
 
 
 def read_log(folder):
-    """The JSON records of folder/log.txt ([] when there is none); a line cut off by a kill is skipped."""
+    """The JSON records of folder/log.txt ([] when there is none); a line cut off by a kill is
+    skipped."""
     records = []
     path = os.path.join(folder, "log.txt")
     if os.path.isfile(path):
@@ -62,18 +66,20 @@ def last_epoch(records):
 
 
 def is_complete(run, out):
-    """Done = its log shows the end: the last epoch, the part learner's IoU record, the measurement's record."""
+    """Done = its log shows the end: the last epoch, the part learner's IoU record, the
+    measurement's record."""
     folder = os.path.join(out, run.name)
     records = read_log(folder)
     if run.kind == "parts":
-        return os.path.isfile(os.path.join(folder, "regions.pt")) and any("iou_top" in r for r in records)
+        return (os.path.isfile(os.path.join(folder, "regions.pt"))
+                and any("iou_top" in r for r in records))
     if run.stage is None:
         return any(r.get("done") for r in records)
     last = last_epoch(records)
     return last is not None and last["epoch"] == run.epochs - 1
 
 
-# ----------------------------------------------------------------------------- the order runs are made in
+# ---------------------------------------------------------------------- the order runs are made in
 
 def table_runs(table, seeds):
     """Every run the table reads, with their dependencies, each once, dependencies first."""
