@@ -1,21 +1,21 @@
 """Datasets: what the three stages read.
 
-- `PretrainDataset`: image + region cells (region_file.py), cropped (optional) and flipped together (SemMAE §4.1:
-  flip only).
-- The joint random-resized crop (MAE's pre-training crop, ObjMAE §4.2's random crop) as pure functions on
-  tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and scores),
-  `resized_crop_mask`.
-- `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), or (classes=False) images at any
-  depth with or without class folders, optionally with instance masks in a parallel folder (same relative
-  path, .png).
+- `PretrainDataset`: image + region cells (region_file.py), cropped (optional) and flipped together
+  (SemMAE §4.1: flip only).
+- The joint random-resized crop (MAE's pre-training crop, ObjMAE §4.2's random crop) as pure
+  functions on tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and
+  scores), `resized_crop_mask`.
+- `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), or (classes=False)
+  images at any depth with or without class folders, optionally with instance masks in a parallel
+  folder (same relative path, .png).
 - `to_rgb`: any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) as the RGB image it shows;
   `unreadable_images`: every image of a folder that cannot be decoded, listed at once.
 - `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
 - Pictures: `denormalise`, `save_with_headings`.
-The built-in scenes are in shapes.py and scenes.py, the fast input path (--image_cache) in
-image_cache.py.
+The regions file is region_file.py, the built-in scenes shapes.py and scenes.py, the fast input path
+(--image_cache) image_cache.py.
 
-    python data.py --verify IMAGENET/train IMAGENET/val    # list every unreadable image, exit 2 if any
+    python data.py --verify IMAGENET/train IMAGENET/val   # every unreadable image; exit 2 if any
 
 References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
   SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022,
@@ -43,43 +43,48 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# ----------------------------------------------------------------------------- pre-training samples
+# ---------------------------------------------------------------- pre-training samples
 
 def resized(img, size):
-    """A PIL image as size x size, the whole image resized bicubically: the regions file's cells and the image cache
-    are made on this image (a random-resized crop, where a recipe has one, is cut from the original instead)."""
+    """A PIL image as size x size, the whole image resized bicubically: the regions file's cells and
+    the image cache are made on this image (a random-resized crop, where a recipe has one, is cut
+    from the original instead)."""
     return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """(img [3, S, S] normalised, cell_labels long [S/c, S/c], cell_scores float [S/c, S/c], target).
+    """-> (img [3, S, S] normalised, cell_labels long [S/c, S/c], cell_scores float [S/c, S/c],
+    target).
 
-    Cells come from the regions file (row i), else from the base's instance mask by objmae's rules
-    (`instance_cells` at `cell_size`: pass the model's patch size, so the 20% rule is on each patch's own pixels,
-    ObjMAE §3.2), else they are all 255 (ignore) with zero scores.
+    Cells come from the regions file (row i), else from the base's instance mask by ObjMAE's rules
+    (region_file.instance_cells at `cell_size`: pass the model's patch size, so the 20% rule is on
+    each patch's own pixels, ObjMAE §3.2), else they are all 255 (ignore) with zero scores.
 
-    Augmentation, in this order: without `crop_scale` the whole image resized to S x S (PIL bicubic); with it, MAE's
-    random-resized crop cut from the original image (`crop_box` on its H x W, then `resized_crop` to S x S), the
-    cells cut by the same box mapped onto their grid (`resized_crop_cells`), and objects (an instance mask, or a
-    regions file's `masks`) cropped at the pixel level and their cells recomputed, so the 20% and 5% rules hold on
-    the crop; then, with `hflip`, a horizontal flip of image and cells together; then the ImageNet normalisation. SemMAE §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random
-    choice comes from torch's global RNG, in this order (box, then coin), so worker seeding and resume control it.
+    Augmentation, in this order: without `crop_scale` the whole image resized to S x S (PIL
+    bicubic); with it, MAE's random-resized crop cut from the original image (`crop_box` on its H x
+    W, then `resized_crop` to S x S), the cells cut by the same box mapped onto their grid
+    (`resized_crop_cells`), and objects (an instance mask, or a regions file's `masks`) cropped at
+    the pixel level and their cells recomputed, so the 20% and 5% rules hold on the crop; then, with
+    `hflip`, a horizontal flip of image and cells together; then the ImageNet normalisation. SemMAE
+    §4.1: flip only (crop_scale None); MAE: crop (0.2, 1) + flip. Every random choice comes from
+    torch's global RNG, in this order (box, then coin), so worker seeding and resume control it.
     """
 
     def __init__(self, base, input_size, regions=None, hflip=True, cell_size=8, crop_scale=None,
                  crop_ratio=(3 / 4, 4 / 3)):
         if input_size % cell_size:
-            raise ValueError(f"--input_size {input_size} is not a multiple of the cell size {cell_size}; "
-                             f"use a multiple of {cell_size}")
+            raise ValueError(f"--input_size {input_size} is not a multiple of the cell size "
+                             f"{cell_size}; use a multiple of {cell_size}")
         self.base, self.size, self.regions, self.hflip = base, input_size, regions, hflip
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.grid = (input_size // cell_size, input_size // cell_size)
         if regions is not None:
             shape = tuple(regions["labels"].shape)
             if shape != (len(base), *self.grid):
-                raise ValueError(f"regions labels {shape} do not fit {len(base)} images on a {self.grid[0]}x"
-                                 f"{self.grid[1]} grid (input size {input_size} / cell size {cell_size}); "
-                                 f"pass the cell size the regions were made with (meta cell_size)")
+                raise ValueError(f"regions labels {shape} do not fit {len(base)} images on a "
+                                 f"{self.grid[0]}x{self.grid[1]} grid (input size {input_size} / "
+                                 f"cell size {cell_size}); pass the cell size the regions were "
+                                 "made with (meta cell_size)")
 
     def __len__(self):
         return len(self.base)
@@ -87,10 +92,12 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, mask, target = self.base.load(i)
         S, extent = self.size, (img.height, img.width)
-        box = None if self.crop_scale is None else crop_box(extent, self.crop_scale, self.crop_ratio)
+        box = None
+        if self.crop_scale is not None:
+            box = crop_box(extent, self.crop_scale, self.crop_ratio)
         if box is None:
-            x = TF.to_tensor(resized(img, S))                              # [3, S, S] in [0, 1]
-        else:                                                              # MAE: the box cut from the original
+            x = TF.to_tensor(resized(img, S))                         # [3, S, S] in [0, 1]
+        else:                                                         # MAE: cut from the original
             x = resized_crop(TF.to_tensor(img), box, S)
         labels, scores = self.cells(i, self.square_mask(mask), box, extent)
         if self.hflip and torch.rand(()) < 0.5:
@@ -99,29 +106,32 @@ class PretrainDataset(torch.utils.data.Dataset):
         return x, labels, scores, target
 
     def square_mask(self, mask):
-        """The base's instance mask (or None) at S x S, resized as its image is (nearest: ids stay ids); not read
-        with a regions file, which brings its own objects."""
+        """The base's instance mask (or None) at S x S, resized as its image is (nearest: ids stay
+        ids); not read with a regions file, which brings its own objects."""
         S = self.size
         if self.regions is None and mask is not None and mask.shape != (S, S):
             mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
         return mask
 
     def cells(self, i, mask, box, extent):
-        """Region cells and scores of sample i for the crop `box` (top, left, h, w in pixels of the original image,
-        extent = its (H, W); None: no crop). mask: the base's instance mask at S x S (the image resized, as the
-        regions file's cells are), or None. -> (labels long [gh, gw], scores float [gh, gw])
-        Objects (an instance mask, or a regions file of objects with its per-pixel `masks`) are recomputed from the
-        cropped mask by ObjMAE's 20% and 5% rules (§3.2, §4.1); parts are resampled nearest; scores by area."""
+        """Region cells and scores of sample i for the crop `box` (top, left, h, w in pixels of the
+        original image, extent = its (H, W); None: no crop). mask: the base's instance mask at S x S
+        (the image resized, as the regions file's cells are), or None.
+        -> (labels long [gh, gw], scores float [gh, gw])
+        Objects (an instance mask, or a regions file of objects with its per-pixel `masks`) are
+        recomputed from the cropped mask by ObjMAE's 20% and 5% rules (§3.2, §4.1); parts are
+        resampled nearest; scores by area."""
         S = self.size
         labels, scores, rule = None, torch.zeros(self.grid), (0.2, 0.05)
         if self.regions is not None:
             labels = self.regions["labels"][i].long()
             sc = self.regions["scores"]
             scores = sc[i].float() if sc is not None else scores
-            mask = None                                                    # the file's objects, not the base's
+            mask = None                                     # the file's objects, not the base's
             if box is not None and self.regions.get("masks") is not None:
                 meta = self.regions["meta"]
-                mask, rule = self.regions["masks"][i].numpy(), (meta["min_share"], meta["min_object"])
+                mask = self.regions["masks"][i].numpy()
+                rule = (meta["min_share"], meta["min_object"])
         elif mask is None:
             labels = torch.full(self.grid, region_file.IGNORE, dtype=torch.long)
         if box is not None:
@@ -130,17 +140,18 @@ class PretrainDataset(torch.utils.data.Dataset):
             if mask is not None:
                 mask = resized_crop_mask(mask, box, S, extent)
                 labels = None
-        if labels is None:                                                 # ObjMAE §3.2, §4.1 on the (cropped) mask
+        if labels is None:                              # ObjMAE §3.2, §4.1 on the (cropped) mask
             labels = torch.from_numpy(region_file.instance_cells(mask, self.grid, *rule)).long()
         return labels, scores
 
 
-# ----------------------------------------------------------------------------- joint random-resized crop
-# MAE pre-trains on RandomResizedCrop(scale 0.2-1, bicubic) + flip (MAE Table 1f: crops beat resize-only), ObjMAE
-# §4.2 "randomly cropped into 224x224", SemMAE §4.1 "only random horizontal flipping". As MAE's RandomResizedCrop,
-# the box is drawn on the original H x W image and cut from it; the region cells (made on the image resized to
-# S x S) cover the same H x W, so a box in the original's pixels maps onto them fractionally (`_axis_map`).
-# Pure functions on tensors, any device, one image or a batch, so a GPU input path can call the same ones.
+# ---------------------------------------------------------------- joint random-resized
+# crop MAE pre-trains on RandomResizedCrop(scale 0.2-1, bicubic) + flip (MAE Table 1f: crops beat
+# resize-only), ObjMAE §4.2 "randomly cropped into 224x224", SemMAE §4.1 "only random horizontal
+# flipping". As MAE's RandomResizedCrop, the box is drawn on the original H x W image and cut from
+# it; the region cells (made on the image resized to S x S) cover the same H x W, so a box in the
+# original's pixels maps onto them fractionally (`_axis_map`). Pure functions on tensors, any
+# device, one image or a batch, so a GPU input path can call the same ones.
 
 def _extent(size):
     """An image size: int (square) or (H, W) -> (H, W)."""
@@ -148,12 +159,13 @@ def _extent(size):
 
 
 def crop_box(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """A random crop box (top, left, h, w) in pixels of an image of `size` (int: square, or (H, W)), drawn from
-    torch's global RNG by torchvision's RandomResizedCrop rule: up to 10 tries of an area share uniform in `scale`
-    and an aspect ratio (w / h) log-uniform in `ratio`; the first that fits is placed uniformly at random; if none
-    fits, the whole image clipped to the nearest ratio in `ratio`, centred."""
+    """A random crop box (top, left, h, w) in pixels of an image of `size` (int: square, or (H, W)),
+    drawn from torch's global RNG by torchvision's RandomResizedCrop rule: up to 10 tries of an area
+    share uniform in `scale` and an aspect ratio (w / h) log-uniform in `ratio`; the first that fits
+    is placed uniformly at random; if none fits, the whole image clipped to the nearest ratio in
+    `ratio`, centred."""
     H, W = _extent(size)
-    log_ratio = torch.log(torch.tensor(ratio))                            # float32, as torchvision draws it
+    log_ratio = torch.log(torch.tensor(ratio))                # float32, as torchvision draws it
     for _ in range(10):
         area = H * W * torch.empty(1).uniform_(scale[0], scale[1]).item()
         aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]))).item()
@@ -162,17 +174,18 @@ def crop_box(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
             top = int(torch.randint(0, H - h + 1, size=(1,)).item())
             left = int(torch.randint(0, W - w + 1, size=(1,)).item())
             return top, left, h, w
-    h, w = H, W
-    if W / H < min(ratio):
-        h = max(1, int(round(W / min(ratio))))    # at least one pixel: torchvision's rule would give an empty box
-    elif W / H > max(ratio):                      # for a ratio beyond the image's side (99 at 32 px)
+    h, w = H, W       # at least one pixel each way: torchvision's rule gives an empty box for a
+    if W / H < min(ratio):                           # ratio beyond the image's side (99 at 32 px)
+        h = max(1, int(round(W / min(ratio))))
+    elif W / H > max(ratio):
         w = max(1, int(round(H * max(ratio))))
     return (H - h) // 2, (W - w) // 2, h, w
 
 
 def _boxes(box, n, kind=int):
-    """One box (top, left, h, w) or n of them ([n, 4]) -> a list of n 4-tuples of `kind` (int for pixels, float
-    for cells, which a box of fractional pixels may cut, as a centre crop's mapped onto the original does)."""
+    """One box (top, left, h, w) or n of them ([n, 4]) -> a list of n 4-tuples of `kind` (int for
+    pixels, float for cells, which a box of fractional pixels may cut, as a centre crop's mapped
+    onto the original does)."""
     rows = torch.as_tensor(box, dtype=torch.float64).reshape(-1, 4).tolist()
     if len(rows) not in (1, n):
         raise ValueError(f"{len(rows)} crop boxes for {n} images")
@@ -180,41 +193,46 @@ def _boxes(box, n, kind=int):
 
 
 def resized_crop(x, box, size):
-    """Pixels in [0, 1], [3, H, W] or [B, 3, H, W] -> the box (top, left, h, w), or one box per image [B, 4],
-    resized to size x size: bicubic with antialias (torchvision's RandomResizedCrop on a tensor; MAE's on a PIL image
-    differs by PIL's rounding to 8 bits), clipped to [0, 1] as PIL's 8-bit output is. The same dtype and device as x."""
+    """Pixels in [0, 1], [3, H, W] or [B, 3, H, W] -> the box (top, left, h, w), or one box per
+    image [B, 4], resized to size x size: bicubic with antialias (torchvision's RandomResizedCrop on
+    a tensor; MAE's on a PIL image differs by PIL's rounding to 8 bits), clipped to [0, 1] as PIL's
+    8-bit output is. The same dtype and device as x."""
     one = x.dim() == 3
     xs = x[None] if one else x
     out = []
     for img, (t, l, h, w) in zip(xs, _boxes(box, len(xs))):
         patch = img[None, :, t:t + h, l:l + w].float()
         if (h, w) != (size, size):
-            patch = F.interpolate(patch, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+            patch = F.interpolate(patch, size=(size, size), mode="bicubic", align_corners=False,
+                                  antialias=True)
         out.append(patch.clamp(0, 1).to(x.dtype))
     out = torch.cat(out)
     return out[0] if one else out
 
 
 def _axis_map(start, length, extent, g):
-    """One axis of a crop on a grid of g cells over `extent` pixels of the original image: the box spans pixels
-    [start, start + length) of it, split into g output cells. -> (nearest input cell per output cell [g], long: the
-    cell under the output cell's centre; area weights [g, g], float64: the share of output cell j that lies in input
-    cell i). float64 is exact here for integer boxes: the centre's cell is floor of a ratio of integers < 2**53."""
+    """One axis of a crop on a grid of g cells over `extent` pixels of the original image: the box
+    spans pixels [start, start + length) of it, split into g output cells. -> (nearest input cell
+    per output cell [g], long: the cell under the output cell's centre; area weights [g, g],
+    float64: the share of output cell j that lies in input cell i). float64 is exact here for
+    integer boxes: the centre's cell is floor of a ratio of integers < 2**53."""
     j = torch.arange(g, dtype=torch.float64)
-    nearest = torch.floor((2 * g * start + (2 * j + 1) * length) / (2 * extent)).long().clamp(0, g - 1)
-    edges = start + torch.arange(g + 1, dtype=torch.float64) * length / g             # output cell edges, pixels
-    cells = torch.arange(g + 1, dtype=torch.float64) * extent / g                      # input cell edges, pixels
+    nearest = torch.floor((2 * g * start + (2 * j + 1) * length) / (2 * extent)).long()
+    nearest = nearest.clamp(0, g - 1)
+    edges = start + torch.arange(g + 1, dtype=torch.float64) * length / g  # output cell edges, px
+    cells = torch.arange(g + 1, dtype=torch.float64) * extent / g          # input cell edges, px
     overlap = (torch.minimum(edges[1:, None], cells[None, 1:]) -
-               torch.maximum(edges[:-1, None], cells[None, :-1])).clamp_min(0)         # [g_out, g_in]
+               torch.maximum(edges[:-1, None], cells[None, :-1])).clamp_min(0)  # [g_out, g_in]
     return nearest, overlap / (length / g)
 
 
 def resized_crop_cells(labels, scores, box, size):
-    """Region cells over an image of `size` (int: square, or (H, W): the original image, whatever the grid's own
-    resolution), labels [gh, gw] or [B, gh, gw] and scores of the same shape (or None), -> the cells of the crop
-    `box` (top, left, h, w in that image's pixels; or [B, 4]) resized to the same grid. Region ids are resampled
-    nearest (the input cell under each output cell's centre: ids stay ids); scores by area (the mean of the input
-    cells' scores weighted by how much of the output cell each covers)."""
+    """Region cells over an image of `size` (int: square, or (H, W): the original image, whatever
+    the grid's own resolution), labels [gh, gw] or [B, gh, gw] and scores of the same shape (or
+    None), -> the cells of the crop `box` (top, left, h, w in that image's pixels; or [B, 4])
+    resized to the same grid. Region ids are resampled nearest (the input cell under each output
+    cell's centre: ids stay ids); scores by area (the mean of the input cells' scores weighted by
+    how much of the output cell each covers)."""
     one = labels.dim() == 2
     lab = labels[None] if one else labels
     sc = None if scores is None else (scores[None] if one else scores)
@@ -226,38 +244,42 @@ def resized_crop_cells(labels, scores, box, size):
         out_lab.append(lab[b][ny.to(lab.device)][:, nx.to(lab.device)])
         if sc is not None:
             wy, wx = wy.to(sc.device), wx.to(sc.device)
-            out_sc.append((wy @ sc[b].double() @ wx.T).to(sc.dtype))      # [gh, gw] area-weighted means
+            out_sc.append((wy @ sc[b].double() @ wx.T).to(sc.dtype))  # [gh, gw] area-weighted
     out_lab = torch.stack(out_lab)
     out_sc = None if sc is None else torch.stack(out_sc)
     return (out_lab[0], None if out_sc is None else out_sc[0]) if one else (out_lab, out_sc)
 
 
 def resized_crop_mask(mask, box, size, extent=None):
-    """Instance mask np.uint8 [mh, mw] over an image of `extent` (H, W) pixels (None: the mask's own size) -> the
-    crop box (top, left, h, w, in the image's pixels) resized to size x size, nearest (the mask pixel under each
-    output pixel's centre; float64, exact for integer boxes): ids stay ids. A mask stored at S x S for an H x W image
-    (the regions file's, the image cache's) is cropped by the same box as the image; the box may be fractional."""
+    """Instance mask np.uint8 [mh, mw] over an image of `extent` (H, W) pixels (None: the mask's own
+    size) -> the crop box (top, left, h, w, in the image's pixels) resized to size x size, nearest
+    (the mask pixel under each output pixel's centre; float64, exact for integer boxes): ids stay
+    ids. A mask stored at S x S for an H x W image (the regions file's, the image cache's) is
+    cropped by the same box as the image; the box may be fractional."""
     (mh, mw), (t, l, h, w) = mask.shape, (float(v) for v in box)
     H, W = (mh, mw) if extent is None else extent
-    y = np.floor((2 * size * t + (2 * np.arange(size) + 1) * h) * mh / (2 * size * H)).astype(np.int64)
-    x = np.floor((2 * size * l + (2 * np.arange(size) + 1) * w) * mw / (2 * size * W)).astype(np.int64)
+    centre = 2 * np.arange(size) + 1                          # output pixel centres, in half pixels
+    y = np.floor((2 * size * t + centre * h) * mh / (2 * size * H)).astype(np.int64)
+    x = np.floor((2 * size * l + centre * w) * mw / (2 * size * W)).astype(np.int64)
     return np.ascontiguousarray(mask[y.clip(0, mh - 1)[:, None], x.clip(0, mw - 1)[None]])
 
 
-# ----------------------------------------------------------------------------- image folders
+# ---------------------------------------------------------------- image folders
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)   # what a bad file raises in PIL
+# what a bad file raises in PIL
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def to_rgb(im):
     """Any PIL image -> an 8-bit RGB image that looks like the file does in a viewer:
-    - 16-bit grey ('I;16', 'I;16B', ...): value * 255 / 65535 (PIL's convert would clip at 255: mostly white);
-      32-bit integer ('I'): the same when the values fit 0..65535 (a 16-bit PNG or TIFF opened as 'I'), else
-      its min..max stretched to 0..255; float ('F'): 0..1 -> 0..255 when the values are in [0, 1], else
-      stretched min..max;
-    - transparency (RGBA, LA, PA, or P/L/RGB with a transparent colour): composited over white, as a page
-      shows it (dropping the alpha would bring back whatever colour the transparent pixels happen to hold);
+    - 16-bit grey ('I;16', 'I;16B', ...): value * 255 / 65535 (PIL's convert would clip at 255:
+      mostly white); 32-bit integer ('I'): the same when the values fit 0..65535 (a 16-bit PNG or
+      TIFF opened as 'I'), else its min..max stretched to 0..255; float ('F'): 0..1 -> 0..255 when
+      the values are in [0, 1], else stretched min..max;
+    - transparency (RGBA, LA, PA, or P/L/RGB with a transparent colour): composited over white, as a
+      page shows it (dropping the alpha would bring back whatever colour the transparent pixels
+      happen to hold);
     - the rest (1, L, P, RGB, CMYK, YCbCr) through PIL's convert('RGB').
     Multi-frame files (GIF, TIFF): the first frame."""
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
@@ -278,7 +300,8 @@ def to_rgb(im):
 
 
 def read_rgb(path):
-    """Open and fully decode an image file -> PIL RGB (to_rgb). Raises one of IMAGE_ERRORS for a bad file."""
+    """Open and fully decode an image file -> PIL RGB (to_rgb). Raises one of IMAGE_ERRORS for a bad
+    file."""
     with Image.open(path) as im:
         return to_rgb(im)
 
@@ -286,20 +309,22 @@ def read_rgb(path):
 class FolderDataset:
     """ImageNet layout: root/<class>/<...>/<file>. Classes and files sorted, so every process and
     every stage sees the same order; `.files` are paths relative to root ('n01440764/x.JPEG').
-    classes=False (pre-training and part learning, which need no labels): every image under root at any depth,
-    class folders or none, target 0; sorted by top-level entry, then path, so a class-folder tree lists its
-    files in the same order either way (and gives the same regions file)."""
+    classes=False (pre-training and part learning, which need no labels): every image under root at
+    any depth, class folders or none, target 0; sorted by top-level entry, then path, so a
+    class-folder tree lists its files in the same order either way (and gives the same regions
+    file)."""
 
     def __init__(self, root, masks_root=None, classes=True):
         if not os.path.isdir(root):
-            layout = "ImageNet-layout folder (root/<class>/<image>)" if classes else "folder of images"
+            layout = ("ImageNet-layout folder (root/<class>/<image>)" if classes
+                      else "folder of images")
             raise ValueError(f"image folder {root} does not exist; pass --data_path a {layout}")
         self.root, self.masks_root = root, masks_root
         tops = sorted(os.scandir(root), key=lambda e: e.name)
         self.classes = [e.name for e in tops if e.is_dir()] if classes else []
         self.files, self.targets, self.skipped = [], [], []
         for entry in tops:
-            if not entry.is_dir():                                         # a file at the top: no class folder
+            if not entry.is_dir():                        # a file at the top: no class folder
                 if classes or not entry.name.lower().endswith(EXTENSIONS):
                     self.skipped.append(entry.name)
                 else:
@@ -315,16 +340,19 @@ class FolderDataset:
             self.targets += [self.classes.index(entry.name) if classes else 0] * len(found)
         self.skipped.sort()
         where = "images in class folders" if classes else "images"
-        if self.skipped and os.environ.get("RANK", "0") == "0":  # class counts must not shrink in silence
+        if self.skipped and os.environ.get("RANK", "0") == "0":   # no class shrinks in silence
             more = len(self.skipped) - 5
             shown = ", ".join(self.skipped[:5]) + (f" and {more} more" if more > 0 else "")
             print(f"{root}: skipped {len(self.skipped)} files that are not {where} ({shown}); "
-                  f"images are {' '.join(EXTENSIONS)}" + (" in root/<class>/" if classes else ""), flush=True)
+                  f"images are {' '.join(EXTENSIONS)}" + (" in root/<class>/" if classes else ""),
+                  flush=True)
         if not self.files:
             if classes:
-                raise ValueError(f"image folder {root} has no images in class sub-folders; expected "
-                                 f"root/<class>/<image> with one of {', '.join(EXTENSIONS)}")
-            raise ValueError(f"image folder {root} has no images (at any depth) with one of {', '.join(EXTENSIONS)}")
+                raise ValueError(f"image folder {root} has no images in class sub-folders; "
+                                 f"expected root/<class>/<image> with one of "
+                                 f"{', '.join(EXTENSIONS)}")
+            raise ValueError(f"image folder {root} has no images (at any depth) with one of "
+                             f"{', '.join(EXTENSIONS)}")
 
     def __len__(self):
         return len(self.files)
@@ -335,9 +363,11 @@ class FolderDataset:
         try:
             img = read_rgb(path)
         except IMAGE_ERRORS as e:
-            # read during training: a UsageError here, the stage has no other place to say it (exit 2)
-            raise UsageError(f"cannot read image {path} ({e}); delete or replace the file (python data.py --verify "
-                             f"{self.root} lists every unreadable image at once)") from None
+            # read during training: a UsageError here, the stage has no other place to say it
+            # (exit 2)
+            raise UsageError(f"cannot read image {path} ({e}); delete or replace the file "
+                             f"(python data.py --verify {self.root} lists every unreadable image "
+                             "at once)") from None
         mask = None
         if self.masks_root is not None:
             mpath = os.path.join(self.masks_root, os.path.splitext(self.files[i])[0] + ".png")
@@ -348,14 +378,15 @@ class FolderDataset:
                 raise UsageError(f"cannot read instance mask {mpath} ({e}); every image needs one "
                                  "(all zeros when it has no objects)") from None
             if mask.ndim != 2 or mask.shape != (img.height, img.width) or mask.max(initial=0) > 255:
-                raise UsageError(f"instance mask {mpath} must be a single-channel 8-bit PNG of the image's "
-                                 f"size {img.height}x{img.width}, got shape {mask.shape}")
+                raise UsageError(f"instance mask {mpath} must be a single-channel 8-bit PNG of "
+                                 f"the image's size {img.height}x{img.width}, "
+                                 f"got shape {mask.shape}")
             mask = mask.astype(np.uint8)
         return img, mask, self.targets[i]
 
 
 class _ReadCheck(torch.utils.data.Dataset):
-    """'' for a readable image of a FolderDataset, else why it is not (for unreadable_images' workers)."""
+    """'' for a readable image of a FolderDataset, else why not (unreadable_images' workers)."""
 
     def __init__(self, folder):
         self.folder = folder
@@ -372,28 +403,31 @@ class _ReadCheck(torch.utils.data.Dataset):
 
 
 def unreadable_images(folder, num_workers=0):
-    """Decode every image of a FolderDataset -> [(relative file, reason)] for those that cannot be read, all at
-    once before training (the loader would stop at the first one, mid-epoch)."""
-    loader = torch.utils.data.DataLoader(_ReadCheck(folder), batch_size=None, num_workers=num_workers)
-    reasons = tqdm(loader, total=len(folder), desc=f"verify {folder.root}", leave=False, dynamic_ncols=True,
-                   disable=not sys.stdout.isatty())                      # no carriage returns in a job's log
+    """Decode every image of a FolderDataset -> [(relative file, reason)] for those that cannot be
+    read, all at once before training (the loader would stop at the first one, mid-epoch)."""
+    loader = torch.utils.data.DataLoader(_ReadCheck(folder), batch_size=None,
+                                         num_workers=num_workers)
+    reasons = tqdm(loader, total=len(folder), desc=f"verify {folder.root}", leave=False,
+                   dynamic_ncols=True,
+                   disable=not sys.stdout.isatty())             # no carriage returns in a job's log
     return [(folder.files[i], why) for i, why in enumerate(reasons) if why]
 
 
-# ----------------------------------------------------------------------------- classification sets
+# ---------------------------------------------------------------- classification sets
 
 class CIFAR100:
-    """torchvision's CIFAR-100 with data.py's .load(i) -> (PIL, mask None, class) interface (32x32 images; the
-    transforms resize them to --input_size, ObjMAE §4.1)."""
+    """torchvision's CIFAR-100 with data.py's .load(i) -> (PIL, mask None, class) interface (32x32
+    images; the transforms resize them to --input_size, ObjMAE §4.1)."""
 
     def __init__(self, root, train, download):
         try:
             self.ds = torchvision.datasets.CIFAR100(root, train=train, download=download)
         except RuntimeError as e:
-            raise ValueError(f"CIFAR-100 is not in {root} ({e}); pass --download, or --data_path the folder "
-                             "that holds cifar-100-python/") from None
+            raise ValueError(f"CIFAR-100 is not in {root} ({e}); pass --download, or --data_path "
+                             "the folder that holds cifar-100-python/") from None
         self.classes = self.ds.classes
-        self.files = [f"{'train' if train else 'test'}/{i:05d}" for i in range(len(self.ds))]  # for regions files
+        split = "train" if train else "test"
+        self.files = [f"{split}/{i:05d}" for i in range(len(self.ds))]     # for regions files
 
     def __len__(self):
         return len(self.ds)
@@ -417,7 +451,7 @@ class Classification(torch.utils.data.Dataset):
         return self.transform(img), target
 
 
-# ----------------------------------------------------------------------------- pictures
+# ---------------------------------------------------------------- pictures
 
 def denormalise(imgs):
     """[B, 3, H, W] normalised images -> [0, 1] pixels on the CPU, for pictures."""
@@ -426,24 +460,26 @@ def denormalise(imgs):
 
 
 def save_with_headings(path, images, headings):
-    """Pictures that explain themselves: images [R * C, 3, H, W] in [0, 1], row by row, C = len(headings) per
-    row -> one PNG: torchvision's grid (1-px black lines) under a white band with each column's heading, drawn
-    with PIL's built-in font. Images narrower than their heading are enlarged by a whole factor (nearest), so
-    each image pixel becomes a block of one colour; otherwise the cells hold the images' pixels as save_image
-    writes them."""
+    """Pictures that explain themselves: images [R * C, 3, H, W] in [0, 1], row by row, C =
+    len(headings) per row -> one PNG: torchvision's grid (1-px black lines) under a white band with
+    each column's heading, drawn with PIL's built-in font. Images narrower than their heading are
+    enlarged by a whole factor (nearest), so each image pixel becomes a block of one colour;
+    otherwise the cells hold the images' pixels as save_image writes them."""
     font = ImageFont.load_default()
-    boxes = [ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), h, font=font) for h in headings]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [measure.textbbox((0, 0), h, font=font) for h in headings]
     scale = max(1, math.ceil((max(b[2] for b in boxes) + 4) / images.shape[-1]))
     if scale > 1:
         images = F.interpolate(images, scale_factor=scale, mode="nearest")
-    grid = torchvision.utils.make_grid(images, nrow=len(headings), padding=1)            # [3, H', W']
-    pixels = grid.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # as save_image
-    band = max(b[3] for b in boxes) + 6                                   # the headings' height + a margin
+    grid = torchvision.utils.make_grid(images, nrow=len(headings), padding=1)   # [3, H', W']
+    pixels = grid.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0)              # as save_image
+    pixels = pixels.to(torch.uint8).numpy()
+    band = max(b[3] for b in boxes) + 6                      # the headings' height + a margin
     canvas = Image.new("RGB", (pixels.shape[1], band + pixels.shape[0]), "white")
     canvas.paste(Image.fromarray(pixels), (0, band))
     draw, width = ImageDraw.Draw(canvas), images.shape[-1]
     for c, (heading, box) in enumerate(zip(headings, boxes)):
-        left = 1 + c * (width + 1)                                        # column c's first pixel in the grid
+        left = 1 + c * (width + 1)                           # column c's first pixel in the grid
         draw.text((left + (width - box[2]) // 2, 3), heading, fill="black", font=font)
     canvas.save(path)
 
@@ -451,8 +487,10 @@ def save_with_headings(path, images, headings):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="List every unreadable image of image folders.")
     p.add_argument("--verify", nargs="+", required=True, metavar="FOLDER",
-                   help="image folders (root/<class>/<image>): decode every image, list all unreadable ones")
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
+                   help="image folders (root/<class>/<image>): decode every image, list all "
+                        "unreadable ones")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="decoding processes")
     a = p.parse_args()
     bad, total = [], 0
     for root in a.verify:
@@ -464,5 +502,6 @@ if __name__ == "__main__":
         total += len(folder)
     for path, why in bad:
         print(f"{path}: {why}")
-    print(f"{len(bad)} of {total} images cannot be read" + ("; delete or replace them" if bad else ""))
+    print(f"{len(bad)} of {total} images cannot be read"
+          + ("; delete or replace them" if bad else ""))
     raise SystemExit(2 if bad else 0)

@@ -1,12 +1,12 @@
-"""The built-in shapes scenes: CLEVR-like 2-D scenes with instance masks and a class label, made on the fly
-from (seed, split, index); nothing on disk, nothing downloaded.
+"""The built-in shapes scenes: CLEVR-like 2-D scenes with instance masks and a class label, made on
+the fly from (seed, split, index); nothing on disk, nothing downloaded.
 
-`ShapesDataset` has the datasets' interface (files, classes, targets, `load(i)` -> image, instance mask, class);
-`write_shapes` saves one as an image folder + instance masks, for `data.FolderDataset`.
+`ShapesDataset` has the datasets' interface (files, classes, targets, `load(i)` -> image, instance
+mask, class); `write_shapes` saves one as an image folder + instance masks (data.FolderDataset).
 
-    python shapes.py --write OUT --num_images 200 --img_size 64    # as an image folder + instance masks
+    python shapes.py --write OUT --num_images 200 --img_size 64   # an image folder + instance masks
 
-References: ObjMAE Wu & Mo 2022, arXiv:2205.14338 (the 5% rule, §4.1, which the object sizes are chosen for).
+References: ObjMAE Wu & Mo 2022, arXiv:2205.14338 (§4.1's 5% rule, which the object sizes suit).
 """
 import argparse
 import os
@@ -16,8 +16,9 @@ from PIL import Image, ImageDraw
 
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring")
-COLOURS = {"red": (205, 45, 40), "green": (45, 165, 60), "blue": (45, 85, 215), "yellow": (230, 200, 45)}
-# class = colour x shape of the largest object in the scene: 20 classes, sorted like an image folder's
+COLOURS = {"red": (205, 45, 40), "green": (45, 165, 60), "blue": (45, 85, 215),
+           "yellow": (230, 200, 45)}
+# class = colour x shape of the largest object in the scene: 20 classes, sorted as a folder's
 CLASSES = sorted(f"{c}_{s}" for c in COLOURS for s in SHAPES)
 CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 SUPERSAMPLE = 4                  # shapes are drawn at 4x and box-filtered: anti-aliased edges
@@ -25,7 +26,7 @@ SUPERSAMPLE = 4                  # shapes are drawn at 4x and box-filtered: anti
 
 class ShapesDataset:
     """Procedural scenes: 1-4 objects (5 shapes x 4 colours, equal-area side 20-42% of the image
-    side, so most survive objmae's 5% rule and cover whole 8-px cells) on a textured background
+    side, so most survive ObjMAE's 5% rule and cover whole 8-px cells) on a textured background
     (smooth noise + gradient + stripes, different in every image).
 
     Instance ids are 1..k in drawing order; later objects occlude earlier ones. The largest object
@@ -36,13 +37,14 @@ class ShapesDataset:
 
     def __init__(self, num_images=2000, img_size=64, seed=0, split="train"):
         if num_images < 1 or img_size < 8:
-            raise ValueError(f"ShapesDataset needs num_images >= 1 and img_size >= 8, got {num_images}, {img_size}")
+            raise ValueError(f"ShapesDataset needs num_images >= 1 and img_size >= 8, "
+                             f"got {num_images}, {img_size}")
         self.num_images, self.img_size, self.seed = num_images, img_size, seed
         if split not in ("train", "val"):
             raise ValueError(f"ShapesDataset split must be 'train' or 'val', got {split!r}")
         self.split = split
-        # virtual names, matched against a regions file's: the seed and split are part of the name so a
-        # regions file made from other scenes fails at load instead of labelling the wrong images
+        # virtual names, matched against a regions file's: the seed and split are part of the name,
+        # so a regions file made from other scenes fails at load instead of labelling wrong images
         self.files = [f"shapes-{split}-{seed}/{i:06d}.png" for i in range(num_images)]
         self.classes = list(CLASSES)
         self._targets = None
@@ -94,19 +96,22 @@ class ShapesDataset:
             if name == "circle":
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=j)
             elif name == "ring":
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=j, width=max(1, round(0.45 * r)))
-            else:                                       # polygons inscribed in the circle of radius r
+                width = max(1, round(0.45 * r))
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=j, width=width)
+            else:                                   # polygons inscribed in the circle of radius r
                 n = 3 if name == "triangle" else 4
                 t = 2 * np.pi * np.arange(n) / n
                 u, v = r * np.cos(t), r * np.sin(t) * (0.65 if name == "diamond" else 1.0)
                 ca, sa = np.cos(o["angle"]), np.sin(o["angle"])
-                draw.polygon([(float(cx + a * ca - b * sa), float(cy + a * sa + b * ca)) for a, b in zip(u, v)],
-                             fill=j)
-        big = np.asarray(canvas)                                           # [sS, sS]
-        n, pix = len(objs) + 1, np.arange(S * s) // s                      # sub-pixel -> pixel row/col
-        counts = np.bincount(((pix[:, None] * S + pix[None]) * n + big).ravel(), minlength=S * S * n)
-        cover = counts.reshape(S, S, n).transpose(2, 0, 1).astype(np.float32) / (s * s)  # [k+1, S, S] shares
-        mask = cover.argmax(0).astype(np.uint8)          # most-covered id per pixel (ties: lower id)
+                corners = [(float(cx + a * ca - b * sa), float(cy + a * sa + b * ca))
+                           for a, b in zip(u, v)]
+                draw.polygon(corners, fill=j)
+        big = np.asarray(canvas)                                      # [sS, sS]
+        n, pix = len(objs) + 1, np.arange(S * s) // s                 # sub-pixel -> pixel row/col
+        ids = ((pix[:, None] * S + pix[None]) * n + big).ravel()
+        counts = np.bincount(ids, minlength=S * S * n).reshape(S, S, n)
+        cover = counts.transpose(2, 0, 1).astype(np.float32) / (s * s)  # [k+1, S, S] shares
+        mask = cover.argmax(0).astype(np.uint8)       # most-covered id per pixel (ties: lower id)
 
         yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S                 # [S, S] in [0, 1)
         img = cover[0][..., None] * self._background(rng, xx, yy)
@@ -115,7 +120,8 @@ class ShapesDataset:
         for j, o in enumerate(objs, 1):                 # flat colour with a soft light gradient
             d = ((xx * S - o["cx"]) * light[0] + (yy * S - o["cy"]) * light[1]) / o["radius"]
             shade = np.clip(1 + 0.2 * d, 0.75, 1.25)[..., None]
-            img += cover[j][..., None] * (np.array(list(COLOURS.values())[o["colour"]]) + o["jitter"]) * shade
+            colour = np.array(list(COLOURS.values())[o["colour"]]) + o["jitter"]
+            img += cover[j][..., None] * colour * shade
         img += rng.normal(0, 3, img.shape)
         image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
         return image, mask, self._class(objs[-1])
@@ -131,7 +137,8 @@ class ShapesDataset:
         t = rng.uniform(0, 2 * np.pi, 2)
         ramp = rng.uniform(-30, 30) * (xx * np.cos(t[0]) + yy * np.sin(t[0]) - 0.5)
         period = rng.uniform(0.08, 0.25)
-        stripes = rng.uniform(4, 16) * np.sin(2 * np.pi * (xx * np.cos(t[1]) + yy * np.sin(t[1])) / period)
+        along = xx * np.cos(t[1]) + yy * np.sin(t[1])
+        stripes = rng.uniform(4, 16) * np.sin(2 * np.pi * along / period)
         return base + noise + (ramp + stripes)[..., None]                  # [S, S, 3]
 
 
@@ -150,8 +157,10 @@ def write_shapes(dataset, out_dir):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Write the built-in shapes scenes as an image folder + instance masks.")
-    p.add_argument("--write", required=True, metavar="OUT", help="output folder (gets images/ and masks/)")
+    p = argparse.ArgumentParser(description="Write the built-in shapes scenes as an image folder "
+                                            "+ instance masks.")
+    p.add_argument("--write", required=True, metavar="OUT",
+                   help="output folder (gets images/ and masks/)")
     p.add_argument("--num_images", type=int, default=2000)
     p.add_argument("--img_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -160,4 +169,5 @@ if __name__ == "__main__":
     ds = ShapesDataset(a.num_images, a.img_size, a.seed, a.split)
     n = write_shapes(ds, a.write)
     print(f"wrote {n} images of {a.img_size}x{a.img_size} in {len(ds.classes)} classes to "
-          f"{os.path.join(a.write, 'images')} and their instance masks to {os.path.join(a.write, 'masks')}")
+          f"{os.path.join(a.write, 'images')} and their instance masks to "
+          f"{os.path.join(a.write, 'masks')}")

@@ -87,6 +87,8 @@ import data
 import masking
 import model as models
 import pretrain
+import region_file
+import shapes
 import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -651,14 +653,14 @@ def flag(run, out, name):
 def shapes_objects(n, size, patch, split="train"):
     """(normalised images [n, 3, S, S], object id per patch [n, L]) of the first n built-in scenes
     (data seed 0), objects by ObjMAE's 20% rule on each patch's pixels (§3.2)."""
-    base = data.ShapesDataset(n, img_size=size, seed=0, split=split)
+    base = shapes.ShapesDataset(n, img_size=size, seed=0, split=split)
     pixels = data.PretrainDataset(base, size, hflip=False)
     grid = (size // patch, size // patch)
     imgs, labels = [], []
     for i in range(n):
         img, mask, _ = base.load(i)
         imgs.append(pixels[i][0])
-        labels.append(torch.from_numpy(data.mask_cells(mask, size, grid)).long().flatten())
+        labels.append(torch.from_numpy(region_file.mask_cells(mask, size, grid)).long().flatten())
     return torch.stack(imgs), torch.stack(labels)
 
 
@@ -801,7 +803,7 @@ def measure_colour(run, out):
         rgb, ys = [], []
         for i in range(len(ds)):
             img, y, scores = ds[i]
-            ids = masking.keep_foreground(data.scores_to_patches(scores[None], 1), args.keep_ratio, generator=g)
+            ids = masking.keep_foreground(region_file.scores_to_patches(scores[None], 1), args.keep_ratio, generator=g)
             patches = models.gather_tokens(models.patchify(img[None], 8), ids)        # [1, k, 8*8*3]
             rgb.append(patches.reshape(-1, 8 * 8, 3).mean((0, 1)))                  # [3]
             ys.append(y)
@@ -939,7 +941,7 @@ def colour_regions(img, labels, patch, objects=False):
     """Region ids per patch [L] as colours over a grey copy of the image (objects: background 0 stays grey)."""
     from part_learn import PALETTE
     h, w = img.shape[1] // patch, img.shape[2] // patch
-    ids = torch.where(labels == data.IGNORE, len(PALETTE) - 1, labels % (len(PALETTE) - 1))
+    ids = torch.where(labels == region_file.IGNORE, len(PALETTE) - 1, labels % (len(PALETTE) - 1))
     col = PALETTE[ids].T.reshape(3, h, w)
     col = F.interpolate(col[None], scale_factor=patch, mode="nearest")[0]
     grey = img.mean(0, keepdim=True).expand(3, -1, -1)
@@ -959,8 +961,8 @@ def picture_semmae(study, out, images=3):
     b = study.b
     args = pretrain.get_args(["--mask", "semmae", "--gamma", "2", "--regions", os.path.join(out, parts.name,
                                                                                           "regions.pt")])
-    base = data.ShapesDataset(b["num_images"], img_size=b["input_size"], seed=0)
-    regions = data.load_regions(args.regions, base.files, b["input_size"])
+    base = shapes.ShapesDataset(b["num_images"], img_size=b["input_size"], seed=0)
+    regions = region_file.load_regions(args.regions, base.files, b["input_size"])
     ds = data.PretrainDataset(base, b["input_size"], regions=regions, hflip=False)
     num_parts = regions["meta"]["num_regions"] + 1
     masker = pretrain.Masker(args, 8, regions["meta"]["cell_size"], (b["input_size"] // 8,) * 2, num_parts)
