@@ -58,14 +58,16 @@ class OneSquare:
         img = np.zeros((self.size, self.size, 3), np.uint8)
         mask = np.zeros((self.size, self.size), np.uint8)
         s = self.size // 4
-        img[:s, :s], mask[:s, :s] = 255, 1               # one 8-px cell at 32 px: 6.25% of the image
+        img[:s, :s], mask[:s, :s] = 255, 1       # one 8-px cell at 32 px: 6.25% of the image
         return Image.fromarray(img), (mask if self.with_mask else None), 0
 
 
 def white_cells(img, grid):
     """Cells whose pixels are white after undoing the normalisation. [gh, gw] bool"""
-    x = img * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
-    return torch.nn.functional.avg_pool2d(x.mean(0, keepdim=True)[None], x.shape[-1] // grid)[0, 0] > 0.9
+    x = img * torch.tensor(data.IMAGENET_STD)[:, None, None]
+    x = x + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    grey = x.mean(0, keepdim=True)[None]
+    return torch.nn.functional.avg_pool2d(grey, x.shape[-1] // grid)[0, 0] > 0.9
 
 
 @pytest.mark.parametrize("source", ["mask", "regions", "resized_mask"])
@@ -98,7 +100,8 @@ def test_pretrain_no_flip_no_mask_and_errors():
     assert (cells == 255).all() and (scores == 0).all() and white_cells(img, 4)[0, 0]
     with pytest.raises(ValueError, match="multiple of the cell size 8"):
         data.PretrainDataset(OneSquare(), 36)
-    regions = {"labels": torch.zeros(1, 8, 8, dtype=torch.uint8), "scores": None, "files": ["a/0.png"], "meta": {}}
+    regions = {"labels": torch.zeros(1, 8, 8, dtype=torch.uint8), "scores": None,
+               "files": ["a/0.png"], "meta": {}}
     with pytest.raises(ValueError, match="cell size"):
         data.PretrainDataset(OneSquare(), 32, regions=regions, cell_size=8)
 
@@ -152,10 +155,10 @@ def crop_cells_slow(labels, scores, box, size):
 # ================================================================ joint random-resized
 # crop
 
-@pytest.mark.parametrize("size,scale,ratio", [(224, (0.2, 1.0), (3 / 4, 4 / 3)), (64, (0.08, 0.5), (0.5, 2.0)),
-                                              (32, (0.9, 1.0), (1.5, 2.0)), (32, (0.9, 1.0), (0.3, 0.5)),
-                                              ((375, 500), (0.2, 1.0), (3 / 4, 4 / 3)),
-                                              ((500, 375), (0.9, 1.0), (1.5, 2.0)), ((40, 90), (0.9, 1.0), (0.3, 0.5))])
+@pytest.mark.parametrize("size,scale,ratio", [
+    (224, (0.2, 1.0), (3 / 4, 4 / 3)), (64, (0.08, 0.5), (0.5, 2.0)), (32, (0.9, 1.0), (1.5, 2.0)),
+    (32, (0.9, 1.0), (0.3, 0.5)), ((375, 500), (0.2, 1.0), (3 / 4, 4 / 3)),
+    ((500, 375), (0.9, 1.0), (1.5, 2.0)), ((40, 90), (0.9, 1.0), (0.3, 0.5))])
 def test_crop_box_is_torchvisions_rule(size, scale, ratio):
     """The same boxes as torchvision's RandomResizedCrop from the same global RNG state (the last
     two settings cannot fit a box in 10 tries and take the centred fallback)."""
@@ -168,7 +171,7 @@ def test_crop_box_is_torchvisions_rule(size, scale, ratio):
         torch.manual_seed(seed)
         p = rrc.make_params([torch.zeros(3, H, W)])
         assert box == (p["top"], p["left"], p["height"], p["width"])
-        assert torch.rand(()) == after                                     # the same RNG draws were used
+        assert torch.rand(()) == after                         # the same RNG draws were used
 
 
 def test_a_crop_ratio_beyond_the_image_still_gives_a_box_of_one_pixel_or_more():
@@ -187,12 +190,12 @@ def test_resized_crop_is_bicubic_antialiased_and_batched():
     x = torch.rand(3, 3, 48, 48)
     boxes = [(5, 7, 20, 33), (0, 0, 48, 48), (30, 1, 17, 40)]
     for img, box in zip(x, boxes):
-        ref = v2.functional.resized_crop(img, *box, size=[48, 48], interpolation=v2.InterpolationMode.BICUBIC,
-                                         antialias=True).clamp(0, 1)
+        ref = v2.functional.resized_crop(img, *box, size=[48, 48], antialias=True,
+                                         interpolation=v2.InterpolationMode.BICUBIC).clamp(0, 1)
         assert torch.equal(data.resized_crop(img, box, 48), ref)
     batch = data.resized_crop(x, torch.tensor(boxes), 48)                  # one box per image
     assert torch.equal(batch, torch.stack([data.resized_crop(i, b, 48) for i, b in zip(x, boxes)]))
-    assert torch.equal(data.resized_crop(x, boxes[1], 48), x)              # the whole image is left as it is
+    assert torch.equal(data.resized_crop(x, boxes[1], 48), x)     # the whole image is left as it is
     with pytest.raises(ValueError, match="2 crop boxes for 3 images"):
         data.resized_crop(x, boxes[:2], 48)
 
@@ -209,8 +212,9 @@ def test_resized_crop_cells_nearest_ids_area_scores():
         ref_l, ref_s = crop_cells_slow(labels.numpy(), scores.numpy(), box, size)
         assert np.array_equal(lab.numpy(), ref_l)
         assert np.allclose(sc.numpy(), ref_s, atol=1e-6) and sc.dtype == torch.float32
-    lab, sc = data.resized_crop_cells(labels[None].repeat(2, 1, 1), None, [box, (0, 0, size, size)], size)
-    assert sc is None and torch.equal(lab[1], labels)                       # the whole image: unchanged
+    lab, sc = data.resized_crop_cells(labels[None].repeat(2, 1, 1), None,
+                                      [box, (0, 0, size, size)], size)
+    assert sc is None and torch.equal(lab[1], labels)               # the whole image: unchanged
 
 
 def test_joint_crop_cells_follow_their_pixels():
@@ -231,7 +235,8 @@ def test_joint_crop_cells_follow_their_pixels():
             assert np.array_equal(cells.numpy(), pixel_rule(mask, patch))
             x = plain[i][0] * torch.tensor(data.IMAGENET_STD)[:, None, None] + \
                 torch.tensor(data.IMAGENET_MEAN)[:, None, None]
-            expected = v2.functional.normalize(data.resized_crop(x, box, S), data.IMAGENET_MEAN, data.IMAGENET_STD)
+            expected = v2.functional.normalize(data.resized_crop(x, box, S), data.IMAGENET_MEAN,
+                                               data.IMAGENET_STD)
             assert torch.allclose(img, expected, atol=1e-5) and target == base.load(i)[2]
 
 
@@ -244,31 +249,38 @@ def test_pretrain_crop_is_cut_from_the_original_photo(tmp_path):
     os.makedirs(tmp_path / "c0")
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:375, 0:500]
-    pixels = np.stack([xx * 255 // 500, yy * 255 // 375, (3 * xx + yy) % 256], -1) + rng.integers(0, 20, (375, 500, 3))
+    pixels = np.stack([xx * 255 // 500, yy * 255 // 375, (3 * xx + yy) % 256], -1)
+    pixels = pixels + rng.integers(0, 20, (375, 500, 3))
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(tmp_path / "c0" / "photo.png")
     base = data.FolderDataset(str(tmp_path))
     S, g = 64, 8
     labels = torch.arange(g * g).reshape(1, g, g).to(torch.uint8)
     regions = {"labels": labels, "scores": None, "files": base.files, "meta": {"kind": "parts"}}
-    ds = data.PretrainDataset(base, S, regions=regions, hflip=False, cell_size=8, crop_scale=(0.2, 1.0))
+    ds = data.PretrainDataset(base, S, regions=regions, hflip=False, cell_size=8,
+                              crop_scale=(0.2, 1.0))
     photo = base.load(0)[0]
-    rrc = v2.RandomResizedCrop(S, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    pil_rrc = torchvision.transforms.RandomResizedCrop(S, scale=(0.2, 1.0),
-                                                       interpolation=torchvision.transforms.InterpolationMode.BICUBIC)
-    unnorm = (torch.tensor(data.IMAGENET_STD)[:, None, None], torch.tensor(data.IMAGENET_MEAN)[:, None, None])
+    rrc = v2.RandomResizedCrop(S, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                               antialias=True)
+    bicubic = torchvision.transforms.InterpolationMode.BICUBIC
+    pil_rrc = torchvision.transforms.RandomResizedCrop(S, scale=(0.2, 1.0), interpolation=bicubic)
+    unnorm = (torch.tensor(data.IMAGENET_STD)[:, None, None],
+              torch.tensor(data.IMAGENET_MEAN)[:, None, None])
     for seed in range(8):
         torch.manual_seed(seed)
         img, cells, _, _ = ds[0]
         torch.manual_seed(seed)
-        ref = rrc(v2.functional.to_dtype(v2.functional.to_image(photo), torch.float32, scale=True)).clamp(0, 1)
+        ref = v2.functional.to_dtype(v2.functional.to_image(photo), torch.float32, scale=True)
+        ref = rrc(ref).clamp(0, 1)
         x = img * unnorm[0] + unnorm[1]
         assert (x - ref).abs().max() < 1e-5, seed
         torch.manual_seed(seed)
-        mae = v2.functional.to_dtype(v2.functional.to_image(pil_rrc(photo)), torch.float32, scale=True)
-        assert (x - mae).abs().mean() < 1 / 255, seed                     # MAE's PIL crop, up to 8-bit rounding
+        mae = v2.functional.to_dtype(v2.functional.to_image(pil_rrc(photo)), torch.float32,
+                                     scale=True)
+        assert (x - mae).abs().mean() < 1 / 255, seed       # MAE's PIL crop, up to 8-bit rounding
         torch.manual_seed(seed)
         t, l, h, w = data.crop_box((375, 500), (0.2, 1.0))
-        rows = [math.floor((t + (j + 0.5) * h / g) * g / 375) for j in range(g)]   # the cell under each centre
+        # the cell under each centre
+        rows = [math.floor((t + (j + 0.5) * h / g) * g / 375) for j in range(g)]
         cols = [math.floor((l + (j + 0.5) * w / g) * g / 500) for j in range(g)]
         assert cells.tolist() == [[r * g + c for c in cols] for r in rows], seed
 
@@ -318,16 +330,17 @@ def test_samples_are_a_function_of_seed_epoch_index():
     before = torch.rand(3)
     torch.manual_seed(123)
     plain = epochs(0, [0, 1])
-    assert torch.equal(torch.rand(3), before)                      # masks and mixes draw as if no loader ran
+    assert torch.equal(torch.rand(3), before)          # masks and mixes draw as if no loader ran
     persistent = epochs(2, [0, 1])                                 # workers started at epoch 0
-    restarted = epochs(2, [1])                                     # a resumed run: workers start at epoch 1
+    restarted = epochs(2, [1])                         # a resumed run: workers start at epoch 1
     for epoch in (0, 1):
         assert all(torch.equal(a, b) for a, b in zip(plain[epoch], persistent[epoch]))
     assert all(torch.equal(a, b) for a, b in zip(persistent[1], restarted[1]))
     # the coin is really tossed: some samples flipped, some not, and not the same ones in every
     # epoch
     seeded, unflipped = utils.SeededSamples(ds, 0), data.PretrainDataset(ds.base, 32, hflip=False)
-    flipped = [[not torch.equal(seeded[(e, i)][0], unflipped[i][0]) for i in range(16)] for e in (0, 1)]
+    flipped = [[not torch.equal(seeded[(e, i)][0], unflipped[i][0]) for i in range(16)]
+               for e in (0, 1)]
     assert 0 < sum(flipped[0]) < 16 and flipped[0] != flipped[1]
     sampler = utils.EpochSampler(ds, shuffle=True, seed=0)
     sampler.set_epoch(3)
@@ -363,7 +376,8 @@ def mode_cases():
     cmyk_ref = 255 * (1 - cmyk[..., :3] / 255) * (1 - cmyk[..., 3:] / 255)
     # (image, file extension, reference RGB as float, tolerance)
     return {
-        "1": (Image.fromarray(bits).convert("1"), "png", np.repeat(bits[..., None] * 255.0, 3, -1), 0),
+        "1": (Image.fromarray(bits).convert("1"), "png",
+              np.repeat(bits[..., None] * 255.0, 3, -1), 0),
         "L": (Image.fromarray(grey), "png", np.repeat(grey[..., None], 3, -1), 0),
         "LA": (Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha)]), "png",
                composite_white(np.repeat(grey[..., None], 3, -1), alpha), 1),
@@ -371,7 +385,8 @@ def mode_cases():
         "P_transparent": (p_transparent, "png",
                           np.where((index == index[0, 0])[..., None], 255.0, palette[index]), 0),
         "RGBA": (Image.fromarray(np.dstack([rgb, alpha])), "png", composite_white(rgb, alpha), 1),
-        "CMYK": (Image.merge("CMYK", [Image.fromarray(cmyk[..., k]) for k in range(4)]), "tif", cmyk_ref, 1),
+        "CMYK": (Image.merge("CMYK", [Image.fromarray(cmyk[..., k]) for k in range(4)]), "tif",
+                 cmyk_ref, 1),
         "I;16": (Image.fromarray(g16), "png", scaled16, 0.5),
         "I": (Image.fromarray(g32), "tif", np.repeat(stretch[..., None], 3, -1), 0.5),
         "I_16bit_values": (Image.fromarray(g16.astype(np.int32)), "tif",
@@ -429,12 +444,14 @@ def test_verify_lists_every_unreadable_image(tmp_path):
     for i in range(3):
         Image.new("RGB", (16, 16), (i, 0, 0)).save(root / "a" / f"ok{i}.jpg")
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG")
     (root / "a" / "truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
     (root / "b" / "text.png").write_text("not a png")
     (root / "b" / "notes.txt").write_text("skipped, not an image")
     Image.new("P", (16, 16)).save(root / "b" / "anim.gif")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--verify", str(root), "--num_workers", "2"],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--verify", str(root),
+                           "--num_workers", "2"],
                           capture_output=True, text=True, cwd=HERE, env=ENV, timeout=300)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -451,10 +468,12 @@ def test_verify_lists_every_unreadable_image(tmp_path):
     assert data.unreadable_images(data.FolderDataset(str(root))) == []
 
 
-@pytest.mark.parametrize("size,headings", [(40, ["original", "visible", "reconstruction", "pasted"]),
-                                           (96, ["image", "parts", "reconstruction"])], ids=["enlarged", "as-is"])
+@pytest.mark.parametrize("size,headings",
+                         [(40, ["original", "visible", "reconstruction", "pasted"]),
+                          (96, ["image", "parts", "reconstruction"])], ids=["enlarged", "as-is"])
 def test_headings_over_unchanged_cells(tmp_path, size, headings):
-    images = torch.rand(2 * len(headings), 3, size, size, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2 * len(headings), 3, size, size, generator=g)
     path = str(tmp_path / "grid.png")
     data.save_with_headings(path, images, headings)
     band, cells = read_cells(path, 2, len(headings), size)

@@ -24,7 +24,8 @@ def test_fast_path_gives_the_default_tensors(tmp_path, source):
     larger original the default path cuts the box from the original and the cache from its S x S
     copy (the box rounded to its pixels): close, not equal. Shapes also checks the instance-mask
     cells (cropped at the pixel level)."""
-    base = {"folder": lambda: jpeg_folder(str(tmp_path / "imgs")), "shapes": lambda: shapes.ShapesDataset(5, img_size=32),
+    base = {"folder": lambda: jpeg_folder(str(tmp_path / "imgs")),
+            "shapes": lambda: shapes.ShapesDataset(5, img_size=32),
             "shapes-40": lambda: shapes.ShapesDataset(5, img_size=40)}[source]()
     cache = image_cache.open_image_cache(str(tmp_path / "cache.pt"), base, 32, num_workers=0)
     for crop in (None, (0.2, 1.0)):
@@ -39,16 +40,18 @@ def test_fast_path_gives_the_default_tensors(tmp_path, source):
                 samples.append(fast[i])
                 flips.add(bool(samples[-1][4]))
         assert flips == {True, False}
-        imgs, labels, scores, _, flip, boxes = (torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in range(6))
+        imgs, labels, scores, _, flip, boxes = (
+            torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in range(6))
         assert imgs.dtype == torch.uint8 and imgs.shape == (len(samples), 3, 32, 32)
         x = image_cache.device_batch(imgs, flip, boxes if crop else None)  # the whole batch at once
         std = torch.tensor(data.IMAGENET_STD)[:, None, None]
         for k, (img, lab, sc, target) in enumerate(expected):
             if crop is None or source == "shapes":
                 assert (x[k] - img).abs().max() < 1e-5, (crop, k)
-            else:                                                          # mean error in [0, 1] pixel units
+            else:                                          # mean error in [0, 1] pixel units
                 assert ((x[k] - img) * std).abs().mean() < 0.05, (crop, k)
-            assert torch.equal(labels[k], lab) and torch.equal(scores[k], sc) and samples[k][3] == target
+            assert torch.equal(labels[k], lab) and torch.equal(scores[k], sc)
+            assert samples[k][3] == target
         if crop:
             assert len({tuple(b.tolist()) for b in boxes}) > 5           # the boxes really differ
 
@@ -56,7 +59,8 @@ def test_fast_path_gives_the_default_tensors(tmp_path, source):
 def test_cache_box_rounds_the_original_box_onto_the_square():
     assert image_cache.cache_box((0, 0, 375, 500), (375, 500), 224) == (0, 0, 224, 224)
     assert image_cache.cache_box((10, 20, 30, 40), (100, 100), 50) == (5, 10, 15, 20)
-    assert image_cache.cache_box((99, 99, 1, 1), (100, 100), 10) == (9, 9, 1, 1)  # never empty, never outside
+    # never empty, never outside
+    assert image_cache.cache_box((99, 99, 1, 1), (100, 100), 10) == (9, 9, 1, 1)
 
 
 def test_image_cache_is_written_once_and_checked(tmp_path):
@@ -79,15 +83,16 @@ def test_image_cache_is_written_once_and_checked(tmp_path):
     region_file.save_regions(regions, torch.zeros(5, 4, 4), None, base.files, {"input_size": 32})
     with pytest.raises(ValueError, match="is not an image cache"):
         image_cache.open_image_cache(regions, base, 32, num_workers=0)
-    assert os.stat(path).st_mtime_ns == stamp                            # errors never touch the cache
+    assert os.stat(path).st_mtime_ns == stamp                     # errors never touch the cache
 
 
 def test_reserve_tensor_file_offsets(tmp_path):
     """Bytes written at the reported offsets are what torch.load then reads, mapped or not."""
     path = str(tmp_path / "f.pt")
     a, b = torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4), torch.randn(5, 7).half()
-    offsets = image_cache.reserve_tensor_file(path, {"a": image_cache.fake_tensor(a.shape, a.dtype), "names": ["x", "y"],
-                                              "b": image_cache.fake_tensor(b.shape, b.dtype)})
+    fake = image_cache.fake_tensor
+    obj = {"a": fake(a.shape, a.dtype), "names": ["x", "y"], "b": fake(b.shape, b.dtype)}
+    offsets = image_cache.reserve_tensor_file(path, obj)
     fd = os.open(path, os.O_WRONLY)
     image_cache.pwrite_all(fd, b, offsets["b"])
     image_cache.pwrite_all(fd, a, offsets["a"])

@@ -14,9 +14,9 @@ import region_file
 
 def test_instance_cells_20_percent_rule():
     m = np.zeros((20, 20), np.uint8)                     # 2x2 cells of 10x10 = 100 px, image 400 px
-    m[0:2, 0:10] = 1                                     # 20 px = 20% of cell (0,0): belongs; 5% of image: kept
+    m[0:2, 0:10] = 1                       # 20 px = 20% of cell (0,0): belongs; 5% of image: kept
     m[0, 10:20] = 2
-    m[1, 10:19] = 2                                      # 19 px = 19% of cell (0,1): does not belong
+    m[1, 10:19] = 2                        # 19 px = 19% of cell (0,1): does not belong
     m[10:13, 10:20] = 2                                  # 30% of cell (1,1) ...
     m[13:17, 10:20] = 3                                  # ... loses to 40%
     m[10:15, 0:5] = 4
@@ -55,7 +55,8 @@ def test_cells_to_patches_majority_vote():
                            [255, 4, 255, 255]]])
     # blocks: {1,1,2,0} -> 1 ; {2,3,3,2} tie -> 2 or 3 at random ; {255,255,255,4} -> 4 ; all ignore
     # -> 255
-    outs = {tuple(region_file.cells_to_patches(cells, 2, torch.Generator().manual_seed(s))[0].tolist()) for s in range(20)}
+    vote = region_file.cells_to_patches
+    outs = {tuple(vote(cells, 2, torch.Generator().manual_seed(s))[0].tolist()) for s in range(20)}
     assert outs == {(1, 2, 4, 255), (1, 3, 4, 255)}
     assert torch.equal(region_file.cells_to_patches(cells, 1), cells.reshape(1, 16))
     with pytest.raises(ValueError):
@@ -69,9 +70,11 @@ def test_cells_to_patches_matches_a_loop():
     out = region_file.cells_to_patches(cells, 3)
     for b in range(3):
         for p in range(4):
-            block = cells[b, 3 * (p // 2):3 * (p // 2) + 3, 3 * (p % 2):3 * (p % 2) + 3].flatten().tolist()
+            r, c = 3 * (p // 2), 3 * (p % 2)
+            block = cells[b, r:r + 3, c:c + 3].flatten().tolist()
             real = [v for v in block if v != 255] or [255]
-            tied = {v for v in real if real.count(v) == max(map(real.count, real))}  # ties: any of them
+            most = max(map(real.count, real))
+            tied = {v for v in real if real.count(v) == most}              # ties: any of them
             assert out[b, p].item() in tied
 
 
@@ -87,8 +90,8 @@ def make_regions(path, n=3, grid=4, input_size=32, files=None):
     labels = torch.randint(0, 3, (n, grid, grid), dtype=torch.uint8)
     scores = torch.rand(n, grid, grid)
     files = files or [f"c/{i}.png" for i in range(n)]
-    meta = {"method": "test", "kind": "objects", "input_size": input_size, "cell_size": input_size // grid,
-            "num_regions": 2, "object_ratio": 0.1}
+    meta = {"method": "test", "kind": "objects", "input_size": input_size,
+            "cell_size": input_size // grid, "num_regions": 2, "object_ratio": 0.1}
     region_file.save_regions(str(path), labels, scores, files, meta)
     return labels, scores, files, meta
 
@@ -98,13 +101,14 @@ def test_regions_round_trip(tmp_path):
     labels, scores, files, meta = make_regions(path)
     r = region_file.load_regions(str(path), files, 32)
     assert torch.equal(r["labels"], labels) and r["labels"].dtype == torch.uint8
-    assert r["scores"].dtype == torch.float16 and torch.allclose(r["scores"].float(), scores, atol=1e-3)
+    assert r["scores"].dtype == torch.float16
+    assert torch.allclose(r["scores"].float(), scores, atol=1e-3)
     assert r["files"] == files and r["meta"] == meta
-    assert [f for f in os.listdir(path.parent)] == ["regions.pt"]          # no temp file left behind
+    assert [f for f in os.listdir(path.parent)] == ["regions.pt"]      # no temp file left behind
     region_file.save_regions(str(path), labels.numpy(), None, files, meta)  # numpy in, no scores
     assert region_file.load_regions(str(path), files, 32)["scores"] is None
     assert region_file.load_regions(str(path), files, 32)["masks"] is None
-    masks = torch.randint(0, 3, (len(files), 32, 32), dtype=torch.uint8)  # objects' pixel masks, for the crop
+    masks = torch.randint(0, 3, (len(files), 32, 32), dtype=torch.uint8)  # objects' pixels (crop)
     region_file.save_regions(str(path), labels, None, files, meta, masks=masks)
     assert torch.equal(region_file.load_regions(str(path), files, 32)["masks"], masks)
     region_file.save_regions(str(path), labels, None, files, meta, masks=masks[:, :16, :16])
@@ -163,10 +167,10 @@ def rle_runs(mask):
 def test_coco_polygon_and_rle(tmp_path):
     h, w = 6, 50
     want_a = np.zeros((h, w), bool)
-    want_a[1:3, 1:4] = True                              # polygon (1,1)-(3,2): PIL fills the edges too
+    want_a[1:3, 1:4] = True                    # polygon (1,1)-(3,2): PIL fills the edges too
     rle_mask = np.zeros((h, w), bool)
     rle_mask[2:5, 3] = True
-    rle_mask[0, 10:45] = True                            # long runs: multi-group values, negative deltas
+    rle_mask[0, 10:45] = True                  # long runs: multi-group values, negative deltas
     rle_mask[5, 20] = True
     runs = rle_runs(rle_mask)
     coco = {
@@ -177,7 +181,8 @@ def test_coco_polygon_and_rle(tmp_path):
             {"image_id": 1, "iscrowd": 0, "segmentation": [[1, 1, 3, 1, 3, 2, 1, 2]]},
             {"image_id": 1, "iscrowd": 1, "segmentation": {"size": [h, w], "counts": [0, h * w]}},
             {"image_id": 2, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": runs}},
-            {"image_id": 2, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": rle_string(runs)}},
+            {"image_id": 2, "iscrowd": 0,
+             "segmentation": {"size": [h, w], "counts": rle_string(runs)}},
             {"image_id": 1, "iscrowd": 0, "segmentation": [[2, 2, 2, 2]]},   # degenerate: nothing
         ]}
     path = tmp_path / "instances.json"
@@ -185,7 +190,7 @@ def test_coco_polygon_and_rle(tmp_path):
     masks = region_file.coco_instance_masks(str(path))
     assert sorted(masks) == ["a.jpg", "b.jpg", "c.jpg"] and masks["a.jpg"].dtype == np.uint8
     assert np.array_equal(masks["a.jpg"], want_a.astype(np.uint8))          # crowd skipped
-    assert np.array_equal(masks["b.jpg"], rle_mask * 2)                     # string = list, later wins
+    assert np.array_equal(masks["b.jpg"], rle_mask * 2)                 # string = list, later wins
     assert not masks["c.jpg"].any()
     assert list(region_file.coco_instance_masks(str(path), image_ids=[2])) == ["b.jpg"]
     assert region_file._rle_counts(rle_string([5, 40, 3, 1000, 2, 7])) == [5, 40, 3, 1000, 2, 7]

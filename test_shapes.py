@@ -12,7 +12,7 @@ from conftest import HERE
 
 
 def test_shapes_deterministic_and_varied():
-    a, b = shapes.ShapesDataset(50, img_size=48, seed=0), shapes.ShapesDataset(50, img_size=48, seed=0)
+    a, b = (shapes.ShapesDataset(50, img_size=48, seed=0) for _ in range(2))
     for i in (0, 7, 49):
         img, mask, target = a.load(i)
         img2, mask2, target2 = b.load(i)
@@ -36,7 +36,7 @@ def test_shapes_mask_ids_and_classes():
         img, mask, target = ds.load(i)
         ids = set(np.unique(mask).tolist()) - {0}
         k = max(ids)
-        assert 1 <= k <= 4 and ids <= set(range(1, k + 1))     # 1..k in drawing order, some occluded
+        assert 1 <= k <= 4 and ids <= set(range(1, k + 1))  # 1..k in drawing order, some occluded
         # the class object (largest, drawn last = id k) is never occluded and has the class colour
         colour = shapes.COLOURS[ds.classes[target].split("_")[0]]
         inside = np.asarray(img)[mask == k].astype(float).mean(0)
@@ -61,7 +61,8 @@ def test_write_shapes_folder_round_trip(tmp_path):
 
 def test_cli_writes(tmp_path):
     out = tmp_path / "shapes"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "shapes.py"), "--write", str(out), "--num_images", "3",
-                           "--img_size", "16"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "shapes.py"), "--write", str(out),
+                           "--num_images", "3", "--img_size", "16"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "wrote 3 images" in proc.stdout, proc.stderr
     assert len(data.FolderDataset(str(out / "images"), str(out / "masks"))) == 3
