@@ -145,13 +145,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         return labels, scores
 
 
-# ---------------------------------------------------------------- joint random-resized
-# crop MAE pre-trains on RandomResizedCrop(scale 0.2-1, bicubic) + flip (MAE Table 1f: crops beat
+# ---------------------------------------------------------------- joint random-resized crop
+# MAE pre-trains on RandomResizedCrop(scale 0.2-1, bicubic) + flip (MAE Table 1f: crops beat
 # resize-only), ObjMAE §4.2 "randomly cropped into 224x224", SemMAE §4.1 "only random horizontal
 # flipping". As MAE's RandomResizedCrop, the box is drawn on the original H x W image and cut from
 # it; the region cells (made on the image resized to S x S) cover the same H x W, so a box in the
 # original's pixels maps onto them fractionally (`_axis_map`). Pure functions on tensors, any
-# device, one image or a batch, so a GPU input path can call the same ones.
+# device, one image or a batch, so the fast input path (image_cache.device_batch) calls the same.
 
 def _extent(size):
     """An image size: int (square) or (H, W) -> (H, W)."""

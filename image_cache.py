@@ -193,8 +193,8 @@ def write_image_cache(path, base, size, num_workers, rank, world):
 
 
 def load_image_cache(path, files, size):
-    """Open and check an image cache against the dataset's files and the input size (like
-    load_regions).
+    """Open and check an image cache against the dataset's files and the input size (as
+    region_file.load_regions checks a regions file).
     -> {'images': uint8 [N, 3, S, S], 'masks': uint8 [N, S, S] or None, 'files', 'meta', 'path'},
     memory-mapped."""
     if not os.path.isfile(path):
@@ -229,6 +229,8 @@ def load_image_cache(path, files, size):
             "files": c["files"], "meta": meta, "path": path}
 
 
+# ---------------------------------------------------------------- samples and batches
+
 class CachedPretrainDataset(data.PretrainDataset):
     """data.PretrainDataset's samples from the image cache: the same random choices from torch's
     global RNG in the same order (crop box, then coin), applied to the cells here (small), but the
@@ -237,7 +239,7 @@ class CachedPretrainDataset(data.PretrainDataset):
     box long [4] (top, left, h, w)). The box is drawn on the original's H x W (the cache's 'sizes'),
     so the cells are the default path's exactly; the image is cut from the stored S x S square with
     that box rounded to its pixels (`cache_box`), which is close to, not equal to, the default
-    path's cut from the original (README: the fast input path) `cache` is open_image_cache's. Forked
+    path's cut from the original (README: the fast input path). `cache` is open_image_cache's. Forked
     DataLoader workers share its memory map; spawned ones get only its path and map the file
     themselves (pickling the map would copy the whole cache)."""
 

@@ -152,8 +152,7 @@ def crop_cells_slow(labels, scores, box, size):
     return out_l, out_s
 
 
-# ================================================================ joint random-resized
-# crop
+# ---------------------------------------------------------------- joint random-resized crop
 
 @pytest.mark.parametrize("size,scale,ratio", [
     (224, (0.2, 1.0), (3 / 4, 4 / 3)), (64, (0.08, 0.5), (0.5, 2.0)), (32, (0.9, 1.0), (1.5, 2.0)),
@@ -308,8 +307,7 @@ def test_joint_crop_regions_then_flip():
     assert flips == {True, False}
 
 
-# ================================================================ exact resume with
-# workers
+# ---------------------------------------------------------------- exact resume with workers
 
 def test_samples_are_a_function_of_seed_epoch_index():
     """Flip and crop of a sample depend on (seed, epoch, index) only: not on --num_workers, not on
@@ -348,7 +346,7 @@ def test_samples_are_a_function_of_seed_epoch_index():
     assert {e for e, _ in pairs} == {3} and sorted(i for _, i in pairs) == list(range(16))
 
 
-# ================================================================ every PIL mode
+# ---------------------------------------------------------------- every PIL mode
 
 def composite_white(rgb, alpha):
     a = alpha[..., None].astype(float) / 255
@@ -434,8 +432,7 @@ def test_skipped_files_are_counted_and_named(tmp_path, capsys):
     assert all(name in lines[0] for name in ("a/notes.txt", "a/raw.psd", "labels.csv"))
 
 
-# ================================================================ unreadable images,
-# all at once
+# ---------------------------------------------------------------- unreadable images, at once
 
 def test_verify_lists_every_unreadable_image(tmp_path):
     root = tmp_path / "train"
