@@ -249,7 +249,7 @@ def masker_patch_labels(monkeypatch, cells, patch, cell, mask="objmae", regions=
     def record(*a, **k):
         seen.append(real(*a, **k))
         return seen[-1]
-    monkeypatch.setattr(data, "cells_to_patches", record)
+    monkeypatch.setattr(region_file, "cells_to_patches", record)
     argv = ["--mask", mask] + (["--regions", regions] if regions else [])
     grid = (cells.shape[-2] * cell // patch,) * 2
     masker = pretrain.Masker(pretrain.get_args(argv), patch, cell, grid, 8)

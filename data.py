@@ -267,8 +267,7 @@ def resized_crop_mask(mask, box, size, extent=None):
 # ---------------------------------------------------------------- image folders
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-# what a bad file raises in PIL
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # PIL: a bad file
 
 
 def to_rgb(im):
@@ -408,8 +407,7 @@ def unreadable_images(folder, num_workers=0):
     loader = torch.utils.data.DataLoader(_ReadCheck(folder), batch_size=None,
                                          num_workers=num_workers)
     reasons = tqdm(loader, total=len(folder), desc=f"verify {folder.root}", leave=False,
-                   dynamic_ncols=True,
-                   disable=not sys.stdout.isatty())             # no carriage returns in a job's log
+                   dynamic_ncols=True, disable=not sys.stdout.isatty())  # no \r in a job's log
     return [(folder.files[i], why) for i, why in enumerate(reasons) if why]
 
 

@@ -239,8 +239,8 @@ class CachedPretrainDataset(data.PretrainDataset):
     box long [4] (top, left, h, w)). The box is drawn on the original's H x W (the cache's 'sizes'),
     so the cells are the default path's exactly; the image is cut from the stored S x S square with
     that box rounded to its pixels (`cache_box`), which is close to, not equal to, the default
-    path's cut from the original (README: the fast input path). `cache` is open_image_cache's. Forked
-    DataLoader workers share its memory map; spawned ones get only its path and map the file
+    path's cut from the original (README: the fast input path). `cache` is open_image_cache's.
+    Forked DataLoader workers share its memory map; spawned ones get only its path and map the file
     themselves (pickling the map would copy the whole cache)."""
 
     def __init__(self, base, cache, input_size, regions=None, hflip=True, cell_size=8,

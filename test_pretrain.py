@@ -730,7 +730,7 @@ def test_bad_output_dir_is_one_line_before_any_work(tmp_path, encoder_ckpt, stag
     def no_work(*a, **k):
         raise AssertionError("the stage started working before checking --output_dir")
 
-    monkeypatch.setattr(data, "ShapesDataset", no_work)
+    monkeypatch.setattr(shapes, "ShapesDataset", no_work)
     with contextlib.ExitStack() as stack:
         if kind == "read_only":
             out = stack.enter_context(read_only_folder(tmp_path / "ro"))
