@@ -50,8 +50,10 @@ import torch
 from PIL import Image
 
 import data
+import image_cache
 import masking
 import model as models
+import region_file
 import utils
 
 
@@ -220,7 +222,7 @@ def bench_loader(device, args):
         base = write_jpegs(os.path.join(tmp, "images"), n)
         kb = sum(os.path.getsize(os.path.join(base.root, f)) for f in base.files) / n / 1e3
         start = time.perf_counter()
-        cache = data.open_image_cache(os.path.join(tmp, "cache.pt"), base, S, num_workers=0)
+        cache = image_cache.open_image_cache(os.path.join(tmp, "cache.pt"), base, S, num_workers=0)
         write_rate = n / (time.perf_counter() - start)
         print(f"\n### loader: one DataLoader worker, {n} JPEGs of 500x375 at quality 90 ({kb:.0f} KB), {S} px, "
               f"batches of 64 (median of {args.repeats} batches, the paths interleaved)\n")
@@ -229,7 +231,7 @@ def bench_loader(device, args):
         for name, crop in (("flip (SemMAE)", None), ("crop 0.2-1 + flip (MAE)", (0.2, 1.0))):
             torch.manual_seed(0)
             ms = timed_ms({"default": next_batch(data.PretrainDataset(base, S, crop_scale=crop)),
-                           "fast": next_batch(data.CachedPretrainDataset(base, cache, S, crop_scale=crop))},
+                           "fast": next_batch(image_cache.CachedPretrainDataset(base, cache, S, crop_scale=crop))},
                           args.repeats, torch.device("cpu"), warmup=1)
             slow, fast = 64e3 / ms["default"], 64e3 / ms["fast"]
             print(f"| default (PIL decode + resize, float32) | {name} | {slow:.0f} | 1x | "
@@ -240,9 +242,9 @@ def bench_loader(device, args):
         flips = torch.rand(64) < 0.5
         torch.manual_seed(0)
         boxes = torch.tensor([data.crop_box(S, (0.2, 1.0)) for _ in range(64)])
-        ms = timed_ms({"flip": lambda: data.device_batch(imgs, flips),
-                       "crop": lambda: data.device_batch(imgs, flips, boxes)}, args.repeats, device)
-        print(f"\nDevice side of the fast path, `data.device_batch` on {device.type} for 64 images: flip + normalise "
+        ms = timed_ms({"flip": lambda: image_cache.device_batch(imgs, flips),
+                       "crop": lambda: image_cache.device_batch(imgs, flips, boxes)}, args.repeats, device)
+        print(f"\nDevice side of the fast path, `image_cache.device_batch` on {device.type} for 64 images: flip + normalise "
               f"{ms['flip']:.1f} ms ({64e3 / ms['flip']:.0f} images/s), with the crop {ms['crop']:.1f} ms "
               f"({64e3 / ms['crop']:.0f} images/s). Writing the cache (once): {write_rate:.0f} images/s in one "
               f"process; {3 * S * S / 1e3:.1f} KB an image on disk (ImageNet-1k: 193 GB).")
@@ -253,8 +255,8 @@ def object_regions(base, S, path):
     g = S // 8
     labels = object_layout(len(base), g, torch.Generator().manual_seed(0)).reshape(-1, g, g)
     meta = {"method": "segmentation", "kind": "objects", "input_size": S, "cell_size": 8, "num_regions": 4,
-            "object_ratio": data.object_ratio(labels), "source": "bench.py"}
-    data.save_regions(path, labels, None, base.files, meta)
+            "object_ratio": region_file.object_ratio(labels), "source": "bench.py"}
+    region_file.save_regions(path, labels, None, base.files, meta)
 
 
 def loop_seconds(argv, out, device):
@@ -284,7 +286,7 @@ def bench_end_to_end(device, args):
         base = write_jpegs(os.path.join(tmp, "images"), n)
         object_regions(base, S, os.path.join(tmp, "regions.pt"))
         cache = os.path.join(tmp, "cache.pt")
-        data.open_image_cache(cache, base, S, num_workers=0)
+        image_cache.open_image_cache(cache, base, S, num_workers=0)
         argv = ["--model", "mae_vit_small_patch16", "--mask", "objmae", "--seq_ratio", str(1 / 16),
                 "--data_path", base.root, "--regions", os.path.join(tmp, "regions.pt"), "--batch_size", str(batch),
                 "--epochs", str(args.loop_epochs), "--warmup_epochs", "1", "--vis_every", "0",

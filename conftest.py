@@ -24,6 +24,8 @@ import finetune
 import model as models
 import part_learn
 import pretrain
+import region_file
+import shapes
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,16 +71,14 @@ def run_cli(script, *argv, env=None, launcher=()):
     return proc.returncode, out
 
 
-# runs a stage (argv[4:]) with a signal sent to itself right after the n-th return of one utils function (or data.X):
+# runs a stage (argv[4:]) with a signal sent to itself right after the n-th return of one utils function (or module.X):
 # a kill, a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
 # (under torchrun: only in the process whose RANK is SIGNAL_RANK, when that is set; its pid goes to SIGNAL_PIDFILE)
 SIGNAL_AFTER = """
-import os, runpy, signal, sys
+import importlib, os, runpy, signal, sys
 sys.path.insert(0, os.path.dirname(sys.argv[4]))
-import utils
-import data
 name, calls, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
-module = data if name.startswith("data.") else utils
+module = importlib.import_module(name.split(".")[0] if "." in name else "utils")
 name = name.split(".")[-1]
 real, seen = getattr(module, name), []
 def hooked(*a, **k):
@@ -187,12 +187,12 @@ def encoder_ckpt(tmp_path_factory):
 
 def shapes_object_regions(path, num_images, input_size, cell_size=8):
     """A regions file made from the shapes' own instance masks (ObjMAE §3.2's 20% rule)."""
-    ds = data.ShapesDataset(num_images, img_size=input_size, seed=0)
+    ds = shapes.ShapesDataset(num_images, img_size=input_size, seed=0)
     grid = (input_size // cell_size, input_size // cell_size)
-    labels = np.stack([data.instance_cells(ds.load(i)[1], grid) for i in range(num_images)])
+    labels = np.stack([region_file.instance_cells(ds.load(i)[1], grid) for i in range(num_images)])
     meta = {"method": "segmentation", "kind": "objects", "input_size": input_size, "cell_size": cell_size,
             "num_regions": int(labels[labels != 255].max()), "object_ratio": 0.0, "source": "test"}
-    data.save_regions(path, torch.from_numpy(labels), None, ds.files, meta)
+    region_file.save_regions(path, torch.from_numpy(labels), None, ds.files, meta)
     return path
 
 
@@ -204,12 +204,12 @@ def object_regions(tmp_path_factory):
 @pytest.fixture(scope="module")
 def object_regions_8(tmp_path_factory):
     """Regions of 8 shapes images at 32 px from their own instance masks (objmae's 20% rule)."""
-    ds = data.ShapesDataset(8, img_size=32, seed=0)
-    labels = np.stack([data.instance_cells(ds.load(i)[1], (4, 4)) for i in range(8)])
+    ds = shapes.ShapesDataset(8, img_size=32, seed=0)
+    labels = np.stack([region_file.instance_cells(ds.load(i)[1], (4, 4)) for i in range(8)])
     meta = {"method": "segmentation", "kind": "objects", "input_size": 32, "cell_size": 8,
             "num_regions": int(labels.max()), "object_ratio": 0.0, "source": "test"}
     path = str(tmp_path_factory.mktemp("regions") / "regions.pt")
-    data.save_regions(path, torch.from_numpy(labels), None, ds.files, meta)
+    region_file.save_regions(path, torch.from_numpy(labels), None, ds.files, meta)
     return path
 
 
@@ -244,12 +244,12 @@ def pixel_rule(mask, patch, min_share=0.2, min_object=0.05):
 def masker_patch_labels(monkeypatch, cells, patch, cell, mask="objmae", regions=None):
     """The per-patch labels pretrain.Masker computes from a batch of cells (recorded as it asks for them)."""
     seen = []
-    real = data.cells_to_patches
+    real = region_file.cells_to_patches
 
     def record(*a, **k):
         seen.append(real(*a, **k))
         return seen[-1]
-    monkeypatch.setattr(data, "cells_to_patches", record)
+    monkeypatch.setattr(region_file, "cells_to_patches", record)
     argv = ["--mask", mask] + (["--regions", regions] if regions else [])
     grid = (cells.shape[-2] * cell // patch,) * 2
     masker = pretrain.Masker(pretrain.get_args(argv), patch, cell, grid, 8)
@@ -260,7 +260,7 @@ def masker_patch_labels(monkeypatch, cells, patch, cell, mask="objmae", regions=
 
 @pytest.fixture(scope="module")
 def scenes_224():
-    ds = data.ShapesDataset(12, img_size=224, seed=5)
+    ds = shapes.ShapesDataset(12, img_size=224, seed=5)
     return ds, [ds.load(i)[1] for i in range(len(ds))]
 
 

@@ -75,6 +75,8 @@ import masking
 import model as models
 import probe
 import randaugment
+import region_file
+import shapes
 import utils
 from utils import UsageError
 
@@ -409,7 +411,7 @@ def main(args):
 def keep_ids(scores, net, args, generator=None):
     """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (SemMAE §4.2)."""
     factor = net.patch_size // (args.input_size // scores.shape[-1])  # cells per patch side
-    return masking.keep_foreground(data.scores_to_patches(scores, factor), args.keep_ratio, generator=generator)
+    return masking.keep_foreground(region_file.scores_to_patches(scores, factor), args.keep_ratio, generator=generator)
 
 
 def forward(net, trainable, imgs, ids, linprobe):
@@ -594,7 +596,7 @@ class Foreground(data.PretrainDataset):
     def __getitem__(self, i):
         img, cells, scores, target = super().__getitem__(i) if self.crop_pct is None else self.centre(i)
         if self.regions is None or self.regions["scores"] is None:
-            scores = ((cells > 0) & (cells != data.IGNORE)).float()
+            scores = ((cells > 0) & (cells != region_file.IGNORE)).float()
         return img, target, scores
 
     def centre(self, i):
@@ -660,7 +662,7 @@ def build_datasets(args):
     keep_ratio < 1, (img, class, cell scores)."""
     splits = [False] if args.eval else [True, False]  # is it the training split; --eval never scans train/
     if args.data_path is None:
-        bases = [data.ShapesDataset(args.num_images if train else args.num_val_images, img_size=args.input_size,
+        bases = [shapes.ShapesDataset(args.num_images if train else args.num_val_images, img_size=args.input_size,
                                     seed=args.data_seed, split="train" if train else "val") for train in splits]
     elif args.dataset == "cifar100":
         bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
@@ -680,7 +682,7 @@ def build_datasets(args):
             sets.append(data.Classification(base, build_transform(args, train and not args.knn)))  # k-NN: as val
             continue
         path = args.regions if train else args.val_regions
-        regions = data.load_regions(path, base.files, args.input_size) if path else None
+        regions = region_file.load_regions(path, base.files, args.input_size) if path else None
         if regions and regions["scores"] is None and regions["meta"].get("kind") != "objects":
             raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs part_learn.py's scores")
         cell = regions["meta"]["cell_size"] if regions else 8

@@ -56,7 +56,10 @@ import torchvision
 from PIL import Image
 
 import data
+import image_cache
 import model as models
+import region_file
+import shapes
 import utils
 from utils import UsageError
 
@@ -211,7 +214,7 @@ def train_learner(args, d, base, encoder, cache=None):
         return learner.eval()
 
     if cache is not None:               # the same samples, uint8 from the cache: flip and normalise in batch_images
-        dataset = data.CachedPretrainDataset(base, cache, args.input_size, hflip=True, cell_size=args.cell_size)
+        dataset = image_cache.CachedPretrainDataset(base, cache, args.input_size, hflip=True, cell_size=args.cell_size)
     else:
         dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)  # resize + flip
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
@@ -305,9 +308,9 @@ def parts_from_maps(maps, grid):
 
 def batch_images(batch, device):
     """A DataLoader batch -> its normalised images [B, 3, S, S] on the device. The fast path's batches are uint8 with
-    their flips beside them (data.CachedPretrainDataset): data.device_batch flips and normalises them there."""
+    their flips beside them (image_cache.CachedPretrainDataset): image_cache.device_batch flips and normalises them there."""
     imgs = batch[0].to(device, non_blocking=True)
-    return data.device_batch(imgs, batch[4]) if imgs.dtype == torch.uint8 else imgs
+    return image_cache.device_batch(imgs, batch[4]) if imgs.dtype == torch.uint8 else imgs
 
 
 def encoder_features(encoder, imgs):
@@ -388,13 +391,13 @@ class SegmentationCells(torch.utils.data.Dataset):
         a, S = self.args, self.args.input_size
         if mask.shape != (S, S):
             mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
-        return (torch.from_numpy(data.instance_cells(mask, self.grid, a.min_share, a.min_object)),
+        return (torch.from_numpy(region_file.instance_cells(mask, self.grid, a.min_share, a.min_object)),
                 torch.from_numpy(np.array(mask, dtype=np.uint8)))
 
 
 def load_coco(args, base):
     with utils.user_input():                                               # not a COCO JSON: exit 2
-        masks = data.coco_instance_masks(args.coco)                        # decoded lazily, per image
+        masks = region_file.coco_instance_masks(args.coco)                 # decoded lazily, per image
     missing = [f for f in base.files if os.path.basename(f) not in masks]  # COCO file_name is a bare name
     if missing:
         raise UsageError(f"{len(missing)} images in --data_path are not in --coco {args.coco} (first: {missing[0]}); "
@@ -406,12 +409,12 @@ def load_coco(args, base):
 
 def object_counts(labels):
     """Region cells uint8 [B, gh, gw] -> (cells of all objects, number of objects, largest id other than ignore or
-    -1): the sums behind data.object_ratio (ids 1..254 are objects) and the segmentation's region count, integers
+    -1): the sums behind region_file.object_ratio (ids 1..254 are objects) and the segmentation's region count, integers
     that add up over batches and ranks in any order, so a sharded export gives the single-process meta."""
     lab = labels.reshape(labels.shape[0], -1).long()
     counts = torch.zeros(lab.shape[0], 256, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))
-    objects = counts[:, 1:data.IGNORE]
-    real = lab[lab != data.IGNORE]
+    objects = counts[:, 1:region_file.IGNORE]
+    real = lab[lab != region_file.IGNORE]
     return int(objects.sum()), int((objects > 0).sum()), int(real.max()) if real.numel() else -1
 
 
@@ -430,11 +433,11 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
         for batch in utils.progress(loader, desc, None, d):
             lab, sc, masks = label_fn(batch)
             lab = lab.to(torch.uint8).cpu()
-            data.pwrite_all(fd, lab, row * cells)
+            image_cache.pwrite_all(fd, lab, row * cells)
             if has_scores:
-                data.pwrite_all(fd, sc.to(torch.float16).cpu(), (hi - lo) * cells + 2 * row * cells)
+                image_cache.pwrite_all(fd, sc.to(torch.float16).cpu(), (hi - lo) * cells + 2 * row * cells)
             if pixels:
-                data.pwrite_all(fd, masks.to(torch.uint8).cpu(),
+                image_cache.pwrite_all(fd, masks.to(torch.uint8).cpu(),
                                 (hi - lo) * cells * (1 + 2 * has_scores) + row * pixels)
             obj_cells, objs, batch_top = object_counts(lab)
             sums, top, row = sums + torch.tensor([obj_cells, objs]), max(top, batch_top), row + len(lab)
@@ -454,24 +457,24 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
 
 
 def merge_shards(out, n, grid, has_scores, files, meta, d, mask_side=0):
-    """The regions file `out` (data.save_regions' format, atomic) from the ranks' shards, without any process
-    holding it: rank 0 reserves the final file (data.reserve_tensor_file: torch.save without the tensors' bytes)
+    """The regions file `out` (region_file.save_regions' format, atomic) from the ranks' shards, without any process
+    holding it: rank 0 reserves the final file (image_cache.reserve_tensor_file: torch.save without the tensors' bytes)
     and copies each shard's bytes to their place in it, 16 MB at a time, then renames it into place and deletes the
     shards. The shards are next to `out`, so it must be on a filesystem every node sees."""
     if d.world > 1:
         dist.barrier()                                   # every shard is on disk
     if d.is_main:
         cells, folder = grid[0] * grid[1], os.path.dirname(os.path.abspath(out))
-        obj = {"labels": data.fake_tensor((n, *grid), torch.uint8), "files": [str(f) for f in files],
+        obj = {"labels": image_cache.fake_tensor((n, *grid), torch.uint8), "files": [str(f) for f in files],
                "meta": dict(meta)}                       # the keys in save_regions' order
         if has_scores:
-            obj["scores"] = data.fake_tensor((n, *grid), torch.float16)
+            obj["scores"] = image_cache.fake_tensor((n, *grid), torch.float16)
         if mask_side:
-            obj["masks"] = data.fake_tensor((n, mask_side, mask_side), torch.uint8)
-        tmp_fd, tmp = data.temp_file(folder, ".regions-")
+            obj["masks"] = image_cache.fake_tensor((n, mask_side, mask_side), torch.uint8)
+        tmp_fd, tmp = region_file.temp_file(folder, ".regions-")
         os.close(tmp_fd)
         try:
-            offsets = data.reserve_tensor_file(tmp, obj)
+            offsets = image_cache.reserve_tensor_file(tmp, obj)
             fd = os.open(tmp, os.O_WRONLY)
             try:
                 for r in range(d.world):
@@ -517,7 +520,7 @@ def make_regions(base, args, d, nets, out, cache=None):
     if args.method == "segmentation":                                      # only the masks are read
         images = SegmentationCells(base, args, load_coco(args, base) if args.coco else None)
     elif cache is not None:
-        images = data.CachedPretrainDataset(base, cache, args.input_size, hflip=False, cell_size=args.cell_size)
+        images = image_cache.CachedPretrainDataset(base, cache, args.input_size, hflip=False, cell_size=args.cell_size)
     else:
         images = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
     meta = {"method": args.method, "input_size": args.input_size, "cell_size": args.cell_size,
@@ -556,7 +559,7 @@ def make_regions(base, args, d, nets, out, cache=None):
     obj_cells, objs, top = export(images, label_fn, grid, has_scores, args, d, f"export {args.method}", out,
                                   mask_side)
     if meta["kind"] == "objects":
-        meta["object_ratio"] = obj_cells / (objs * grid[0] * grid[1]) if objs else 0.0   # = data.object_ratio
+        meta["object_ratio"] = obj_cells / (objs * grid[0] * grid[1]) if objs else 0.0  # = region_file.object_ratio
         if args.method == "segmentation":
             meta["num_regions"] = max(top, 0)
     merge_shards(out, len(base), grid, has_scores, base.files, meta, d, mask_side)
@@ -577,7 +580,7 @@ def foreground_iou(regions, dataset):
     grid = (S // cell, S // cell)
     top, parts, chance, g = [], [], [], torch.Generator().manual_seed(0)
     for i in range(len(dataset)):
-        true = torch.from_numpy(data.mask_cells(dataset.load(i)[1], S, grid) > 0).flatten()  # [gh*gw]
+        true = torch.from_numpy(region_file.mask_cells(dataset.load(i)[1], S, grid) > 0).flatten()  # [gh*gw]
         k = int(true.sum())
         if k == 0:
             continue
@@ -586,7 +589,7 @@ def foreground_iou(regions, dataset):
             pred = torch.zeros_like(true)
             pred[regions["scores"][i].flatten().float().topk(k).indices] = True
         else:
-            pred = (labels > 0) & (labels != data.IGNORE)
+            pred = (labels > 0) & (labels != region_file.IGNORE)
         top.append(float((pred & true).sum() / (pred | true).sum()))
         drawn = torch.zeros_like(true)
         drawn[torch.randperm(true.numel(), generator=g)[:k]] = True
@@ -613,7 +616,7 @@ def save_picture(path, imgs, labels, recon=None, kind="parts"):
     reconstruction."""
     images = data.denormalise(imgs)
     ids = labels.long().cpu()
-    ids = torch.where(ids == data.IGNORE, len(PALETTE) - 1, ids % (len(PALETTE) - 1))
+    ids = torch.where(ids == region_file.IGNORE, len(PALETTE) - 1, ids % (len(PALETTE) - 1))
     colours = PALETTE[ids].permute(0, 3, 1, 2)                             # [B, 3, gh, gw]
     colours = F.interpolate(colours, size=images.shape[-2:], mode="nearest")
     columns = [images, 0.7 * colours + 0.3 * images.mean(1, keepdim=True)]
@@ -633,7 +636,7 @@ def main(args):
     utils.prepare_output_dir(args, d)                                      # resolves --resume auto
     check_resume(args)
     with utils.user_input():                                               # a bad folder or checkpoint: exit 2
-        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
+        base = (shapes.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
                 if args.data_path is None else
                 data.FolderDataset(args.data_path, masks_root=args.masks, classes=False))
     nets = ()
@@ -654,14 +657,14 @@ def main(args):
     utils.print_args(d, args)
     cache = None                        # fast input path: uint8 images decoded once, flipped/normalised on the device
     if args.image_cache:
-        cache = data.open_image_cache(args.image_cache, base, args.input_size, args.num_workers, d.rank, d.world)
+        cache = image_cache.open_image_cache(args.image_cache, base, args.input_size, args.num_workers, d.rank, d.world)
     if args.method == "learned":
         nets = (nets[0], train_learner(args, d, base, nets[0], cache))
 
     out = os.path.join(args.output_dir, "regions.pt")
     meta = make_regions(base, args, d, nets, out, cache)
     if d.is_main:
-        labels = data.load_regions(out, base.files, args.input_size)["labels"]             # memory-mapped
+        labels = region_file.load_regions(out, base.files, args.input_size)["labels"]      # memory-mapped
         vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
         n = min(8, len(base))
         save_picture(os.path.join(args.output_dir, "regions.png"), torch.stack([vis[i][0] for i in range(n)]),
@@ -672,11 +675,11 @@ def main(args):
               f"{meta['num_regions']} regions{ratio}", flush=True)
 
     if args.eval_iou:                                                      # held-out images: another split
-        val = data.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.data_seed, split="val")
+        val = shapes.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.data_seed, split="val")
         out = os.path.join(args.output_dir, "regions-val.pt")
         make_regions(val, args, d, nets, out)                              # not in the cache: the default path
         if d.is_main:
-            iou = foreground_iou(data.load_regions(out, val.files, args.input_size), val)
+            iou = foreground_iou(region_file.load_regions(out, val.files, args.input_size), val)
             utils.append_log(os.path.join(args.output_dir, "log.txt"), {"method": args.method, **iou})
             print(f"foreground IoU on {iou['images']} held-out shapes images ({args.method}): "
                   f"top-scoring cells {iou['iou_top']:.3f}, mostly-object regions {iou['iou_parts']:.3f} "

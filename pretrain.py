@@ -51,8 +51,11 @@ import numpy as np
 import torch
 
 import data
+import image_cache
 import masking
 import model as models
+import region_file
+import shapes
 import utils
 from utils import UsageError
 
@@ -235,8 +238,8 @@ class Masker:
 
     def __call__(self, cell_labels, cell_scores, progress, generator=None):
         a = self.args
-        labels = data.cells_to_patches(cell_labels, self.factor, generator)  # [B, L] vote, random ties
-        scores = data.scores_to_patches(cell_scores, self.factor)          # [B, L]
+        labels = region_file.cells_to_patches(cell_labels, self.factor, generator)  # [B, L] vote, random ties
+        scores = region_file.scores_to_patches(cell_scores, self.factor)   # [B, L]
         if a.mask == "objmae":                                             # ObjMAE §3
             return masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation,
                                                scores if a.regions else None, generator=generator)
@@ -244,7 +247,7 @@ class Masker:
         # (drop the least object-like patches, so a patch-8 model costs what a patch-16 one does)
         alpha = self.alpha(progress) if a.mask == "semmae" else None      # None: MAE's random masking
         src_ids, tgt_ids = masking.source_target_ids(labels, a.mask_ratio, alpha, num_parts=self.num_parts,
-                                                     ignore_label=data.IGNORE, scores=scores,
+                                                     ignore_label=region_file.IGNORE, scores=scores,
                                                      keep_ratio=a.keep_ratio, generator=generator)
         return src_ids, tgt_ids, None, None                                # [B, Lk-M], [B, M]: no padding
 
@@ -280,7 +283,7 @@ def images_with_objects(base, regions, input_size, cell_size, d, chunk=4096):
     ObjMAE §4.1 drops the rest (COCO: 72,452 of 82,783 images kept); so does the dataset here, before any crop."""
     grid = (input_size // cell_size,) * 2
     if regions is None:
-        rows = (data.mask_cells(base.load(i)[1], input_size, grid)
+        rows = (region_file.mask_cells(base.load(i)[1], input_size, grid)
                 for i in utils.progress(range(len(base)), "objects per image", None, d))
         labels = torch.from_numpy(np.stack(list(rows)))
     else:
@@ -289,7 +292,7 @@ def images_with_objects(base, regions, input_size, cell_size, d, chunk=4096):
     for lo in range(0, len(labels), chunk):                               # a memory-mapped file, a chunk at a time
         lab = labels[lo:lo + chunk].reshape(-1, grid[0] * grid[1]).long()
         counts = torch.zeros(len(lab), 256, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))
-        found.append((counts[:, 1:data.IGNORE] >= 2).any(1))
+        found.append((counts[:, 1:region_file.IGNORE] >= 2).any(1))
     return torch.cat(found)
 
 
@@ -305,16 +308,16 @@ def main(args):
 
     # data: the shapes scenes carry their own instance masks; a folder needs a regions file
     with utils.user_input():                                               # a bad folder, file or size: exit 2
-        base = (data.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
+        base = (shapes.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
                 if args.data_path is None else data.FolderDataset(args.data_path, classes=False))
-        regions = data.load_regions(args.regions, base.files, args.input_size) if args.regions else None
+        regions = region_file.load_regions(args.regions, base.files, args.input_size) if args.regions else None
         patch_size = models.MODELS[args.model].keywords["patch_size"]
         cell_size = region_cell_size(args, regions, patch_size)
         augment = dict(regions=regions, hflip=args.hflip, cell_size=cell_size, crop_scale=args.crop_scale,
                        crop_ratio=tuple(args.crop_ratio))
         if args.image_cache:            # fast path: uint8 images from the cache, crop/flip/normalise on the device
-            cache = data.open_image_cache(args.image_cache, base, args.input_size, args.num_workers, d.rank, d.world)
-            dataset = data.CachedPretrainDataset(base, cache, args.input_size, **augment)
+            cache = image_cache.open_image_cache(args.image_cache, base, args.input_size, args.num_workers, d.rank, d.world)
+            dataset = image_cache.CachedPretrainDataset(base, cache, args.input_size, **augment)
         else:
             dataset = data.PretrainDataset(base, args.input_size, **augment)
         if args.mask == "objmae":       # ObjMAE §4.1: images without an object are not pre-trained on
@@ -423,7 +426,7 @@ def main(args):
             imgs, cells, scores = (x.to(d.device, non_blocking=True) for x in (imgs, cells, scores))
             if args.image_cache:        # uint8 -> the default path's tensors; the boxes stay on the CPU
                 flips, boxes = choices
-                imgs = data.device_batch(imgs, flips, boxes if args.crop_scale else None)
+                imgs = image_cache.device_batch(imgs, flips, boxes if args.crop_scale else None)
             src_ids, tgt_ids, src_valid, tgt_valid = masker(cells, scores, progress)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(ddp, sync, d):

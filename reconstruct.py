@@ -29,6 +29,7 @@ import torch
 import data
 import model as models
 import pretrain
+import shapes
 import utils
 from utils import UsageError
 
@@ -162,7 +163,7 @@ def images_and_regions(args, size):
                              f"but the checkpoint's model takes {size}-px images; remake it at --input_size {size}")
     if args.data_path is None and not args.images:                        # the built-in scenes
         n = len(regions["files"]) if regions else args.num_images
-        base = Rows(data.ShapesDataset(n, img_size=size, seed=args.data_seed), range(min(n, args.num_images)))
+        base = Rows(shapes.ShapesDataset(n, img_size=size, seed=args.data_seed), range(min(n, args.num_images)))
     elif args.data_path is None:
         if regions:
             raise ValueError("--regions lists images relative to the folder it was made on; pass that --data_path")

@@ -1,6 +1,6 @@
 """Built-in scenes with real parts: one object made of three textured parts, the class a set of textures.
 
-The shapes scenes (data.ShapesDataset) are flat-coloured objects whose class is colour x shape: a classifier on
+The shapes scenes (shapes.ShapesDataset) are flat-coloured objects whose class is colour x shape: a classifier on
 the mean colour alone gets most of what an encoder gets, and "semantic parts" collapse to object vs background.
 These scenes are built so that SemMAE's parts (SemMAE §3.1) and ObjMAE's objects (ObjMAE §3.2) are real:
 
@@ -66,7 +66,7 @@ class PartsDataset:
         if split not in ("train", "val"):
             raise ValueError(f"PartsDataset split must be 'train' or 'val', got {split!r}")
         self.num_images, self.img_size, self.seed, self.split = num_images, img_size, seed, split
-        # virtual names: a regions file made from other scenes fails at load (data.load_regions)
+        # virtual names: a regions file made from other scenes fails at load (region_file.load_regions)
         self.files = [f"parts-{split}-{seed}/{i:06d}.png" for i in range(num_images)]
         self.classes = list(CLASSES)
         self._targets = None
@@ -157,9 +157,9 @@ def texture_features(image, region):
 
 
 def write_parts(dataset, out_dir):
-    """Save a PartsDataset as out_dir/images/<class>/<name>.png and out_dir/masks/... (data.write_shapes)."""
-    import data
-    return data.write_shapes(dataset, out_dir)
+    """Save a PartsDataset as out_dir/images/<class>/<name>.png and out_dir/masks/... (shapes.write_shapes)."""
+    import shapes
+    return shapes.write_shapes(dataset, out_dir)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import bench
 import data
 import masking
 import model as models
+import region_file
+import shapes
 import utils
 
 
@@ -24,14 +26,14 @@ def flag(run, out, name):
 def shapes_objects(n, size, patch, split="train"):
     """(normalised images [n, 3, S, S], object id per patch [n, L]) of the first n built-in scenes
     (data seed 0), objects by ObjMAE's 20% rule on each patch's pixels (§3.2)."""
-    base = data.ShapesDataset(n, img_size=size, seed=0, split=split)
+    base = shapes.ShapesDataset(n, img_size=size, seed=0, split=split)
     pixels = data.PretrainDataset(base, size, hflip=False)
     grid = (size // patch, size // patch)
     imgs, labels = [], []
     for i in range(n):
         img, mask, _ = base.load(i)
         imgs.append(pixels[i][0])
-        labels.append(torch.from_numpy(data.mask_cells(mask, size, grid)).long().flatten())
+        labels.append(torch.from_numpy(region_file.mask_cells(mask, size, grid)).long().flatten())
     return torch.stack(imgs), torch.stack(labels)
 
 
@@ -180,7 +182,7 @@ def measure_colour(run, out):
         rgb, ys = [], []
         for i in range(len(ds)):
             img, y, scores = ds[i]
-            ids = masking.keep_foreground(data.scores_to_patches(scores[None], 1), args.keep_ratio,
+            ids = masking.keep_foreground(region_file.scores_to_patches(scores[None], 1), args.keep_ratio,
                                           generator=g)
             patches = models.gather_tokens(models.patchify(img[None], 8), ids)   # [1, k, 8*8*3]
             rgb.append(patches.reshape(-1, 8 * 8, 3).mean((0, 1)))             # [3]

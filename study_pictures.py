@@ -10,6 +10,8 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import masking
 import model as models
+import region_file
+import shapes
 from study_measures import hide_object, load_mae, shapes_objects
 
 
@@ -52,7 +54,7 @@ def colour_regions(img, labels, patch, objects=False):
     stays grey)."""
     from part_learn import PALETTE
     h, w = img.shape[1] // patch, img.shape[2] // patch
-    ids = torch.where(labels == data.IGNORE, len(PALETTE) - 1, labels % (len(PALETTE) - 1))
+    ids = torch.where(labels == region_file.IGNORE, len(PALETTE) - 1, labels % (len(PALETTE) - 1))
     col = PALETTE[ids].T.reshape(3, h, w)
     col = F.interpolate(col[None], scale_factor=patch, mode="nearest")[0]
     grey = img.mean(0, keepdim=True).expand(3, -1, -1)
@@ -73,8 +75,8 @@ def picture_semmae(study, out, images=3):
     b = study.b
     path = os.path.join(out, parts.name, "regions.pt")
     args = pretrain.get_args(["--mask", "semmae", "--gamma", "2", "--regions", path])
-    base = data.ShapesDataset(b["num_images"], img_size=b["input_size"], seed=0)
-    regions = data.load_regions(args.regions, base.files, b["input_size"])
+    base = shapes.ShapesDataset(b["num_images"], img_size=b["input_size"], seed=0)
+    regions = region_file.load_regions(args.regions, base.files, b["input_size"])
     ds = data.PretrainDataset(base, b["input_size"], regions=regions, hflip=False)
     num_parts = regions["meta"]["num_regions"] + 1
     grid = (b["input_size"] // 8,) * 2

@@ -1,7 +1,7 @@
-"""Tests of data.py: the shapes data, image folders and COCO, objects per cell, the regions file, the joint crop
-and flip, the fast input path, and pictures with headings."""
+"""Tests of data.py: image folders (every PIL mode, unreadable images), pre-training samples, the
+joint random-resized crop and flip, samples as a function of (seed, epoch, index), pictures with
+headings."""
 import io
-import json
 import math
 import os
 import subprocess
@@ -16,63 +16,13 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import data
+import shapes
 import utils
 
-from conftest import ENV, HERE, as_png, check_band, jpeg_folder, pixel_rule, read_cells
+from conftest import ENV, HERE, as_png, check_band, pixel_rule, read_cells
 
 
-# ============================================================================= data.py
-# ----------------------------------------------------------------------------- shapes
-
-def test_shapes_deterministic_and_varied():
-    a, b = data.ShapesDataset(50, img_size=48, seed=0), data.ShapesDataset(50, img_size=48, seed=0)
-    for i in (0, 7, 49):
-        img, mask, target = a.load(i)
-        img2, mask2, target2 = b.load(i)
-        assert np.array_equal(np.asarray(img), np.asarray(img2)) and np.array_equal(mask, mask2)
-        assert target == target2 == a.targets[i] == a.target(i)
-        assert img.mode == "RGB" and img.size == (48, 48)
-        assert mask.dtype == np.uint8 and mask.shape == (48, 48)
-    assert not np.array_equal(np.asarray(a.load(0)[0]), np.asarray(a.load(1)[0]))
-    other_seed = data.ShapesDataset(50, img_size=48, seed=1)
-    other_split = data.ShapesDataset(50, img_size=48, seed=0, split="val")
-    assert not np.array_equal(np.asarray(a.load(3)[0]), np.asarray(other_seed.load(3)[0]))
-    assert not np.array_equal(np.asarray(a.load(3)[0]), np.asarray(other_split.load(3)[0]))
-    assert a.files[:2] == ["shapes-train-0/000000.png", "shapes-train-0/000001.png"]
-    assert other_seed.files != a.files != other_split.files and len(a) == len(a.files) == 50
-
-
-def test_shapes_mask_ids_and_classes():
-    ds = data.ShapesDataset(300, img_size=32, seed=0)
-    assert len(ds.classes) >= 10 and set(ds.targets) == set(range(len(ds.classes)))
-    for i in range(40):
-        img, mask, target = ds.load(i)
-        ids = set(np.unique(mask).tolist()) - {0}
-        k = max(ids)
-        assert 1 <= k <= 4 and ids <= set(range(1, k + 1))     # 1..k in drawing order, some occluded
-        # the class object (largest, drawn last = id k) is never occluded and has the class colour
-        colour = data.COLOURS[ds.classes[target].split("_")[0]]
-        inside = np.asarray(img)[mask == k].astype(float).mean(0)
-        assert np.abs(inside - colour).max() < 60
-
-
-# ----------------------------------------------------------------------------- image folders
-
-def test_write_shapes_folder_round_trip(tmp_path):
-    ds = data.ShapesDataset(12, img_size=32, seed=0)
-    assert data.write_shapes(ds, str(tmp_path)) == 12
-    folder = data.FolderDataset(str(tmp_path / "images"), masks_root=str(tmp_path / "masks"))
-    expected = sorted(f"{ds.classes[ds.targets[i]]}/{i:06d}.png" for i in range(12))
-    assert folder.files == expected
-    assert folder.classes == sorted(os.listdir(tmp_path / "images"))
-    for j, rel in enumerate(folder.files):
-        i = int(rel.split("/")[1][:6])
-        img, mask, target = folder.load(j)
-        img0, mask0, target0 = ds.load(i)
-        assert np.array_equal(np.asarray(img), np.asarray(img0)) and np.array_equal(mask, mask0)
-        assert folder.classes[target] == ds.classes[target0]
-    assert data.FolderDataset(str(tmp_path / "images")).load(0)[1] is None
-
+# ---------------------------------------------------------------- image folders
 
 def test_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
@@ -92,138 +42,7 @@ def test_folder_errors(tmp_path):
     assert ds.load(1)[0].size == (8, 8)
 
 
-def test_cli_writes(tmp_path):
-    out = tmp_path / "shapes"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--write", str(out), "--num_images", "3",
-                           "--img_size", "16"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "wrote 3 images" in proc.stdout, proc.stderr
-    assert len(data.FolderDataset(str(out / "images"), str(out / "masks"))) == 3
-
-
-# ----------------------------------------------------------------------------- objects per cell
-
-def test_instance_cells_20_percent_rule():
-    m = np.zeros((20, 20), np.uint8)                     # 2x2 cells of 10x10 = 100 px, image 400 px
-    m[0:2, 0:10] = 1                                     # 20 px = 20% of cell (0,0): belongs; 5% of image: kept
-    m[0, 10:20] = 2
-    m[1, 10:19] = 2                                      # 19 px = 19% of cell (0,1): does not belong
-    m[10:13, 10:20] = 2                                  # 30% of cell (1,1) ...
-    m[13:17, 10:20] = 3                                  # ... loses to 40%
-    m[10:15, 0:5] = 4
-    m[10:15, 5:10] = 5                                   # 25% each: tie -> the lower id
-    assert data.instance_cells(m, (2, 2)).tolist() == [[1, 0], [4, 3]]
-    assert data.instance_cells(m, (2, 2)).dtype == np.uint8
-
-
-def test_instance_cells_drops_small_objects():
-    m = np.zeros((40, 40), np.uint8)                     # 1600 px, 8x8 cells of 5x5
-    m[0:8, 0:8] = 1                                      # 64 px = 4% of the image: dropped
-    m[20:30, 20:28] = 7                                  # 80 px = 5%: kept, id value kept
-    cells = data.instance_cells(m, (8, 8))
-    assert cells[:2, :2].max() == 0
-    assert cells[4:6, 4:6].tolist() == [[7, 7], [7, 7]] and set(np.unique(cells)) == {0, 7}
-    with pytest.raises(ValueError, match="multiple"):
-        data.instance_cells(m, (7, 7))
-
-
-def test_object_ratio():
-    labels = np.zeros((2, 4, 4), np.uint8)
-    labels[0, :2, :2] = 1                                # 4/16
-    labels[0, 3, 3] = 2                                  # 1/16
-    labels[1, :, :2] = 5                                 # 8/16
-    labels[1, :, 3] = 255                                # ignore is not an object
-    assert data.object_ratio(labels) == pytest.approx((4 + 1 + 8) / 16 / 3)
-    assert data.object_ratio(np.zeros((4, 4), np.uint8)) == 0.0
-
-
-# ----------------------------------------------------------------------------- cells -> patches
-
-def test_cells_to_patches_majority_vote():
-    cells = torch.tensor([[[1, 1, 2, 3],
-                           [2, 0, 3, 2],
-                           [255, 255, 255, 255],
-                           [255, 4, 255, 255]]])
-    # blocks: {1,1,2,0} -> 1 ; {2,3,3,2} tie -> 2 or 3 at random ; {255,255,255,4} -> 4 ; all ignore -> 255
-    outs = {tuple(data.cells_to_patches(cells, 2, torch.Generator().manual_seed(s))[0].tolist()) for s in range(20)}
-    assert outs == {(1, 2, 4, 255), (1, 3, 4, 255)}
-    assert torch.equal(data.cells_to_patches(cells, 1), cells.reshape(1, 16))
-    with pytest.raises(ValueError):
-        data.cells_to_patches(cells, 3)
-
-
-def test_cells_to_patches_matches_a_loop():
-    g = torch.Generator().manual_seed(0)
-    cells = torch.randint(0, 4, (3, 6, 6), generator=g)
-    cells[cells == 3] = 255
-    out = data.cells_to_patches(cells, 3)
-    for b in range(3):
-        for p in range(4):
-            block = cells[b, 3 * (p // 2):3 * (p // 2) + 3, 3 * (p % 2):3 * (p % 2) + 3].flatten().tolist()
-            real = [v for v in block if v != 255] or [255]
-            tied = {v for v in real if real.count(v) == max(map(real.count, real))}  # ties: any of them
-            assert out[b, p].item() in tied
-
-
-def test_scores_to_patches_mean():
-    s = torch.arange(16.).reshape(1, 4, 4)
-    assert data.scores_to_patches(s, 2).tolist() == [[2.5, 4.5, 10.5, 12.5]]
-    assert torch.equal(data.scores_to_patches(s, 1), s.reshape(1, 16))
-
-
-# ----------------------------------------------------------------------------- the regions file
-
-def make_regions(path, n=3, grid=4, input_size=32, files=None):
-    labels = torch.randint(0, 3, (n, grid, grid), dtype=torch.uint8)
-    scores = torch.rand(n, grid, grid)
-    files = files or [f"c/{i}.png" for i in range(n)]
-    meta = {"method": "test", "kind": "objects", "input_size": input_size, "cell_size": input_size // grid,
-            "num_regions": 2, "object_ratio": 0.1}
-    data.save_regions(str(path), labels, scores, files, meta)
-    return labels, scores, files, meta
-
-
-def test_regions_round_trip(tmp_path):
-    path = tmp_path / "sub" / "regions.pt"
-    labels, scores, files, meta = make_regions(path)
-    r = data.load_regions(str(path), files, 32)
-    assert torch.equal(r["labels"], labels) and r["labels"].dtype == torch.uint8
-    assert r["scores"].dtype == torch.float16 and torch.allclose(r["scores"].float(), scores, atol=1e-3)
-    assert r["files"] == files and r["meta"] == meta
-    assert [f for f in os.listdir(path.parent)] == ["regions.pt"]          # no temp file left behind
-    data.save_regions(str(path), labels.numpy(), None, files, meta)      # numpy in, no scores
-    assert data.load_regions(str(path), files, 32)["scores"] is None
-    assert data.load_regions(str(path), files, 32)["masks"] is None
-    masks = torch.randint(0, 3, (len(files), 32, 32), dtype=torch.uint8)  # objects' pixel masks, for the crop
-    data.save_regions(str(path), labels, None, files, meta, masks=masks)
-    assert torch.equal(data.load_regions(str(path), files, 32)["masks"], masks)
-    data.save_regions(str(path), labels, None, files, meta, masks=masks[:, :16, :16])
-    with pytest.raises(ValueError, match=r"object masks of shape .*remake it"):
-        data.load_regions(str(path), files, 32)
-
-
-def test_regions_errors(tmp_path):
-    path = tmp_path / "regions.pt"
-    _, _, files, meta = make_regions(path)
-    with pytest.raises(ValueError, match="part_learn.py"):
-        data.load_regions(str(tmp_path / "missing.pt"), files, 32)
-    with pytest.raises(ValueError, match=r"3 images but the dataset has 2"):
-        data.load_regions(str(path), files[:2], 32)
-    with pytest.raises(ValueError, match=r"image 1 is 'c/1.png' there but 'c/x.png'"):
-        data.load_regions(str(path), [files[0], "c/x.png", files[2]], 32)
-    with pytest.raises(ValueError, match="--input_size 32"):
-        data.load_regions(str(path), files, 64)
-    (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a regions file"):
-        data.load_regions(str(tmp_path / "junk.pt"), files, 32)
-    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a regions file"):
-        data.load_regions(str(tmp_path / "other.pt"), files, 32)
-    data.save_regions(str(path), torch.zeros(3, 4, 4), None, files, {**meta, "cell_size": 4})
-    with pytest.raises(ValueError, match="shape"):
-        data.load_regions(str(path), files, 32)
-
-
-# ----------------------------------------------------------------------------- pre-training samples
+# ---------------------------------------------------------------- pre-training samples
 
 class OneSquare:
     """A white square on black in the top-left cell, with its instance mask."""
@@ -239,14 +58,16 @@ class OneSquare:
         img = np.zeros((self.size, self.size, 3), np.uint8)
         mask = np.zeros((self.size, self.size), np.uint8)
         s = self.size // 4
-        img[:s, :s], mask[:s, :s] = 255, 1               # one 8-px cell at 32 px: 6.25% of the image
+        img[:s, :s], mask[:s, :s] = 255, 1       # one 8-px cell at 32 px: 6.25% of the image
         return Image.fromarray(img), (mask if self.with_mask else None), 0
 
 
 def white_cells(img, grid):
     """Cells whose pixels are white after undoing the normalisation. [gh, gw] bool"""
-    x = img * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
-    return torch.nn.functional.avg_pool2d(x.mean(0, keepdim=True)[None], x.shape[-1] // grid)[0, 0] > 0.9
+    x = img * torch.tensor(data.IMAGENET_STD)[:, None, None]
+    x = x + torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    grey = x.mean(0, keepdim=True)[None]
+    return torch.nn.functional.avg_pool2d(grey, x.shape[-1] // grid)[0, 0] > 0.9
 
 
 @pytest.mark.parametrize("source", ["mask", "regions", "resized_mask"])
@@ -279,80 +100,22 @@ def test_pretrain_no_flip_no_mask_and_errors():
     assert (cells == 255).all() and (scores == 0).all() and white_cells(img, 4)[0, 0]
     with pytest.raises(ValueError, match="multiple of the cell size 8"):
         data.PretrainDataset(OneSquare(), 36)
-    regions = {"labels": torch.zeros(1, 8, 8, dtype=torch.uint8), "scores": None, "files": ["a/0.png"], "meta": {}}
+    regions = {"labels": torch.zeros(1, 8, 8, dtype=torch.uint8), "scores": None,
+               "files": ["a/0.png"], "meta": {}}
     with pytest.raises(ValueError, match="cell size"):
         data.PretrainDataset(OneSquare(), 32, regions=regions, cell_size=8)
 
 
 def test_pretrain_on_shapes_batches():
-    ds = data.PretrainDataset(data.ShapesDataset(4, img_size=32), 32)
+    ds = data.PretrainDataset(shapes.ShapesDataset(4, img_size=32), 32)
     img, cells, scores, target = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert img.shape == (4, 3, 32, 32) and cells.shape == (4, 4, 4) and target.shape == (4,)
     assert (cells > 0).any() and cells.max() <= 4
 
 
-# ----------------------------------------------------------------------------- COCO
-
-def rle_string(runs):
-    """pycocotools' compressed RLE: runs from the 4th on as differences to the run two before,
-    each value in 5-bit groups (low first), 0x20 = more follow, 0x10 of the last = sign, + 48."""
-    out = []
-    for i, x in enumerate(runs):
-        x = x - runs[i - 2] if i > 2 else x
-        more = True
-        while more:
-            c, x = x & 0x1F, x >> 5
-            more = x != -1 if c & 0x10 else x != 0
-            out.append(chr((c | 0x20 if more else c) + 48))
-    return "".join(out)
-
-
-def rle_runs(mask):
-    """Uncompressed COCO RLE: alternating run lengths of 0s and 1s in column-major order."""
-    runs, cur, n = [], 0, 0
-    for v in mask.flatten(order="F").astype(int):
-        if v != cur:
-            runs, cur, n = runs + [n], v, 0
-        n += 1
-    return runs + [n]
-
-
-def test_coco_polygon_and_rle(tmp_path):
-    h, w = 6, 50
-    want_a = np.zeros((h, w), bool)
-    want_a[1:3, 1:4] = True                              # polygon (1,1)-(3,2): PIL fills the edges too
-    rle_mask = np.zeros((h, w), bool)
-    rle_mask[2:5, 3] = True
-    rle_mask[0, 10:45] = True                            # long runs: multi-group values, negative deltas
-    rle_mask[5, 20] = True
-    runs = rle_runs(rle_mask)
-    coco = {
-        "images": [{"id": 1, "file_name": "a.jpg", "height": h, "width": w},
-                   {"id": 2, "file_name": "b.jpg", "height": h, "width": w},
-                   {"id": 3, "file_name": "c.jpg", "height": h, "width": w}],
-        "annotations": [
-            {"image_id": 1, "iscrowd": 0, "segmentation": [[1, 1, 3, 1, 3, 2, 1, 2]]},
-            {"image_id": 1, "iscrowd": 1, "segmentation": {"size": [h, w], "counts": [0, h * w]}},
-            {"image_id": 2, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": runs}},
-            {"image_id": 2, "iscrowd": 0, "segmentation": {"size": [h, w], "counts": rle_string(runs)}},
-            {"image_id": 1, "iscrowd": 0, "segmentation": [[2, 2, 2, 2]]},   # degenerate: nothing
-        ]}
-    path = tmp_path / "instances.json"
-    path.write_text(json.dumps(coco))
-    masks = data.coco_instance_masks(str(path))
-    assert sorted(masks) == ["a.jpg", "b.jpg", "c.jpg"] and masks["a.jpg"].dtype == np.uint8
-    assert np.array_equal(masks["a.jpg"], want_a.astype(np.uint8))          # crowd skipped
-    assert np.array_equal(masks["b.jpg"], rle_mask * 2)                     # string = list, later wins
-    assert not masks["c.jpg"].any()
-    assert list(data.coco_instance_masks(str(path), image_ids=[2])) == ["b.jpg"]
-    assert data._rle_counts(rle_string([5, 40, 3, 1000, 2, 7])) == [5, 40, 3, 1000, 2, 7]
-    with pytest.raises(ValueError, match="instances"):
-        data.coco_instance_masks(str(tmp_path / "missing.json"))
-
-
 def crop_mask_slow(mask, box, size):
-    """Nearest crop of a pixel mask, one pixel at a time with exact fractions: output pixel (y, x) takes the
-    source pixel under its centre."""
+    """Nearest crop of a pixel mask, one pixel at a time with exact fractions: output pixel (y, x)
+    takes the source pixel under its centre."""
     t, l, h, w = box
     out = np.zeros((size, size), mask.dtype)
     for y in range(size):
@@ -363,8 +126,9 @@ def crop_mask_slow(mask, box, size):
 
 
 def crop_cells_slow(labels, scores, box, size):
-    """Cells [g, g] of a size x size image -> cells of the crop, with exact fractions: an output cell's label is
-    the input cell under its centre, its score the area-weighted mean of the input cells it covers."""
+    """Cells [g, g] of a size x size image -> cells of the crop, with exact fractions: an output
+    cell's label is the input cell under its centre, its score the area-weighted mean of the input
+    cells it covers."""
     t, l, h, w = box
     g = labels.shape[0]
     c = Fraction(size, g)
@@ -388,15 +152,15 @@ def crop_cells_slow(labels, scores, box, size):
     return out_l, out_s
 
 
-# ============================================================================= joint random-resized crop
+# ---------------------------------------------------------------- joint random-resized crop
 
-@pytest.mark.parametrize("size,scale,ratio", [(224, (0.2, 1.0), (3 / 4, 4 / 3)), (64, (0.08, 0.5), (0.5, 2.0)),
-                                              (32, (0.9, 1.0), (1.5, 2.0)), (32, (0.9, 1.0), (0.3, 0.5)),
-                                              ((375, 500), (0.2, 1.0), (3 / 4, 4 / 3)),
-                                              ((500, 375), (0.9, 1.0), (1.5, 2.0)), ((40, 90), (0.9, 1.0), (0.3, 0.5))])
+@pytest.mark.parametrize("size,scale,ratio", [
+    (224, (0.2, 1.0), (3 / 4, 4 / 3)), (64, (0.08, 0.5), (0.5, 2.0)), (32, (0.9, 1.0), (1.5, 2.0)),
+    (32, (0.9, 1.0), (0.3, 0.5)), ((375, 500), (0.2, 1.0), (3 / 4, 4 / 3)),
+    ((500, 375), (0.9, 1.0), (1.5, 2.0)), ((40, 90), (0.9, 1.0), (0.3, 0.5))])
 def test_crop_box_is_torchvisions_rule(size, scale, ratio):
-    """The same boxes as torchvision's RandomResizedCrop from the same global RNG state (the last two settings
-    cannot fit a box in 10 tries and take the centred fallback)."""
+    """The same boxes as torchvision's RandomResizedCrop from the same global RNG state (the last
+    two settings cannot fit a box in 10 tries and take the centred fallback)."""
     rrc = v2.RandomResizedCrop(32, scale=scale, ratio=ratio)
     H, W = (size, size) if isinstance(size, int) else size
     for seed in range(40):
@@ -406,7 +170,18 @@ def test_crop_box_is_torchvisions_rule(size, scale, ratio):
         torch.manual_seed(seed)
         p = rrc.make_params([torch.zeros(3, H, W)])
         assert box == (p["top"], p["left"], p["height"], p["width"])
-        assert torch.rand(()) == after                                     # the same RNG draws were used
+        assert torch.rand(()) == after                         # the same RNG draws were used
+
+
+def test_a_crop_ratio_beyond_the_image_still_gives_a_box_of_one_pixel_or_more():
+    """--crop_ratio 99 100 at 32 px: no try fits, and the fallback (the whole image clipped to the
+    ratio) would be 0 px high by torchvision's rule; the box keeps at least one pixel, so the crop
+    is resized, not a traceback."""
+    torch.manual_seed(0)
+    top, left, h, w = data.crop_box(32, (0.2, 1.0), (99, 100))
+    assert (h, w) == (1, 32) and 0 <= top < 32 and left == 0
+    top, left, h, w = data.crop_box(32, (0.2, 1.0), (1 / 100, 1 / 99))
+    assert (h, w) == (32, 1)
 
 
 def test_resized_crop_is_bicubic_antialiased_and_batched():
@@ -414,12 +189,12 @@ def test_resized_crop_is_bicubic_antialiased_and_batched():
     x = torch.rand(3, 3, 48, 48)
     boxes = [(5, 7, 20, 33), (0, 0, 48, 48), (30, 1, 17, 40)]
     for img, box in zip(x, boxes):
-        ref = v2.functional.resized_crop(img, *box, size=[48, 48], interpolation=v2.InterpolationMode.BICUBIC,
-                                         antialias=True).clamp(0, 1)
+        ref = v2.functional.resized_crop(img, *box, size=[48, 48], antialias=True,
+                                         interpolation=v2.InterpolationMode.BICUBIC).clamp(0, 1)
         assert torch.equal(data.resized_crop(img, box, 48), ref)
     batch = data.resized_crop(x, torch.tensor(boxes), 48)                  # one box per image
     assert torch.equal(batch, torch.stack([data.resized_crop(i, b, 48) for i, b in zip(x, boxes)]))
-    assert torch.equal(data.resized_crop(x, boxes[1], 48), x)              # the whole image is left as it is
+    assert torch.equal(data.resized_crop(x, boxes[1], 48), x)     # the whole image is left as it is
     with pytest.raises(ValueError, match="2 crop boxes for 3 images"):
         data.resized_crop(x, boxes[:2], 48)
 
@@ -436,15 +211,17 @@ def test_resized_crop_cells_nearest_ids_area_scores():
         ref_l, ref_s = crop_cells_slow(labels.numpy(), scores.numpy(), box, size)
         assert np.array_equal(lab.numpy(), ref_l)
         assert np.allclose(sc.numpy(), ref_s, atol=1e-6) and sc.dtype == torch.float32
-    lab, sc = data.resized_crop_cells(labels[None].repeat(2, 1, 1), None, [box, (0, 0, size, size)], size)
-    assert sc is None and torch.equal(lab[1], labels)                       # the whole image: unchanged
+    lab, sc = data.resized_crop_cells(labels[None].repeat(2, 1, 1), None,
+                                      [box, (0, 0, size, size)], size)
+    assert sc is None and torch.equal(lab[1], labels)               # the whole image: unchanged
 
 
 def test_joint_crop_cells_follow_their_pixels():
-    """Shapes scenes with known masks, cropped in PretrainDataset: the image is the crop of the resized image and
-    the objects per patch are the 20% / 5% rules recomputed from the cropped mask, per pixel (ObjMAE §3.2, §4.1)."""
+    """Shapes scenes with known masks, cropped in PretrainDataset: the image is the crop of the
+    resized image and the objects per patch are the 20% / 5% rules recomputed from the cropped mask,
+    per pixel (ObjMAE §3.2, §4.1)."""
     S = 64
-    base = data.ShapesDataset(6, img_size=S, seed=3)
+    base = shapes.ShapesDataset(6, img_size=S, seed=3)
     for patch in (8, 16):
         ds = data.PretrainDataset(base, S, hflip=False, cell_size=patch, crop_scale=(0.2, 1.0))
         plain = data.PretrainDataset(base, S, hflip=False, cell_size=patch)
@@ -457,51 +234,61 @@ def test_joint_crop_cells_follow_their_pixels():
             assert np.array_equal(cells.numpy(), pixel_rule(mask, patch))
             x = plain[i][0] * torch.tensor(data.IMAGENET_STD)[:, None, None] + \
                 torch.tensor(data.IMAGENET_MEAN)[:, None, None]
-            expected = v2.functional.normalize(data.resized_crop(x, box, S), data.IMAGENET_MEAN, data.IMAGENET_STD)
+            expected = v2.functional.normalize(data.resized_crop(x, box, S), data.IMAGENET_MEAN,
+                                               data.IMAGENET_STD)
             assert torch.allclose(img, expected, atol=1e-5) and target == base.load(i)[2]
 
 
 def test_pretrain_crop_is_cut_from_the_original_photo(tmp_path):
-    """MAE's RandomResizedCrop cuts its box from the original 500x375 photo, not from the photo squashed to S x S
-    first: the sample is torchvision's RandomResizedCrop (bicubic, antialias) of the original for the same RNG
-    state, and within PIL's 8-bit rounding of MAE's PIL pipeline. The cells of a regions file follow the box, mapped
-    fractionally onto their grid over the squashed image."""
+    """MAE's RandomResizedCrop cuts its box from the original 500x375 photo, not from the photo
+    squashed to S x S first: the sample is torchvision's RandomResizedCrop (bicubic, antialias) of
+    the original for the same RNG state, and within PIL's 8-bit rounding of MAE's PIL pipeline. The
+    cells of a regions file follow the box, mapped fractionally onto their grid over the squashed
+    image."""
     os.makedirs(tmp_path / "c0")
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:375, 0:500]
-    pixels = np.stack([xx * 255 // 500, yy * 255 // 375, (3 * xx + yy) % 256], -1) + rng.integers(0, 20, (375, 500, 3))
+    pixels = np.stack([xx * 255 // 500, yy * 255 // 375, (3 * xx + yy) % 256], -1)
+    pixels = pixels + rng.integers(0, 20, (375, 500, 3))
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(tmp_path / "c0" / "photo.png")
     base = data.FolderDataset(str(tmp_path))
     S, g = 64, 8
     labels = torch.arange(g * g).reshape(1, g, g).to(torch.uint8)
     regions = {"labels": labels, "scores": None, "files": base.files, "meta": {"kind": "parts"}}
-    ds = data.PretrainDataset(base, S, regions=regions, hflip=False, cell_size=8, crop_scale=(0.2, 1.0))
+    ds = data.PretrainDataset(base, S, regions=regions, hflip=False, cell_size=8,
+                              crop_scale=(0.2, 1.0))
     photo = base.load(0)[0]
-    rrc = v2.RandomResizedCrop(S, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    pil_rrc = torchvision.transforms.RandomResizedCrop(S, scale=(0.2, 1.0),
-                                                       interpolation=torchvision.transforms.InterpolationMode.BICUBIC)
-    unnorm = (torch.tensor(data.IMAGENET_STD)[:, None, None], torch.tensor(data.IMAGENET_MEAN)[:, None, None])
+    rrc = v2.RandomResizedCrop(S, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                               antialias=True)
+    bicubic = torchvision.transforms.InterpolationMode.BICUBIC
+    pil_rrc = torchvision.transforms.RandomResizedCrop(S, scale=(0.2, 1.0), interpolation=bicubic)
+    unnorm = (torch.tensor(data.IMAGENET_STD)[:, None, None],
+              torch.tensor(data.IMAGENET_MEAN)[:, None, None])
     for seed in range(8):
         torch.manual_seed(seed)
         img, cells, _, _ = ds[0]
         torch.manual_seed(seed)
-        ref = rrc(v2.functional.to_dtype(v2.functional.to_image(photo), torch.float32, scale=True)).clamp(0, 1)
+        ref = v2.functional.to_dtype(v2.functional.to_image(photo), torch.float32, scale=True)
+        ref = rrc(ref).clamp(0, 1)
         x = img * unnorm[0] + unnorm[1]
         assert (x - ref).abs().max() < 1e-5, seed
         torch.manual_seed(seed)
-        mae = v2.functional.to_dtype(v2.functional.to_image(pil_rrc(photo)), torch.float32, scale=True)
-        assert (x - mae).abs().mean() < 1 / 255, seed                     # MAE's PIL crop, up to 8-bit rounding
+        mae = v2.functional.to_dtype(v2.functional.to_image(pil_rrc(photo)), torch.float32,
+                                     scale=True)
+        assert (x - mae).abs().mean() < 1 / 255, seed       # MAE's PIL crop, up to 8-bit rounding
         torch.manual_seed(seed)
         t, l, h, w = data.crop_box((375, 500), (0.2, 1.0))
-        rows = [math.floor((t + (j + 0.5) * h / g) * g / 375) for j in range(g)]   # the cell under each centre
+        # the cell under each centre
+        rows = [math.floor((t + (j + 0.5) * h / g) * g / 375) for j in range(g)]
         cols = [math.floor((l + (j + 0.5) * w / g) * g / 500) for j in range(g)]
         assert cells.tolist() == [[r * g + c for c in cols] for r in rows], seed
 
 
 def test_joint_crop_regions_then_flip():
-    """From a regions file: ids nearest, scores by area, then the coin flips image and cells together."""
+    """From a regions file: ids nearest, scores by area, then the coin flips image and cells
+    together."""
     S, g = 32, 4
-    base = data.ShapesDataset(2, img_size=S)
+    base = shapes.ShapesDataset(2, img_size=S)
     labels = torch.arange(2 * g * g).reshape(2, g, g).to(torch.uint8)
     scores = torch.rand(2, g, g).to(torch.float16)
     regions = {"labels": labels, "scores": scores, "files": base.files, "meta": {}}
@@ -520,12 +307,13 @@ def test_joint_crop_regions_then_flip():
     assert flips == {True, False}
 
 
-# ============================================================================= exact resume with workers
+# ---------------------------------------------------------------- exact resume with workers
 
 def test_samples_are_a_function_of_seed_epoch_index():
-    """Flip and crop of a sample depend on (seed, epoch, index) only: not on --num_workers, not on when the
-    (persistent) workers started, and iterating the loader leaves the training process's RNG alone."""
-    ds = data.PretrainDataset(data.ShapesDataset(16, img_size=32), 32)
+    """Flip and crop of a sample depend on (seed, epoch, index) only: not on --num_workers, not on
+    when the (persistent) workers started, and iterating the loader leaves the training process's
+    RNG alone."""
+    ds = data.PretrainDataset(shapes.ShapesDataset(16, img_size=32), 32)
     d = utils.Dist(0, 1, 0, torch.device("cpu"), True)
 
     def epochs(num_workers, which):
@@ -540,15 +328,17 @@ def test_samples_are_a_function_of_seed_epoch_index():
     before = torch.rand(3)
     torch.manual_seed(123)
     plain = epochs(0, [0, 1])
-    assert torch.equal(torch.rand(3), before)                      # masks and mixes draw as if no loader ran
+    assert torch.equal(torch.rand(3), before)          # masks and mixes draw as if no loader ran
     persistent = epochs(2, [0, 1])                                 # workers started at epoch 0
-    restarted = epochs(2, [1])                                     # a resumed run: workers start at epoch 1
+    restarted = epochs(2, [1])                         # a resumed run: workers start at epoch 1
     for epoch in (0, 1):
         assert all(torch.equal(a, b) for a, b in zip(plain[epoch], persistent[epoch]))
     assert all(torch.equal(a, b) for a, b in zip(persistent[1], restarted[1]))
-    # the coin is really tossed: some samples flipped, some not, and not the same ones in every epoch
+    # the coin is really tossed: some samples flipped, some not, and not the same ones in every
+    # epoch
     seeded, unflipped = utils.SeededSamples(ds, 0), data.PretrainDataset(ds.base, 32, hflip=False)
-    flipped = [[not torch.equal(seeded[(e, i)][0], unflipped[i][0]) for i in range(16)] for e in (0, 1)]
+    flipped = [[not torch.equal(seeded[(e, i)][0], unflipped[i][0]) for i in range(16)]
+               for e in (0, 1)]
     assert 0 < sum(flipped[0]) < 16 and flipped[0] != flipped[1]
     sampler = utils.EpochSampler(ds, shuffle=True, seed=0)
     sampler.set_epoch(3)
@@ -556,7 +346,7 @@ def test_samples_are_a_function_of_seed_epoch_index():
     assert {e for e, _ in pairs} == {3} and sorted(i for _, i in pairs) == list(range(16))
 
 
-# ============================================================================= every PIL mode
+# ---------------------------------------------------------------- every PIL mode
 
 def composite_white(rgb, alpha):
     a = alpha[..., None].astype(float) / 255
@@ -584,7 +374,8 @@ def mode_cases():
     cmyk_ref = 255 * (1 - cmyk[..., :3] / 255) * (1 - cmyk[..., 3:] / 255)
     # (image, file extension, reference RGB as float, tolerance)
     return {
-        "1": (Image.fromarray(bits).convert("1"), "png", np.repeat(bits[..., None] * 255.0, 3, -1), 0),
+        "1": (Image.fromarray(bits).convert("1"), "png",
+              np.repeat(bits[..., None] * 255.0, 3, -1), 0),
         "L": (Image.fromarray(grey), "png", np.repeat(grey[..., None], 3, -1), 0),
         "LA": (Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha)]), "png",
                composite_white(np.repeat(grey[..., None], 3, -1), alpha), 1),
@@ -592,7 +383,8 @@ def mode_cases():
         "P_transparent": (p_transparent, "png",
                           np.where((index == index[0, 0])[..., None], 255.0, palette[index]), 0),
         "RGBA": (Image.fromarray(np.dstack([rgb, alpha])), "png", composite_white(rgb, alpha), 1),
-        "CMYK": (Image.merge("CMYK", [Image.fromarray(cmyk[..., k]) for k in range(4)]), "tif", cmyk_ref, 1),
+        "CMYK": (Image.merge("CMYK", [Image.fromarray(cmyk[..., k]) for k in range(4)]), "tif",
+                 cmyk_ref, 1),
         "I;16": (Image.fromarray(g16), "png", scaled16, 0.5),
         "I": (Image.fromarray(g32), "tif", np.repeat(stretch[..., None], 3, -1), 0.5),
         "I_16bit_values": (Image.fromarray(g16.astype(np.int32)), "tif",
@@ -640,7 +432,7 @@ def test_skipped_files_are_counted_and_named(tmp_path, capsys):
     assert all(name in lines[0] for name in ("a/notes.txt", "a/raw.psd", "labels.csv"))
 
 
-# ============================================================================= unreadable images, all at once
+# ---------------------------------------------------------------- unreadable images, at once
 
 def test_verify_lists_every_unreadable_image(tmp_path):
     root = tmp_path / "train"
@@ -649,12 +441,14 @@ def test_verify_lists_every_unreadable_image(tmp_path):
     for i in range(3):
         Image.new("RGB", (16, 16), (i, 0, 0)).save(root / "a" / f"ok{i}.jpg")
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG")
     (root / "a" / "truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
     (root / "b" / "text.png").write_text("not a png")
     (root / "b" / "notes.txt").write_text("skipped, not an image")
     Image.new("P", (16, 16)).save(root / "b" / "anim.gif")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--verify", str(root), "--num_workers", "2"],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--verify", str(root),
+                           "--num_workers", "2"],
                           capture_output=True, text=True, cwd=HERE, env=ENV, timeout=300)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -671,105 +465,14 @@ def test_verify_lists_every_unreadable_image(tmp_path):
     assert data.unreadable_images(data.FolderDataset(str(root))) == []
 
 
-@pytest.mark.parametrize("size,headings", [(40, ["original", "visible", "reconstruction", "pasted"]),
-                                           (96, ["image", "parts", "reconstruction"])], ids=["enlarged", "as-is"])
+@pytest.mark.parametrize("size,headings",
+                         [(40, ["original", "visible", "reconstruction", "pasted"]),
+                          (96, ["image", "parts", "reconstruction"])], ids=["enlarged", "as-is"])
 def test_headings_over_unchanged_cells(tmp_path, size, headings):
-    images = torch.rand(2 * len(headings), 3, size, size, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2 * len(headings), 3, size, size, generator=g)
     path = str(tmp_path / "grid.png")
     data.save_with_headings(path, images, headings)
     band, cells = read_cells(path, 2, len(headings), size)
     check_band(band, len(headings))
     assert np.array_equal(cells.reshape(-1, size, size, 3), as_png(images))
-
-
-# ============================================================================= the fast input path
-
-@pytest.mark.parametrize("source", ["folder", "shapes", "shapes-40"])
-def test_fast_path_gives_the_default_tensors(tmp_path, source):
-    """Same image, same seed -> same crop box and coin: the cells and scores are identical (the box is drawn on the
-    original's size, stored in the cache). Without a crop, or when the originals are already S x S, the cached
-    uint8 image cropped, flipped and normalised in a batch by device_batch equals PretrainDataset's tensor (far
-    inside uint8 rounding, 1/255/std = 0.017). With a crop of a larger original the default path cuts the box from
-    the original and the cache from its S x S copy (the box rounded to its pixels): close, not equal. Shapes also
-    checks the instance-mask cells (cropped at the pixel level)."""
-    base = {"folder": lambda: jpeg_folder(str(tmp_path / "imgs")), "shapes": lambda: data.ShapesDataset(5, img_size=32),
-            "shapes-40": lambda: data.ShapesDataset(5, img_size=40)}[source]()
-    cache = data.open_image_cache(str(tmp_path / "cache.pt"), base, 32, num_workers=0)
-    for crop in (None, (0.2, 1.0)):
-        slow = data.PretrainDataset(base, 32, crop_scale=crop)
-        fast = data.CachedPretrainDataset(base, cache, 32, crop_scale=crop)
-        expected, samples, flips = [], [], set()
-        for i in range(len(base)):
-            for seed in range(3):
-                torch.manual_seed(10 * i + seed)
-                expected.append(slow[i])
-                torch.manual_seed(10 * i + seed)
-                samples.append(fast[i])
-                flips.add(bool(samples[-1][4]))
-        assert flips == {True, False}
-        imgs, labels, scores, _, flip, boxes = (torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in range(6))
-        assert imgs.dtype == torch.uint8 and imgs.shape == (len(samples), 3, 32, 32)
-        x = data.device_batch(imgs, flip, boxes if crop else None)       # the whole batch at once
-        std = torch.tensor(data.IMAGENET_STD)[:, None, None]
-        for k, (img, lab, sc, target) in enumerate(expected):
-            if crop is None or source == "shapes":
-                assert (x[k] - img).abs().max() < 1e-5, (crop, k)
-            else:                                                          # mean error in [0, 1] pixel units
-                assert ((x[k] - img) * std).abs().mean() < 0.05, (crop, k)
-            assert torch.equal(labels[k], lab) and torch.equal(scores[k], sc) and samples[k][3] == target
-        if crop:
-            assert len({tuple(b.tolist()) for b in boxes}) > 5           # the boxes really differ
-
-
-def test_cache_box_rounds_the_original_box_onto_the_square():
-    assert data.cache_box((0, 0, 375, 500), (375, 500), 224) == (0, 0, 224, 224)
-    assert data.cache_box((10, 20, 30, 40), (100, 100), 50) == (5, 10, 15, 20)
-    assert data.cache_box((99, 99, 1, 1), (100, 100), 10) == (9, 9, 1, 1)   # never empty, never outside
-
-
-def test_image_cache_is_written_once_and_checked(tmp_path):
-    base = jpeg_folder(str(tmp_path / "imgs"))
-    path = str(tmp_path / "cache.pt")
-    c = data.open_image_cache(path, base, 32, num_workers=0)
-    assert not os.path.exists(path + ".tmp") and c["masks"] is None and c["files"] == base.files
-    first = np.array(base.load(3)[0].resize((32, 32), Image.BICUBIC))
-    assert torch.equal(c["images"][3], torch.from_numpy(first).permute(2, 0, 1))
-    stamp = os.stat(path).st_mtime_ns
-    data.open_image_cache(path, base, 32, num_workers=0)                  # reused, not rewritten
-    assert os.stat(path).st_mtime_ns == stamp
-    with pytest.raises(ValueError, match="--input_size 32"):
-        data.open_image_cache(path, base, 48, num_workers=0)
-    other = jpeg_folder(str(tmp_path / "other"), sizes=((20, 20),) * 5)
-    os.rename(os.path.join(other.root, "c0", "0.jpg"), os.path.join(other.root, "c0", "9.jpg"))
-    with pytest.raises(ValueError, match="does not match the dataset: image 0"):
-        data.open_image_cache(path, data.FolderDataset(other.root), 32, num_workers=0)
-    regions = str(tmp_path / "regions.pt")
-    data.save_regions(regions, torch.zeros(5, 4, 4), None, base.files, {"input_size": 32})
-    with pytest.raises(ValueError, match="is not an image cache"):
-        data.open_image_cache(regions, base, 32, num_workers=0)
-    assert os.stat(path).st_mtime_ns == stamp                            # errors never touch the cache
-
-
-def test_reserve_tensor_file_offsets(tmp_path):
-    """Bytes written at the reported offsets are what torch.load then reads, mapped or not."""
-    path = str(tmp_path / "f.pt")
-    a, b = torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4), torch.randn(5, 7).half()
-    offsets = data.reserve_tensor_file(path, {"a": data.fake_tensor(a.shape, a.dtype), "names": ["x", "y"],
-                                              "b": data.fake_tensor(b.shape, b.dtype)})
-    fd = os.open(path, os.O_WRONLY)
-    data.pwrite_all(fd, b, offsets["b"])
-    data.pwrite_all(fd, a, offsets["a"])
-    os.close(fd)
-    for mmap in (False, True):
-        r = torch.load(path, weights_only=True, mmap=mmap)
-        assert torch.equal(r["a"], a) and torch.equal(r["b"], b) and r["names"] == ["x", "y"]
-
-
-def test_a_crop_ratio_beyond_the_image_still_gives_a_box_of_one_pixel_or_more():
-    """--crop_ratio 99 100 at 32 px: no try fits, and the fallback (the whole image clipped to the ratio) would be
-    0 px high by torchvision's rule; the box keeps at least one pixel, so the crop is resized, not a traceback."""
-    torch.manual_seed(0)
-    top, left, h, w = data.crop_box(32, (0.2, 1.0), (99, 100))
-    assert (h, w) == (1, 32) and 0 <= top < 32 and left == 0
-    top, left, h, w = data.crop_box(32, (0.2, 1.0), (1 / 100, 1 / 99))
-    assert (h, w) == (32, 1)

@@ -14,6 +14,8 @@ import data
 import finetune
 import model as models
 import pretrain
+import region_file
+import shapes
 from utils import UsageError
 
 from conftest import FT, HERE, read_log, run_cli, torchrun
@@ -120,7 +122,7 @@ def test_pos_embed_14_to_28_keeps_cls(tmp_path):
 def test_eval_of_memorised_labels_is_one(tmp_path):
     """Train on 16 images, validate on the same images: --eval must report 100% top-1."""
     root = tmp_path / "data"
-    data.write_shapes(data.ShapesDataset(16, img_size=32, seed=0), str(tmp_path / "w"))
+    shapes.write_shapes(shapes.ShapesDataset(16, img_size=32, seed=0), str(tmp_path / "w"))
     shutil.copytree(tmp_path / "w" / "images", root / "train")
     shutil.copytree(tmp_path / "w" / "images", root / "val")
     out = str(tmp_path / "out")
@@ -247,9 +249,9 @@ def test_keep_ratio_probe_uses_maes_probe_crops():
     assert torch.allclose(img, ref, atol=1e-6) and target == label
     side = int(S / 0.8)                                                    # 40: the box is pixels 4..36 of 40
     box = (4 * S / side, 4 * S / side, S * S / side, S * S / side)
-    cells = data.instance_cells(data.resized_crop_mask(mask, box, S), (S // 8, S // 8))
+    cells = region_file.instance_cells(data.resized_crop_mask(mask, box, S), (S // 8, S // 8))
     assert torch.equal(scores, torch.from_numpy(cells > 0).float())
-    whole = [torch.from_numpy(data.instance_cells(base.load(i)[1], (4, 4)) > 0).float() for i in range(8)]
+    whole = [torch.from_numpy(region_file.instance_cells(base.load(i)[1], (4, 4)) > 0).float() for i in range(8)]
     assert any(not torch.equal(val[i][2], whole[i]) for i in range(8))   # not the whole-image squash
 
 

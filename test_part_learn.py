@@ -13,9 +13,12 @@ import torchvision
 from PIL import Image
 
 import data
+import image_cache
 import model as models
 import part_learn
 import pretrain
+import region_file
+import shapes
 import utils
 from utils import UsageError
 
@@ -28,7 +31,7 @@ PL_DATA = ["--input_size", "32", "--num_images", "8", "--batch_size", "4", "--nu
 PL_TINY = PL_DATA + ["--epochs", "1"]                                                              # learned
 
 
-FILES = data.ShapesDataset(8, img_size=32, seed=0).files
+FILES = shapes.ShapesDataset(8, img_size=32, seed=0).files
 
 
 def run_part_learn(*argv):
@@ -37,7 +40,7 @@ def run_part_learn(*argv):
 
 
 def learned_regions(out, files=FILES, size=32):
-    return data.load_regions(os.path.join(out, "regions.pt"), files, size)
+    return region_file.load_regions(os.path.join(out, "regions.pt"), files, size)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +117,12 @@ def test_attention_regions_and_heldout_iou(tmp_path, encoder_ckpt):
         "--output_dir", out)
     r = learned_regions(out)
     assert r["meta"]["num_regions"] == 3 and int(r["labels"].max()) < 3     # one part per head of the tiny ViT
-    val = data.ShapesDataset(6, img_size=32, seed=0, split="val")
-    assert data.load_regions(os.path.join(out, "regions-val.pt"), val.files, 32)["labels"].shape == (6, 4, 4)
+    val = shapes.ShapesDataset(6, img_size=32, seed=0, split="val")
+    assert region_file.load_regions(os.path.join(out, "regions-val.pt"), val.files, 32)["labels"].shape == (6, 4, 4)
     with open(os.path.join(out, "log.txt")) as f:
         iou = json.loads(f.readlines()[-1])
     # the logged IoU is foreground_iou (tested on hand-made values in test_foreground_iou_values) of the held-out regions
-    again = part_learn.foreground_iou(data.load_regions(os.path.join(out, "regions-val.pt"), val.files, 32), val)
+    again = part_learn.foreground_iou(region_file.load_regions(os.path.join(out, "regions-val.pt"), val.files, 32), val)
     assert iou == {"method": "attention", **again} and iou["images"] == 6
 
 
@@ -179,13 +182,13 @@ def test_cam_method_writes_objects(tmp_path):
     out = str(tmp_path / "cam")
     part_learn.main(part_learn.get_args(PL_DATA[2:] + ["--input_size", "64", "--method", "cam", "--cam_arch",
                                                     "resnet18", "--cam_weights", str(weights), "--output_dir", out]))
-    files = data.ShapesDataset(8, img_size=64, seed=0).files
+    files = shapes.ShapesDataset(8, img_size=64, seed=0).files
     r = learned_regions(out, files, 64)
     assert r["meta"]["kind"] == "objects" and r["meta"]["num_regions"] == 1
     assert set(r["labels"].unique().tolist()) <= {0, 1} and r["labels"].sum() > 0
-    assert r["meta"]["object_ratio"] == pytest.approx(data.object_ratio(r["labels"]))
+    assert r["meta"]["object_ratio"] == pytest.approx(region_file.object_ratio(r["labels"]))
     # the regions file holds the CAM objects of each image, in the dataset's order (scores in float16)
-    ds = data.PretrainDataset(data.ShapesDataset(8, img_size=64, seed=0), 64, hflip=False)
+    ds = data.PretrainDataset(shapes.ShapesDataset(8, img_size=64, seed=0), 64, hflip=False)
     net = torchvision.models.resnet18(num_classes=10)
     net.load_state_dict(torch.load(weights, weights_only=True))
     labels, scores, pixels = part_learn.cam_objects(net.eval(), torch.stack([ds[i][0] for i in range(8)]), 16, 0.3,
@@ -216,11 +219,11 @@ def test_segmentation_shapes_is_the_instance_cells_and_iou_one(tmp_path, capsys)
     out = str(tmp_path / "seg")
     run_part_learn("--method", "segmentation", "--cell_size", "8", "--output_dir", out)
     r = learned_regions(out)
-    ds = data.ShapesDataset(8, img_size=32, seed=0)
+    ds = shapes.ShapesDataset(8, img_size=32, seed=0)
     expected = np.stack([slow_object_cells(ds.load(i)[1], 4) for i in range(8)])
     assert len(np.unique(expected)) > 2                                    # background and several objects
     assert np.array_equal(r["labels"].numpy(), expected) and r["scores"] is None
-    assert r["meta"]["object_ratio"] == pytest.approx(data.object_ratio(torch.from_numpy(expected)))
+    assert r["meta"]["object_ratio"] == pytest.approx(region_file.object_ratio(torch.from_numpy(expected)))
     assert "mean object ratio" in capsys.readouterr().out
     iou = part_learn.foreground_iou(r, ds)                                 # the truth against itself
     assert iou["iou_top"] == 1.0 and iou["iou_parts"] == 1.0
@@ -482,15 +485,15 @@ def test_sharded_export_with_image_cache_equals_single_process(tmp_path):
     code, output = run_cli("part_learn.py", *common, "--device", "cpu", "--image_cache", cache, "--output_dir", ddp,
                            launcher=torchrun())
     assert code == 0, output
-    files = data.ShapesDataset(9, img_size=32).files
-    a = data.load_regions(os.path.join(single, "regions.pt"), files, 32)
-    b = data.load_regions(os.path.join(ddp, "regions.pt"), files, 32)
+    files = shapes.ShapesDataset(9, img_size=32).files
+    a = region_file.load_regions(os.path.join(single, "regions.pt"), files, 32)
+    b = region_file.load_regions(os.path.join(ddp, "regions.pt"), files, 32)
     assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["scores"], b["scores"])
     assert a["files"] == b["files"] and a["meta"] == b["meta"]
     assert not [f for f in os.listdir(ddp) if f.endswith(".tmp")]       # shards and temp files are gone
     one = str(tmp_path / "one.pt")
-    c1 = data.open_image_cache(one, data.ShapesDataset(9, img_size=32), 32, num_workers=0)
-    c2 = data.load_image_cache(cache, files, 32)
+    c1 = image_cache.open_image_cache(one, shapes.ShapesDataset(9, img_size=32), 32, num_workers=0)
+    c2 = image_cache.load_image_cache(cache, files, 32)
     assert torch.equal(c1["images"], c2["images"]) and torch.equal(c1["masks"], c2["masks"])
 
 
@@ -498,7 +501,7 @@ def test_export_meta_from_integer_sums():
     labels = torch.tensor([[[0, 1], [1, 255]], [[2, 2], [3, 0]], [[0, 0], [0, 0]]], dtype=torch.uint8)
     cells, objects, top = part_learn.object_counts(labels)
     assert (cells, objects, top) == (5, 3, 3)
-    assert cells / (objects * 4) == pytest.approx(data.object_ratio(labels))
+    assert cells / (objects * 4) == pytest.approx(region_file.object_ratio(labels))
     assert part_learn.object_counts(torch.full((1, 2, 2), 255, dtype=torch.uint8)) == (0, 0, -1)
 
 
@@ -507,8 +510,8 @@ def test_export_meta_from_integer_sums():
 def three_layouts(root, n=8):
     """The same n shapes scenes (and instance masks) as class folders, as one flat folder and as nested folders
     with no classes, numbered in the class layout's order -> {layout: (images folder, masks folder)}."""
-    ds = data.ShapesDataset(n, img_size=32, seed=0)
-    data.write_shapes(ds, str(root / "classes"))
+    ds = shapes.ShapesDataset(n, img_size=32, seed=0)
+    shapes.write_shapes(ds, str(root / "classes"))
     order = data.FolderDataset(str(root / "classes" / "images")).files
     for j, rel in enumerate(order):
         for layout, new in (("flat", f"{j:03d}.png"), ("nested", f"{'a/b' if j < n // 2 else 'c'}/{j:03d}.png")):

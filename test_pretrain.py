@@ -22,10 +22,13 @@ import torch
 
 import data
 import finetune
+import image_cache
 import masking
 import model as models
 import part_learn
 import pretrain
+import region_file
+import shapes
 import utils
 from utils import UsageError
 
@@ -175,7 +178,7 @@ def test_objects_per_patch_are_the_pixel_rule_segmentation_regions(tmp_path, mon
         (["--cell_size", "8"] if patch == 8 else [])                     # the default is 16
     part_learn.main(part_learn.get_args(argv))
     path = f"{out}/regions.pt"
-    regions = data.load_regions(path, ds.files, 224)
+    regions = region_file.load_regions(path, ds.files, 224)
     args = pretrain.get_args(["--mask", "objmae", "--regions", path])
     cell = pretrain.region_cell_size(args, regions, patch)
     samples = data.PretrainDataset(ds, 224, regions=regions, hflip=False, cell_size=cell)
@@ -184,7 +187,7 @@ def test_objects_per_patch_are_the_pixel_rule_segmentation_regions(tmp_path, mon
     reference = np.stack([pixel_rule(m, patch) for m in masks])
     for i in range(len(masks)):
         assert np.array_equal(seen[i].reshape(224 // patch, 224 // patch).numpy(), reference[i]), i
-    assert regions["meta"]["object_ratio"] == pytest.approx(data.object_ratio(torch.from_numpy(reference)))
+    assert regions["meta"]["object_ratio"] == pytest.approx(region_file.object_ratio(torch.from_numpy(reference)))
 
 
 @pytest.mark.parametrize("size,patch", [(224, 16), (64, 8)])
@@ -195,12 +198,12 @@ def test_cropped_objects_from_a_regions_file_are_the_pixel_rule_on_the_crop(tmp_
     patches at 224 px / patch 16 and 13.6% at 64 px / patch 8)."""
     from test_data import crop_mask_slow
     n = 12 if size == 224 else 40
-    ds = data.ShapesDataset(n, img_size=size, seed=5)
+    ds = shapes.ShapesDataset(n, img_size=size, seed=5)
     out = str(tmp_path / "seg")
     part_learn.main(part_learn.get_args(["--method", "segmentation", "--input_size", str(size), "--num_images", str(n),
                                          "--data_seed", "5", "--batch_size", "8", "--num_workers", "0",
                                          "--cell_size", str(patch), "--output_dir", out]))
-    regions = data.load_regions(f"{out}/regions.pt", ds.files, size)
+    regions = region_file.load_regions(f"{out}/regions.pt", ds.files, size)
     assert regions["masks"].shape == (n, size, size)
     samples = data.PretrainDataset(ds, size, regions=regions, hflip=False, cell_size=patch, crop_scale=(0.2, 1.0))
     changed = 0
@@ -219,9 +222,9 @@ def test_cropped_objects_from_a_regions_file_are_the_pixel_rule_on_the_crop(tmp_
 def test_cropped_objects_without_masks_are_refused(tmp_path):
     """An object regions file without pixel masks (made before they were stored) cannot be cropped: one line
     (a UsageError: exit 2, test_run_stage_exit_2_only_for_usage_errors)."""
-    ds = data.ShapesDataset(4, img_size=32)
+    ds = shapes.ShapesDataset(4, img_size=32)
     path = str(tmp_path / "old.pt")
-    data.save_regions(path, torch.zeros(4, 4, 4), None, ds.files, {"kind": "objects", "input_size": 32,
+    region_file.save_regions(path, torch.zeros(4, 4, 4), None, ds.files, {"kind": "objects", "input_size": 32,
                                                                      "cell_size": 8, "num_regions": 1})
     argv = TINY_QUIET + ["--mask", "objmae", "--num_images", "4", "--regions", path, "--crop_scale", "0.2", "1",
                          "--output_dir", str(tmp_path / "o")]
@@ -249,14 +252,14 @@ def test_zero_padding_reaches_the_model_as_attended_tokens(tmp_path, monkeypatch
 def test_objmae_drops_images_without_objects_and_says_how_many(tmp_path, monkeypatch, capsys):
     """ObjMAE §4.1: images with no object are not pre-trained on. From a regions file: two images with no object
     and one whose only object is a single patch (it cannot be split into source and target) are never drawn."""
-    ds = data.ShapesDataset(16, img_size=32)
+    ds = shapes.ShapesDataset(16, img_size=32)
     labels = torch.zeros(16, 4, 4, dtype=torch.uint8)
     labels[:, :2, :2] = 1                                                  # a 4-patch object
     labels[[0, 3]] = 0
     labels[5] = 0
     labels[5, 3, 3] = 2                                                    # one patch: no object to split
     path = str(tmp_path / "objects.pt")
-    data.save_regions(path, labels, None, ds.files, {"kind": "objects", "input_size": 32, "cell_size": 8,
+    region_file.save_regions(path, labels, None, ds.files, {"kind": "objects", "input_size": 32, "cell_size": 8,
                                                      "num_regions": 2}, masks=torch.zeros(16, 32, 32))
     drawn = set()
     real = data.PretrainDataset.__getitem__
@@ -494,11 +497,11 @@ def test_bad_recipe_flags_are_one_clear_line(flags, message):
 
 def test_pretrain_cli_refuses_objects_on_finer_cells(tmp_path):
     """The command line: exit 2, one 'error:' line naming the fix, nothing written."""
-    ds = data.ShapesDataset(4, img_size=32)
-    labels = torch.from_numpy(np.stack([data.instance_cells(ds.load(i)[1], (4, 4)) for i in range(4)]))
+    ds = shapes.ShapesDataset(4, img_size=32)
+    labels = torch.from_numpy(np.stack([region_file.instance_cells(ds.load(i)[1], (4, 4)) for i in range(4)]))
     meta = {"method": "segmentation", "kind": "objects", "input_size": 32, "cell_size": 8, "num_regions": 4,
             "object_ratio": 0.1}
-    data.save_regions(str(tmp_path / "r.pt"), labels, None, ds.files, meta)
+    region_file.save_regions(str(tmp_path / "r.pt"), labels, None, ds.files, meta)
     out = tmp_path / "out"
     code, output = run_cli("pretrain.py", "--model", "mae_vit_small_patch16", "--input_size", "32", "--num_images",
                            "4", "--mask", "objmae", "--regions", str(tmp_path / "r.pt"), "--output_dir", str(out))
@@ -728,7 +731,7 @@ def test_bad_output_dir_is_one_line_before_any_work(tmp_path, encoder_ckpt, stag
     def no_work(*a, **k):
         raise AssertionError("the stage started working before checking --output_dir")
 
-    monkeypatch.setattr(data, "ShapesDataset", no_work)
+    monkeypatch.setattr(shapes, "ShapesDataset", no_work)
     with contextlib.ExitStack() as stack:
         if kind == "read_only":
             out = stack.enter_context(read_only_folder(tmp_path / "ro"))
@@ -1090,7 +1093,7 @@ def test_training_step_reads_nothing_back(argv):
     cells, scores = torch.empty(4, 4, 4, dtype=torch.long, device=dev), torch.empty(4, 4, 4, device=dev)
 
     def step():
-        x = data.device_batch(imgs, torch.tensor([True, False, True, False]))   # flips from the CPU loader
+        x = image_cache.device_batch(imgs, torch.tensor([True, False, True, False]))  # flips from the CPU loader
         loss, _ = net(x, *masker(cells, scores, 0.5))
         loss.backward()
         optimizer.step()
@@ -1170,8 +1173,8 @@ def test_cluster_tasks_cli_exit_2_and_checkpoint_untouched(tmp_path):
                                          (["--image_cache", "REGIONS"], "not an image cache")])
 def test_pretrain_new_flags_bad_input(tmp_path, argv, words):
     regions = str(tmp_path / "regions.pt")
-    files = data.ShapesDataset(16, img_size=32).files
-    data.save_regions(regions, torch.zeros(16, 4, 4), None, files, {"input_size": 32, "cell_size": 8})
+    files = shapes.ShapesDataset(16, img_size=32).files
+    region_file.save_regions(regions, torch.zeros(16, 4, 4), None, files, {"input_size": 32, "cell_size": 8})
     argv = [regions if a == "REGIONS" else a for a in argv]
     code, output = run_cli("pretrain.py", *TINY_QUIET, "--epochs", "1", "--output_dir", str(tmp_path / "out"), *argv)
     lines = [ln for ln in output.strip().splitlines() if ln.startswith("error:")]

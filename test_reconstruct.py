@@ -11,6 +11,8 @@ import torch
 import data
 import model as models
 import reconstruct
+import region_file
+import shapes
 
 from conftest import as_png, check_band, error_lines, read_cells, run_cli, shapes_object_regions
 
@@ -27,7 +29,7 @@ def weights():
 def images(tmp_path_factory):
     """Three shapes scenes as PNG files in a folder -> (folder, relative names)."""
     root = tmp_path_factory.mktemp("images")
-    ds = data.ShapesDataset(3, img_size=S, seed=0)
+    ds = shapes.ShapesDataset(3, img_size=S, seed=0)
     names = [f"img{i}.png" for i in range(3)]
     for i, name in enumerate(names):
         ds.load(i)[0].save(root / name)
@@ -109,13 +111,13 @@ def test_semmae_and_objmae_masks(tmp_path, weights, images):
 
 
 def test_images_of_a_folder_with_its_regions(tmp_path, weights):
-    ds = data.ShapesDataset(4, img_size=S, seed=0)
-    data.write_shapes(ds, str(tmp_path / "shapes"))
+    ds = shapes.ShapesDataset(4, img_size=S, seed=0)
+    shapes.write_shapes(ds, str(tmp_path / "shapes"))
     folder = data.FolderDataset(str(tmp_path / "shapes" / "images"), str(tmp_path / "shapes" / "masks"), classes=False)
-    labels = torch.from_numpy(np.stack([data.instance_cells(folder.load(i)[1], (S // P, S // P)) for i in range(4)]))
+    labels = torch.from_numpy(np.stack([region_file.instance_cells(folder.load(i)[1], (S // P, S // P)) for i in range(4)]))
     meta = {"method": "segmentation", "kind": "objects", "input_size": S, "cell_size": P, "num_regions": 4,
             "object_ratio": 0.0, "source": "test"}
-    data.save_regions(str(tmp_path / "r.pt"), labels, None, folder.files, meta)
+    region_file.save_regions(str(tmp_path / "r.pt"), labels, None, folder.files, meta)
     ckpt = layouts(weights, tmp_path)["ours"]
     out = str(tmp_path / "recon.png")
     imgs, masks = reconstruct.main(reconstruct.get_args([folder.files[2], folder.files[0], "--checkpoint", ckpt,

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import probe
+import region_file
 import scenes
 
 
@@ -41,7 +41,7 @@ def test_the_object_has_three_parts_of_equal_area_and_tens_of_patches():
         parts, inst = ds.part_mask(i), ds.load(i)[1]
         assert np.array_equal(parts > 0, inst == 1) and set(np.unique(parts)) == {0, 1, 2, 3}
         shares.append([(parts == p).sum() / (parts > 0).sum() for p in (1, 2, 3)])
-        patches.append(data.instance_cells(inst, (8, 8)).astype(bool).sum())   # ObjMAE's 20% rule, patch 8
+        patches.append(region_file.instance_cells(inst, (8, 8)).astype(bool).sum())  # ObjMAE's 20% rule, patch 8
     assert np.allclose(shares, 1 / 3, atol=0.03)
     assert 18 <= np.mean(patches) <= 32 and min(patches) >= 12
 

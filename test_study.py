@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import finetune
+import region_file
 import study
 import study_measures
 from conftest import ENV, HERE, TINY, run_cli
@@ -257,9 +257,9 @@ def test_data_seed_picks_the_scenes_and_seed_only_the_training(tmp_path):
 def test_regions_mismatch_on_a_folder_still_blames_data_path(tmp_path):
     files = ["a/1.png", "a/2.png"]
     meta = {"method": "segmentation", "kind": "objects", "input_size": 32, "cell_size": 8, "num_regions": 1}
-    data.save_regions(str(tmp_path / "r.pt"), torch.zeros(2, 4, 4, dtype=torch.uint8), None, files, meta)
+    region_file.save_regions(str(tmp_path / "r.pt"), torch.zeros(2, 4, 4, dtype=torch.uint8), None, files, meta)
     with pytest.raises(ValueError, match="same --data_path"):
-        data.load_regions(str(tmp_path / "r.pt"), ["a/1.png", "b/2.png"], 32)
+        region_file.load_regions(str(tmp_path / "r.pt"), ["a/1.png", "b/2.png"], 32)
 
 
 def test_every_documented_study_command_parses():

@@ -15,6 +15,8 @@ import torch
 
 import data
 import pretrain
+import region_file
+import shapes
 import utils
 from utils import UsageError
 
@@ -337,10 +339,10 @@ def bad_input_case(case, tmp_path, one_epoch):
         torch.save({"model": {}, "optimizer": {}, "epoch": 0, "args": {"model": "vit_tiny_patch8", "linprobe": False}},
                    tmp_path / "ft.pth")
     if case in ("cell_size_0", "labels_above_num_regions"):
-        files = data.ShapesDataset(8, img_size=32).files
+        files = shapes.ShapesDataset(8, img_size=32).files
         labels = torch.full((8, 4, 4), 7 if case == "labels_above_num_regions" else 1, dtype=torch.uint8)
         meta = {"kind": "parts", "input_size": 32, "cell_size": 0 if case == "cell_size_0" else 8, "num_regions": 4}
-        data.save_regions(str(tmp_path / "r.pt"), labels, None, files, meta)
+        region_file.save_regions(str(tmp_path / "r.pt"), labels, None, files, meta)
     if case in ("numpy_scalars", "wrong_shape_tensor"):
         net = pretrain.models.MODELS["mae_vit_tiny_patch8"](img_size=32)
         sd = net.state_dict()
@@ -394,7 +396,7 @@ def test_ctrl_c_while_writing_the_image_cache_or_the_regions_leaves_no_temp_file
     argv = ["--input_size", "32", "--num_images", "8", "--batch_size", "4", "--num_workers", "0", "--output_dir", out]
     argv += (["--method", "attention", "--encoder_weights", encoder_ckpt, "--image_cache", cache / "c.pt"]
              if where == "image-cache" else ["--method", "segmentation"])
-    code, output = run_signalled("part_learn.py", *argv, after="data.pwrite_all", sig="SIGINT")
+    code, output = run_signalled("part_learn.py", *argv, after="image_cache.pwrite_all", sig="SIGINT")
     assert code == 130 and "Traceback" not in output and "interrupted: no checkpoint was written yet" in output, output
     assert os.listdir(cache) == [] and not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
