@@ -69,8 +69,8 @@ def run_cli(script, *argv, env=None, launcher=()):
     return proc.returncode, out
 
 
-# runs a stage (argv[4:]) with a signal sent to itself right after the n-th return of one utils function (or data.X):
-# a kill, a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
+# runs a stage (argv[4:]) with a signal sent to itself right after the n-th return of one runs, utils or
+# data function (data.X): a kill, a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
 # (under torchrun: only in the process whose RANK is SIGNAL_RANK, when that is set; its pid goes to SIGNAL_PIDFILE)
 SIGNAL_AFTER = """
 import os, runpy, signal, sys
@@ -78,7 +78,8 @@ sys.path.insert(0, os.path.dirname(sys.argv[4]))
 import utils
 import data
 name, calls, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
-module = data if name.startswith("data.") else utils
+import runs
+module = data if name.startswith("data.") else runs if hasattr(runs, name) else utils   # where it is defined
 name = name.split(".")[-1]
 real, seen = getattr(module, name), []
 def hooked(*a, **k):

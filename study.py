@@ -87,6 +87,7 @@ import data
 import masking
 import model as models
 import pretrain
+import runs
 import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -552,7 +553,7 @@ def run_in_process(run, argv, output):
         except (utils.UsageError, ValueError) as e:
             print(f"error: {e}", flush=True)
             return 2
-        except SystemExit as e:                                            # a NaN stop (utils.stop_if_not_finite)
+        except SystemExit as e:                                            # a NaN stop (runs.stop_if_not_finite)
             return e.code if isinstance(e.code, int) else 1
 
 
@@ -690,11 +691,11 @@ def measure_timing(run, out):
             opt.zero_grad(set_to_none=True)
         calls[setting] = step
     ms = bench.timed_ms(calls, repeats, torch.device("cpu"), warmup=2)
-    utils.append_log(os.path.join(out, run.name, "log.txt"), {"step_ms": ms, "threads": 1, "done": True})
+    runs.append_log(os.path.join(out, run.name, "log.txt"), {"step_ms": ms, "threads": 1, "done": True})
 
 
 def load_mae(path, size):
-    ckpt = utils.load_checkpoint(path)
+    ckpt = runs.load_checkpoint(path)
     a = ckpt["args"]
     net = models.MODELS[a["model"]](img_size=size, norm_pix_loss=a["norm_pix_loss"])
     net.load_state_dict(ckpt["model"])
@@ -778,10 +779,10 @@ def measure_unseen(run, out):
             err += float(((pixels - target) ** 2).sum())
             base += float(((target - target.mean(-1, keepdim=True)) ** 2).sum())
             shares.append(share)
-        utils.append_log(os.path.join(out, run.name, "log.txt"),
+        runs.append_log(os.path.join(out, run.name, "log.txt"),
                          {"split": split, "images": len(shares), "rel_error": err / base,
                           "rollout_visible": sum(shares) / len(shares)})
-    utils.append_log(os.path.join(out, run.name, "log.txt"), {"done": True})
+    runs.append_log(os.path.join(out, run.name, "log.txt"), {"done": True})
 
 
 def measure_colour(run, out):
@@ -822,7 +823,7 @@ def measure_colour(run, out):
     pred = (x_val @ w + b).argmax(1)
     colour = [c.split("_")[0] for c in classes]
     colour_right = sum(colour[p] == colour[t] for p, t in zip(pred.tolist(), y_val.tolist()))
-    utils.append_log(os.path.join(out, run.name, "log.txt"),
+    runs.append_log(os.path.join(out, run.name, "log.txt"),
                      {"val_acc1": (pred == y_val).float().mean().item(), "colour_acc": colour_right / len(y_val),
                       "done": True})
 
