@@ -16,7 +16,7 @@ import time
 import zipfile
 
 try:
-    import fcntl                                     # POSIX; without it (Windows) the output folder is not locked
+    import fcntl  # POSIX; without it (Windows) the output folder is not locked
 except ImportError:
     fcntl = None
 
@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from utils import (EXIT_INTERRUPTED, EXIT_NOT_FINITE, EXIT_STOPPED, UsageError, cleanup_distributed, die,
+from utils import (EXIT_INTERRUPTED, EXIT_NOT_FINITE, EXIT_STOPPED, UsageError, cleanup_distributed,
+                   die,
                    lost_peer, print0, say)
 
 
@@ -33,10 +34,10 @@ from utils import (EXIT_INTERRUPTED, EXIT_NOT_FINITE, EXIT_STOPPED, UsageError, 
 
 def run_stage(main, get_args):
     """A stage's entry point: bad input (a UsageError) becomes one line and exit 2. Stages validate
-    everything before writing, so nothing is overwritten. Any other exception is a bug: its traceback shows.
-    Ctrl-C is one line too (exit 130): checkpoints are written to a temporary file and renamed, so the
-    last one stays whole whenever the run is stopped. SIGTERM and SIGUSR1 stop the run at the next step
-    boundary with a checkpoint of that step (catch_stop_signals)."""
+    everything before writing, so nothing is overwritten. Any other exception is a bug: its
+    traceback shows. Ctrl-C is one line too (exit 130): checkpoints are written to a temporary file
+    and renamed, so the last one stays whole whenever the run is stopped. SIGTERM and SIGUSR1 stop
+    the run at the next step boundary with a checkpoint of that step (catch_stop_signals)."""
     args = get_args()
     catch_stop_signals()
     try:
@@ -47,12 +48,14 @@ def run_stage(main, get_args):
         why = lost_peer(e)
         if why is None:
             raise
-        if why == "stalled":          # the stalled process cannot say so; an ended one has said why itself
-            say(f"error: process {dist.get_rank()}: another process did not answer within --dist_timeout "
+        if why == "stalled":  # the stalled process cannot say so; an ended one has said why itself
+            say(f"error: process {dist.get_rank()}: another process did not answer within "
+                "--dist_timeout "
                 f"{args.dist_timeout:g} s (stalled or hung); the last checkpoint is kept")
         sys.exit(1)
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one line is enough
+        # under torchrun every rank gets the signal; one line is enough
+        if os.environ.get("RANK", "0") == "0":
             last = os.path.join(getattr(args, "output_dir", None) or "", "checkpoint-last.pth")
             kept = (f"{last} is kept as it was; continue with --resume auto" if os.path.isfile(last)
                     else "no checkpoint was written yet")
@@ -62,27 +65,31 @@ def run_stage(main, get_args):
 # ----------------------------------------------------------------------------- stopping
 
 def stop_if_not_finite(loss_value, where, ckpt_path, precision):
-    """A NaN/inf loss ends the run (EXIT_NOT_FINITE) before anything is saved, so the last good checkpoint stays.
-    Its own exit code: a resume repeats the same steps bit for bit, so a requeue would loop on it."""
+    """A NaN/inf loss ends the run (EXIT_NOT_FINITE) before anything is saved, so the last good
+    checkpoint stays. Its own exit code: a resume repeats the same steps bit for bit, so a requeue
+    would loop on it."""
     if not math.isfinite(loss_value):
         kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.isfile(ckpt_path)
                 else "no checkpoint was written yet")
-        say(f"error: loss is {loss_value} at {where} ({precision}); stopping: a resume would repeat it, so lower "
+        say(f"error: loss is {loss_value} at {where} ({precision}); stopping: a resume would "
+            "repeat it, so lower "
             f"--lr/--blr or raise --warmup_epochs; {kept}")
         sys.exit(EXIT_NOT_FINITE)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)      # SLURM: SIGTERM at preemption and the time limit; --signal
-_stop = {"signal": 0}                                 # the stop signal this process received, 0 = none
+# SLURM: SIGTERM at preemption and the time limit; --signal
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_stop = {"signal": 0}  # the stop signal this process received, 0 = none
 
 
 def catch_stop_signals():
-    """SIGTERM and SIGUSR1 only note that the run must stop: the training loop reads it at the next step boundary
-    (stop_requested), writes a checkpoint that resumes bit-identically from there and exits EXIT_STOPPED."""
+    """SIGTERM and SIGUSR1 only note that the run must stop: the training loop reads it at the next
+    step boundary (stop_requested), writes a checkpoint that resumes bit-identically from there and
+    exits EXIT_STOPPED."""
     owner = os.getpid()
 
     def note(signum, frame):
-        if os.getpid() != owner:                      # a forked DataLoader worker: die as it would have
+        if os.getpid() != owner:  # a forked DataLoader worker: die as it would have
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         _stop["signal"] = signum
@@ -91,9 +98,10 @@ def catch_stop_signals():
 
 
 def stop_requested(d, collective):
-    """Whether to stop at this step boundary. Under DDP every rank must stop at the same step: the ranks' notes are
-    combined (a MAX all-reduce, a host sync) only where collective is true, the steps where the loss is read
-    anyway; every rank must pass the same value. In one process, at every step, at no cost."""
+    """Whether to stop at this step boundary. Under DDP every rank must stop at the same step: the
+    ranks' notes are combined (a MAX all-reduce, a host sync) only where collective is true, the
+    steps where the loss is read anyway; every rank must pass the same value. In one process, at
+    every step, at no cost."""
     if d.world == 1:
         return _stop["signal"] != 0
     if not collective:
@@ -122,9 +130,10 @@ def set_rng_state(state):
 
 
 def stop_now(path, state, d, where, step=None, sums=None):
-    """Write checkpoint `state` (rank 0's; None on the others) to path, print one line, exit EXIT_STOPPED.
-    Mid-epoch (step: the micro-batches of this epoch already trained, state["epoch"] the last finished epoch) the
-    checkpoint also holds what the rest of the epoch needs from each rank: its RNG states and its loss sums."""
+    """Write checkpoint `state` (rank 0's; None on the others) to path, print one line, exit
+    EXIT_STOPPED. Mid-epoch (step: the micro-batches of this epoch already trained, state["epoch"]
+    the last finished epoch) the checkpoint also holds what the rest of the epoch needs from each
+    rank: its RNG states and its loss sums."""
     if step is not None:
         mine = {"rng": rng_state(), "sums": sums}
         ranks = [mine] if d.world == 1 else [None] * d.world
@@ -134,22 +143,24 @@ def stop_now(path, state, d, where, step=None, sums=None):
             state = {**state, "partial": {"step": step, "world": d.world, "ranks": ranks}}
     if d.is_main:
         save_checkpoint(path, state)
-        say(f"stopped by {signal.Signals(_stop['signal']).name} {where}: {path} holds the run up to there; "
+        say(f"stopped by {signal.Signals(_stop['signal']).name} {where}: {path} holds the run up "
+            "to there; "
             "continue with --resume auto")
     if d.world > 1:
-        dist.barrier()                                # a rank that exits first would make torchrun kill rank 0
+        dist.barrier()  # a rank that exits first would make torchrun kill rank 0
     end_run()
     sys.exit(EXIT_STOPPED)
 
 
 def resume_partial(ckpt, d, path):
-    """A checkpoint written mid-epoch by stop_now -> (micro-batches of the epoch done, this rank's RNG states and
-    loss sums); (0, None) for one written at an epoch's end."""
+    """A checkpoint written mid-epoch by stop_now -> (micro-batches of the epoch done, this rank's
+    RNG states and loss sums); (0, None) for one written at an epoch's end."""
     partial = ckpt.get("partial")
     if partial is None:
         return 0, None
     if partial["world"] != d.world:
-        raise UsageError(f"{path} was written mid-epoch by {partial['world']} processes; resume it with "
+        raise UsageError(f"{path} was written mid-epoch by {partial['world']} processes; resume it "
+                         "with "
                          f"{partial['world']} (each one's data shard and random state are in it)")
     return partial["step"], partial["ranks"][d.rank]
 
@@ -157,9 +168,10 @@ def resume_partial(ckpt, d, path):
 # ----------------------------------------------------------------------------- checkpoints and logs
 
 def save_checkpoint(path, state):
-    """Write to a temporary file of its own (two writers never share one), fsync it, then rename: a run killed
-    mid-save (or a machine that loses power after the rename) never leaves a half-written checkpoint where a good
-    one was. A write that fails (full disk, file-size limit, read-only folder) is one line naming the cause."""
+    """Write to a temporary file of its own (two writers never share one), fsync it, then rename: a
+    run killed mid-save (or a machine that loses power after the rename) never leaves a half-written
+    checkpoint where a good one was. A write that fails (full disk, file-size limit, read-only
+    folder) is one line naming the cause."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -167,10 +179,11 @@ def save_checkpoint(path, state):
         with open(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
-            os.fsync(f.fileno())                    # the bytes are on disk before the name points at them
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp, 0o666 & ~current_umask())     # mkstemp's 0600 -> what open() would have given
         os.replace(tmp, path)
-    except BaseException as e:  # Ctrl-C or a full disk mid-save: the last good checkpoint stays, no stray .tmp
+    # Ctrl-C or a full disk mid-save: the last good checkpoint stays, no stray .tmp
+    except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -179,14 +192,16 @@ def save_checkpoint(path, state):
             raise
         kept = f"{path} is kept as it was" if os.path.isfile(path) else "no earlier checkpoint was there"
         raise UsageError(f"cannot write checkpoint {path}: {cause.strerror or cause} "
-                         f"({errno.errorcode.get(cause.errno, cause.errno)}); {kept}; make room (or lift the "
+                         f"({errno.errorcode.get(cause.errno, cause.errno)}); {kept}; make room "
+                         "(or lift the "
                          "limit) and continue with --resume auto") from None
     fsync_dir(folder)
 
 
 def os_error(e):
-    """The OSError behind an exception (torch.save reports a failed write as a RuntimeError raised while handling
-    it), or None when there is none: only those are the disk's fault, anything else is a bug."""
+    """The OSError behind an exception (torch.save reports a failed write as a RuntimeError raised
+    while handling it), or None when there is none: only those are the disk's fault, anything else
+    is a bug."""
     while e is not None:
         if isinstance(e, OSError):
             return e
@@ -215,8 +230,8 @@ def fsync_dir(folder):
 
 
 def not_a_checkpoint(path):
-    """Why a file cannot be a torch.save file (zip, or the legacy pickle that starts with 0x80), as a
-    short phrase; None when it may be one."""
+    """Why a file cannot be a torch.save file (zip, or the legacy pickle that starts with 0x80), as
+    a short phrase; None when it may be one."""
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"PK\x03\x04"):
@@ -230,28 +245,32 @@ def not_a_checkpoint(path):
 
 
 def damaged(path):
-    """torch.save's zip format keeps a CRC-32 of every record: read them all (the whole file, once) -> why the file
-    is not what was written (a flipped byte, a zeroed block), or None when every record checks."""
+    """torch.save's zip format keeps a CRC-32 of every record: read them all (the whole file, once)
+    -> why the file is not what was written (a flipped byte, a zeroed block), or None when every
+    record checks."""
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
-    except Exception as e:                          # a damaged header or directory: zipfile says where
+    except Exception as e:  # a damaged header or directory: zipfile says where
         return f"it is damaged: {str(e) or type(e).__name__}"
     return f"it is damaged: {bad} fails its CRC check" if bad else None
 
 
 def load_checkpoint(path):
-    """Open a checkpoint of this project's stages (only tensors and plain types, so weights_only works;
-    official MAE training checkpoints also carry an argparse.Namespace, allowed so the stage can say what
-    the file is)."""
+    """Open a checkpoint of this project's stages (only tensors and plain types, so weights_only
+    works; official MAE training checkpoints also carry an argparse.Namespace, allowed so the stage
+    can say what the file is)."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist; check the --resume path")
     why = not_a_checkpoint(path)
     if why and why.startswith("it is damaged"):
-        raise UsageError(f"checkpoint {path} cannot be used ({why}); it changed after it was written (disk or "
-                         "copy fault): resume from a copy (--save_every keeps checkpoint-<epoch>.pth) or start anew")
+        raise UsageError(f"checkpoint {path} cannot be used ({why}); it changed after it was "
+                         "written (disk or "
+                         "copy fault): resume from a copy (--save_every keeps "
+                         "checkpoint-<epoch>.pth) or start anew")
     if why:
-        raise UsageError(f"{path} is not a checkpoint ({why}); --resume takes the checkpoint-last.pth "
+        raise UsageError(f"{path} is not a checkpoint ({why}); --resume takes the "
+                         "checkpoint-last.pth "
                          "a run of this stage wrote")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -264,17 +283,19 @@ def load_checkpoint(path):
 # ----------------------------------------------------------------------------- the output folder
 
 def prepare_output_dir(args, d):
-    """Checked before any work. --output_dir must be a folder this process can write (or can create),
-    and a new run never overwrites a finished or killed one: a folder that holds checkpoint-last.pth
-    needs --resume. `--resume auto` continues from that checkpoint-last.pth when there is one and starts
-    a new run when there is none (what a preemptible cluster job wants); args.resume becomes the path."""
+    """Checked before any work. --output_dir must be a folder this process can write (or can
+    create), and a new run never overwrites a finished or killed one: a folder that holds
+    checkpoint-last.pth needs --resume. `--resume auto` continues from that checkpoint-last.pth when
+    there is one and starts a new run when there is none (what a preemptible cluster job wants);
+    args.resume becomes the path."""
     out = args.output_dir
     if not out.strip():
         raise UsageError("--output_dir is empty; pass a folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--output_dir {out} is a file, not a folder; pass a folder")
     existing = os.path.abspath(out)
-    while not os.path.exists(existing):  # the folder is made later, when the run starts: check its parent
+    # the folder is made later, when the run starts: check its parent
+    while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UsageError(f"--output_dir {out} is inside {existing}, which is a file; pass a folder")
@@ -282,7 +303,8 @@ def prepare_output_dir(args, d):
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise UsageError(f"--output_dir {out}: cannot write in {existing} ({e.strerror}); pass a folder you can "
+        raise UsageError(f"--output_dir {out}: cannot write in {existing} ({e.strerror}); pass a "
+                         "folder you can "
                          "write to") from None
     last = os.path.join(out, "checkpoint-last.pth")
     if args.resume == "auto":
@@ -290,21 +312,25 @@ def prepare_output_dir(args, d):
         print0(d, f"--resume auto: continuing from {last}" if args.resume else
                   f"--resume auto: {out} holds no checkpoint-last.pth, starting a new run")
     elif args.resume is None and os.path.isfile(last):
-        raise UsageError(f"--output_dir {out} already holds a run ({last}); continue it with --resume auto, or "
+        raise UsageError(f"--output_dir {out} already holds a run ({last}); continue it with "
+                         "--resume auto, or "
                          "pass another --output_dir")
 
 
 def start_run(args, d, first_epoch=0):
-    """The run is known to start (every input checked), at epoch first_epoch: make --output_dir, lock it, and
-    (rank 0) write args.json for a new run (a resume keeps the one its run started with: a resume that fails later
-    changes nothing there) and cut log.txt back to the epochs before first_epoch."""
+    """The run is known to start (every input checked), at epoch first_epoch: make --output_dir,
+    lock it, and (rank 0) write args.json for a new run (a resume keeps the one its run started
+    with: a resume that fails later changes nothing there) and cut log.txt back to the epochs before
+    first_epoch."""
     os.makedirs(args.output_dir, exist_ok=True)
     if not d.is_main:
         return
     lock_output_dir(args.output_dir)
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    if args.resume is None and os.path.isfile(last):  # written by another run since prepare_output_dir looked
-        raise UsageError(f"--output_dir {args.output_dir} already holds a run ({last}); continue it with "
+    # written by another run since prepare_output_dir looked
+    if args.resume is None and os.path.isfile(last):
+        raise UsageError(f"--output_dir {args.output_dir} already holds a run ({last}); continue "
+                         "it with "
                          "--resume auto, or pass another --output_dir")
     path = os.path.join(args.output_dir, "args.json")
     if not args.resume or not os.path.isfile(path):
@@ -312,16 +338,17 @@ def start_run(args, d, first_epoch=0):
     cut_log(os.path.join(args.output_dir, "log.txt"), first_epoch)
 
 
-_locks = {}                                          # lock file path -> the open descriptor holding its lock
+_locks = {}  # lock file path -> the open descriptor holding its lock
 
 
 def lock_output_dir(out):
-    """One run per output folder: an exclusive flock on <out>/.lock, held until the stage ends. The kernel drops it
-    when the process dies, however it dies, so the lock of a killed run is taken over by the next one."""
+    """One run per output folder: an exclusive flock on <out>/.lock, held until the stage ends. The
+    kernel drops it when the process dies, however it dies, so the lock of a killed run is taken
+    over by the next one."""
     if fcntl is None:
         return
     path = os.path.abspath(os.path.join(out, ".lock"))
-    if path in _locks:                               # this process ran a stage here before (the tests do)
+    if path in _locks:  # this process ran a stage here before (the tests do)
         os.close(_locks.pop(path))
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -329,10 +356,12 @@ def lock_output_dir(out):
     except BlockingIOError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise UsageError(f"--output_dir {out} is in use by a running run ({holder}); wait for it to end, or pass "
+        raise UsageError(f"--output_dir {out} is in use by a running run ({holder}); wait for it "
+                         "to end, or pass "
                          "another --output_dir") from None
     except OSError as e:                             # a filesystem without locks: run, but say so
-        print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses --output_dir {out}",
+        print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses "
+              f"--output_dir {out}",
               file=sys.stderr, flush=True)
         os.close(fd)
         return
@@ -342,9 +371,10 @@ def lock_output_dir(out):
 
 
 def cut_log(path, first_epoch):
-    """Keep log.txt's lines of the epochs before first_epoch (and those of no epoch): a run resumed from a
-    checkpoint older than its last log line (killed between the two, or --ckpt_every > 1) logs those epochs again,
-    and each epoch must be in the log once. A half-written last line goes too."""
+    """Keep log.txt's lines of the epochs before first_epoch (and those of no epoch): a run resumed
+    from a checkpoint older than its last log line (killed between the two, or --ckpt_every > 1)
+    logs those epochs again, and each epoch must be in the log once. A half-written last line goes
+    too."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -378,31 +408,35 @@ def print_args(d, args):
     print0(d, " ".join(f"{k}={v}" for k, v in vars(args).items()))
 
 
-# ----------------------------------------------------------------------------- progress and TensorBoard
+# ------------------------------------------------------------------------- progress and TensorBoard
 
 def progress(iterable, desc, total, d, every=1, initial=0):
-    """rank 0's progress: a tqdm bar in a terminal; outside one (a cluster job's log, nohup, a pipe) tqdm's stream of
-    carriage returns would fill the log, so plain lines instead, one per `every` steps (PlainProgress). initial: the
-    steps of this epoch done before a stop (a resumed run counts on from there)."""
+    """rank 0's progress: a tqdm bar in a terminal; outside one (a cluster job's log, nohup, a pipe)
+    tqdm's stream of carriage returns would fill the log, so plain lines instead, one per `every`
+    steps (PlainProgress). initial: the steps of this epoch done before a stop (a resumed run counts
+    on from there)."""
     if d.is_main and not sys.stdout.isatty():
         return PlainProgress(iterable, desc, total, every, initial)
-    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not d.is_main, leave=False,
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not d.is_main,
+                leave=False,
                 dynamic_ncols=True)
 
 
 class PlainProgress:
-    """tqdm's interface where the stages use it: iterate, set_postfix (the stages call it every --log_every steps;
-    it prints `epoch 3 step 40/100 loss 0.8123 lr 1.20e-04 (12.5 it/s)` when the step count is a multiple of
-    `every`, or the last), close. Silent where nothing is set (export loops: the stage prints what it wrote)."""
+    """tqdm's interface where the stages use it: iterate, set_postfix (the stages call it every
+    --log_every steps; it prints `epoch 3 step 40/100 loss 0.8123 lr 1.20e-04 (12.5 it/s)` when the
+    step count is a multiple of `every`, or the last), close. Silent where nothing is set (export
+    loops: the stage prints what it wrote)."""
 
     def __init__(self, iterable, desc, total, every, initial=0):
         self.iterable, self.desc, self.every, self.n, self.initial = iterable, desc, every, initial, initial
-        self.total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else None
+        self.total = total if total is not None else len(iterable) if hasattr(iterable,
+                                                                              "__len__") else None
         self.start = time.time()
 
     def __iter__(self):
         for item in self.iterable:
-            self.n += 1                                 # steps begun: inside the loop body, the step's number
+            self.n += 1  # steps begun: inside the loop body, the step's number
             yield item
 
     def set_postfix(self, **values):
@@ -418,14 +452,16 @@ class PlainProgress:
 
 
 def summary_writer_class(log_dir):
-    """--tensorboard DIR: TensorBoard is optional, imported only when asked for, so it stays out of requirements.txt.
-    Checked before any work: not installed is bad input, one line. -> SummaryWriter, or None without the flag."""
+    """--tensorboard DIR: TensorBoard is optional, imported only when asked for, so it stays out of
+    requirements.txt. Checked before any work: not installed is bad input, one line. ->
+    SummaryWriter, or None without the flag."""
     if not log_dir:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UsageError(f"--tensorboard {log_dir} needs the tensorboard package, which is not installed; "
+        raise UsageError(f"--tensorboard {log_dir} needs the tensorboard package, which is not "
+                         "installed; "
                          "pip install tensorboard, or drop --tensorboard") from None
     return SummaryWriter
 

@@ -345,7 +345,8 @@ def test_bit_recipe_for_objmae_fine_tuning():
     assert isinstance(mix.transforms[0], v2.MixUp) and len(mix.transforms) == 1 and mix.transforms[0].alpha == 0.1
     with pytest.raises(UsageError, match="--crop_min does nothing here"):
         checked_args(FT_TINY + BIT + ["--crop_min", "0.3"])
-    docs = (finetune.__doc__ + open(os.path.join(HERE, "README.md")).read()).replace("\\\n", " ")
+    docs = "".join(open(os.path.join(HERE, page)).read() for page in ("PAPERS.md", "README.md"))
+    docs = docs.replace("\\\n", " ")
     objmae_rows = [" ".join(ln.split()) for ln in docs.splitlines() if "torchrun" in ln and "finetune.py" in ln
                    and "objmae" in ln and "--linprobe" not in ln]
     assert len(objmae_rows) == 4 and all(" ".join(BIT) in row for row in objmae_rows), objmae_rows

@@ -26,24 +26,28 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 
-# ----------------------------------------------------------------------------- errors and exit codes
+# ---------------------------------------------------------------------------- errors and exit codes
 
 # what a stage's exit code tells a job script (README, "Exit codes"); 1 is a bug, with its traceback
-EXIT_BAD_INPUT = 2      # bad input, or a checkpoint that cannot be written or read: fix it, then run again
-EXIT_NOT_FINITE = 3     # the loss became NaN or infinite: running again repeats it (lower the lr); do not requeue
-EXIT_STOPPED = 75       # SIGTERM / SIGUSR1 (preemption, time limit): checkpoint written; requeue with --resume auto
+# bad input, or a checkpoint that cannot be written or read: fix it, then run again
+EXIT_BAD_INPUT = 2
+# the loss became NaN or infinite: running again repeats it (lower the lr); do not requeue
+EXIT_NOT_FINITE = 3
+# SIGTERM / SIGUSR1 (preemption, time limit): checkpoint written; requeue with --resume auto
+EXIT_STOPPED = 75
 EXIT_INTERRUPTED = 130  # Ctrl-C: the last checkpoint is kept as it was
 
 class UsageError(ValueError):
-    """Bad input from the user (a flag, a file). The stages print it as one line and exit 2. A ValueError, so
-    code that checks values (and tests) catch it as one; a plain ValueError is a bug and keeps its traceback."""
+    """Bad input from the user (a flag, a file). The stages print it as one line and exit 2. A
+    ValueError, so code that checks values (and tests) catch it as one; a plain ValueError is a bug
+    and keeps its traceback."""
 
 
 @contextlib.contextmanager
 def user_input():
-    """Around the calls that read what the user gave (data.py's datasets and regions files, model.py's
-    checkpoints and sizes): the ValueError they raise to refuse it becomes a UsageError. Only there: a
-    ValueError anywhere else is a bug."""
+    """Around the calls that read what the user gave (data.py's datasets and regions files,
+    model.py's checkpoints and sizes): the ValueError they raise to refuse it becomes a UsageError.
+    Only there: a ValueError anywhere else is a bug."""
     try:
         yield
     except UsageError:
@@ -59,13 +63,14 @@ def die(msg):
 
 
 def say(line):
-    """One line on stderr, on a line of its own even while a progress bar is drawn (tqdm clears it first)."""
+    """One line on stderr, on a line of its own even while a progress bar is drawn (tqdm clears it
+    first)."""
     tqdm.write(line, file=sys.stderr)
     sys.stderr.flush()
 
 
 
-# ----------------------------------------------------------------------------- flags: one range each
+# ---------------------------------------------------------------------------- flags: one range each
 
 # Every numeric flag of the stages and the values it takes, once: [ ] a closed end, ( ) an open one.
 # check_ranges reads it; a stage's check_args adds only what a range cannot say (its mode rules).
@@ -95,8 +100,8 @@ RANGES = {
 
 
 def check_ranges(args, ranges=RANGES):
-    """Each flag of `ranges` that args has and that is not None: a value outside its interval, NaN or
-    infinite is bad input naming the flag. nargs flags: every number."""
+    """Each flag of `ranges` that args has and that is not None: a value outside its interval, NaN
+    or infinite is bad input naming the flag. nargs flags: every number."""
     for name, interval in ranges.items():
         value = getattr(args, name, None)
         if value is None:
@@ -111,13 +116,14 @@ def check_ranges(args, ranges=RANGES):
 
 
 def refuse_unused(args, defaults, rules):
-    """Flags that do nothing in the chosen mode are refused, one way in every stage. defaults: the parser's
-    defaults (the stage's get_args([])); rules: {flag name: (acts, where)}, acts True when the flag does something
-    with these args, where the mode in which it does. A flag the user changed from its default that does not
-    act here is bad input naming the flag and its mode; one left at its default passes."""
+    """Flags that do nothing in the chosen mode are refused, one way in every stage. defaults: the
+    parser's defaults (the stage's get_args([])); rules: {flag name: (acts, where)}, acts True when
+    the flag does something with these args, where the mode in which it does. A flag the user
+    changed from its default that does not act here is bad input naming the flag and its mode; one
+    left at its default passes."""
     for name, (acts, where) in rules.items():
         value, default = getattr(args, name), getattr(defaults, name)
-        if isinstance(value, list):                                        # nargs flags parse to lists
+        if isinstance(value, list):  # nargs flags parse to lists
             value = tuple(value)
         if not acts and value != default:
             raise UsageError(f"--{name} does nothing here: it acts only {where}; drop it")
@@ -133,22 +139,24 @@ class Dist(NamedTuple):
     is_main: bool
 
 
-DIST_TIMEOUT = 600.0   # s: a stalled or lost process ends the others' wait after 10 minutes, not torch's 30
+# s: a stalled or lost process ends the others' wait after 10 minutes, not torch's 30
+DIST_TIMEOUT = 600.0
 
 
 def init_distributed(device="auto", timeout=DIST_TIMEOUT):
-    """Single process when launched with `python`, one process per device under `torchrun` or as SLURM's srun tasks
-    (`srun -n 8 python X.py`: slurm_to_torchrun).
+    """Single process when launched with `python`, one process per device under `torchrun` or as
+    SLURM's srun tasks (`srun -n 8 python X.py`: slurm_to_torchrun).
 
-    NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop). timeout: seconds a process
-    waits for the others, at the start and in every collective (--dist_timeout).
+    NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop). timeout:
+    seconds a process waits for the others, at the start and in every collective (--dist_timeout).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not (device == "cpu" or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
         raise UsageError(f"--device {device} is not one of auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+        raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device "
+                         "cpu")
     if "RANK" not in os.environ and slurm_tasks() > 1 and "SLURM_PROCID" in os.environ:
         os.environ.update(slurm_to_torchrun())
     if "RANK" not in os.environ:  # plain `python X.py`
@@ -157,13 +165,16 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
     missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         are = "is" if len(missing) == 1 else "are"
-        raise UsageError(f"RANK={os.environ['RANK']} is set but {', '.join(missing)} {are} not: launch with "
+        raise UsageError(f"RANK={os.environ['RANK']} is set but {', '.join(missing)} {are} not: "
+                         "launch with "
                          "torchrun, which sets them all, or unset RANK to run one process")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     wait = datetime.timedelta(seconds=timeout)
-    if "TORCHELASTIC_RUN_ID" not in os.environ:       # RANK set by hand, not torchrun: say what it waits for
-        say(f"process {rank} of {world}: joining the others at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+    # RANK set by hand, not torchrun: say what it waits for
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        say(f"process {rank} of {world}: joining the others at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
             f"(waits up to --dist_timeout {timeout:g} s)")
     try:
         if device.startswith("cuda"):
@@ -173,22 +184,26 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
         else:
             dev = torch.device("cpu")
             dist.init_process_group("gloo", timeout=wait)
-    except dist.DistError as e:                       # the others never came (RANK=0 WORLD_SIZE=2 by hand)
+    except dist.DistError as e:  # the others never came (RANK=0 WORLD_SIZE=2 by hand)
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        raise UsageError(f"process {rank} of {world} waited {timeout:g} s for the others at {where} "
-                         f"({str(e).splitlines()[0]}); start all {world} (torchrun does), or raise --dist_timeout"
+        raise UsageError(f"process {rank} of {world} waited {timeout:g} s for the others at "
+                         f"{where} "
+                         f"({str(e).splitlines()[0]}); start all {world} (torchrun does), or raise "
+                         "--dist_timeout"
                          ) from None
     return Dist(rank, world, local_rank, dev, rank == 0)
 
 
 def slurm_tasks():
-    """Tasks of this srun step (SLURM_STEP_NUM_TASKS), else of the job (SLURM_NTASKS); 0 when not under SLURM."""
+    """Tasks of this srun step (SLURM_STEP_NUM_TASKS), else of the job (SLURM_NTASKS); 0 when not
+    under SLURM."""
     value = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or ""
     return int(value) if value.isdigit() else 0
 
 
 def first_host(nodelist):
-    """The first host of a SLURM host list: 'gpu[003-005,9],cpu1' -> 'gpu003', 'r[1-2]-n[07-08]' -> 'r1-n07'."""
+    """The first host of a SLURM host list: 'gpu[003-005,9],cpu1' -> 'gpu003', 'r[1-2]-n[07-08]' ->
+    'r1-n07'."""
     depth, end = 0, len(nodelist)
     for i, c in enumerate(nodelist):
         depth += (c == "[") - (c == "]")
@@ -199,24 +214,29 @@ def first_host(nodelist):
 
 
 def slurm_to_torchrun():
-    """srun tasks -> the variables torchrun sets (MAE's code accepts srun the same way): RANK = SLURM_PROCID,
-    WORLD_SIZE = the step's tasks, LOCAL_RANK = SLURM_LOCALID modulo the GPUs this task sees; the rendezvous is rank 0's
-    node, the step's first (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST: srun puts task 0 there) or
-    SLURM_LAUNCH_NODE_IPADDR, unless MASTER_ADDR is set, and MASTER_PORT or 20000 + the job id mod 20000 (so two
-    jobs sharing a node do not meet)."""
+    """srun tasks -> the variables torchrun sets (MAE's code accepts srun the same way): RANK =
+    SLURM_PROCID, WORLD_SIZE = the step's tasks, LOCAL_RANK = SLURM_LOCALID modulo the GPUs this
+    task sees; the rendezvous is rank 0's node, the step's first (SLURM_STEP_NODELIST, else
+    SLURM_JOB_NODELIST: srun puts task 0 there) or SLURM_LAUNCH_NODE_IPADDR, unless MASTER_ADDR is
+    set, and MASTER_PORT or 20000 + the job id mod 20000 (so two jobs sharing a node do not
+    meet)."""
     env = {"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": str(slurm_tasks())}
     if not os.environ.get("SLURM_LOCALID", "").isdigit():
-        raise UsageError("launched by srun without SLURM_LOCALID, so a task cannot know its GPU; start it with srun, "
+        raise UsageError("launched by srun without SLURM_LOCALID, so a task cannot know its GPU; "
+                         "start it with srun, "
                          "or with torchrun")
-    # the task's GPU: with --gpus-per-task (or a cgroup per task) each task sees only its own, as device 0
+    # the task's GPU: with --gpus-per-task (or a cgroup per task) each task sees only its own, as
+    # device 0
     local, gpus = int(os.environ["SLURM_LOCALID"]), torch.cuda.device_count()
     env["LOCAL_RANK"] = str(local % gpus if gpus else local)
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
     master = os.environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else
                                                os.environ.get("SLURM_LAUNCH_NODE_IPADDR", ""))
     if not master:
-        raise UsageError("launched by srun but no task can find rank 0: none of MASTER_ADDR, SLURM_STEP_NODELIST, "
-                         "SLURM_JOB_NODELIST, SLURM_LAUNCH_NODE_IPADDR is set; export MASTER_ADDR=<first node>")
+        raise UsageError("launched by srun but no task can find rank 0: none of MASTER_ADDR, "
+                         "SLURM_STEP_NODELIST, "
+                         "SLURM_JOB_NODELIST, SLURM_LAUNCH_NODE_IPADDR is set; export "
+                         "MASTER_ADDR=<first node>")
     job = os.environ.get("SLURM_JOB_ID", "")
     env["MASTER_ADDR"] = master
     env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(20000 + (int(job) % 20000 if job.isdigit() else 9500))
@@ -224,8 +244,9 @@ def slurm_to_torchrun():
 
 
 def lost_peer(e):
-    """-> 'stalled' or 'gone' when a collective failed because another process stalled past --dist_timeout or
-    ended (gloo reports both as a RuntimeError from its transport, NCCL as a DistError), else None."""
+    """-> 'stalled' or 'gone' when a collective failed because another process stalled past
+    --dist_timeout or ended (gloo reports both as a RuntimeError from its transport, NCCL as a
+    DistError), else None."""
     if not dist.is_initialized() or not isinstance(e, RuntimeError):
         return None
     text = str(e)
@@ -234,28 +255,34 @@ def lost_peer(e):
     return None
 
 
-# a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH / Intel MPI
+# a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH /
+# Intel MPI
 SCHEDULER_TASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def check_not_scheduler_tasks():
-    """A stage started as several tasks by a cluster launcher (mpirun -np 8, or SLURM tasks with no SLURM_PROCID) but
-    not through torchrun or srun has no rank: every task would train alone on the whole data and overwrite the same
-    checkpoint. Stop."""
+    """A stage started as several tasks by a cluster launcher (mpirun -np 8, or SLURM tasks with no
+    SLURM_PROCID) but not through torchrun or srun has no rank: every task would train alone on the
+    whole data and overwrite the same checkpoint. Stop."""
     for name in SCHEDULER_TASKS:
         value = os.environ.get(name, "")
         if value.isdigit():
             if int(value) > 1:
-                raise UsageError(f"launched as {value} tasks ({name}={value}) without torchrun's RANK/WORLD_SIZE or "
-                                 "srun's SLURM_PROCID, so every task would train alone and overwrite the same "
-                                 "checkpoint; start the tasks with `srun -n N python X.py ...`, or one task per node "
-                                 "running `torchrun --nnodes N --nproc_per_node GPUS --rdzv_backend c10d "
+                raise UsageError(f"launched as {value} tasks ({name}={value}) without torchrun's "
+                                 "RANK/WORLD_SIZE or "
+                                 "srun's SLURM_PROCID, so every task would train alone and "
+                                 "overwrite the same "
+                                 "checkpoint; start the tasks with `srun -n N python X.py ...`, or "
+                                 "one task per node "
+                                 "running `torchrun --nnodes N --nproc_per_node GPUS "
+                                 "--rdzv_backend c10d "
                                  "--rdzv_endpoint HOST:PORT X.py ...` (or one task in all)")
-            return                                      # the first variable that is set decides (a step's own count)
+            return  # the first variable that is set decides (a step's own count)
 
 
 def cleanup_distributed():
-    """Leave the process group (a stage ends with runs.end_run, which also frees its output folder)."""
+    """Leave the process group (a stage ends with runs.end_run, which also frees its output
+    folder)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -278,9 +305,10 @@ def print0(d, *args, **kwargs):
 
 def seed_epoch(seed, epoch, d):
     """Seed every RNG of the training process from (seed, epoch, rank) at the start of an epoch: a
-    resumed run draws the same masks, mixes and drop paths as an uninterrupted one, with no RNG state in
-    the checkpoint, and each rank draws its own (DiT: seed * world + rank). What a sample draws (flip,
-    crop, RandAugment, erasing) is seeded per sample by SeededSamples, in whichever worker loads it."""
+    resumed run draws the same masks, mixes and drop paths as an uninterrupted one, with no RNG
+    state in the checkpoint, and each rank draws its own (DiT: seed * world + rank). What a sample
+    draws (flip, crop, RandAugment, erasing) is seeded per sample by SeededSamples, in whichever
+    worker loads it."""
     seed_all((seed * 100003 + epoch) * d.world + d.rank)
 
 
@@ -309,16 +337,17 @@ def set_lr(optimizer, lr):
 
 
 class Lookahead:
-    """Lookahead (Zhang et al., NeurIPS 2019, "k steps forward, 1 step back") around any torch optimizer, as
-    ObjMAE Table 2 wraps AdamW. The inner optimizer moves the (fast) weights as usual; after every k of its steps
-    the slow weights move alpha of the way to the fast ones, slow += alpha * (fast - slow), and the fast weights
-    restart from there. `param_groups` are the inner optimizer's (set_lr works); `state_dict` holds the inner
-    state, the slow weights and the step counter, so a resumed run continues bit for bit."""
+    """Lookahead (Zhang et al., NeurIPS 2019, "k steps forward, 1 step back") around any torch
+    optimizer, as ObjMAE Table 2 wraps AdamW. The inner optimizer moves the (fast) weights as usual;
+    after every k of its steps the slow weights move alpha of the way to the fast ones, slow +=
+    alpha * (fast - slow), and the fast weights restart from there. `param_groups` are the inner
+    optimizer's (set_lr works); `state_dict` holds the inner state, the slow weights and the step
+    counter, so a resumed run continues bit for bit."""
 
     def __init__(self, optimizer, k=5, alpha=0.5):
         self.optimizer, self.k, self.alpha, self.steps = optimizer, k, alpha, 0
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.slow = [p.detach().clone() for p in self.params]            # slow weights start at the fast ones
+        self.slow = [p.detach().clone() for p in self.params]  # slow weights start at the fast ones
 
     @property
     def param_groups(self):
@@ -337,7 +366,8 @@ class Lookahead:
                 fast.copy_(slow)
 
     def state_dict(self):
-        return {"inner": self.optimizer.state_dict(), "slow": [s.clone() for s in self.slow], "steps": self.steps,
+        return {"inner": self.optimizer.state_dict(), "slow": [s.clone() for s in self.slow],
+                "steps": self.steps,
                 "k": self.k, "alpha": self.alpha}
 
     def load_state_dict(self, state):
@@ -348,31 +378,35 @@ class Lookahead:
 
 
 def load_optimizer(optimizer, state, path):
-    """Resume an optimizer (plain or Lookahead) from a checkpoint's state; a run saved with the other kind is bad
-    input: one line that says which flag to use."""
+    """Resume an optimizer (plain or Lookahead) from a checkpoint's state; a run saved with the
+    other kind is bad input: one line that says which flag to use."""
     saved = isinstance(state, dict) and "slow" in state
     if saved != isinstance(optimizer, Lookahead):
-        raise UsageError(f"{path} was saved {'with' if saved else 'without'} --lookahead; resume it "
+        raise UsageError(f"{path} was saved {'with' if saved else 'without'} --lookahead; resume "
+                         "it "
                          f"{'with' if saved else 'without'} --lookahead")
     try:
         optimizer.load_state_dict(state)
-    except ValueError as e:                           # other parameter groups: e.g. another weight-decay rule
-        raise UsageError(f"{path}: its optimizer state does not fit this run's parameter groups ({e}); it was written "
-                         "by another version of this code: resume it with that version, or start a new "
+    except ValueError as e:  # other parameter groups: e.g. another weight-decay rule
+        raise UsageError(f"{path}: its optimizer state does not fit this run's parameter groups "
+                         f"({e}); it was written "
+                         "by another version of this code: resume it with that version, or start a "
+                         "new "
                          "--output_dir") from None
 
 
 def no_weight_decay(name, param):
-    """Fine-tuning (MAE's main_finetune, timm's no_weight_decay list): biases, norms, the position embedding and the
-    class token are not decayed."""
+    """Fine-tuning (MAE's main_finetune, timm's no_weight_decay list): biases, norms, the position
+    embedding and the class token are not decayed."""
     return param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
 
 
 def param_groups(model, weight_decay):
     """Pre-training's AdamW groups, as MAE's main_pretrain (which SemMAE's code keeps): timm 0.3.2's
-    add_weight_decay with no skip list exempts only 1-D tensors (biases, norms) and names ending in '.bias', so the
-    [1, 1, D] cls_token and mask_token are decayed; the fixed sin-cos position embeddings are not trained at all.
-    We follow that code rather than timm's later rule, so that MAE's recipe is MAE's."""
+    add_weight_decay with no skip list exempts only 1-D tensors (biases, norms) and names ending in
+    '.bias', so the [1, 1, D] cls_token and mask_token are decayed; the fixed sin-cos position
+    embeddings are not trained at all. We follow that code rather than timm's later rule, so that
+    MAE's recipe is MAE's."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -382,7 +416,8 @@ def param_groups(model, weight_decay):
 
 
 def layer_id(name, depth):
-    """BEiT/MAE layer-wise lr decay: the embeddings are layer 0, block i is layer i+1, the rest depth+1."""
+    """BEiT/MAE layer-wise lr decay: the embeddings are layer 0, block i is layer i+1, the rest
+    depth+1."""
     if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
         return 0
     if name.startswith("blocks."):
@@ -391,25 +426,28 @@ def layer_id(name, depth):
 
 
 def param_groups_lrd(net, weight_decay, layer_decay):
-    """One AdamW group per (layer, decay or not); lr_scale = layer_decay ** (depth + 1 - layer) (utils.set_lr)."""
+    """One AdamW group per (layer, decay or not); lr_scale = layer_decay ** (depth + 1 - layer)
+    (utils.set_lr)."""
     depth, groups = len(net.blocks), {}
     for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
         layer, no_decay = layer_id(name, depth), no_weight_decay(name, p)
-        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+        g = groups.setdefault((layer, no_decay), {"params": [],
+                                                  "weight_decay": 0.0 if no_decay else weight_decay,
                                                   "lr_scale": layer_decay ** (depth + 1 - layer)})
         g["params"].append(p)
     return list(groups.values())
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017), as MAE's linear probe uses it: SGD with momentum where the step of each weight
-    matrix is rescaled to trust * |w| / |g + wd w| (its size follows the weight, not the gradient); biases and
-    other 1-d tensors take plain SGD steps without weight decay."""
+    """LARS (You et al. 2017), as MAE's linear probe uses it: SGD with momentum where the step of
+    each weight matrix is rescaled to trust * |w| / |g + wd w| (its size follows the weight, not the
+    gradient); biases and other 1-d tensors take plain SGD steps without weight decay."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust=trust))
 
     @torch.no_grad()
     def step(self):
@@ -421,7 +459,8 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     step = step.add(p, alpha=g["weight_decay"])
                     w, u = p.norm(), step.norm()
-                    step = step * torch.where((w > 0) & (u > 0), g["trust"] * w / u, torch.ones_like(w))
+                    step = step * torch.where((w > 0) & (u > 0), g["trust"] * w / u,
+                                              torch.ones_like(w))
                 mu = self.state[p].setdefault("mu", torch.zeros_like(p))
                 mu.mul_(g["momentum"]).add_(step)
                 p.add_(mu, alpha=-g["lr"])
@@ -438,34 +477,40 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def native_bf16(device):
-    """A GPU with bf16 in hardware (NVIDIA Ampere and later); V100 and T4 emulate it slowly or not at all."""
+    """A GPU with bf16 in hardware (NVIDIA Ampere and later); V100 and T4 emulate it slowly or not
+    at all."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def resolve_precision(precision, device):
-    """--precision -> the one a run uses: 'auto' is bf16 on a GPU with native bf16 (no loss scaler needed), else
-    fp32 (on V100/T4-class GPUs ask for fp16: it needs a GradScaler and can overflow). A choice the device cannot
-    do is bad input: bf16 on a GPU without it, or an autocast dtype that fails on this device."""
+    """--precision -> the one a run uses: 'auto' is bf16 on a GPU with native bf16 (no loss scaler
+    needed), else fp32 (on V100/T4-class GPUs ask for fp16: it needs a GradScaler and can overflow).
+    A choice the device cannot do is bad input: bf16 on a GPU without it, or an autocast dtype that
+    fails on this device."""
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp32":
         return precision
     if device.type == "cuda" and precision == "bf16" and not native_bf16(device):
-        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16; use "
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
+                         "bf16; use "
                          "--precision fp16 (with a loss scaler) or fp32")
-    try:                                                                  # a matmul is what autocast must cast
+    try:  # a matmul is what autocast must cast
         with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
-            ok = (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype == AUTOCAST_DTYPES[precision]
+            ok = (torch.ones(2, 2, device=device) @ torch.ones(2, 2,
+                                                               device=device)).dtype == AUTOCAST_DTYPES[precision]
     except RuntimeError:
         ok = False
     if not ok:
-        raise UsageError(f"--precision {precision}: autocast to {precision} does not work on {device.type} with this "
+        raise UsageError(f"--precision {precision}: autocast to {precision} does not work on "
+                         f"{device.type} with this "
                          f"torch {torch.__version__}; use --precision fp32")
     return precision
 
 
 def autocast(device, precision="auto"):
-    """The forward pass's precision (resolve_precision's choice): autocast to bf16 or fp16, or none (fp32)."""
+    """The forward pass's precision (resolve_precision's choice): autocast to bf16 or fp16, or none
+    (fp32)."""
     precision = resolve_precision(precision, device) if precision == "auto" else precision
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -473,15 +518,15 @@ def autocast(device, precision="auto"):
 
 
 def grad_scaler(device, precision):
-    """fp16 needs its loss scaled so small gradients do not underflow (torch.amp.GradScaler); its scale goes in the
-    checkpoint so a resumed run continues bit for bit. bf16 and fp32 get a disabled scaler: scale() returns the loss
-    as it is and step() is optimizer.step()."""
+    """fp16 needs its loss scaled so small gradients do not underflow (torch.amp.GradScaler); its
+    scale goes in the checkpoint so a resumed run continues bit for bit. bf16 and fp32 get a
+    disabled scaler: scale() returns the loss as it is and step() is optimizer.step()."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def load_scaler(scaler, state):
-    """A resumed run's loss scale; a checkpoint saved at another precision (a disabled scaler saves {}) leaves the
-    fresh one, so a run that overflowed in fp16 can continue in bf16 or fp32."""
+    """A resumed run's loss scale; a checkpoint saved at another precision (a disabled scaler saves
+    {}) leaves the fresh one, so a run that overflowed in fp16 can continue in bf16 or fp32."""
     if scaler.is_enabled() and state:
         scaler.load_state_dict(state)
 
@@ -492,55 +537,61 @@ def make_loader(dataset, batch_size, num_workers, train, seed, d):
     """DataLoader with a DistributedSampler under torchrun. The caller calls
     `loader.sampler.set_epoch(epoch)` so each epoch (and a resumed one) gets the same order.
 
-    The samplers yield (epoch, index) and SeededSamples seeds each sample from (seed, epoch, index), so
-    a sample's random choices do not depend on which worker draws it, on --num_workers, or on when the
-    workers were started: persistent workers (started once, at the first epoch after a (re)start) give
-    a resumed run the same samples as an uninterrupted one. The loader draws its workers' base seed from
-    its own generator, never from the training process's RNG, whose draws (masks, mixes) must not depend
-    on whether this epoch started the workers."""
+    The samplers yield (epoch, index) and SeededSamples seeds each sample from (seed, epoch, index),
+    so a sample's random choices do not depend on which worker draws it, on --num_workers, or on
+    when the workers were started: persistent workers (started once, at the first epoch after a
+    (re)start) give a resumed run the same samples as an uninterrupted one. The loader draws its
+    workers' base seed from its own generator, never from the training process's RNG, whose draws
+    (masks, mixes) must not depend on whether this epoch started the workers."""
     if d.world > 1:
-        sampler = DistributedEpochSampler(dataset, d.world, d.rank, shuffle=train, seed=seed, drop_last=train)
+        sampler = DistributedEpochSampler(dataset, d.world, d.rank, shuffle=train, seed=seed,
+                                          drop_last=train)
     else:
         sampler = EpochSampler(dataset, shuffle=train, seed=seed)
     return torch.utils.data.DataLoader(
-        SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        SeededSamples(dataset,
+                      seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=d.device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed))
 
 
 def batches_per_epoch(loader, accum_iter):
-    """Micro-batches a training epoch uses. Each optimizer step averages exactly accum_iter of them: the
-    len(loader) % accum_iter left at the end of an epoch are skipped, the same in every epoch, so no step mixes
-    two epochs' batches."""
+    """Micro-batches a training epoch uses. Each optimizer step averages exactly accum_iter of them:
+    the len(loader) % accum_iter left at the end of an epoch are skipped, the same in every epoch,
+    so no step mixes two epochs' batches."""
     return len(loader) // accum_iter * accum_iter
 
 
 def check_accum(loader, num_images, args):
-    """An epoch must hold at least one optimizer step: fewer batches than --accum_iter would train nothing."""
+    """An epoch must hold at least one optimizer step: fewer batches than --accum_iter would train
+    nothing."""
     if len(loader) < args.accum_iter:
-        raise UsageError(f"{num_images} images give {len(loader)} batches of {args.batch_size} per rank, "
+        raise UsageError(f"{num_images} images give {len(loader)} batches of {args.batch_size} per "
+                         "rank, "
                          f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
 
 
 def scaled_lr(args, d):
-    """MAE's lr scaling rule: --lr if given, else --blr * effective batch / 256, where the effective batch is
-    batch_size * accum_iter * world (MAE Appendix A.1). -> (lr, effective batch)"""
+    """MAE's lr scaling rule: --lr if given, else --blr * effective batch / 256, where the effective
+    batch is batch_size * accum_iter * world (MAE Appendix A.1). -> (lr, effective batch)"""
     eff_batch = args.batch_size * args.accum_iter * d.world
     return (args.lr if args.lr is not None else args.blr * eff_batch / 256), eff_batch
 
 
 def wrap_ddp(module, d):
-    """Under torchrun, DDP averages the module's gradients over the ranks; in one process, the module itself."""
+    """Under torchrun, DDP averages the module's gradients over the ranks; in one process, the
+    module itself."""
     if d.world == 1:
         return module
-    return DistributedDataParallel(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return DistributedDataParallel(module,
+                                   device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
 class EpochSampler(torch.utils.data.Sampler):
     """Single-process counterpart of DistributedSampler: the order depends only on (seed, epoch),
-    never on the global RNG, so a resumed run sees the same batches as an uninterrupted one.
-    Yields (epoch, index) for SeededSamples. set_epoch's skip: the first samples of the epoch's order are left out
-    (a run resumed from a checkpoint written mid-epoch, stop_now)."""
+    never on the global RNG, so a resumed run sees the same batches as an uninterrupted one. Yields
+    (epoch, index) for SeededSamples. set_epoch's skip: the first samples of the epoch's order are
+    left out (a run resumed from a checkpoint written mid-epoch, stop_now)."""
 
     def __init__(self, dataset, shuffle, seed):
         self.n, self.shuffle, self.seed, self.epoch, self.skip = len(dataset), shuffle, seed, 0, 0
@@ -560,8 +611,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class DistributedEpochSampler(torch.utils.data.DistributedSampler):
-    """torch's DistributedSampler (this rank's share of the (seed, epoch) order), yielding (epoch, index), the
-    first `skip` of them left out as in EpochSampler."""
+    """torch's DistributedSampler (this rank's share of the (seed, epoch) order), yielding (epoch,
+    index), the first `skip` of them left out as in EpochSampler."""
 
     skip = 0
 
@@ -585,11 +636,12 @@ def sample_seed(seed, epoch, index):
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """dataset[(epoch, i)] = dataset[i] drawn with python's, numpy's and torch's CPU RNGs seeded from
-    sample_seed(seed, epoch, i): every random choice in a sample (flip, crop, RandAugment, erasing)
-    is a pure function of those three numbers. With --num_workers 0 the samples are drawn in the training
-    process: there the RNG states are put back afterwards, so the masks and mixes are not disturbed (a
-    worker skips that: saving and restoring costs ~0.15 ms a sample, seeding ~0.02 ms)."""
+    """dataset[(epoch, i)] = dataset[i] drawn with python's, numpy's and torch's CPU RNGs seeded
+    from sample_seed(seed, epoch, i): every random choice in a sample (flip, crop, RandAugment,
+    erasing) is a pure function of those three numbers. With --num_workers 0 the samples are drawn
+    in the training process: there the RNG states are put back afterwards, so the masks and mixes
+    are not disturbed (a worker skips that: saving and restoring costs ~0.15 ms a sample, seeding
+    ~0.02 ms)."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -601,11 +653,13 @@ class SeededSamples(torch.utils.data.Dataset):
         s = sample_seed(self.seed, epoch, i)
         random.seed(s)
         np.random.seed(s % 2**32)
-        torch.default_generator.manual_seed(s)  # the CPU generator only: a CUDA one is the training loop's
+        # the CPU generator only: a CUDA one is the training loop's
+        torch.default_generator.manual_seed(s)
 
     def __getitem__(self, key):
         epoch, i = key
-        if torch.utils.data.get_worker_info() is not None:  # a DataLoader worker: nothing else draws here
+        # a DataLoader worker: nothing else draws here
+        if torch.utils.data.get_worker_info() is not None:
             self.seed_rngs(epoch, i)
             return self.dataset[i]
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
