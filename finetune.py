@@ -4,15 +4,15 @@ main_linprobe). The papers' commands, and what each paper reports: PAPERS.md.
 
 On a laptop, after pretrain.py's laptop run (the built-in shapes data, a few minutes on a CPU):
     python finetune.py --model vit_tiny_patch8 --input_size 64 --epochs 15 --warmup_epochs 2 \
-        --finetune output/pretrain/checkpoint-last.pth --batch_size 64 --blr 5e-3 --aa none --mixup 0 \
-        --cutmix 0 --reprob 0 --crop_min 0.35
+        --finetune output/pretrain/checkpoint-last.pth --batch_size 64 --blr 5e-3 --aa none \
+        --mixup 0 --cutmix 0 --reprob 0 --crop_min 0.35
 SemMAE ViT-B/16 fine-tuned on 8 GPUs (batch 8 x 32 x 4 = 1024):
     torchrun --nproc_per_node=8 finetune.py --model vit_base_patch16 \
         --finetune semmae16/checkpoint-last.pth --data_path IMAGENET --accum_iter 4
 
 The saved model-timm.pth loads into timm's VisionTransformer unchanged.
-References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022, arXiv:2205.14338),
-MAE (He et al., CVPR 2022, arXiv:2111.06377).
+References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022,
+arXiv:2205.14338), MAE (He et al., CVPR 2022, arXiv:2111.06377).
 """
 import argparse
 import os
@@ -93,7 +93,8 @@ def load_pretrained(net, path, verbose=True):
     except RuntimeError as e:  # a tensor of another shape (an edited or foreign file)
         raise UsageError(f"{path} does not fit --model: {str(e).splitlines()[1].strip()}") from None
     if verbose:
-        print(f"loaded {path} ({info['layout']} layout): missing {missing}, unexpected {unexpected}", flush=True)
+        print(f"loaded {path} ({info['layout']} layout): missing {missing}, "
+              f"unexpected {unexpected}", flush=True)
     fresh = ("head.", "fc_norm.") if net.global_pool else ("head.",)
     if any(not k.startswith(fresh) for k in missing):
         raise UsageError(f"{path} lacks encoder weights "
@@ -173,7 +174,8 @@ class Foreground(data.PretrainDataset):
         self.crop_pct = crop_pct
 
     def __getitem__(self, i):
-        img, cells, scores, target = super().__getitem__(i) if self.crop_pct is None else self.centre(i)
+        train = self.crop_pct is None
+        img, cells, scores, target = super().__getitem__(i) if train else self.centre(i)
         if self.regions is None or self.regions["scores"] is None:
             scores = ((cells > 0) & (cells != data.IGNORE)).float()
         return img, target, scores
@@ -251,8 +253,8 @@ def build_datasets(args):
     splits = [False] if args.eval else [True, False]
     if args.data_path is None:
         bases = [data.ShapesDataset(args.num_images if train else args.num_val_images,
-                                    img_size=args.input_size,
-                                    seed=args.data_seed, split="train" if train else "val") for train in splits]
+                                    img_size=args.input_size, seed=args.data_seed,
+                                    split="train" if train else "val") for train in splits]
     elif args.dataset == "cifar100":
         bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
     else:
@@ -494,9 +496,10 @@ def main(args):
             load_pretrained(net, args.finetune, verbose=d.is_main)
     net.to(d.device)
     net.grad_checkpointing = args.grad_checkpointing
-    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(d.rank,
-                                                                                    len(val_set), d.world)),
-                                             batch_size=args.batch_size, num_workers=args.num_workers,
+    # every world-th image
+    mine = torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world))
+    val_loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size,
+                                             num_workers=args.num_workers,
                                              pin_memory=d.device.type == "cuda")
 
     # --knn and --eval measure and stop:
@@ -605,8 +608,8 @@ def main(args):
             # SIGTERM/SIGUSR1: stop after this step
             if sync and it + 1 < iters and runs.stop_requested(d, True):
                 bar.close()  # (the loss is read every step here)
-                runs.stop_now(ckpt_path, run_state(epoch - 1), d,
-                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum, n_sum))
+                where = f"after step {it + 1} of {iters} of epoch {epoch}"
+                runs.stop_now(ckpt_path, run_state(epoch - 1), d, where, it + 1, (loss_sum, n_sum))
         bar.close()
 
         # Evaluate, log and checkpoint the epoch:
@@ -625,8 +628,8 @@ def main(args):
                 tb.flush()
             runs.save_checkpoint(ckpt_path, state)
             print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 "
-                  f"{100 * stats['acc1']:.2f}% top-5 "
-                  f"{100 * stats['acc5']:.2f}% (max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
+                  f"{100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
+                  f"(max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
         # a stop in the epoch's last step
         if epoch + 1 < args.epochs and runs.stop_requested(d, True):
             runs.stop_now(ckpt_path, state, d, f"after epoch {epoch}")

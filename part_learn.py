@@ -1,12 +1,12 @@
-"""Stage 1: where are the parts or objects of each image? Writes <output_dir>/regions.pt for pretrain.py.
-
---method learned       SemMAE §3.1: an attention module (Eq. 1, 2) and a blur + AdaIN decoder (Eq. 3, 4) on a
-                       frozen ViT learn N part maps by reconstructing the image (Eq. 5 + lambda x Eq. 6).
---method attention     SemMAE Table 4's baseline: the frozen encoder's class-token attention, a part per head.
---method cam           ObjMAE §3.2, App. A: a ResNet's class activation map, pixels > 0.3 are the object.
---method segmentation  ObjMAE §3.2, §4.1: instance masks (shapes, a PNG folder, or a COCO JSON).
-Objects are made on cells the size of the pre-training model's patch (the 20% rule sees each patch's own
-pixels), parts on 8-px cells. The papers' commands: PAPERS.md.
+"""Stage 1: where are the parts or objects of each image? Writes <output_dir>/regions.pt for
+pretrain.py, with one of four methods:
+  learned       SemMAE §3.1: an attention module (Eq. 1, 2) and a blur + AdaIN decoder (Eq. 3, 4)
+                on a frozen ViT learn N part maps by reconstructing the image (Eq. 5 + lambda Eq. 6).
+  attention     SemMAE Table 4's baseline: the frozen encoder's class-token attention, a head a part.
+  cam           ObjMAE §3.2, App. A: a ResNet's class activation map; pixels > 0.3 are the object.
+  segmentation  ObjMAE §3.2, §4.1: instance masks (shapes, a PNG folder, or a COCO JSON).
+Objects are made on cells the size of the pre-training model's patch (the 20% rule sees each patch's
+own pixels), parts on 8-px cells. The papers' commands: PAPERS.md.
 
 On a laptop, the built-in shapes data and an encoder from pretrain.py (a few minutes on a CPU):
     python part_learn.py --method learned --encoder_weights output/pretrain/checkpoint-last.pth \
@@ -15,7 +15,8 @@ SemMAE's parts on 8 GPUs (DINO's ViT-S/8 stands in for SemMAE's iBOT ViT-S/8):
     torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
         --encoder_weights dino_deitsmall8_pretrain.pth --output_dir parts
 
-References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022, arXiv:2205.14338).
+References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022,
+arXiv:2205.14338).
 """
 import argparse
 import contextlib
@@ -323,8 +324,8 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
     n, cells, pixels = len(items), grid[0] * grid[1], mask_side * mask_side
     lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(lo, hi)),
-                                         batch_size=args.batch_size,
-                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
+                                         batch_size=args.batch_size, num_workers=args.num_workers,
+                                         pin_memory=d.device.type == "cuda")
     sums, top, row = torch.zeros(2, dtype=torch.long), -1, 0
     fd = os.open(f"{out}.rank{d.rank}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -581,7 +582,8 @@ def check_args(args):
         "image_cache": (args.method != "segmentation", "with the methods that read images (not "
                                                        "segmentation)"),
         "eval_images": (args.eval_iou, "with --eval_iou")})
-    if args.method == "segmentation" and args.data_path is not None and (args.masks is None) == (args.coco is None):
+    one_source = (args.masks is None) != (args.coco is None)
+    if args.method == "segmentation" and args.data_path is not None and not one_source:
         raise UsageError("--method segmentation on an image folder needs exactly one of --masks "
                          "<folder> or "
                          "--coco <instances.json>")
@@ -692,7 +694,7 @@ def main(args):
 def get_args(argv=None):
     # The defaults reproduce SemMAE §4.1's parts (6 parts, blur 7, lambda 0.03, on 8-px cells) and
     # ObjMAE's
-    # object rules (§3.2, §4.1: 20% of a cell, 5% of the image); PAPERS.md has each paper's command.
+    # object rules (§3.2, §4.1: 20% of a cell, 5% of the image); PAPERS.md: the papers' commands.
     # Ranges: utils.RANGES.
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,13 +5,14 @@ source + target tokens (model.py), and regresses the target pixels; random maski
 source = kept, target = masked. The papers' commands, and what each paper reports: PAPERS.md.
 
 On a laptop, the built-in shapes data (no --data_path), a few minutes on a CPU:
-    python pretrain.py --model mae_vit_tiny_patch8 --input_size 64 --epochs 10 --batch_size 64 --blr 1e-3
+    python pretrain.py --model mae_vit_tiny_patch8 --input_size 64 --epochs 10 --batch_size 64 \
+        --blr 1e-3
 SemMAE ViT-B/16 on 8 GPUs, with the parts of part_learn.py:
-    torchrun --nproc_per_node=8 pretrain.py --mask semmae --accum_iter 8 --data_path IMAGENET/train \
-        --regions parts16/regions.pt --output_dir semmae16
+    torchrun --nproc_per_node=8 pretrain.py --mask semmae --accum_iter 8 \
+        --data_path IMAGENET/train --regions parts16/regions.pt --output_dir semmae16
 
-References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022, arXiv:2205.14338),
-MAE (He et al., CVPR 2022, arXiv:2111.06377).
+References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022,
+arXiv:2205.14338), MAE (He et al., CVPR 2022, arXiv:2111.06377).
 """
 import argparse
 import os
@@ -226,7 +227,8 @@ def resume(args, net, optimizer, scaler, d):
                          "checkpoint-last.pth; to fine-tune released weights: finetune.py "
                          "--finetune "
                          f"{args.resume}")
-    other = "part_learn.py" if "learner" in ckpt else "finetune.py" if "linprobe" in ckpt["args"] else None
+    other = ("part_learn.py" if "learner" in ckpt else
+             "finetune.py" if "linprobe" in ckpt["args"] else None)
     if other:  # another stage's run: no --model of this one fits it
         raise UsageError(f"{args.resume} is a checkpoint of {other}, not of pretrain.py; --resume "
                          "continues "
@@ -285,10 +287,11 @@ def main(args):
     if args.lookahead:
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
     scaler = utils.grad_scaler(d.device, args.precision)  # fp16 only; a no-op otherwise
-    start_epoch, start_step, carry = resume(args, net, optimizer, scaler, d) if args.resume else (0,
-                                                                                                  0, None)
+    start_epoch, start_step, carry = 0, 0, None
+    if args.resume:
+        start_epoch, start_step, carry = resume(args, net, optimizer, scaler, d)
     ddp = utils.wrap_ddp(net, d)
-    # checkpoints: net's names
+    # the checkpoints keep net's parameter names
     step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp
 
     # Start the run (the folder, its lock, args.json):
@@ -303,7 +306,8 @@ def main(args):
     vis_set = data.PretrainDataset(base, args.input_size, regions=regions, hflip=False,
                                    cell_size=cell_size)
     vis = [vis_set[i] for i in range(min(8, len(vis_set)))]
-    vis_imgs, vis_cells, vis_scores = (torch.stack([v[k] for v in vis]).to(d.device) for k in range(3))
+    vis_imgs, vis_cells, vis_scores = (torch.stack([v[k] for v in vis]).to(d.device)
+                                       for k in range(3))
 
     iters = utils.batches_per_epoch(loader, args.accum_iter)  # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
@@ -313,7 +317,7 @@ def main(args):
         return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "epoch": epoch, "args": vars(args)}
-    zero_pad = args.mask == "objmae" and args.padding == "zero"  # ObjMAE §3.3: attended zero tokens
+    zero_pad = args.mask == "objmae" and args.padding == "zero"   # ObjMAE §3.3: attended zeros
     # Train:
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
@@ -372,8 +376,9 @@ def main(args):
             # SIGTERM/SIGUSR1: stop after this step
             if sync and it + 1 < iters and runs.stop_requested(d, log_now):
                 bar.close()
-                runs.stop_now(ckpt_path, run_state(epoch - 1), d,
-                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum.cpu(), n_sum))
+                where = f"after step {it + 1} of {iters} of epoch {epoch}"
+                runs.stop_now(ckpt_path, run_state(epoch - 1), d, where, it + 1, (loss_sum.cpu(),
+                                                                                  n_sum))
         bar.close()
 
         # Log, checkpoint and picture the epoch:
@@ -451,7 +456,7 @@ def save_reconstructions(path, net, imgs, masks, attend_padding=False):
 # ----------------------------------------------------------------------------- flags
 
 def get_args(argv=None):
-    # The defaults are SemMAE §4.1's recipe (MAE's), which reproduces SemMAE's ViT-B/16 run at batch
+    # The defaults are SemMAE §4.1's recipe (MAE's), which reproduces SemMAE's ViT-B/16 run at
     # 4096;
     # the flags of the other papers' settings are in PAPERS.md. Ranges: utils.RANGES.
     p = argparse.ArgumentParser(description=__doc__,
@@ -518,7 +523,7 @@ def get_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.05, help="MAE, SemMAE, ObjMAE Table 2: "
                                                                     "0.05")
     g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
-                   help="AdamW betas: MAE's, which SemMAE follows (§4.1); ObjMAE Table 2: 0.9 0.999")
+                   help="AdamW betas: MAE's, which SemMAE follows (§4.1); ObjMAE Table 2: 0.999")
     g.add_argument("--opt_eps", type=float, default=1e-8,
                    help="AdamW epsilon (MAE, ObjMAE Table 2)")
     g.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table "

@@ -1,6 +1,6 @@
-"""What a run owns on disk and in time, the same in every stage: its entry point (bad input = one line,
-exit 2), stop signals (a checkpoint at the next step boundary), atomic checkpoints, the output folder and
-its lock, log.txt, and the progress bar or plain progress lines."""
+"""What a run owns on disk and in time, the same in every stage: its entry point (bad input = one
+line, exit 2), stop signals (a checkpoint at the next step boundary), atomic checkpoints, the output
+folder and its lock, log.txt, and the progress bar or plain progress lines."""
 import argparse
 import contextlib
 import errno
@@ -190,7 +190,8 @@ def save_checkpoint(path, state):
         cause = os_error(e)
         if cause is None:
             raise
-        kept = f"{path} is kept as it was" if os.path.isfile(path) else "no earlier checkpoint was there"
+        kept = (f"{path} is kept as it was" if os.path.isfile(path) else
+                "no earlier checkpoint was there")
         raise UsageError(f"cannot write checkpoint {path}: {cause.strerror or cause} "
                          f"({errno.errorcode.get(cause.errno, cause.errno)}); {kept}; make room "
                          "(or lift the "
@@ -429,7 +430,8 @@ class PlainProgress:
     loops: the stage prints what it wrote)."""
 
     def __init__(self, iterable, desc, total, every, initial=0):
-        self.iterable, self.desc, self.every, self.n, self.initial = iterable, desc, every, initial, initial
+        self.iterable, self.desc, self.every = iterable, desc, every
+        self.n = self.initial = initial
         self.total = total if total is not None else len(iterable) if hasattr(iterable,
                                                                               "__len__") else None
         self.start = time.time()

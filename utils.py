@@ -1,5 +1,6 @@
-"""What the three stages share: errors and exit codes, the flags' ranges, torchrun/DDP setup, seeding,
-optimisation (the lr schedule, Lookahead, LARS, parameter groups), precision and the data loader.
+"""What the three stages share: errors and exit codes, the flags' ranges, torchrun/DDP setup,
+seeding, optimisation (the lr schedule, Lookahead, LARS, parameter groups), precision and the data
+loader.
 What a run owns on disk (checkpoints, the output folder, the log, stop signals) is runs.py's.
 Nothing here knows about a paper.
 
@@ -88,12 +89,14 @@ RANGES = {
     "crop_min": "(0, 1]", "crop_pct": "[0.05, 1]", "reprob": "[0, 1]", "mixup": "[0, 100]",
     "cutmix": "[0, 100]", "smoothing": "[0, 1)",
     # optimisation
-    "epochs": "[1, inf)", "warmup_epochs": "[0, inf)", "batch_size": "[1, inf)", "accum_iter": "[1, inf)",
+    "epochs": "[1, inf)", "warmup_epochs": "[0, inf)", "batch_size": "[1, inf)",
+    "accum_iter": "[1, inf)",
     "blr": "[0, 10]", "lr": "[0, 10]", "min_lr": "[0, 10]", "weight_decay": "[0, 1]",
     "layer_decay": "[0, 1]", "opt_betas": "[0, 1)", "opt_eps": "(0, 1]", "lookahead_k": "[1, 1e6]",
     "lookahead_alpha": "(0, 1]", "knn_k": "[1, inf)", "knn_t": "(0, inf)",
     # run
-    "ckpt_every": "[1, inf)", "save_every": "[0, inf)", "log_every": "[1, inf)", "vis_every": "[0, inf)",
+    "ckpt_every": "[1, inf)", "save_every": "[0, inf)", "log_every": "[1, inf)",
+    "vis_every": "[0, inf)",
     "num_workers": "[0, 256]", "seed": "[0, 4294967295]", "data_seed": "[0, 4294967295]",
     "dist_timeout": "(0, inf)",
 }
@@ -152,7 +155,7 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+    if not (device in ("cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
         raise UsageError(f"--device {device} is not one of auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device "
@@ -239,7 +242,8 @@ def slurm_to_torchrun():
                          "MASTER_ADDR=<first node>")
     job = os.environ.get("SLURM_JOB_ID", "")
     env["MASTER_ADDR"] = master
-    env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(20000 + (int(job) % 20000 if job.isdigit() else 9500))
+    port = 20000 + (int(job) % 20000 if job.isdigit() else 9500)
+    env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(port)
     return env
 
 
@@ -495,10 +499,10 @@ def resolve_precision(precision, device):
         raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
                          "bf16; use "
                          "--precision fp16 (with a loss scaler) or fp32")
-    try:  # a matmul is what autocast must cast
+    try:                                                       # a matmul is what autocast must cast
         with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
-            ok = (torch.ones(2, 2, device=device) @ torch.ones(2, 2,
-                                                               device=device)).dtype == AUTOCAST_DTYPES[precision]
+            x = torch.ones(2, 2, device=device)
+            ok = (x @ x).dtype == AUTOCAST_DTYPES[precision]
     except RuntimeError:
         ok = False
     if not ok:
