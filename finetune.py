@@ -651,22 +651,20 @@ def main(args):
 # ----------------------------------------------------------------------------- flags
 
 def get_args(argv=None):
-    # The defaults reproduce MAE's fine-tuning recipe (main_finetune), which SemMAE's Table 2 uses;
-    # the
-    # optimisation flags left at None take the mode's recipe (RECIPES), the other papers' flags are
-    # in
-    # PAPERS.md. Ranges: utils.RANGES.
+    # The defaults reproduce MAE's fine-tuning recipe (main_finetune), which SemMAE's Table 2
+    # uses; the optimisation flags left at None take the mode's recipe (RECIPES); the other
+    # papers' flags are in PAPERS.md. Ranges: utils.RANGES.
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and mode")
     g.add_argument("--model", default="vit_base_patch16", choices=sorted(models.VITS))
     g.add_argument("--input_size", type=int, default=224)
-    g.add_argument("--finetune", default=None, help="pre-trained encoder: ours, MAE's, SemMAE's or "
-                                                    "timm's")
-    g.add_argument("--linprobe", action="store_true", help="train only a linear head on the frozen "
-                                                           "encoder")
-    g.add_argument("--eval", action="store_true", help="top-1/top-5 of --resume on the validation "
-                                                       "set")
+    g.add_argument("--finetune", default=None,
+                   help="pre-trained encoder: ours, MAE's, SemMAE's or timm's")
+    g.add_argument("--linprobe", action="store_true",
+                   help="train only a linear head on the frozen encoder")
+    g.add_argument("--eval", action="store_true",
+                   help="top-1/top-5 of --resume on the validation set")
     g.add_argument("--knn", action="store_true",
                    help="top-1/top-5 of DINO's weighted k-NN on the frozen --finetune encoder's "
                         "features")
@@ -683,20 +681,18 @@ def get_args(argv=None):
     g.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
     g.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images")
     g.add_argument("--data_seed", type=int, default=0, help="shapes: which scenes")
-    g.add_argument("--regions", default=None, help="regions.pt of the training images (foreground "
-                                                   "scores)")
+    g.add_argument("--regions", default=None,
+                   help="regions.pt of the training images (foreground scores)")
     g.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
     g.add_argument("--keep_ratio", type=float, default=1.0,
                    help="probe the most foreground fraction of patches (SemMAE 8x8: 0.25)")
-    g = p.add_argument_group("augmentation (MAE's; fine-tuning only, except --crop_min and "
-                             "--crop_pct)")
+    g = p.add_argument_group("augmentation (MAE's; fine-tuning only but --crop_min, --crop_pct)")
     g.add_argument("--train_crop", default="rrc", choices=["rrc", "bit"],
-                   help="rrc: RandomResizedCrop(--crop_min, 1) (MAE); bit: resize to 7/6 the size, "
-                        "random "
-                        "crop (BiT, Kolesnikov et al. 2020), as ObjMAE §4.2")
+                   help="rrc: RandomResizedCrop(--crop_min, 1) (MAE); bit: resize to 7/6 the size,"
+                        " random crop (BiT, Kolesnikov et al. 2020), as ObjMAE §4.2")
     g.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
-    g.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to "
-                                                                 "size/crop_pct, crop")
+    g.add_argument("--crop_pct", type=float, default=0.875,
+                   help="validation: resize to size/crop_pct, crop")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
                    help="timm's RandAugment string (MAE's; randaugment.py) or 'none'")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
@@ -706,8 +702,8 @@ def get_args(argv=None):
     g = p.add_argument_group("optimisation (None = the mode's recipe, RECIPES)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--warmup_epochs", type=int, default=None)
-    g.add_argument("--batch_size", type=int, default=None, help="per device; effective = batch * "
-                                                                "accum * world")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="per device; effective = batch * accum * world")
     g.add_argument("--accum_iter", type=int, default=1)
     g.add_argument("--blr", type=float, default=None, help="lr = blr * effective batch / 256")
     g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
@@ -718,38 +714,19 @@ def get_args(argv=None):
                    help="fine-tuning AdamW betas (MAE's main_finetune, ObjMAE Table 2)")
     g.add_argument("--opt_eps", type=float, default=1e-8,
                    help="AdamW epsilon (MAE, ObjMAE Table 2)")
-    g.add_argument("--lookahead", action="store_true", help="wrap the optimizer in Lookahead "
-                                                            "(ObjMAE Table 2)")
-    g.add_argument("--lookahead_k", type=int, default=5, help="not given by ObjMAE (Zhang et al. "
-                                                              "2019: 5)")
+    g.add_argument("--lookahead", action="store_true",
+                   help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
+    g.add_argument("--lookahead_k", type=int, default=5,
+                   help="not given by ObjMAE (Zhang et al. 2019: 5)")
     g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Zhang et al. 2019: 0.5")
     g = p.add_argument_group("linear probing only (--linprobe)")
     g.add_argument("--opt", default="lars", choices=["lars", "sgd"],
                    help="LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
     g = p.add_argument_group("k-NN only (--knn; DINO, Caron et al. 2021, §4.1: k 20, T 0.07)")
     g.add_argument("--knn_k", type=int, default=20, help="neighbours that vote")
-    g.add_argument("--knn_t", type=float, default=0.07, help="temperature of the votes "
-                                                             "exp(similarity / T)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="output/finetune")
-    g.add_argument("--resume", default=None,
-                   help="checkpoint to continue (or --eval); 'auto': this --output_dir's, if there "
-                        "is one")
-    g.add_argument("--num_workers", type=int, default=4)
-    g.add_argument("--log_every", type=int, default=20,
-                   help="outside a terminal, one progress line every N steps (in one, a bar)")
-    g.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="also write loss, lr and accuracy to TensorBoard in DIR (pip install "
-                        "tensorboard)")
-    g.add_argument("--grad_checkpointing", action="store_true",
-                   help="fine-tuning: recompute each block in the backward pass (less memory)")
-    g.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
-                   help="autocast: bf16, fp16 (loss scaler; V100, T4) or fp32; auto = bf16 where "
-                        "native")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
-                   help="under torchrun: seconds a process waits for the others before one line")
+    g.add_argument("--knn_t", type=float, default=0.07,
+                   help="temperature of the votes exp(similarity / T)")
+    runs.add_run_flags(p, "output/finetune")
     return p.parse_args(argv)
 
 

@@ -1,8 +1,8 @@
 """Stage 1: where are the parts or objects of each image? Writes <output_dir>/regions.pt for
 pretrain.py, with one of four methods:
   learned       SemMAE §3.1: an attention module (Eq. 1, 2) and a blur + AdaIN decoder (Eq. 3, 4)
-                on a frozen ViT learn N part maps by reconstructing the image (Eq. 5 + lambda Eq. 6).
-  attention     SemMAE Table 4's baseline: the frozen encoder's class-token attention, a head a part.
+                on a frozen ViT learn N part maps by reconstructing the image (Eq. 5, 6).
+  attention     SemMAE Table 4's baseline: the frozen encoder's class-token attention per head.
   cam           ObjMAE §3.2, App. A: a ResNet's class activation map; pixels > 0.3 are the object.
   segmentation  ObjMAE §3.2, §4.1: instance masks (shapes, a PNG folder, or a COCO JSON).
 Objects are made on cells the size of the pre-training model's patch (the 20% rule sees each patch's
@@ -66,45 +66,39 @@ def load_learner(args, d, encoder):
 
 
 def train_learner(args, d, base, encoder, cache=None):
-    """SemMAE §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the
-    PartLearner."""
+    """SemMAE §3.1: only the attention module and decoder learn (the encoder is frozen)."""
     learner, optimizer, start_epoch, start_step, carry = load_learner(args, d, encoder)
     runs.start_run(args, d, start_epoch)
     if args.export_only:
         return learner.eval()
-    # the same samples, uint8 from the cache: flipped, normalised in batch_images
-    if cache is not None:
-        dataset = data.CachedPretrainDataset(base, cache, args.input_size, hflip=True,
-                                             cell_size=args.cell_size)
-    else:
-        # resize + flip
-        dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)
+    # resize + flip; the fast path's samples are uint8, flipped and normalised in batch_images
+    dataset = (data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)
+               if cache is None else
+               data.CachedPretrainDataset(base, cache, args.input_size, hflip=True,
+                                          cell_size=args.cell_size))
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) == 0:
         raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
                          "use a smaller --batch_size")
     ddp = utils.wrap_ddp(learner, d)
     vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
-    # 8 fixed images
-    vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)
-    utils.print0(d, f"part learner: {sum(p.numel() for p in learner.parameters()) / 1e6:.2f}M "
-                    "params, "
-                    f"{len(dataset)} images, epochs {start_epoch}..{args.epochs - 1}")
+    vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)  # 8 fixed
+    size = sum(p.numel() for p in learner.parameters()) / 1e6
+    utils.print0(d, f"part learner: {size:.2f}M params, {len(dataset)} images, "
+                    f"epochs {start_epoch}..{args.epochs - 1}")
     iters = len(loader)
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
     precision = utils.resolve_precision("auto", d.device)  # the frozen encoder's (encoder_features)
 
     def run_state(epoch):                   # what a checkpoint holds, epoch = the last finished one
         return {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "args": vars(args)}
+                "epoch": epoch, "args": vars(args)}
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same flips and order
         skip = start_step if epoch == start_epoch else 0  # steps done before a stop
         loader.sampler.set_epoch(epoch, skip * args.batch_size)
         learner.train()
-        # the losses are summed on the device and read every --log_every steps: no host sync in the
-        # other steps
+        # the losses are summed on the device and read every --log_every steps: no host sync between
         t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
         if skip:                                    # where the stop left the RNGs and the sums
             runs.set_rng_state(carry["rng"])
@@ -137,34 +131,33 @@ def train_learner(args, d, base, encoder, cache=None):
             # SIGTERM/SIGUSR1: stop after this step
             if it + 1 < iters and runs.stop_requested(d, log_now):
                 bar.close()
-                runs.stop_now(ckpt_path, run_state(epoch - 1), d, f"after step {it + 1} of {iters} "
-                                                                  f"of epoch {epoch}",
-                              it + 1, (sums.cpu(), n))
+                where = f"after step {it + 1} of {iters} of epoch {epoch}"
+                runs.stop_now(ckpt_path, run_state(epoch - 1), d, where, it + 1, (sums.cpu(), n))
         bar.close()
         loss, rec, div = (utils.all_reduce_mean(v, d) for v in means)
         state = run_state(epoch) if d.is_main else None
-        if d.is_main:  # the log line before the checkpoint: see pretrain.py
+        if d.is_main:
             record = {"epoch": epoch, "train_loss": loss, "rec_loss": rec, "div_loss": div,
-                      "lr": lr,
-                      "time_s": round(time.time() - t0, 2)}
-            runs.append_log(os.path.join(args.output_dir, "log.txt"), record)
-            runs.save_checkpoint(ckpt_path, state)
-            print(f"epoch {epoch}: loss {loss:.4f} (rec {rec:.4f}, div {div:.4f}) "
-                  f"({record['time_s']}s)", flush=True)
-            save_parts(os.path.join(args.output_dir, f"parts-{epoch:04d}.png"), encoder, learner,
-                       vis_imgs, args)
-        # a stop in the epoch's last step
-        if epoch + 1 < args.epochs and runs.stop_requested(d, True):
+                      "lr": lr, "time_s": round(time.time() - t0, 2)}
+            end_epoch(args, record, state, ckpt_path, encoder, learner, vis_imgs)
+        if epoch + 1 < args.epochs and runs.stop_requested(d, True):   # a stop in its last step
             runs.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     return learner.eval()
 
 
-def save_parts(path, encoder, learner, imgs, args):
-    """The learner's parts and reconstruction of the fixed pictures (SemMAE Figure 4)."""
+def end_epoch(args, record, state, ckpt_path, encoder, learner, imgs):
+    """Rank 0 at an epoch's end: the log line before the checkpoint (see pretrain.py), then the
+    parts and reconstruction of the fixed pictures (SemMAE Figure 4)."""
+    runs.append_log(os.path.join(args.output_dir, "log.txt"), record)
+    runs.save_checkpoint(ckpt_path, state)
+    print(f"epoch {record['epoch']}: loss {record['train_loss']:.4f} "
+          f"(rec {record['rec_loss']:.4f}, div {record['div_loss']:.4f}) ({record['time_s']}s)",
+          flush=True)
     learner.eval()
     with torch.no_grad():
         maps, recon = learner(*encoder_features(encoder, imgs), imgs.shape[-2:])
     labels, _ = parts_from_maps(maps, (args.input_size // args.cell_size,) * 2)
+    path = os.path.join(args.output_dir, f"parts-{record['epoch']:04d}.png")
     save_picture(path, imgs, labels, recon)
 
 
@@ -265,7 +258,7 @@ def cam_objects(net, imgs, cell, threshold, min_share, min_object=0.05):
 
 
 class SegmentationCells(torch.utils.data.Dataset):
-    """Object id per cell from instance masks (ObjMAE §3.2: 20% rule; §4.1: instances < 5% dropped),
+    """Object id per cell from instance masks (ObjMAE §3.2: 20% rule; §4.1: under 5% dropped),
     and the instance mask resized to the input size as its image is (nearest), for the crop. ->
     (uint8 [gh, gw], [S, S])"""
 
@@ -693,28 +686,27 @@ def main(args):
 
 def get_args(argv=None):
     # The defaults reproduce SemMAE §4.1's parts (6 parts, blur 7, lambda 0.03, on 8-px cells) and
-    # ObjMAE's
-    # object rules (§3.2, §4.1: 20% of a cell, 5% of the image); PAPERS.md: the papers' commands.
+    # ObjMAE's object rules (§3.2, §4.1: 20% of a cell, 5% of the image); PAPERS.md: the papers'
+    # commands.
     # Ranges: utils.RANGES.
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="learned", choices=["learned", "attention", "cam",
-                                                           "segmentation"])
+    p.add_argument("--method", default="learned",
+                   choices=["learned", "attention", "cam", "segmentation"])
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None,
                    help="folder of images at any depth (no labels read); omitted = built-in shapes")
-    g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes "
-                                                                "dataset")
+    g.add_argument("--num_images", type=int, default=2000,
+                   help="size of the built-in shapes dataset")
     g.add_argument("--data_seed", type=int, default=0,
                    help="which shapes scenes (--seed changes only the training randomness)")
-    g.add_argument("--input_size", type=int, default=224, help="images are resized to this (no "
-                                                               "crop)")
+    g.add_argument("--input_size", type=int, default=224,
+                   help="images are resized to this (no crop)")
     g.add_argument("--cell_size", type=int, default=None,
                    help="pixels per region cell; default 8 for parts (SemMAE §4.2), 16 for "
-                        "objects: the "
-                        "patch of the model that will use them (ObjMAE §3.2's 20%% rule, §4.1)")
-    g = p.add_argument_group("--method learned and attention: the frozen encoder (SemMAE §4.1: "
-                             "iBOT ViT-S)")
+                        "objects: the patch of the model that will use them (ObjMAE §3.2's 20%% "
+                        "rule, §4.1)")
+    g = p.add_argument_group("--method learned and attention: the frozen encoder (SemMAE §4.1)")
     g.add_argument("--encoder_weights", default=None,
                    help="DINO/iBOT release or training checkpoint, MAE/SemMAE or pretrain.py "
                         "checkpoint")
@@ -722,52 +714,38 @@ def get_args(argv=None):
     g.add_argument("--num_parts", type=int, default=6,
                    help="N (SemMAE §4.1: 6, ViT-S's head count)")
     g.add_argument("--blur", type=int, default=7, help="blur kernel size (SemMAE §4.1: 7)")
-    g.add_argument("--div_weight", type=float, default=0.03, help="lambda of Eq. 7 (SemMAE §4.1: "
-                                                                  "0.03)")
-    g = p.add_argument_group("--method cam (ObjMAE App. A; --min_share, --min_object: and "
-                             "segmentation)")
-    g.add_argument("--cam_weights", default=None, help="torchvision ResNet state dict (ImageNet-1k "
-                                                       "trained)")
+    g.add_argument("--div_weight", type=float, default=0.03,
+                   help="lambda of Eq. 7 (SemMAE §4.1: 0.03)")
+    g = p.add_argument_group("--method cam (App. A; --min_share, --min_object: and segmentation)")
+    g.add_argument("--cam_weights", default=None,
+                   help="torchvision ResNet state dict (ImageNet-1k trained)")
     g.add_argument("--cam_arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
                    help="ResNet-50 (ObjMAE App. A); ResNet-34 for ImageNet-100 (ObjMAE §4.1)")
     g.add_argument("--cam_threshold", type=float, default=0.3, help="object pixels have map > this")
-    g.add_argument("--min_share", type=float, default=0.2, help="a cell is object at >= this share "
-                                                                "of pixels")
+    g.add_argument("--min_share", type=float, default=0.2,
+                   help="a cell is object at >= this share of pixels")
     g.add_argument("--min_object", type=float, default=0.05,
                    help="drop objects under this share of the image (ObjMAE §4.1)")
     g = p.add_argument_group("--method segmentation only")
-    g.add_argument("--masks", default=None, help="instance PNG folder, same relative names as the "
-                                                 "images")
+    g.add_argument("--masks", default=None,
+                   help="instance PNG folder, same relative names as the images")
     g.add_argument("--coco", default=None, help="COCO instances JSON for the images in --data_path")
-    g = p.add_argument_group("optimisation (--method learned; the paper gives only its cost: 2 "
-                             "A100 hours)")
-    g.add_argument("--epochs", type=int, default=4, help="about 2 A100 hours of ImageNet-1k at "
-                                                         "ViT-S/8")
+    g = p.add_argument_group("optimisation (--method learned; SemMAE gives its cost: 2 A100 hours)")
+    g.add_argument("--epochs", type=int, default=4,
+                   help="about 2 A100 hours of ImageNet-1k at ViT-S/8")
     g.add_argument("--warmup_epochs", type=int, default=1, help="linear lr warm-up, then cosine")
     g.add_argument("--batch_size", type=int, default=64, help="per device (every method)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="output/part_learn")
-    g.add_argument("--resume", default=None,
-                   help="learned: checkpoint to continue from; 'auto': this --output_dir's, if any")
-    g.add_argument("--export_only", action="store_true", help="learned: export regions from "
-                                                              "--resume")
+    g = runs.add_run_flags(p, "output/part_learn", training=False)
+    g.add_argument("--export_only", action="store_true",
+                   help="learned: export regions from --resume")
     g.add_argument("--eval_iou", action="store_true",
                    help="shapes only: also export held-out images, print the foreground IoU")
-    g.add_argument("--eval_images", type=int, default=200, help="held-out shapes images for "
-                                                                "--eval_iou")
-    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--eval_images", type=int, default=200,
+                   help="held-out shapes images for --eval_iou")
     g.add_argument("--image_cache", default=None, metavar="FILE",
-                   help="fast input path: decode every image once into FILE (uint8; the file "
-                        "pretrain.py "
-                        "reads), flip and normalise on the device")
-    g.add_argument("--log_every", type=int, default=20,
-                   help="learned: read the losses on the host (a device sync), stop on NaN every N "
-                        "steps")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
-                   help="under torchrun: seconds a process waits for the others before one line")
+                   help="fast input path: decode every image once into FILE (uint8; the file that "
+                        "pretrain.py reads), flip and normalise on the device")
     return p.parse_args(argv)
 
 

@@ -456,9 +456,8 @@ def save_reconstructions(path, net, imgs, masks, attend_padding=False):
 # ----------------------------------------------------------------------------- flags
 
 def get_args(argv=None):
-    # The defaults are SemMAE §4.1's recipe (MAE's), which reproduces SemMAE's ViT-B/16 run at
-    # 4096;
-    # the flags of the other papers' settings are in PAPERS.md. Ranges: utils.RANGES.
+    # The defaults are SemMAE §4.1's recipe (MAE's): they reproduce SemMAE's ViT-B/16 run at batch
+    # 4096; the flags of the other papers' settings are in PAPERS.md. Ranges: utils.RANGES.
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
@@ -468,104 +467,77 @@ def get_args(argv=None):
     g.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
     g.add_argument("--data_path", default=None,
                    help="folder of images at any depth (no labels read); omitted = built-in shapes")
-    g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes "
-                                                                "dataset")
-    g.add_argument("--data_seed", type=int, default=0,
-                   help="which shapes scenes (--seed changes only the training randomness)")
-    g.add_argument("--regions", default=None, help="regions.pt from part_learn.py (parts or "
-                                                   "objects per cell)")
+    g.add_argument("--num_images", type=int, default=2000,
+                   help="size of the built-in shapes dataset")
+    g.add_argument("--data_seed", type=int, default=0, help="which shapes scenes (not --seed)")
+    g.add_argument("--regions", default=None,
+                   help="regions.pt from part_learn.py (parts or objects per cell)")
     g = p.add_argument_group("masking (all masks)")
     g.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="random and semmae (MAE, SemMAE: "
-                                                                  "0.75)")
+    g.add_argument("--mask_ratio", type=float, default=0.75,
+                   help="random and semmae (MAE, SemMAE: 0.75)")
     g.add_argument("--keep_ratio", type=float, default=1.0,
-                   help="keep only this fraction of most-foreground patches before masking (SemMAE "
-                        "8x8: 0.25)")
+                   help="keep this share of most-foreground patches, then mask (SemMAE 8x8: 0.25)")
     g = p.add_argument_group("--mask semmae only")
-    g.add_argument("--gamma", type=float, default=2.0, help="alpha = progress ** gamma (§3.2, "
-                                                            "Table 3)")
+    g.add_argument("--gamma", type=float, default=2.0,
+                   help="alpha = progress ** gamma (§3.2, Table 3)")
     g.add_argument("--alpha", type=float, default=None,
                    help="a fixed alpha instead of the schedule")
-    g.add_argument("--reverse", action="store_true", help="alpha goes 1 -> 0 (Table 3, row '1 -> "
-                                                          "0')")
+    g.add_argument("--reverse", action="store_true",
+                   help="alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
     g = p.add_argument_group("--mask objmae only")
     g.add_argument("--seq_ratio", type=float, default=0.25,
                    help="source and target length / L (§3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
-    g.add_argument("--padding", default="zero", choices=["zero", "masked", "replicate", "random",
-                                                         "throwout"],
+    g.add_argument("--padding", default="zero",
+                   choices=["zero", "masked", "replicate", "random", "throwout"],
                    help="§3.3, Table 8; zero: attended zero tokens (§3.3); masked (not the "
-                        "paper's): removed "
-                        "from attention too; throwout: the batch minimum, one host sync a step")
+                        "paper's): removed from attention too; throwout: the batch minimum, one "
+                        "host sync a step")
     g.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
                    help="source and target from one object (§3, Table 6's best), two objects, or "
                         "the image")
     g = p.add_argument_group("augmentation (of the image and its region cells together)")
     g.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="random-resized crop area, e.g. 0.2 1.0 (MAE; ObjMAE §4.2); default: none, "
-                        "the "
-                        "whole image resized (SemMAE §4.1: flip only)")
-    g.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN",
-                                                                                         "MAX"),
-                   help="aspect ratio range of the crop (torchvision's RandomResizedCrop default, "
-                        "as MAE)")
+                   help="random-resized crop area, e.g. 0.2 1.0 (MAE; ObjMAE §4.2); default: none,"
+                        " the whole image resized (SemMAE §4.1: flip only)")
+    g.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3),
+                   metavar=("MIN", "MAX"),
+                   help="the crop's aspect ratio range (RandomResizedCrop's, as MAE)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip (SemMAE §4.1, MAE); --no-hflip: ObjMAE §4.2")
     g = p.add_argument_group("optimisation (SemMAE §4.1, MAE's recipe; ObjMAE's: Tables 2-3)")
     g.add_argument("--epochs", type=int, default=800, help="SemMAE §4.1, ObjMAE Table 3: 800")
     g.add_argument("--warmup_epochs", type=int, default=40, help="SemMAE §4.1, ObjMAE Table 3: 40")
-    g.add_argument("--batch_size", type=int, default=64,
-                   help="per device; effective = batch * accum * world (SemMAE: 4096; ObjMAE: 128)")
+    g.add_argument("--batch_size", type=int, default=64, help="per device (x accum x world: 4096)")
     g.add_argument("--accum_iter", type=int, default=1)
     g.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256")
     g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    g.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine (ObjMAE Table 2: "
-                                                             "1e-5)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="MAE, SemMAE, ObjMAE Table 2: "
-                                                                    "0.05")
+    g.add_argument("--min_lr", type=float, default=0.0,
+                   help="end of the cosine (ObjMAE Table 2: 1e-5)")
+    g.add_argument("--weight_decay", type=float, default=0.05,
+                   help="MAE, SemMAE, ObjMAE Table 2: 0.05")
     g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
-                   help="AdamW betas: MAE's, which SemMAE follows (§4.1); ObjMAE Table 2: 0.999")
+                   help="AdamW betas: MAE's, which SemMAE follows (§4.1); ObjMAE Table 2: 0.9 "
+                        "0.999")
     g.add_argument("--opt_eps", type=float, default=1e-8,
                    help="AdamW epsilon (MAE, ObjMAE Table 2)")
-    g.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table "
-                                                            "2)")
-    g.add_argument("--lookahead_k", type=int, default=5,
-                   help="not given by ObjMAE (Zhang et al. 2019: 5; timm: 6)")
+    g.add_argument("--lookahead", action="store_true",
+                   help="wrap AdamW in Lookahead (ObjMAE Table 2)")
+    g.add_argument("--lookahead_k", type=int, default=5, help="Zhang et al. 2019: 5")
     g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Zhang et al. 2019: 0.5")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="regress normalised pixels per patch (MAE §3, Table 1d; SemMAE's released "
                         "command)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="output/pretrain")
-    g.add_argument("--resume", default=None,
-                   help="checkpoint to continue from; 'auto': this --output_dir's, if there is one")
+    g = runs.add_run_flags(p, "output/pretrain")
     g.add_argument("--ckpt_every", type=int, default=1,
-                   help="write checkpoint-last.pth every N epochs and after the last (ViT-B: 1.3 "
-                        "GB)")
-    g.add_argument("--save_every", type=int, default=0,
-                   help="also keep checkpoint-<epoch>.pth every N epochs (0 = none)")
-    g.add_argument("--log_every", type=int, default=20,
-                   help="read the loss on the host (a device sync) and stop on NaN every N steps")
-    g.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 "
-                                                             "= off)")
-    g.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="also write loss and lr to TensorBoard in DIR (pip install tensorboard)")
-    g.add_argument("--num_workers", type=int, default=4)
+                   help="write checkpoint-last.pth every N epochs and at the end (ViT-B: 1.3 GB)")
+    g.add_argument("--save_every", type=int, default=0, help="keep checkpoint-<epoch>.pth every N")
+    g.add_argument("--vis_every", type=int, default=10, help="a reconstruction PNG every N epochs")
     g.add_argument("--image_cache", default=None, metavar="FILE",
                    help="fast input path: decode every image once into FILE (uint8; ImageNet at "
-                        "224: 193 "
-                        "GB), crop, flip and normalise on the device (cache.py)")
+                        "224: 193 GB), then crop, flip and normalise on the device")
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model; a backend name, e.g. aot_eager, traces without "
-                        "kernels")
-    g.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
-                   help="autocast: bf16, fp16 (loss scaler; V100, T4) or fp32; auto = bf16 where "
-                        "native")
-    g.add_argument("--grad_checkpointing", action="store_true",
-                   help="recompute each block in the backward pass: less memory, ~1/3 more compute")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
-                   help="under torchrun: seconds a process waits for the others before one line")
+                   help="torch.compile the model; e.g. aot_eager: traces without kernels")
     return p.parse_args(argv)
 
 

@@ -25,9 +25,34 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from utils import (EXIT_INTERRUPTED, EXIT_NOT_FINITE, EXIT_STOPPED, UsageError, cleanup_distributed,
-                   die,
-                   lost_peer, print0, say)
+from utils import (DIST_TIMEOUT, EXIT_INTERRUPTED, EXIT_NOT_FINITE, EXIT_STOPPED, PRECISIONS,
+                   UsageError, cleanup_distributed, die, lost_peer, print0, say)
+
+
+# ------------------------------------------------------------------------ the flags of every run
+
+def add_run_flags(p, output_dir, training=True):
+    """The run flags the stages share, in a group the stage adds its own to. training: the flags of
+    pretrain.py and finetune.py's training loops (TensorBoard, precision, checkpointing blocks)."""
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default=output_dir)
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from; 'auto': this --output_dir's, if it has one")
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--log_every", type=int, default=20,
+                   help="show the loss every N steps (pretraining reads it on the host only then)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dist_timeout", type=float, default=DIST_TIMEOUT,
+                   help="under torchrun: seconds a process waits for the others before one line")
+    if training:
+        g.add_argument("--tensorboard", default=None, metavar="DIR",
+                       help="also write the losses, lr (and accuracy) to TensorBoard in DIR")
+        g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="autocast: bf16, fp16 (loss scaler), fp32; auto: bf16 if native")
+        g.add_argument("--grad_checkpointing", action="store_true",
+                       help="recompute each block in the backward pass: less memory, more compute")
+    return g
 
 
 # ----------------------------------------------------------------------------- the entry point
