@@ -1012,7 +1012,7 @@ def test_run_stage_exit_2_only_for_usage_errors():
 
 INJECT = textwrap.dedent('''
     import sys
-    import model, pretrain, utils
+    import model, pretrain, runs
     def broken_loss(self, imgs, tgt_ids, pred, tgt_valid=None):
         raise ValueError("injected: a bug inside the training step")
     model.MaskedAutoencoderViT.forward_loss = broken_loss
