@@ -71,14 +71,16 @@ def run_cli(script, *argv, env=None, launcher=()):
     return proc.returncode, out
 
 
-# runs a stage (argv[4:]) with a signal sent to itself right after the n-th return of one utils function (or module.X):
-# a kill, a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
+# runs a stage (argv[4:]) with a signal sent to itself right after the n-th return of one runs or utils
+# function, or of module.X: a kill, a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
 # (under torchrun: only in the process whose RANK is SIGNAL_RANK, when that is set; its pid goes to SIGNAL_PIDFILE)
 SIGNAL_AFTER = """
 import importlib, os, runpy, signal, sys
 sys.path.insert(0, os.path.dirname(sys.argv[4]))
 name, calls, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
-module = importlib.import_module(name.split(".")[0] if "." in name else "utils")
+import runs
+module = (importlib.import_module(name.split(".")[0]) if "." in name     # image_cache.pwrite_all
+          else runs if hasattr(runs, name) else importlib.import_module("utils"))   # where it is defined
 name = name.split(".")[-1]
 real, seen = getattr(module, name), []
 def hooked(*a, **k):

@@ -1,63 +1,18 @@
-"""Stage 3: fine-tuning, linear probing (--linprobe), k-NN (--knn) and evaluation (--eval) of a pre-trained ViT encoder.
+"""Stage 3: fine-tuning, linear probing (--linprobe), k-NN (--knn) and evaluation (--eval) of a
+pre-trained ViT encoder. Flags left at None take the mode's recipe (RECIPES: MAE's main_finetune or
+main_linprobe). The papers' commands, and what each paper reports: PAPERS.md.
 
-The papers' settings, on 8 GPUs (effective batch = --batch_size x --accum_iter x 8), from pretrain.py's checkpoints;
-beside each, what the paper reports (for the MAE baselines: --finetune mae16/checkpoint-last.pth).
-Fine-tuning with MAE's recipe (below), ImageNet-1k, batch 8 x 32 x 4 = 1024:
-SemMAE Table 2, ViT-B/16: MAE 83.26%, SemMAE 83.34%; ViT-B/8 (every patch: fine-tuning has no keep ratio):
-MAE 83.10% (--finetune mae8/checkpoint-last.pth), SemMAE 84.5% (also Table 5):
-    torchrun --nproc_per_node=8 finetune.py --model vit_base_patch16 --finetune semmae16/checkpoint-last.pth \
-        --data_path IMAGENET --accum_iter 4
-    torchrun --nproc_per_node=8 finetune.py --model vit_base_patch8 --finetune semmae8/checkpoint-last.pth \
-        --data_path IMAGENET --accum_iter 4
-Linear probing with MAE's recipe (LARS, batch 8 x 512 x 4 = 16384), SemMAE Table 1 left (ViT-B/16: MAE 63.7%, SemMAE
-65.0%) and right (ViT-B/8 on the 1/4 most foreground patches, §4.2, with the regions of train/ and val/ from
-part_learn.py: MAE 66.8%, SemMAE 68.7%, also Table 5):
-    torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_base_patch16 \
+On a laptop, after pretrain.py's laptop run (the built-in shapes data, a few minutes on a CPU):
+    python finetune.py --model vit_tiny_patch8 --input_size 64 --epochs 15 --warmup_epochs 2 \
+        --finetune output/pretrain/checkpoint-last.pth --batch_size 64 --blr 5e-3 --aa none \
+        --mixup 0 --cutmix 0 --reprob 0 --crop_min 0.35
+SemMAE ViT-B/16 fine-tuned on 8 GPUs (batch 8 x 32 x 4 = 1024):
+    torchrun --nproc_per_node=8 finetune.py --model vit_base_patch16 \
         --finetune semmae16/checkpoint-last.pth --data_path IMAGENET --accum_iter 4
-    torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_base_patch8 --finetune semmae8/checkpoint-last.pth \
-        --data_path IMAGENET --accum_iter 4 --keep_ratio 0.25 --regions parts/regions.pt \
-        --val_regions parts_val/regions.pt
-ObjMAE (Table 2: AdamW (0.9, 0.999), eps 1e-8, Lookahead, layer decay 0.65, weight decay 0.05, min lr 1e-5; Table 3:
-batch 256, lr 1e-3, 5 warm-up epochs; §4.2: BiT's fine-tuning settings (Kolesnikov et al. 2020): resize + random crop
-+ flip, MixUp 0.1, no RandAugment, CutMix, erasing or label smoothing): ViT-S/16 fine-tuned on ImageNet-100 for 100
-epochs (Table 4, CAM objects, seq_ratio 1/4: 88.69% top-1, 98.06% top-5; Table 5, COCO objects: 87.52%, 97.48%), on
-CIFAR-100 for 90 epochs, images resized from 32 to 224 (--crop_pct 1.0: no centre crop; Table 5: 81.80%), and linear
-probing on ImageNet-100 (Table 5: 29.84%; its recipe is not given, MAE's). For the COCO run:
---finetune objmae_coco/checkpoint-last.pth.
-    torchrun --nproc_per_node=8 finetune.py --model vit_small_patch16 --finetune objmae/checkpoint-last.pth \
-        --data_path IMAGENET100 --batch_size 32 --epochs 100 --warmup_epochs 5 --blr 1e-3 --min_lr 1e-5 --lookahead \
-        --train_crop bit --aa none --mixup 0.1 --cutmix 0 --reprob 0 --smoothing 0
-    torchrun --nproc_per_node=8 finetune.py --model vit_small_patch16 --finetune objmae/checkpoint-last.pth \
-        --dataset cifar100 --data_path data/cifar100 --download --batch_size 32 --epochs 90 --warmup_epochs 5 \
-        --blr 1e-3 --min_lr 1e-5 --lookahead --crop_pct 1.0 \
-        --train_crop bit --aa none --mixup 0.1 --cutmix 0 --reprob 0 --smoothing 0
-    torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_small_patch16 --finetune objmae/checkpoint-last.pth \
-        --data_path IMAGENET100
-Top-1/top-5 of a trained model (ours, or an official fine-tuned MAE checkpoint {'model': ...}) without training:
-    python finetune.py --eval --resume output/finetune/checkpoint-last.pth --model vit_base_patch16 --data_path IMAGENET
-On a laptop, the built-in shapes data (no --data_path), a few minutes each on a CPU, after pretrain.py's laptop run.
-RandAugment's colour operations would change the colour that is half of a shapes class, hence --aa none; SGD for the
-probe because LARS's steps are tiny at batch 64 (see --opt):
-    python finetune.py --model vit_tiny_patch8 --input_size 64 --finetune output/pretrain/checkpoint-last.pth \
-        --epochs 15 --warmup_epochs 2 --batch_size 64 --blr 5e-3 --aa none --mixup 0 --cutmix 0 --reprob 0 \
-        --crop_min 0.35
-    python finetune.py --linprobe --opt sgd --global_pool --model vit_tiny_patch8 --input_size 64 \
-        --finetune output/pretrain/checkpoint-last.pth --epochs 10 --warmup_epochs 1 --batch_size 64
-DINO's weighted k-NN (k 20, T 0.07) of the same encoder, no training (seconds):
-    python finetune.py --knn --model vit_tiny_patch8 --input_size 64 --finetune output/pretrain/checkpoint-last.pth \
-        --batch_size 64
 
-Flags left at their default (None) take the recipe of the mode: fine-tuning (MAE's main_finetune: AdamW, blr 5e-4,
-layer decay 0.65, wd 0.05, drop path 0.1, 100 epochs, 5 warm-up, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
-RandAugment rand-m9-mstd0.5-inc1 (timm's policy: randaugment.py), random erasing 0.25, global average pooling) or linear probing (MAE's main_linprobe: LARS,
-blr 0.1, wd 0, 90 epochs, 10 warm-up, RandomResizedCrop + flip only, class token, BatchNorm without affine; with
---keep_ratio the crops cut the foreground cells too).
-The saved models use timm's key names: model-timm.pth loads into timm's VisionTransformer unchanged.
-
-References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
-  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
-  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
-  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
+The saved model-timm.pth loads into timm's VisionTransformer unchanged.
+References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022,
+arXiv:2205.14338), MAE (He et al., CVPR 2022, arXiv:2111.06377).
 """
 import argparse
 import os
@@ -76,440 +31,53 @@ import model as models
 import probe
 import randaugment
 import region_file
+import runs
 import shapes
 import utils
 from utils import UsageError
 
-# MAE's main_finetune and main_linprobe; batch_size per device (MAE: 32 x 32 GPUs = 1024, 512 x 32 GPUs = 16384)
-RECIPES = {"finetune": dict(batch_size=32, epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6, weight_decay=0.05),
-           "linprobe": dict(batch_size=512, epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.0, weight_decay=0.0)}
 
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and mode")
-    g.add_argument("--model", default="vit_base_patch16", choices=sorted(models.VITS))
-    g.add_argument("--input_size", type=int, default=224)
-    g.add_argument("--finetune", default=None, help="pre-trained encoder: ours, MAE's, SemMAE's or a timm state dict")
-    g.add_argument("--linprobe", action="store_true", help="train only a linear head on the frozen encoder")
-    g.add_argument("--eval", action="store_true", help="top-1/top-5 of --resume on the validation set, no training")
-    g.add_argument("--knn", action="store_true",
-                   help="top-1/top-5 of DINO's weighted k-NN on the frozen --finetune encoder's features (the class "
-                        "token, or --global_pool's mean; no --finetune: a random encoder), no training")
-    g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=None,
-                   help="mean of the patch tokens + fc_norm (fine-tuning default) or the class token (--no-global_pool,"
-                        " linear probing default), as MAE")
-    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth (fine-tuning)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=None, help="folder with train/ and val/ (ImageNet layout), or CIFAR-100's "
-                                                     "root with --dataset cifar100; omitted = built-in shapes")
-    g.add_argument("--dataset", default="folder", choices=["folder", "cifar100"])
-    g.add_argument("--download", action="store_true", help="cifar100: download into --data_path if missing")
-    g.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
-    g.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images (other scenes)")
-    g.add_argument("--data_seed", type=int, default=0,
-                   help="shapes: which scenes (--seed changes only the training randomness)")
-    g.add_argument("--regions", default=None, help="regions.pt of the training images (foreground scores)")
-    g.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
-    g.add_argument("--keep_ratio", type=float, default=1.0,
-                   help="linear probing on the most foreground fraction of patches (SemMAE 8x8: 0.25)")
-    g = p.add_argument_group("augmentation (MAE's main_finetune; fine-tuning only, except --crop_min and --crop_pct)")
-    g.add_argument("--train_crop", default="rrc", choices=["rrc", "bit"],
-                   help="fine-tuning crop: rrc = RandomResizedCrop(--crop_min, 1) (MAE); bit = the image resized to a "
-                        "square of 7/6 the input size, then a random crop of the input size (BiT, Kolesnikov et al. "
-                        "2020: 448 -> 384), which ObjMAE §4.2 follows")
-    g.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
-    g.add_argument("--crop_pct", type=float, default=0.875, help="validation: resize to size/crop_pct, centre crop")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
-                   help="timm's RandAugment string, 'rand' then -m<magnitude> (of 10), -n<ops>, -mstd<magnitude noise>, "
-                        "-inc<0|1> (MAE: rand-m9-mstd0.5-inc1; randaugment.py), or 'none'")
-    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g = p.add_argument_group("optimisation (None = the mode's recipe, RECIPES)")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--warmup_epochs", type=int, default=None)
-    g.add_argument("--batch_size", type=int, default=None, help="per device; effective = batch * accum * world")
-    g.add_argument("--accum_iter", type=int, default=1)
-    g.add_argument("--blr", type=float, default=None, help="lr = blr * effective batch / 256")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    g.add_argument("--min_lr", type=float, default=None)
-    g.add_argument("--weight_decay", type=float, default=None)
-    g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (fine-tuning; 1 = off)")
-    g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
-                   help="fine-tuning AdamW betas (MAE's main_finetune: torch's default; ObjMAE Table 2: the same)")
-    g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
-    g.add_argument("--lookahead", action="store_true", help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
-    g.add_argument("--lookahead_k", type=int, default=5,
-                   help="Lookahead's k, not given by ObjMAE (Zhang et al. 2019: 5; timm's Lookahead: 6)")
-    g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
-    g = p.add_argument_group("linear probing only (--linprobe)")
-    g.add_argument("--opt", default="lars", choices=["lars", "sgd"],
-                   help="linear probing: LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
-    g = p.add_argument_group("k-NN only (--knn; DINO, Caron et al. 2021, §4.1: k 20, T 0.07)")
-    g.add_argument("--knn_k", type=int, default=20, help="neighbours that vote")
-    g.add_argument("--knn_t", type=float, default=0.07, help="temperature of the vote weights exp(similarity / T)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="output/finetune")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval); "
-                                                   "'auto': this --output_dir's checkpoint-last.pth if there is one, "
-                                                   "else start")
-    g.add_argument("--num_workers", type=int, default=4)
-    g.add_argument("--log_every", type=int, default=20,
-                   help="outside a terminal, one plain progress line every N steps (in one, a bar)")
-    g.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="also write the loss and lr (every --log_every steps) and each epoch's loss and accuracy to "
-                        "TensorBoard event files in DIR (needs `pip install tensorboard`, not in requirements.txt)")
-    g.add_argument("--grad_checkpointing", action="store_true",
-                   help="fine-tuning: recompute each block's forward in the backward pass instead of keeping its "
-                        "activations (torch.utils.checkpoint): less memory for ViT-L/H, about 1/3 more compute")
-    g.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
-                   help="autocast of the forward pass: bf16, fp16 (with a loss scaler, for GPUs without bf16: V100, "
-                        "T4) or fp32 (no autocast); auto = bf16 on a GPU with native bf16, else fp32")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
-                   help="under torchrun: seconds a process waits for the others (at the start, in a collective) "
-                        "before the run ends with one line; raise it where rank 0 alone works long between steps")
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Fill the mode's recipe into the flags left at None, then refuse combinations that cannot work."""
-    tuning = (not args.linprobe and not args.knn, "in fine-tuning (without --linprobe or --knn)")
-    probing, knn = (args.linprobe, "with --linprobe"), (args.knn, "with --knn")
-    utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
-        **{f: tuning for f in ("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing", "layer_decay",
-                               "opt_betas", "opt_eps", "grad_checkpointing", "train_crop")},
-        "crop_min": (args.linprobe or args.train_crop == "rrc", "with --train_crop rrc (or --linprobe)"),
-        "opt": probing,
-        "blr": (args.lr is None, "without --lr (which overrides it)"),
-        "lookahead_k": (args.lookahead, "with --lookahead"),
-        "lookahead_alpha": (args.lookahead, "with --lookahead"),
-        "download": (args.dataset == "cifar100", "with --dataset cifar100"),
-        "knn_k": knn, "knn_t": knn})
-    for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.global_pool is None:
-        args.global_pool = not (args.linprobe or args.knn)               # MAE's probe and DINO's k-NN: class token
-    utils.check_ranges(args, {  # every numeric flag; the finer rules follow
-        "input_size": (8, 4096), "drop_path": (0, 1), "num_images": (1, 10**6), "num_val_images": (1, 10**6),
-        "keep_ratio": (0, 1), "crop_min": (0, 1), "crop_pct": (0, 1), "reprob": (0, 1), "mixup": (0, 100),
-        "cutmix": (0, 100), "smoothing": (0, 1), "epochs": (1, None), "warmup_epochs": (0, None),
-        "batch_size": (1, None), "accum_iter": (1, None), "blr": (0, 10), "lr": (0, 10), "min_lr": (0, 10),
-        "weight_decay": (0, 1), "layer_decay": (0, 1), "num_workers": (0, 256), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1),
-        "log_every": (1, None), "knn_k": (1, None), "knn_t": (0, None),
-        "opt_betas": (0, 1), "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1)})
-    if args.drop_path >= 1.0:
-        raise UsageError(f"--drop_path {args.drop_path} must be < 1: at 1 every block would be dropped")
-    patch = models.VITS[args.model].keywords["patch_size"]
-    if args.input_size % patch:
-        raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of "
-                         f"{args.model}; use a multiple of {patch}")
-    if args.eval and not args.resume:
-        raise UsageError("--eval needs the trained model: pass --resume CKPT")
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained checkpoint (pretrain.py's "
-                         "checkpoint-last.pth, MAE's or SemMAE's released .pth, a timm state dict)")
-    if args.knn and (args.linprobe or args.eval or args.resume):
-        raise UsageError("--knn measures a frozen --finetune encoder with no training; drop --linprobe, --eval and "
-                         "--resume")
-    if args.knn_t == 0:
-        raise UsageError("--knn_t must be > 0 (the votes are exp(similarity / T))")
-    if args.eval and args.finetune:
-        raise UsageError("--eval evaluates --resume (a model with its head); drop --finetune")
-    if not 0.0 < args.keep_ratio <= 1.0:
-        raise UsageError(f"--keep_ratio {args.keep_ratio} is outside (0, 1]")
-    if args.keep_ratio < 1.0 and not args.linprobe:
-        raise UsageError("--keep_ratio is for --linprobe (SemMAE §4.2; also with --eval of a probe); "
-                         "fine-tuning sees every patch")
-    if (args.regions or args.val_regions) and args.keep_ratio == 1.0:
-        raise UsageError("--regions / --val_regions are read only with --keep_ratio < 1")
-    if args.keep_ratio < 1.0 and args.data_path is not None and not (args.val_regions and (args.regions or args.eval)):
-        raise UsageError("--keep_ratio < 1 on real images needs foreground scores: run part_learn.py on train/ and "
-                         "val/, then pass --regions <train regions.pt> --val_regions <val regions.pt>")
-    if args.dataset == "cifar100" and args.data_path is None:
-        raise UsageError("--dataset cifar100 needs --data_path (the folder holding cifar-100-python/)")
-    if not (0.0 < args.crop_min <= 1.0 and 0.05 <= args.crop_pct <= 1.0):
-        raise UsageError("--crop_min must be in (0, 1] and --crop_pct in [0.05, 1] (the validation resize to "
-                         "--input_size / --crop_pct: at most 20 times the size)")
-    if not (0.0 <= args.smoothing < 1.0 and 0.0 <= args.reprob <= 1.0 and args.mixup >= 0 and args.cutmix >= 0):
-        raise UsageError("--smoothing must be in [0, 1), --reprob in [0, 1], --mixup and --cutmix >= 0")
-    if min(args.batch_size, args.accum_iter, args.epochs) < 1 or args.warmup_epochs < 0:
-        raise UsageError("--batch_size, --accum_iter and --epochs must be >= 1, --warmup_epochs >= 0")
-    if args.lookahead and (args.lookahead_k < 1 or not 0.0 < args.lookahead_alpha <= 1.0):
-        raise UsageError(f"--lookahead_k {args.lookahead_k} must be >= 1 and --lookahead_alpha "
-                         f"{args.lookahead_alpha} in (0, 1]")
-    if not (0.0 <= args.opt_betas[0] < 1.0 and 0.0 <= args.opt_betas[1] < 1.0 and args.opt_eps > 0):
-        raise UsageError(f"--opt_betas {args.opt_betas[0]} {args.opt_betas[1]} must be in [0, 1) and --opt_eps > 0")
-    if args.linprobe and args.batch_size < 2:
-        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a BatchNorm (MAE's linear "
-                         "probe), which needs two images per batch")
-    randaug(args.aa)
-
-
-# ----------------------------------------------------------------------------- train and evaluate
-
-def main(args):
-    d = utils.init_distributed(args.device, args.dist_timeout)
-    check_args(args)
-    args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
-    summary_writer = utils.summary_writer_class(args.tensorboard)          # optional: installed, or one line
-    if args.knn and d.world > 1:
-        raise UsageError("--knn runs in one process: python finetune.py --knn ...")
-    if not (args.eval or args.knn):  # --eval and --knn write nothing
-        utils.prepare_output_dir(args, d)  # resolves --resume auto
-    torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
-    with utils.user_input():                       # a bad folder, regions file or checkpoint: exit 2
-        train_set, val_set, classes = build_datasets(args)
-        net = build_model(args, len(classes))
-        if args.finetune:
-            load_pretrained(net, args.finetune, verbose=d.is_main)
-    net.to(d.device)
-    net.grad_checkpointing = args.grad_checkpointing
-    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world)),
-                                             batch_size=args.batch_size, num_workers=args.num_workers,
-                                             pin_memory=d.device.type == "cuda")
-    if args.knn:
-        stats = knn_accuracy(net, train_set, val_set, len(classes), d, args)
-        print(f"{args.finetune or 'a random encoder'}: k-NN (k {args.knn_k}, T {args.knn_t:g}) top-1 "
-              f"{100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% on {stats['n']} validation images "
-              f"({len(train_set)} training images)", flush=True)
-        return stats
-    if args.eval:
-        if args.resume == "auto":  # evaluate this --output_dir's last checkpoint
-            args.resume = os.path.join(args.output_dir, "checkpoint-last.pth")
-        load_trained(net, utils.load_checkpoint(args.resume), args, args.resume)
-        stats = evaluate(net, val_loader, d, args)
-        utils.print0(d, f"{args.resume}: top-1 {100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
-                        f"on {stats['n']} validation images")
-        utils.cleanup_distributed()
-        return stats
-
-    loader = utils.make_loader(train_set, args.batch_size, args.num_workers, True, args.seed, d)
-    utils.check_accum(loader, len(train_set), args)
-    base_lr, eff_batch = utils.scaled_lr(args, d)                          # lr = blr * effective batch / 256
-    if not args.linprobe:
-        optimizer = torch.optim.AdamW(param_groups_lrd(net, args.weight_decay, args.layer_decay), lr=base_lr,
-                                      betas=tuple(args.opt_betas), eps=args.opt_eps)
-    elif args.opt == "lars":  # MAE's probe (batch 16384); a step moves w by ~lr * trust * |w|, too little at batch 64
-        optimizer = LARS(net.head.parameters(), lr=base_lr, weight_decay=args.weight_decay)
-    else:  # small batches: SGD with momentum, the usual probe optimiser (DINO, MoCo v3)
-        optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9, weight_decay=args.weight_decay)
-    if args.lookahead:                                                     # ObjMAE Table 2
-        optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
-    scaler = utils.grad_scaler(d.device, args.precision)                   # fp16 only; a no-op otherwise
-    start_epoch, max_acc1, start_step, carry = 0, 0.0, 0, None
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
-        load_trained(net, ckpt, args, args.resume)
-        if "optimizer" not in ckpt:
-            raise UsageError(f"{args.resume} has no optimizer state; --resume continues a run of this script")
-        utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
-        utils.load_scaler(scaler, ckpt.get("scaler"))
-        start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0)
-        start_step, carry = utils.resume_partial(ckpt, d, args.resume)    # stopped mid-epoch: the rest of it
-    module = net.head if args.linprobe else net
-    trainable = utils.wrap_ddp(module, d)
-    mixup = make_mixup(args, len(classes))
-    smoothing = 0.0 if args.linprobe else args.smoothing
-
-    utils.start_run(args, d, start_epoch)
-    utils.print_args(d, args)
-    tb = summary_writer(args.tensorboard) if summary_writer and d.is_main else None
-    trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    utils.print0(d, f"{args.model}{' (linear probe)' if args.linprobe else ''}: {trained / 1e6:.2f}M trained "
-                    f"params, {len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
-                    f"effective batch {eff_batch}, lr {base_lr:.2e}, epochs {start_epoch}..{args.epochs - 1}")
-
-    iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
-    total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
-    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
-
-    def run_state(epoch):                   # what a checkpoint holds, epoch = the last finished one
-        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)}
-    for epoch in range(start_epoch, args.epochs):
-        utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
-        skip = start_step if epoch == start_epoch else 0                   # micro-batches done before a stop
-        loader.sampler.set_epoch(epoch, skip * args.batch_size)
-        net.train(not args.linprobe)  # linear probe: the encoder stays in eval mode, only the head trains
-        module.train()
-        t0, loss_sum, n_sum = time.time(), 0.0, 0
-        if skip:                                    # where the stop left the RNGs and the sums
-            utils.set_rng_state(carry["rng"])
-            loss_sum, n_sum = carry["sums"]
-        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)  # plain lines outside a tty
-        for it, (imgs, target, *scores) in enumerate(bar, start=skip):
-            if it == iters:                                                # the leftover micro-batches
-                break
-            if it % args.accum_iter == 0:
-                lr = utils.cosine_lr(epoch * iters + it, total_iters, warmup_iters, base_lr, args.min_lr)
-                utils.set_lr(optimizer, lr)
-            imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
-            ids = keep_ids(scores[0].to(d.device), net, args) if scores else None
-            if mixup is not None:
-                imgs, soft = mixup(imgs, target)  # [B, C] mixed one-hot targets
-            else:
-                soft = F.one_hot(target, len(classes)).float()
-            soft = soft * (1 - smoothing) + smoothing / len(classes)  # smoothing commutes with mixing (timm)
-            sync = (it + 1) % args.accum_iter == 0
-            with utils.no_sync_unless(trainable, sync, d):
-                with utils.autocast(d.device, args.precision):
-                    loss = soft_cross_entropy(forward(net, trainable, imgs, ids, args.linprobe), soft)
-                scaler.scale(loss / args.accum_iter).backward()
-            if sync:
-                scaler.step(optimizer)                                     # fp16: unscale, skip a step with inf
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()
-            utils.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path, args.precision)
-            loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if tb and ((it + 1) % args.log_every == 0 or it + 1 == iters):
-                tb.add_scalar("train/loss", loss_value, epoch * iters + it + 1)
-                tb.add_scalar("train/lr", lr, epoch * iters + it + 1)
-            if sync and it + 1 < iters and utils.stop_requested(d, True):  # SIGTERM/SIGUSR1: stop after this step
-                bar.close()                                                # (the loss is read every step here)
-                utils.stop_now(ckpt_path, run_state(epoch - 1), d,
-                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum, n_sum))
-        bar.close()
-
-        train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
-        stats = evaluate(net, val_loader, d, args)
-        max_acc1 = max(max_acc1, stats["acc1"])
-        state = run_state(epoch) if d.is_main else None
-        if d.is_main:                               # the log line before the checkpoint: see pretrain.py
-            record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
-                      "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
-                      "time_s": round(time.time() - t0, 2)}
-            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
-            if tb:
-                for k in ("train_loss", "val_acc1", "val_acc5"):
-                    tb.add_scalar(f"epoch/{k}", record[k], epoch)
-                tb.flush()
-            utils.save_checkpoint(ckpt_path, state)
-            print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 {100 * stats['acc1']:.2f}% top-5 "
-                  f"{100 * stats['acc5']:.2f}% (max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
-        if epoch + 1 < args.epochs and utils.stop_requested(d, True):   # a stop in the epoch's last step
-            utils.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
-    if tb:
-        tb.close()
-    if d.is_main:
-        path = os.path.join(args.output_dir, "model-timm.pth")
-        utils.save_checkpoint(path, timm_state_dict(net))
-        print(f"{path} loads into timm.models.vision_transformer.VisionTransformer(img_size={args.input_size}, "
-              f"patch_size={net.patch_size}, embed_dim={net.cls_token.shape[-1]}, depth={len(net.blocks)}, "
-              f"num_heads={net.blocks[0].attn.num_heads}, num_classes={len(classes)}, "
-              f"global_pool='{'avg' if args.global_pool else 'token'}')", flush=True)
-    utils.cleanup_distributed()
-    return {"max_acc1": max_acc1}
-
-
-def keep_ids(scores, net, args, generator=None):
-    """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (SemMAE §4.2)."""
-    factor = net.patch_size // (args.input_size // scores.shape[-1])  # cells per patch side
-    return masking.keep_foreground(region_file.scores_to_patches(scores, factor), args.keep_ratio, generator=generator)
-
-
-def forward(net, trainable, imgs, ids, linprobe):
-    """Logits [B, C]. Fine-tuning: the whole (DDP) model. Linear probe: features of the frozen encoder under
-    no_grad (class token, or the mean of the kept patch tokens with global_pool), then the (DDP) head, so DDP syncs
-    only the head's gradients."""
-    if not linprobe:
-        return trainable(imgs)
-    with torch.no_grad():
-        x = net.forward_features(imgs, ids)  # [B, 1+n, D]
-        feats = net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]  # [B, D]
-    return trainable(feats)
-
-
-@torch.no_grad()
-def evaluate(net, loader, d, args):
-    """Top-1 and top-5 accuracy over the validation set; each rank takes every world-th image, counts are summed."""
-    net.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=d.device)  # top-1 hits, top-5 hits, images
-    g = torch.Generator(d.device).manual_seed(args.seed + d.rank)   # ties in keep_foreground: same every epoch
-    for imgs, target, *scores in loader:
-        imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
-        ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
-        with utils.autocast(d.device, args.precision):
-            logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
-        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]  # [B, k]
-        batch = torch.tensor(len(target), device=d.device)
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), batch]).to(counts)
-    if d.world > 1:
-        dist.all_reduce(counts)
-    return {"acc1": (counts[0] / counts[2]).item(), "acc5": (counts[1] / counts[2]).item(), "n": int(counts[2])}
-
-
-@torch.no_grad()
-def features(net, dataset, d, args):
-    """The frozen encoder's feature of every image [N, D] (class token, or the mean of the patch tokens + fc_norm
-    with --global_pool) and its class [N], in dataset order."""
-    net.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
-    feats, targets = [], []
-    for imgs, target in utils.progress(loader, "features", None, d):
-        with utils.autocast(d.device, args.precision):
-            x = net.forward_features(imgs.to(d.device, non_blocking=True))   # [B, 1+L, D]
-        feats.append((net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]).float().cpu())
-        targets.append(target)
-    return torch.cat(feats), torch.cat(targets)
-
-
-def knn_accuracy(net, train_set, val_set, num_classes, d, args):
-    """DINO's weighted k-NN (probe.knn_votes) of the validation features among the training ones: top-1, top-5."""
-    train_feats, train_labels = features(net, train_set, d, args)
-    val_feats, val_labels = features(net, val_set, d, args)
-    votes = probe.knn_votes(train_feats, train_labels, val_feats, num_classes, args.knn_k, args.knn_t)
-    hits = votes.topk(min(5, num_classes), dim=1).indices == val_labels[:, None]            # [M, 5]
-    return {"acc1": hits[:, 0].double().mean().item(), "acc5": hits.any(1).double().mean().item(),
-            "n": len(val_labels)}
-
-
-def soft_cross_entropy(logits, target):
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
-def make_mixup(args, num_classes):
-    """MixUp or CutMix on the batch, chosen 50/50 when both are on (timm's switch_prob 0.5); None when off."""
-    if args.linprobe:
-        return None
-    ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
-          ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
-    return v2.RandomChoice(ops) if ops else None
+# MAE's main_finetune and main_linprobe; batch_size per device (MAE: 32 x 32 GPUs = 1024, 512 x 32
+# GPUs = 16384)
+RECIPES = {"finetune": dict(batch_size=32, epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6,
+                            weight_decay=0.05),
+           "linprobe": dict(batch_size=512, epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.0,
+                            weight_decay=0.0)}
 
 
 # ----------------------------------------------------------------------------- model
 
 def build_model(args, num_classes):
-    """The --model ViT with a new head: Linear (trunc-normal std 2e-5, MAE fine-tuning) or, for --linprobe,
-    BatchNorm without affine + Linear (std 0.01) on a frozen encoder (MAE's linear probe)."""
-    net = models.VITS[args.model](img_size=args.input_size, num_classes=num_classes, global_pool=args.global_pool,
+    """The --model ViT with a new head: Linear (trunc-normal std 2e-5, MAE fine-tuning) or, for
+    --linprobe, BatchNorm without affine + Linear (std 0.01) on a frozen encoder (MAE's linear
+    probe)."""
+    net = models.VITS[args.model](img_size=args.input_size, num_classes=num_classes,
+                                  global_pool=args.global_pool,
                                   drop_path_rate=0.0 if args.linprobe else args.drop_path)
     nn.init.trunc_normal_(net.head.weight, std=0.01 if args.linprobe else 2e-5)
     nn.init.zeros_(net.head.bias)
     if args.linprobe:
         net.requires_grad_(False)
-        net.head = nn.Sequential(nn.BatchNorm1d(net.head.in_features, affine=False, eps=1e-6), net.head)
+        net.head = nn.Sequential(nn.BatchNorm1d(net.head.in_features, affine=False, eps=1e-6),
+                                 net.head)
         net.head.requires_grad_(True)
     return net
 
 
 def load_pretrained(net, path, verbose=True):
-    """Encoder weights from any layout model.load_encoder_checkpoint reads, position embedding interpolated to
-    net's grid. Missing and unexpected keys are printed; anything missing but the head (and fc_norm, which global
-    pooling starts fresh, as MAE) stops the run. -> (missing, unexpected)."""
+    """Encoder weights from any layout model.load_encoder_checkpoint reads, position embedding
+    interpolated to net's grid. Missing and unexpected keys are printed; anything missing but the
+    head (and fc_norm, which global pooling starts fresh, as MAE) stops the run. -> (missing,
+    unexpected)."""
     try:
         sd, info = models.load_encoder_checkpoint(path)
     except ValueError:
         obj = models.read_checkpoint(path)
-        if isinstance(obj, dict) and "learner" in obj:  # part_learn.py trains a part learner on a frozen encoder
+        # part_learn.py trains a part learner on a frozen encoder
+        if isinstance(obj, dict) and "learner" in obj:
             encoder = obj.get("args", {}).get("encoder_weights")
-            raise UsageError(f"{path} is a part_learn.py checkpoint: it holds the part learner, not an encoder; "
+            raise UsageError(f"{path} is a part_learn.py checkpoint: it holds the part learner, "
+                             "not an encoder; "
                              f"pass the encoder it ran on, --finetune {encoder}") from None
         raise
     want = (net.patch_embed.proj.out_channels, len(net.blocks), net.patch_size)
@@ -518,40 +86,52 @@ def load_pretrained(net, path, verbose=True):
         fit = models.names_that_fit(*have)
         fix = (f"pass --model {' or '.join(fit)}" if fit else
                f"no --model has these sizes (choices: {', '.join(sorted(models.VITS))})")
-        raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but --model has {want}; {fix}")
-    sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)  # e.g. 14x14 -> 28x28, cls kept
+        raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but "
+                         f"--model has {want}; {fix}")
+    # e.g. 14x14 -> 28x28, cls kept
+    sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
     try:
         missing, unexpected = net.load_state_dict(sd, strict=False)
-    except RuntimeError as e:                       # a tensor of another shape (an edited or foreign file)
+    except RuntimeError as e:  # a tensor of another shape (an edited or foreign file)
         raise UsageError(f"{path} does not fit --model: {str(e).splitlines()[1].strip()}") from None
     if verbose:
-        print(f"loaded {path} ({info['layout']} layout): missing {missing}, unexpected {unexpected}", flush=True)
+        print(f"loaded {path} ({info['layout']} layout): missing {missing}, "
+              f"unexpected {unexpected}", flush=True)
     fresh = ("head.", "fc_norm.") if net.global_pool else ("head.",)
     if any(not k.startswith(fresh) for k in missing):
-        raise UsageError(f"{path} lacks encoder weights {[k for k in missing if not k.startswith(fresh)][:6]}; "
-                         "it is not a complete encoder for --model (or pass --global_pool for a fc_norm checkpoint)")
+        raise UsageError(f"{path} lacks encoder weights "
+                         f"{[k for k in missing if not k.startswith(fresh)][:6]}; "
+                         "it is not a complete encoder for --model (or pass --global_pool for a "
+                         "fc_norm checkpoint)")
     return missing, unexpected
 
 
 def load_trained(net, ckpt, args, path):
-    """A checkpoint of this script (or a plain/{'model'} state dict with a head, e.g. MAE's fine-tuned ViTs)."""
+    """A checkpoint of this script (or a plain/{'model'} state dict with a head, e.g. MAE's
+    fine-tuned ViTs)."""
     old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     weights = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
-    if str(old.get("model", "")).startswith("mae_") or any(str(k).startswith("decoder") for k in weights):
-        raise UsageError(f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); start fine-tuning "
-                         f"from it with --finetune {path} (--resume continues a finetune.py run, --eval evaluates one)")
+    if str(old.get("model",
+                   "")).startswith("mae_") or any(str(k).startswith("decoder") for k in weights):
+        raise UsageError(f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); "
+                         "start fine-tuning "
+                         f"from it with --finetune {path} (--resume continues a finetune.py run, "
+                         "--eval evaluates one)")
     if "learner" in ckpt:
-        raise UsageError(f"{path} is a part_learn.py checkpoint (a part learner, no classifier); --resume takes the "
+        raise UsageError(f"{path} is a part_learn.py checkpoint (a part learner, no classifier); "
+                         "--resume takes the "
                          "checkpoint-last.pth of a finetune.py run")
     for flag in ("model", "linprobe", "global_pool"):
         if flag in old and old[flag] != getattr(args, flag):
-            fix = {"model": f"--model {old[flag]}", "linprobe": "--linprobe" if old[flag] else "no --linprobe",
+            fix = {"model": f"--model {old[flag]}",
+                   "linprobe": "--linprobe" if old[flag] else "no --linprobe",
                    "global_pool": "--global_pool" if old[flag] else "--no-global_pool"}[flag]
             raise UsageError(f"{path} was trained with {flag}={old[flag]} but this run has {flag}="
                              f"{getattr(args, flag)}; pass {fix}")
     sd = dict(ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
     if not any(str(k).startswith("head.") for k in sd):
-        raise UsageError(f"{path} holds an encoder without a classifier (released pre-trained weights?); start "
+        raise UsageError(f"{path} holds an encoder without a classifier (released pre-trained "
+                         "weights?); start "
                          f"fine-tuning from it with --finetune {path}")
     if "pos_embed" in sd and sd["pos_embed"].shape != net.pos_embed.shape:
         sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
@@ -561,13 +141,14 @@ def load_trained(net, ckpt, args, path):
         raise UsageError(f"{path} does not fit --model {args.model} with this dataset's classes: "
                          f"{str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
-        raise UsageError(f"{path} does not fit the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise UsageError(f"{path} does not fit the model: missing {missing[:6]}, unexpected "
+                         f"{unexpected[:6]}")
 
 
 def timm_state_dict(net):
-    """The weights under timm's names. A linear probe's BatchNorm (no affine, eval statistics) is folded into the
-    linear layer, so timm's VisionTransformer loads the result as a plain head: W' = W / sqrt(var + eps),
-    b' = b - W' mean."""
+    """The weights under timm's names. A linear probe's BatchNorm (no affine, eval statistics) is
+    folded into the linear layer, so timm's VisionTransformer loads the result as a plain head: W' =
+    W / sqrt(var + eps), b' = b - W' mean."""
     sd = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
     head = net.head
     if isinstance(head, nn.Sequential):
@@ -582,55 +163,64 @@ def timm_state_dict(net):
 # ----------------------------------------------------------------------------- data
 
 class Foreground(data.PretrainDataset):
-    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe, with MAE's linear-probe
-    pipeline on the image and its cells together: training, RandomResizedCrop (crop_scale = (--crop_min, 1), cut
-    from the original) + flip, PretrainDataset's joint crop; validation (crop_pct), resize the shorter side to
-    S / crop_pct + centre crop S as torchvision's Resize + CenterCrop, the cells cut to the same box mapped onto
-    the original. Scores come from the regions file, else object cells (id 1..254 of the regions or of the base's
-    instance masks) count 1 and background 0."""
+    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe, with MAE's
+    linear-probe pipeline on the image and its cells together: training, RandomResizedCrop
+    (crop_scale = (--crop_min, 1), cut from the original) + flip, PretrainDataset's joint crop;
+    validation (crop_pct), resize the shorter side to S / crop_pct + centre crop S as torchvision's
+    Resize + CenterCrop, the cells cut to the same box mapped onto the original. Scores come from
+    the regions file, else object cells (id 1..254 of the regions or of the base's instance masks)
+    count 1 and background 0."""
 
     def __init__(self, base, input_size, crop_pct=None, **kw):
         super().__init__(base, input_size, **kw)
         self.crop_pct = crop_pct
 
     def __getitem__(self, i):
-        img, cells, scores, target = super().__getitem__(i) if self.crop_pct is None else self.centre(i)
+        train = self.crop_pct is None
+        img, cells, scores, target = super().__getitem__(i) if train else self.centre(i)
         if self.regions is None or self.regions["scores"] is None:
             scores = ((cells > 0) & (cells != region_file.IGNORE)).float()
         return img, target, scores
 
     def centre(self, i):
-        """MAE's validation view of sample i: (img [3, S, S] normalised, labels, scores, target), no flip."""
+        """MAE's validation view of sample i: (img [3, S, S] normalised, labels, scores, target), no
+        flip."""
         img, mask, target = self.base.load(i)
         S, (H, W) = self.size, (img.height, img.width)
-        short = int(S / self.crop_pct)                                     # torchvision Resize(int): shorter side
+        short = int(S / self.crop_pct)  # torchvision Resize(int): shorter side
         nh, nw = (int(short * H / W), short) if W <= H else (short, int(short * W / H))
         top, left = int(round((nh - S) / 2.0)), int(round((nw - S) / 2.0))  # torchvision CenterCrop
         bicubic = v2.InterpolationMode.BICUBIC
-        x = v2.functional.center_crop(v2.functional.resize(img, [nh, nw], interpolation=bicubic, antialias=True), S)
+        x = v2.functional.center_crop(v2.functional.resize(img, [nh, nw], interpolation=bicubic,
+                                                           antialias=True), S)
         x = v2.functional.to_dtype(v2.functional.to_image(x), torch.float32, scale=True)
-        box = (top * H / nh, left * W / nw, S * H / nh, S * W / nw)       # the crop, in the original's pixels
+        # the crop, in the original's pixels
+        box = (top * H / nh, left * W / nw, S * H / nh, S * W / nw)
         labels, scores = self.cells(i, self.square_mask(mask), box, (H, W))
-        return v2.functional.normalize(x, data.IMAGENET_MEAN, data.IMAGENET_STD), labels, scores, target
+        return v2.functional.normalize(x, data.IMAGENET_MEAN,
+                                       data.IMAGENET_STD), labels, scores, target
 
 
 def build_transform(args, train):
-    """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip + RandAugment + random
-    erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip; validation resize + centre crop.
-    --train_crop bit: BiT's resize to a square of 7/6 the size + random crop (bilinear, torchvision's default, as
-    BiT's code) in place of RandomResizedCrop."""
+    """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip +
+    RandAugment + random erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip;
+    validation resize + centre crop. --train_crop bit: BiT's resize to a square of 7/6 the size +
+    random crop (bilinear, torchvision's default, as BiT's code) in place of RandomResizedCrop."""
     bicubic = v2.InterpolationMode.BICUBIC
     size, mean, std = args.input_size, data.IMAGENET_MEAN, data.IMAGENET_STD
     if not train:
-        head = [v2.Resize(int(size / args.crop_pct), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+        head = [v2.Resize(int(size / args.crop_pct), interpolation=bicubic, antialias=True),
+                v2.CenterCrop(size)]
     else:
-        head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic, antialias=True),
+        head = [v2.RandomResizedCrop(size, scale=(args.crop_min, 1.0), interpolation=bicubic,
+                                     antialias=True),
                 v2.RandomHorizontalFlip()]
         if args.train_crop == "bit" and not args.linprobe:
             head[0:1] = [v2.Resize((round(size * 7 / 6),) * 2, antialias=True), v2.RandomCrop(size)]
         if not args.linprobe and randaug(args.aa):
             head.append(randaugment.RandAugment(**randaug(args.aa),
-                                                fill=[round(255 * m) for m in mean]))  # timm: the mean colour
+                                                # timm: the mean colour
+                                                fill=[round(255 * m) for m in mean]))
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if train and not args.linprobe and args.reprob > 0:
         tail.append(v2.RandomErasing(args.reprob, value="random"))
@@ -638,14 +228,15 @@ def build_transform(args, train):
 
 
 def randaug(aa):
-    """timm's RandAugment string -> randaugment.RandAugment's arguments, 'none' -> None. 'rand-m9-mstd0.5-inc1'
-    (MAE) -> magnitude 9, 2 ops, magnitude noise 0.5, the increasing ops; sections in any order, timm's defaults
-    for those left out (m10, n2, mstd0, inc0)."""
+    """timm's RandAugment string -> randaugment.RandAugment's arguments, 'none' -> None.
+    'rand-m9-mstd0.5-inc1' (MAE) -> magnitude 9, 2 ops, magnitude noise 0.5, the increasing ops;
+    sections in any order, timm's defaults for those left out (m10, n2, mstd0, inc0)."""
     if aa == "none":
         return None
     parts = aa.split("-")
     out = dict(magnitude=10, num_ops=2, mstd=0.0, increasing=False)
-    keys = {"m": ("magnitude", int), "n": ("num_ops", int), "mstd": ("mstd", float), "inc": ("increasing", int)}
+    keys = {"m": ("magnitude", int), "n": ("num_ops", int), "mstd": ("mstd", float),
+            "inc": ("increasing", int)}
     sections = [re.fullmatch(r"(mstd|inc|m|n)(\d+(?:\.\d+)?)", part) for part in parts[1:]]
     if parts[0] != "rand" or not all(m and (m[1] == "mstd" or "." not in m[2]) for m in sections):
         raise UsageError(f"--aa {aa} is not timm's 'rand-m<magnitude>-n<ops>-mstd<noise>-inc<0|1>' "
@@ -658,19 +249,22 @@ def randaug(aa):
 
 
 def build_datasets(args):
-    """-> (train set (None with --eval), validation set, class names). Items are (img, class) or, with
-    keep_ratio < 1, (img, class, cell scores)."""
-    splits = [False] if args.eval else [True, False]  # is it the training split; --eval never scans train/
+    """-> (train set (None with --eval), validation set, class names). Items are (img, class) or,
+    with keep_ratio < 1, (img, class, cell scores)."""
+    # is it the training split; --eval never scans train/
+    splits = [False] if args.eval else [True, False]
     if args.data_path is None:
-        bases = [shapes.ShapesDataset(args.num_images if train else args.num_val_images, img_size=args.input_size,
-                                    seed=args.data_seed, split="train" if train else "val") for train in splits]
+        bases = [shapes.ShapesDataset(args.num_images if train else args.num_val_images,
+                                    img_size=args.input_size, seed=args.data_seed,
+                                    split="train" if train else "val") for train in splits]
     elif args.dataset == "cifar100":
         bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
     else:
         dirs = [os.path.join(args.data_path, "train" if train else "val") for train in splits]
         for folder in dirs:
             if not os.path.isdir(folder):
-                raise UsageError(f"{folder} does not exist; --data_path needs train/ and val/ in ImageNet layout "
+                raise UsageError(f"{folder} does not exist; --data_path needs train/ and val/ in "
+                                 "ImageNet layout "
                                  "(<split>/<class>/<image>)")
         bases = [data.FolderDataset(folder) for folder in dirs]
     if bases[0].classes != bases[-1].classes:
@@ -679,66 +273,464 @@ def build_datasets(args):
     sets = []
     for base, train in zip(bases, splits):
         if args.keep_ratio == 1.0:
-            sets.append(data.Classification(base, build_transform(args, train and not args.knn)))  # k-NN: as val
+            # k-NN: as val
+            sets.append(data.Classification(base, build_transform(args, train and not args.knn)))
             continue
         path = args.regions if train else args.val_regions
         regions = region_file.load_regions(path, base.files, args.input_size) if path else None
         if regions and regions["scores"] is None and regions["meta"].get("kind") != "objects":
-            raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs part_learn.py's scores")
+            raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs "
+                             "part_learn.py's scores")
         cell = regions["meta"]["cell_size"] if regions else 8
-        sets.append(Foreground(base, args.input_size, crop_pct=None if train else args.crop_pct, regions=regions,
-                               hflip=train, cell_size=cell, crop_scale=(args.crop_min, 1.0) if train else None))
+        sets.append(Foreground(base, args.input_size, crop_pct=None if train else args.crop_pct,
+                               regions=regions,
+                               hflip=train, cell_size=cell, crop_scale=(args.crop_min,
+                                                                        1.0) if train else None))
     return (None if args.eval else sets[0]), sets[-1], bases[0].classes
 
 
-# ----------------------------------------------------------------------------- optimiser helpers (layer-wise lr decay, LARS)
+# ----------------------------------------------------------------------------- train and evaluate
 
-def layer_id(name, depth):
-    """BEiT/MAE layer-wise lr decay: the embeddings are layer 0, block i is layer i+1, the rest depth+1."""
-    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
+def keep_ids(scores, net, args, generator=None):
+    """Cell scores [B, gh, gw] -> ids [B, L_keep] of the most foreground patches (SemMAE §4.2)."""
+    factor = net.patch_size // (args.input_size // scores.shape[-1])  # cells per patch side
+    return masking.keep_foreground(region_file.scores_to_patches(scores, factor), args.keep_ratio,
+                                   generator=generator)
 
 
-def param_groups_lrd(net, weight_decay, layer_decay):
-    """One AdamW group per (layer, decay or not); lr_scale = layer_decay ** (depth + 1 - layer) (utils.set_lr)."""
-    depth, groups = len(net.blocks), {}
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer, no_decay = layer_id(name, depth), utils.no_weight_decay(name, p)
-        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                                  "lr_scale": layer_decay ** (depth + 1 - layer)})
-        g["params"].append(p)
-    return list(groups.values())
+def forward(net, trainable, imgs, ids, linprobe):
+    """Logits [B, C]. Fine-tuning: the whole (DDP) model. Linear probe: features of the frozen
+    encoder under no_grad (class token, or the mean of the kept patch tokens with global_pool), then
+    the (DDP) head, so DDP syncs only the head's gradients."""
+    if not linprobe:
+        return trainable(imgs)
+    with torch.no_grad():
+        x = net.forward_features(imgs, ids)  # [B, 1+n, D]
+        feats = net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]  # [B, D]
+    return trainable(feats)
 
 
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017), as MAE's linear probe uses it: SGD with momentum where the step of each weight
-    matrix is rescaled to trust * |w| / |g + wd w| (its size follows the weight, not the gradient); biases and
-    other 1-d tensors take plain SGD steps without weight decay."""
+@torch.no_grad()
+def evaluate(net, loader, d, args):
+    """Top-1 and top-5 accuracy over the validation set; each rank takes every world-th image,
+    counts are summed."""
+    net.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=d.device)  # top-1 hits, top-5 hits, images
+    # ties in keep_foreground: same every epoch
+    g = torch.Generator(d.device).manual_seed(args.seed + d.rank)
+    for imgs, target, *scores in loader:
+        imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
+        ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
+        with utils.autocast(d.device, args.precision):
+            logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
+        # [B, k]
+        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]
+        batch = torch.tensor(len(target), device=d.device)
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), batch]).to(counts)
+    if d.world > 1:
+        dist.all_reduce(counts)
+    return {"acc1": (counts[0] / counts[2]).item(), "acc5": (counts[1] / counts[2]).item(),
+            "n": int(counts[2])}
 
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
 
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                step = p.grad
-                if p.ndim > 1:
-                    step = step.add(p, alpha=g["weight_decay"])
-                    w, u = p.norm(), step.norm()
-                    step = step * torch.where((w > 0) & (u > 0), g["trust"] * w / u, torch.ones_like(w))
-                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
-                mu.mul_(g["momentum"]).add_(step)
-                p.add_(mu, alpha=-g["lr"])
+@torch.no_grad()
+def features(net, dataset, d, args):
+    """The frozen encoder's feature of every image [N, D] (class token, or the mean of the patch
+    tokens + fc_norm with --global_pool) and its class [N], in dataset order."""
+    net.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
+                                         num_workers=args.num_workers)
+    feats, targets = [], []
+    for imgs, target in runs.progress(loader, "features", None, d):
+        with utils.autocast(d.device, args.precision):
+            x = net.forward_features(imgs.to(d.device, non_blocking=True))   # [B, 1+L, D]
+        feats.append((net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:,
+                                                                                  0]).float().cpu())
+        targets.append(target)
+    return torch.cat(feats), torch.cat(targets)
+
+
+def knn_accuracy(net, train_set, val_set, num_classes, d, args):
+    """DINO's weighted k-NN (probe.knn_votes) of the validation features among the training ones:
+    top-1, top-5."""
+    train_feats, train_labels = features(net, train_set, d, args)
+    val_feats, val_labels = features(net, val_set, d, args)
+    votes = probe.knn_votes(train_feats, train_labels, val_feats, num_classes, args.knn_k,
+                            args.knn_t)
+    hits = votes.topk(min(5, num_classes), dim=1).indices == val_labels[:, None]            # [M, 5]
+    return {"acc1": hits[:, 0].double().mean().item(), "acc5": hits.any(1).double().mean().item(),
+            "n": len(val_labels)}
+
+
+def soft_cross_entropy(logits, target):
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def make_mixup(args, num_classes):
+    """MixUp or CutMix on the batch, chosen 50/50 when both are on (timm's switch_prob 0.5); None
+    when off."""
+    if args.linprobe:
+        return None
+    ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
+          ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    return v2.RandomChoice(ops) if ops else None
+
+
+# ----------------------------------------------------------------------------- the flags' rules
+
+def check_args(args):
+    """The flags alone, before any work: the mode's recipe into the flags left at None, each range
+    once (utils.RANGES), then the rules between flags."""
+    tuning = (not args.linprobe and not args.knn, "in fine-tuning (without --linprobe or --knn)")
+    probing, knn = (args.linprobe, "with --linprobe"), (args.knn, "with --knn")
+    regions = (args.keep_ratio < 1.0, "with --keep_ratio < 1 (the probe's foreground scores)")
+    # flags that do nothing in the chosen mode (get_args' groups)
+    utils.refuse_unused(args, get_args([]), {
+        **{f: tuning for f in ("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing",
+                               "layer_decay",
+                               "opt_betas", "opt_eps", "grad_checkpointing", "train_crop")},
+        "crop_min": (args.linprobe or args.train_crop == "rrc", "with --train_crop rrc (or "
+                                                                "--linprobe)"),
+        "opt": probing, "knn_k": knn, "knn_t": knn, "regions": regions, "val_regions": regions,
+        "keep_ratio": (args.linprobe,
+                       "with --linprobe (SemMAE §4.2): fine-tuning sees every patch"),
+        "blr": (args.lr is None, "without --lr (which overrides it)"),
+        "lookahead_k": (args.lookahead, "with --lookahead"),
+        "lookahead_alpha": (args.lookahead, "with --lookahead"),
+        "download": (args.dataset == "cifar100", "with --dataset cifar100")})
+    for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.global_pool is None:
+        # MAE's probe and DINO's k-NN: class token
+        args.global_pool = not (args.linprobe or args.knn)
+    utils.check_ranges(args)
+    patch = models.VITS[args.model].keywords["patch_size"]
+    if args.input_size % patch:
+        raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size "
+                         f"{patch} of "
+                         f"{args.model}; use a multiple of {patch}")
+    if args.eval and not args.resume:
+        raise UsageError("--eval needs the trained model: pass --resume CKPT")
+    if args.eval and args.finetune:
+        raise UsageError("--eval evaluates --resume (a model with its head); drop --finetune")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained "
+                         "checkpoint "
+                         "(pretrain.py's checkpoint-last.pth, MAE's or SemMAE's released .pth, a "
+                         "timm state dict)")
+    if args.knn and (args.linprobe or args.eval or args.resume):
+        raise UsageError("--knn measures a frozen --finetune encoder with no training; drop "
+                         "--linprobe, --eval "
+                         "and --resume")
+    if args.keep_ratio < 1.0 and args.data_path is not None and not (args.val_regions and
+                                                                     (args.regions or args.eval)):
+        raise UsageError("--keep_ratio < 1 on real images needs foreground scores: run "
+                         "part_learn.py on train/ "
+                         "and val/, then pass --regions <train regions.pt> --val_regions <val "
+                         "regions.pt>")
+    if args.dataset == "cifar100" and args.data_path is None:
+        raise UsageError("--dataset cifar100 needs --data_path (the folder holding "
+                         "cifar-100-python/)")
+    if args.linprobe and args.batch_size < 2:
+        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a "
+                         "BatchNorm (MAE's "
+                         "linear probe), which needs two images per batch")
+    randaug(args.aa)
+
+
+# ----------------------------------------------------------------------------- optimiser and resume
+
+def build_optimizer(args, net, base_lr):
+    """Fine-tuning: AdamW with layer-wise lr decay (MAE's main_finetune; ObjMAE Table 2). Linear
+    probing: LARS (MAE's, for batch 16384: a step moves w by ~lr * trust * |w|, too little at batch
+    64) or SGD with momentum for small batches (DINO, MoCo v3). ObjMAE Table 2 wraps it in
+    Lookahead."""
+    if not args.linprobe:
+        optimizer = torch.optim.AdamW(utils.param_groups_lrd(net, args.weight_decay,
+                                                             args.layer_decay),
+                                      lr=base_lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
+    elif args.opt == "lars":
+        optimizer = utils.LARS(net.head.parameters(), lr=base_lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(net.head.parameters(), lr=base_lr, momentum=0.9,
+                                    weight_decay=args.weight_decay)
+    if args.lookahead:
+        optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
+    return optimizer
+
+
+def resume(args, net, optimizer, scaler, d):
+    """--resume: a finetune.py run -> (first epoch, best top-1 so far, micro-batches of the epoch
+    done, what the rest of it needs) (runs.resume_partial)."""
+    ckpt = runs.load_checkpoint(args.resume)
+    load_trained(net, ckpt, args, args.resume)
+    if "optimizer" not in ckpt:
+        raise UsageError(f"{args.resume} has no optimizer state; --resume continues a run of this "
+                         "script")
+    utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
+    utils.load_scaler(scaler, ckpt.get("scaler"))
+    return (ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0), *runs.resume_partial(ckpt, d,
+                                                                               args.resume))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    # Check the flags, set up DDP and the output folder (nothing is written before every check
+    # passed):
+    check_args(args)
+    d = utils.init_distributed(args.device, args.dist_timeout)
+    # auto -> what this device does
+    args.precision = utils.resolve_precision(args.precision, d.device)
+    summary_writer = runs.summary_writer_class(args.tensorboard)  # optional: installed, or one line
+    if args.knn and d.world > 1:
+        raise UsageError("--knn runs in one process: python finetune.py --knn ...")
+    if not (args.eval or args.knn):  # --eval and --knn write nothing
+        runs.prepare_output_dir(args, d)  # resolves --resume auto
+    torch.manual_seed(args.seed)  # same initial head (and encoder, from scratch) on every rank
+
+    # Data and model (a new head on the pre-trained encoder):
+    with utils.user_input():  # a bad folder, regions file or checkpoint: exit 2
+        train_set, val_set, classes = build_datasets(args)
+        net = build_model(args, len(classes))
+        if args.finetune:
+            load_pretrained(net, args.finetune, verbose=d.is_main)
+    net.to(d.device)
+    net.grad_checkpointing = args.grad_checkpointing
+    # every world-th image
+    mine = torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world))
+    val_loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size,
+                                             num_workers=args.num_workers,
+                                             pin_memory=d.device.type == "cuda")
+
+    # --knn and --eval measure and stop:
+    if args.knn:
+        stats = knn_accuracy(net, train_set, val_set, len(classes), d, args)
+        print(f"{args.finetune or 'a random encoder'}: k-NN (k {args.knn_k}, T {args.knn_t:g}) "
+              "top-1 "
+              f"{100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% on {stats['n']} "
+              "validation images "
+              f"({len(train_set)} training images)", flush=True)
+        return stats
+    if args.eval:
+        if args.resume == "auto":  # evaluate this --output_dir's last checkpoint
+            args.resume = os.path.join(args.output_dir, "checkpoint-last.pth")
+        load_trained(net, runs.load_checkpoint(args.resume), args, args.resume)
+        stats = evaluate(net, val_loader, d, args)
+        utils.print0(d, f"{args.resume}: top-1 {100 * stats['acc1']:.2f}% top-5 "
+                        f"{100 * stats['acc5']:.2f}% "
+                        f"on {stats['n']} validation images")
+        runs.end_run()
+        return stats
+
+    # Setup optimizer (lr = blr * effective batch / 256, MAE) and resume:
+    loader = utils.make_loader(train_set, args.batch_size, args.num_workers, True, args.seed, d)
+    utils.check_accum(loader, len(train_set), args)
+    base_lr, eff_batch = utils.scaled_lr(args, d)
+    optimizer = build_optimizer(args, net, base_lr)
+    scaler = utils.grad_scaler(d.device, args.precision)  # fp16 only; a no-op otherwise
+    start_epoch, max_acc1, start_step, carry = (resume(args, net, optimizer, scaler,
+                                                       d) if args.resume
+                                                else (0, 0.0, 0, None))
+    module = net.head if args.linprobe else net
+    trainable = utils.wrap_ddp(module, d)
+    mixup = make_mixup(args, len(classes))
+    smoothing = 0.0 if args.linprobe else args.smoothing
+
+
+    # Start the run (the folder, its lock, args.json):
+    runs.start_run(args, d, start_epoch)
+    runs.print_args(d, args)
+    tb = summary_writer(args.tensorboard) if summary_writer and d.is_main else None
+    trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    utils.print0(d, f"{args.model}{' (linear probe)' if args.linprobe else ''}: "
+                    f"{trained / 1e6:.2f}M trained "
+                    f"params, {len(classes)} classes, {len(train_set)} train / {len(val_set)} val "
+                    "images, "
+                    f"effective batch {eff_batch}, lr {base_lr:.2e}, epochs "
+                    f"{start_epoch}..{args.epochs - 1}")
+
+    iters = utils.batches_per_epoch(loader, args.accum_iter)  # leftovers < accum_iter are skipped
+    total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
+    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+
+    def run_state(epoch):                   # what a checkpoint holds, epoch = the last finished one
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)}
+    # Train:
+    for epoch in range(start_epoch, args.epochs):
+        utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
+        skip = start_step if epoch == start_epoch else 0  # micro-batches done before a stop
+        loader.sampler.set_epoch(epoch, skip * args.batch_size)
+        # linear probe: the encoder stays in eval mode, only the head trains
+        net.train(not args.linprobe)
+        module.train()
+        t0, loss_sum, n_sum = time.time(), 0.0, 0
+        if skip:                                    # where the stop left the RNGs and the sums
+            runs.set_rng_state(carry["rng"])
+            loss_sum, n_sum = carry["sums"]
+        # plain lines outside a tty
+        bar = runs.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)
+        for it, (imgs, target, *scores) in enumerate(bar, start=skip):
+            if it == iters:  # the leftover micro-batches
+                break
+            if it % args.accum_iter == 0:
+                lr = utils.cosine_lr(epoch * iters + it, total_iters, warmup_iters, base_lr,
+                                     args.min_lr)
+                utils.set_lr(optimizer, lr)
+            imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device,
+                                                                           non_blocking=True)
+            ids = keep_ids(scores[0].to(d.device), net, args) if scores else None
+            if mixup is not None:
+                imgs, soft = mixup(imgs, target)  # [B, C] mixed one-hot targets
+            else:
+                soft = F.one_hot(target, len(classes)).float()
+            # smoothing commutes with mixing (timm)
+            soft = soft * (1 - smoothing) + smoothing / len(classes)
+            sync = (it + 1) % args.accum_iter == 0
+            with utils.no_sync_unless(trainable, sync, d):
+                with utils.autocast(d.device, args.precision):
+                    loss = soft_cross_entropy(forward(net, trainable, imgs, ids, args.linprobe),
+                                              soft)
+                scaler.scale(loss / args.accum_iter).backward()
+            if sync:
+                scaler.step(optimizer)  # fp16: unscale, skip a step with inf
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()
+            runs.stop_if_not_finite(loss_value, f"epoch {epoch} step {it}", ckpt_path,
+                                    args.precision)
+            loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if tb and ((it + 1) % args.log_every == 0 or it + 1 == iters):
+                tb.add_scalar("train/loss", loss_value, epoch * iters + it + 1)
+                tb.add_scalar("train/lr", lr, epoch * iters + it + 1)
+            # SIGTERM/SIGUSR1: stop after this step
+            if sync and it + 1 < iters and runs.stop_requested(d, True):
+                bar.close()  # (the loss is read every step here)
+                where = f"after step {it + 1} of {iters} of epoch {epoch}"
+                runs.stop_now(ckpt_path, run_state(epoch - 1), d, where, it + 1, (loss_sum, n_sum))
+        bar.close()
+
+        # Evaluate, log and checkpoint the epoch:
+        train_loss = utils.all_reduce_mean(loss_sum / n_sum, d)
+        stats = evaluate(net, val_loader, d, args)
+        max_acc1 = max(max_acc1, stats["acc1"])
+        state = run_state(epoch) if d.is_main else None
+        if d.is_main:  # the log line before the checkpoint: see pretrain.py
+            record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "val_acc1": stats["acc1"],
+                      "val_acc5": stats["acc5"], "val_images": stats["n"], "max_acc1": max_acc1,
+                      "time_s": round(time.time() - t0, 2)}
+            runs.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            if tb:
+                for k in ("train_loss", "val_acc1", "val_acc5"):
+                    tb.add_scalar(f"epoch/{k}", record[k], epoch)
+                tb.flush()
+            runs.save_checkpoint(ckpt_path, state)
+            print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 "
+                  f"{100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
+                  f"(max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
+        # a stop in the epoch's last step
+        if epoch + 1 < args.epochs and runs.stop_requested(d, True):
+            runs.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
+    if tb:
+        tb.close()
+    if d.is_main:  # timm's names, a probe's BatchNorm folded into its head
+        path = os.path.join(args.output_dir, "model-timm.pth")
+        runs.save_checkpoint(path, timm_state_dict(net))
+        print(f"{path} loads into "
+              f"timm.models.vision_transformer.VisionTransformer(img_size={args.input_size}, "
+              f"patch_size={net.patch_size}, embed_dim={net.cls_token.shape[-1]}, "
+              f"depth={len(net.blocks)}, "
+              f"num_heads={net.blocks[0].attn.num_heads}, num_classes={len(classes)}, "
+              f"global_pool='{'avg' if args.global_pool else 'token'}')", flush=True)
+    runs.end_run()
+    return {"max_acc1": max_acc1}
+
+
+# ----------------------------------------------------------------------------- flags
+
+def get_args(argv=None):
+    # The defaults reproduce MAE's fine-tuning recipe (main_finetune), which SemMAE's Table 2
+    # uses; the optimisation flags left at None take the mode's recipe (RECIPES); the other
+    # papers' flags are in PAPERS.md. Ranges: utils.RANGES.
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and mode")
+    g.add_argument("--model", default="vit_base_patch16", choices=sorted(models.VITS))
+    g.add_argument("--input_size", type=int, default=224)
+    g.add_argument("--finetune", default=None,
+                   help="pre-trained encoder: ours, MAE's, SemMAE's or timm's")
+    g.add_argument("--linprobe", action="store_true",
+                   help="train only a linear head on the frozen encoder")
+    g.add_argument("--eval", action="store_true",
+                   help="top-1/top-5 of --resume on the validation set")
+    g.add_argument("--knn", action="store_true",
+                   help="top-1/top-5 of DINO's weighted k-NN on the frozen --finetune encoder's "
+                        "features")
+    g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=None,
+                   help="mean of the patch tokens + fc_norm (fine-tuning's default) or the class "
+                        "token")
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth (fine-tuning)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None,
+                   help="folder with train/ and val/ (ImageNet layout), or CIFAR-100's; omitted = "
+                        "shapes")
+    g.add_argument("--dataset", default="folder", choices=["folder", "cifar100"])
+    g.add_argument("--download", action="store_true", help="cifar100: download into --data_path")
+    g.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
+    g.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images")
+    g.add_argument("--data_seed", type=int, default=0, help="shapes: which scenes")
+    g.add_argument("--regions", default=None,
+                   help="regions.pt of the training images (foreground scores)")
+    g.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
+    g.add_argument("--keep_ratio", type=float, default=1.0,
+                   help="probe the most foreground fraction of patches (SemMAE 8x8: 0.25)")
+    g = p.add_argument_group("augmentation (MAE's; fine-tuning only but --crop_min, --crop_pct)")
+    g.add_argument("--train_crop", default="rrc", choices=["rrc", "bit"],
+                   help="rrc: RandomResizedCrop(--crop_min, 1) (MAE); bit: resize to 7/6 the size,"
+                        " random crop (BiT, Kolesnikov et al. 2020), as ObjMAE §4.2")
+    g.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
+    g.add_argument("--crop_pct", type=float, default=0.875,
+                   help="validation: resize to size/crop_pct, crop")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
+                   help="timm's RandAugment string (MAE's; randaugment.py) or 'none'")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g = p.add_argument_group("optimisation (None = the mode's recipe, RECIPES)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--warmup_epochs", type=int, default=None)
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="per device; effective = batch * accum * world")
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--blr", type=float, default=None, help="lr = blr * effective batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    g.add_argument("--min_lr", type=float, default=None)
+    g.add_argument("--weight_decay", type=float, default=None)
+    g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (1 = off)")
+    g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                   help="fine-tuning AdamW betas (MAE's main_finetune, ObjMAE Table 2)")
+    g.add_argument("--opt_eps", type=float, default=1e-8,
+                   help="AdamW epsilon (MAE, ObjMAE Table 2)")
+    g.add_argument("--lookahead", action="store_true",
+                   help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
+    g.add_argument("--lookahead_k", type=int, default=5,
+                   help="not given by ObjMAE (Zhang et al. 2019: 5)")
+    g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Zhang et al. 2019: 0.5")
+    g = p.add_argument_group("linear probing only (--linprobe)")
+    g.add_argument("--opt", default="lars", choices=["lars", "sgd"],
+                   help="LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
+    g = p.add_argument_group("k-NN only (--knn; DINO, Caron et al. 2021, §4.1: k 20, T 0.07)")
+    g.add_argument("--knn_k", type=int, default=20, help="neighbours that vote")
+    g.add_argument("--knn_t", type=float, default=0.07,
+                   help="temperature of the votes exp(similarity / T)")
+    runs.add_run_flags(p, "output/finetune")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    utils.run_stage(main, get_args)
-
+    runs.run_stage(main, get_args)

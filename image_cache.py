@@ -33,7 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm import tqdm
 
 import data
-import utils
+import runs
 
 
 # ---------------------------------------------------------------- a torch.save file written later
@@ -187,7 +187,7 @@ def write_image_cache(path, base, size, num_workers, rank, world):
         dist.barrier()                              # every rank's rows are on disk
     if rank == 0:
         os.replace(tmp, path)
-        utils.fsync_dir(os.path.dirname(os.path.abspath(path)))   # the rename too
+        runs.fsync_dir(os.path.dirname(os.path.abspath(path)))   # the rename too
     if world > 1:
         dist.barrier()
 

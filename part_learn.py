@@ -1,47 +1,22 @@
-"""Stage 1: where are the parts or objects of each image? Writes <output_dir>/regions.pt for pretrain.py.
+"""Stage 1: where are the parts or objects of each image? Writes <output_dir>/regions.pt for
+pretrain.py, with one of four methods:
+  learned       SemMAE §3.1: an attention module (Eq. 1, 2) and a blur + AdaIN decoder (Eq. 3, 4)
+                on a frozen ViT learn N part maps by reconstructing the image (Eq. 5, 6).
+  attention     SemMAE Table 4's baseline: the frozen encoder's class-token attention per head.
+  cam           ObjMAE §3.2, App. A: a ResNet's class activation map; pixels > 0.3 are the object.
+  segmentation  ObjMAE §3.2, §4.1: instance masks (shapes, a PNG folder, or a COCO JSON).
+Objects are made on cells the size of the pre-training model's patch (the 20% rule sees each patch's
+own pixels), parts on 8-px cells. The papers' commands: PAPERS.md.
 
---method learned       SemMAE §3.1: a frozen self-supervised ViT gives F_c and F; an attention module (Eq. 1, 2)
-                       and a blur + AdaIN decoder (Eq. 3, 4) learn N part maps by reconstructing the image
-                       (Eq. 5 + lambda x Eq. 6); argmax over the maps = part per cell, their mass = score.
---method attention     SemMAE Table 4's "iBOT-initialized parts": the frozen encoder's last-layer class-token
-                       attention, one head per part.
---method cam           ObjMAE §3.2, Appendix A: a ResNet's class activation map of its top class, / its maximum,
-                       pixels > 0.3 are the object, dropped when under 5% of the image (§4.1), a cell is object
-                       when >= 20% of its pixels are.
---method segmentation  ObjMAE §3.2, §4.1: instance masks (shapes, a PNG folder, or a COCO JSON), 20% cell rule,
-                       instances < 5% of the image dropped; prints the mean object ratio (ObjMAE's seq_ratio).
-Objects are made on cells the size of the pre-training model's patch (default 16, ObjMAE's ViT-S/16), so the 20%
-rule sees each patch's own pixels; parts on 8-px cells (a patch-16 model takes a vote of 2x2 cells, or export them
-with --cell_size 16: the maps pooled over the patch).
-
-The papers' settings, on 8 GPUs. SemMAE's parts (§4.1: a frozen self-supervised ViT-S on 8x8 patches, 6 parts,
-blur 7, lambda 0.03; "2 hours on one A100"), on 8-px cells for a ViT-B/8 (SemMAE Table 1 right, Tables 2, 5):
-    torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
-        --encoder_weights dino_deitsmall8_pretrain.pth --output_dir parts
-(DINO's released ViT-S/8 stands in for SemMAE's iBOT-pretrained ViT-S on 8x8 patches; an iBOT checkpoint also loads)
-the same parts for a ViT-B/16 (Table 1 left): the maps pooled over each 16-px patch, then the argmax, no training:
-    torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
-        --encoder_weights dino_deitsmall8_pretrain.pth --export_only --resume parts/checkpoint-last.pth \
-        --cell_size 16 --output_dir parts16
-the parts of the validation images, for SemMAE's ViT-B/8 linear probe on the most foreground patches (finetune.py):
-    torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/val \
-        --encoder_weights dino_deitsmall8_pretrain.pth --export_only --resume parts/checkpoint-last.pth \
-        --output_dir parts_val
-ObjMAE's objects on 16-px cells, the patch of its ViT-S/16 (§4.1): CAM of an ImageNet-1k ResNet-34 on ImageNet-100
-(§4.1; Appendix A names a ResNet-50) for Table 4, and COCO's instance masks for Table 5:
-    torchrun --nproc_per_node=8 part_learn.py --method cam --cam_arch resnet34 --cam_weights resnet34-b627a593.pth \
-        --data_path IMAGENET100/train --output_dir cam
-    python part_learn.py --method segmentation --data_path COCO --coco instances_train2014.json --output_dir coco
-    (COCO: put the images one folder down, COCO/train2014/*.jpg, as pretrain.py reads class folders)
 On a laptop, the built-in shapes data and an encoder from pretrain.py (a few minutes on a CPU):
     python part_learn.py --method learned --encoder_weights output/pretrain/checkpoint-last.pth \
         --input_size 64 --epochs 5 --batch_size 64 --num_images 2000 --eval_iou
-Re-export from a trained part learner without training: add --export_only --resume parts/checkpoint-last.pth.
+SemMAE's parts on 8 GPUs (DINO's ViT-S/8 stands in for SemMAE's iBOT ViT-S/8):
+    torchrun --nproc_per_node=8 part_learn.py --method learned --data_path IMAGENET/train \
+        --encoder_weights dino_deitsmall8_pretrain.pth --output_dir parts
 
-References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
-  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
-  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
-  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
+References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022,
+arXiv:2205.14338).
 """
 import argparse
 import contextlib
@@ -59,192 +34,86 @@ import data
 import image_cache
 import model as models
 import region_file
+import runs
 import shapes
 import utils
 from utils import UsageError
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="learned", choices=["learned", "attention", "cam", "segmentation"])
-    g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=None, help="folder of images at any depth, class folders or none (no "
-                                                     "labels are read); omitted = built-in shapes")
-    g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
-    g.add_argument("--data_seed", type=int, default=0,
-                   help="which built-in shapes scenes (--seed changes only the training randomness)")
-    g.add_argument("--input_size", type=int, default=224, help="images are resized to this (no crop)")
-    g.add_argument("--cell_size", type=int, default=None,
-                   help="pixels per region cell; default 8 for parts (SemMAE learns them at 8x8, §4.2; a patch-16 "
-                        "model votes over them), 16 for objects: the patch size of the model that will use them, "
-                        "since the 20%% rule is on a patch's own pixels (ObjMAE §3.2; patch 16 everywhere, §4.1)")
-    # learned and attention: the frozen encoder (SemMAE §4.1: iBOT ViT-S; DINO, MAE and ours load too)
-    g = p.add_argument_group("--method learned and attention: the frozen encoder")
-    g.add_argument("--encoder_weights", default=None,
-                   help="DINO/iBOT release or training checkpoint, MAE/SemMAE or pretrain.py checkpoint")
-    # --method learned only: the part learner (SemMAE §3.1, §4.1)
-    g = p.add_argument_group("--method learned only: the part learner")
-    g.add_argument("--num_parts", type=int, default=6, help="learned: N (SemMAE §4.1: 6, ViT-S's head count)")
-    g.add_argument("--blur", type=int, default=7, help="learned: blur kernel size (SemMAE §4.1: 7)")
-    g.add_argument("--div_weight", type=float, default=0.03, help="learned: lambda of Eq. 7 (SemMAE §4.1: 0.03)")
-    # cam (ObjMAE Appendix A) and segmentation (ObjMAE §3.2, §4.1)
-    g = p.add_argument_group("--method cam (and --min_share, --min_object: cam and segmentation)")
-    g.add_argument("--cam_weights", default=None, help="cam: torchvision ResNet state dict (ImageNet-1k trained)")
-    g.add_argument("--cam_arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
-                   help="cam: ResNet-50 (ObjMAE App. A); ResNet-34 for ImageNet-100 (ObjMAE §4.1)")
-    g.add_argument("--cam_threshold", type=float, default=0.3, help="cam: object pixels have map > this")
-    g.add_argument("--min_share", type=float, default=0.2, help="a cell is object when >= this share of its pixels are")
-    g.add_argument("--min_object", type=float, default=0.05,
-                   help="drop objects under this share of the image (ObjMAE §4.1, on the pre-training data)")
-    g = p.add_argument_group("--method segmentation only")
-    g.add_argument("--masks", default=None, help="segmentation: instance PNG folder, same relative names as images")
-    g.add_argument("--coco", default=None, help="segmentation: COCO instances JSON for the images in --data_path")
-    # optimisation of the part learner (the paper gives only the cost: 2 h on one A100)
-    g = p.add_argument_group("optimisation of the part learner (--method learned; --batch_size: every method)")
-    g.add_argument("--epochs", type=int, default=4, help="learned: about 2 A100 hours of ImageNet-1k at ViT-S/8")
-    g.add_argument("--warmup_epochs", type=int, default=1, help="learned: linear lr warm-up, then cosine")
-    g.add_argument("--batch_size", type=int, default=64, help="per device")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="output/part_learn")
-    g.add_argument("--resume", default=None, help="learned: part-learner checkpoint to continue from; 'auto': this "
-                                                   "--output_dir's checkpoint-last.pth if there is one, else start")
-    g.add_argument("--export_only", action="store_true", help="learned: export regions from --resume, no training")
-    g.add_argument("--eval_iou", action="store_true",
-                   help="shapes only: also export held-out images and print the foreground IoU (regions-val.pt)")
-    g.add_argument("--eval_images", type=int, default=200, help="held-out shapes images for --eval_iou")
-    g.add_argument("--num_workers", type=int, default=4)
-    g.add_argument("--image_cache", default=None, metavar="FILE",
-                   help="fast input path (learned, attention, cam): decode and resize every image once into FILE "
-                        "(uint8, 3*S*S bytes an image: ImageNet-1k at 224 px is 193 GB; written by the first run that "
-                        "names it, on a filesystem every node sees; pretrain.py reads the same file), then flip and "
-                        "normalise uint8 batches on the device. Omitted: PIL decodes every image in every epoch")
-    g.add_argument("--log_every", type=int, default=20,
-                   help="learned: read the losses on the host (a device sync), update the bar, stop on NaN every N steps")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
-                   help="under torchrun: seconds a process waits for the others (at the start, in a collective) "
-                        "before the run ends with one line; raise it where rank 0 alone works long between steps")
-    return p.parse_args(argv)
+# ------------------------------------------------------------------------ training the part learner
 
-
-def check_args(args):
-    if args.cell_size is None:
-        args.cell_size = 16 if args.method in ("cam", "segmentation") else 8
-    utils.check_ranges(args, {  # every numeric flag; the finer rules follow
-        "num_images": (1, 10**6), "input_size": (8, 4096), "cell_size": (1, 4096), "num_parts": (1, 254),
-        "blur": (1, 99), "div_weight": (0, None), "cam_threshold": (0, 1), "min_share": (0, 1), "min_object": (0, 1),
-        "epochs": (1, None), "warmup_epochs": (0, None), "batch_size": (1, None), "lr": (0, 10),
-        "eval_images": (1, 10**6), "num_workers": (0, 256), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1)})
-    if args.blur % 2 == 0:
-        raise UsageError(f"--blur {args.blur} must be an odd kernel size (SemMAE §4.1: 7)")
-    if args.input_size % args.cell_size:
-        raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size {args.cell_size}; "
-                         f"use a multiple of {args.cell_size}")
-    needs = {"learned": "encoder_weights", "attention": "encoder_weights", "cam": "cam_weights"}.get(args.method)
-    if needs and not getattr(args, needs):
-        raise UsageError(f"--method {args.method} needs --{needs} <file>")
-    if needs and not os.path.isfile(getattr(args, needs)):
-        raise UsageError(f"--{needs} {getattr(args, needs)} does not exist; check the path")
-    learned = (args.method == "learned", "with --method learned")
-    utils.refuse_unused(args, get_args([]), {  # flags that do nothing with this --method (see the groups above)
-        **{f: learned for f in ("num_parts", "blur", "div_weight", "epochs", "lr", "warmup_epochs", "log_every")},
-        "encoder_weights": (args.method in ("learned", "attention"), "with --method learned or attention"),
-        **{f: (args.method == "cam", "with --method cam") for f in ("cam_weights", "cam_arch", "cam_threshold")},
-        "min_share": (args.method in ("cam", "segmentation"), "with --method cam or segmentation"),
-        "min_object": (args.method in ("cam", "segmentation"), "with --method cam or segmentation"),
-        "eval_images": (args.eval_iou, "with --eval_iou")})
-    if (args.masks or args.coco) and args.method != "segmentation":
-        raise UsageError("--masks and --coco are for --method segmentation")
-    if args.method == "segmentation" and args.data_path is not None and (args.masks is None) == (args.coco is None):
-        raise UsageError("--method segmentation on an image folder needs exactly one of --masks <folder> or "
-                         "--coco <instances.json>")
-    if args.method == "segmentation" and args.data_path is None and (args.masks or args.coco):
-        raise UsageError("the built-in shapes data brings its own masks; --masks/--coco need --data_path")
-    if args.eval_iou and args.data_path is not None:
-        raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
-    if not 1 <= args.num_parts <= 254:
-        raise UsageError(f"--num_parts {args.num_parts} must be in [1, 254] (labels are uint8, 255 = ignore)")
-    if args.epochs < 1 or args.batch_size < 1 or args.log_every < 1:
-        raise UsageError("--epochs, --batch_size and --log_every must be >= 1")
-    if args.image_cache and args.method == "segmentation":
-        raise UsageError("--image_cache is for the methods that read images (learned, attention, cam); "
-                         "--method segmentation reads only the masks")
-
-
-def check_resume(args):
-    """After --resume auto is resolved (utils.prepare_output_dir): a path, or None for a new run."""
-    if args.resume and args.method != "learned":
-        raise UsageError(f"--resume continues a part learner: it is for --method learned only; --method "
-                         f"{args.method} writes into an --output_dir that holds no checkpoint-last.pth")
-    if args.export_only and not (args.method == "learned" and args.resume):
-        raise UsageError("--export_only re-exports a trained part learner: pass --method learned --resume <ckpt>")
-    regions = os.path.join(args.output_dir, "regions.pt")
-    if os.path.isfile(regions) and not args.resume:   # a finished run: never replaced by a new one
-        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({regions}); pass another "
-                         "--output_dir (or, for --method learned, --resume auto to continue or re-export it)")
-
-
-# ----------------------------------------------------------------------------- training the part learner
-
-def train_learner(args, d, base, encoder, cache=None):
-    """SemMAE §3.1: only the attention module and decoder learn; the encoder stays frozen. -> the PartLearner."""
-    torch.manual_seed(args.seed)                                           # same initial weights on every rank
+def load_learner(args, d, encoder):
+    """The part learner on this encoder, its Adam optimizer, and with --resume their state ->
+    (learner, optimizer, first epoch, steps of it done before a stop, what the rest of it needs)."""
+    torch.manual_seed(args.seed)  # same initial weights on every rank
     width = encoder.cls_token.shape[-1]
     learner = models.PartLearner(width, args.num_parts, args.blur, encoder.patch_size).to(d.device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr)
-    start_epoch, start_step, carry = 0, 0, None
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
-        if "learner" not in ckpt:
-            raise UsageError(f"{args.resume} is not a part_learn.py checkpoint; --resume takes this stage's "
-                             "checkpoint-last.pth (the encoder goes in --encoder_weights)")
-        try:
-            learner.load_state_dict(ckpt["learner"])
-        except RuntimeError:
-            raise UsageError(f"{args.resume} was trained with --num_parts {ckpt['args'].get('num_parts')} on "
-                             f"{ckpt['args'].get('encoder_weights')}; pass the same --num_parts and an encoder "
-                             "of the same width") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch = ckpt["epoch"] + 1
-        start_step, carry = utils.resume_partial(ckpt, d, args.resume)    # stopped mid-epoch: the rest of it
-    utils.start_run(args, d, start_epoch)
+    if not args.resume:
+        return learner, optimizer, 0, 0, None
+    ckpt = runs.load_checkpoint(args.resume)
+    if "learner" not in ckpt:
+        raise UsageError(f"{args.resume} is not a part_learn.py checkpoint; --resume takes this "
+                         "stage's "
+                         "checkpoint-last.pth (the encoder goes in --encoder_weights)")
+    try:
+        learner.load_state_dict(ckpt["learner"])
+    except RuntimeError:
+        raise UsageError(f"{args.resume} was trained with --num_parts "
+                         f"{ckpt['args'].get('num_parts')} on "
+                         f"{ckpt['args'].get('encoder_weights')}; pass the same --num_parts and an "
+                         "encoder "
+                         "of the same width") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return (learner, optimizer, ckpt["epoch"] + 1, *runs.resume_partial(ckpt, d, args.resume))
+
+
+def train_learner(args, d, base, encoder, cache=None):
+    """SemMAE §3.1: only the attention module and decoder learn (the encoder is frozen)."""
+    learner, optimizer, start_epoch, start_step, carry = load_learner(args, d, encoder)
+    runs.start_run(args, d, start_epoch)
     if args.export_only:
         return learner.eval()
-
-    if cache is not None:               # the same samples, uint8 from the cache: flip and normalise in batch_images
-        dataset = image_cache.CachedPretrainDataset(base, cache, args.input_size, hflip=True, cell_size=args.cell_size)
-    else:
-        dataset = data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)  # resize + flip
+    # resize + flip; the fast path's samples are uint8, flipped and normalised in batch_images
+    dataset = (data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)
+               if cache is None else
+               image_cache.CachedPretrainDataset(base, cache, args.input_size, hflip=True,
+                                          cell_size=args.cell_size))
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) == 0:
         raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
                          "use a smaller --batch_size")
     ddp = utils.wrap_ddp(learner, d)
     vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
-    vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)   # 8 fixed images
-    utils.print0(d, f"part learner: {sum(p.numel() for p in learner.parameters()) / 1e6:.2f}M params, "
-                    f"{len(dataset)} images, epochs {start_epoch}..{args.epochs - 1}")
+    vis_imgs = torch.stack([vis[i][0] for i in range(min(8, len(base)))]).to(d.device)  # 8 fixed
+    size = sum(p.numel() for p in learner.parameters()) / 1e6
+    utils.print0(d, f"part learner: {size:.2f}M params, {len(dataset)} images, "
+                    f"epochs {start_epoch}..{args.epochs - 1}")
     iters = len(loader)
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    precision = utils.resolve_precision("auto", d.device)   # the frozen encoder's (encoder_features)
+    precision = utils.resolve_precision("auto", d.device)  # the frozen encoder's (encoder_features)
+
+    def run_state(epoch):                   # what a checkpoint holds, epoch = the last finished one
+        return {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "args": vars(args)}
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same flips and order
-        skip = start_step if epoch == start_epoch else 0                   # steps done before a stop
+        skip = start_step if epoch == start_epoch else 0  # steps done before a stop
         loader.sampler.set_epoch(epoch, skip * args.batch_size)
         learner.train()
-        # the losses are summed on the device and read every --log_every steps: no host sync in the other steps
+        # the losses are summed on the device and read every --log_every steps: no host sync between
         t0, sums, n = time.time(), torch.zeros(3, dtype=torch.float64, device=d.device), 0
         if skip:                                    # where the stop left the RNGs and the sums
-            utils.set_rng_state(carry["rng"])
+            runs.set_rng_state(carry["rng"])
             sums, n = carry["sums"][0].to(d.device), carry["sums"][1]
-        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)  # plain lines outside a tty
+        # plain lines outside a tty
+        bar = runs.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)
         for it, batch in enumerate(bar, start=skip):
-            lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters, args.warmup_epochs * iters, args.lr)
+            lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters,
+                                 args.warmup_epochs * iters, args.lr)
             utils.set_lr(optimizer, lr)
             imgs = batch_images(batch, d.device)
-            cls_feat, patch_feat = encoder_features(encoder, imgs)        # F_c [B, C], F [B, C, h, w]
+            cls_feat, patch_feat = encoder_features(encoder, imgs)  # F_c [B, C], F [B, C, h, w]
             maps, recon = ddp(cls_feat, patch_feat, imgs.shape[-2:])        # Eq. 1-4
             rec = F.mse_loss(recon, imgs)                                  # Eq. 5
             div = models.diversity_loss(maps)                              # Eq. 6
@@ -254,42 +123,53 @@ def train_learner(args, d, base, encoder, cache=None):
             optimizer.step()
             sums += torch.stack([loss, rec, div]).detach()
             n += 1
-            log_now = (it + 1) % args.log_every == 0 or it + 1 == iters   # always at the epoch's last step
+            # always at the epoch's last step
+            log_now = (it + 1) % args.log_every == 0 or it + 1 == iters
             if log_now:
-                means = (sums / n).tolist()                               # the sync: the epoch's means so far
-                utils.stop_if_not_finite(means[0], f"epoch {epoch}, one of steps {it - it % args.log_every}..{it}",
-                                         ckpt_path, precision)            # before this epoch's checkpoint
+                means = (sums / n).tolist()  # the sync: the epoch's means so far
+                runs.stop_if_not_finite(means[0], f"epoch {epoch}, one of steps "
+                                                  f"{it - it % args.log_every}..{it}",
+                                        ckpt_path, precision)  # before this epoch's checkpoint
                 bar.set_postfix(loss=f"{means[0]:.4f}", div=f"{means[2]:.3f}", lr=f"{lr:.2e}")
-            if it + 1 < iters and utils.stop_requested(d, log_now):       # SIGTERM/SIGUSR1: stop after this step
+            # SIGTERM/SIGUSR1: stop after this step
+            if it + 1 < iters and runs.stop_requested(d, log_now):
                 bar.close()
-                utils.stop_now(ckpt_path, {"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "epoch": epoch - 1, "args": vars(args)}, d,
-                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (sums.cpu(), n))
+                where = f"after step {it + 1} of {iters} of epoch {epoch}"
+                runs.stop_now(ckpt_path, run_state(epoch - 1), d, where, it + 1, (sums.cpu(), n))
         bar.close()
         loss, rec, div = (utils.all_reduce_mean(v, d) for v in means)
-        state = ({"learner": learner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                  "args": vars(args)} if d.is_main else None)
-        if d.is_main:                               # the log line before the checkpoint: see pretrain.py
-            record = {"epoch": epoch, "train_loss": loss, "rec_loss": rec, "div_loss": div, "lr": lr,
-                      "time_s": round(time.time() - t0, 2)}
-            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
-            utils.save_checkpoint(ckpt_path, state)
-            print(f"epoch {epoch}: loss {loss:.4f} (rec {rec:.4f}, div {div:.4f}) ({record['time_s']}s)", flush=True)
-            learner.eval()
-            with torch.no_grad():
-                maps, recon = learner(*encoder_features(encoder, vis_imgs), vis_imgs.shape[-2:])
-            labels, _ = parts_from_maps(maps, (args.input_size // args.cell_size,) * 2)
-            save_picture(os.path.join(args.output_dir, f"parts-{epoch:04d}.png"), vis_imgs, labels, recon)
-        if epoch + 1 < args.epochs and utils.stop_requested(d, True):   # a stop in the epoch's last step
-            utils.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
+        state = run_state(epoch) if d.is_main else None
+        if d.is_main:
+            record = {"epoch": epoch, "train_loss": loss, "rec_loss": rec, "div_loss": div,
+                      "lr": lr, "time_s": round(time.time() - t0, 2)}
+            end_epoch(args, record, state, ckpt_path, encoder, learner, vis_imgs)
+        if epoch + 1 < args.epochs and runs.stop_requested(d, True):   # a stop in its last step
+            runs.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     return learner.eval()
+
+
+def end_epoch(args, record, state, ckpt_path, encoder, learner, imgs):
+    """Rank 0 at an epoch's end: the log line before the checkpoint (see pretrain.py), then the
+    parts and reconstruction of the fixed pictures (SemMAE Figure 4)."""
+    runs.append_log(os.path.join(args.output_dir, "log.txt"), record)
+    runs.save_checkpoint(ckpt_path, state)
+    print(f"epoch {record['epoch']}: loss {record['train_loss']:.4f} "
+          f"(rec {record['rec_loss']:.4f}, div {record['div_loss']:.4f}) ({record['time_s']}s)",
+          flush=True)
+    learner.eval()
+    with torch.no_grad():
+        maps, recon = learner(*encoder_features(encoder, imgs), imgs.shape[-2:])
+    labels, _ = parts_from_maps(maps, (args.input_size // args.cell_size,) * 2)
+    path = os.path.join(args.output_dir, f"parts-{record['epoch']:04d}.png")
+    save_picture(path, imgs, labels, recon)
 
 
 # ----------------------------------------------------------------------------- cells from maps
 
 def to_cells(maps, grid):
-    """[B, K, h, w] maps on the encoder's patch grid -> [B, K, gh, gw] on the cell grid (a patch-16 encoder's maps
-    are upsampled bilinearly to the 8-px cells before the argmax; a coarser cell grid averages)."""
+    """[B, K, h, w] maps on the encoder's patch grid -> [B, K, gh, gw] on the cell grid (a patch-16
+    encoder's maps are upsampled bilinearly to the 8-px cells before the argmax; a coarser cell grid
+    averages)."""
     if tuple(maps.shape[-2:]) == tuple(grid):
         return maps
     if grid[0] > maps.shape[-2]:
@@ -298,23 +178,25 @@ def to_cells(maps, grid):
 
 
 def parts_from_maps(maps, grid):
-    """Part maps [B, K, h, w] -> (labels uint8 [B, gh, gw] = argmax over the maps, scores [B, gh, gw] = the maps'
-    summed mass per cell / its maximum in the image: a small, concentrated part (an object) scores high, a part
-    spread over the background low)."""
+    """Part maps [B, K, h, w] -> (labels uint8 [B, gh, gw] = argmax over the maps, scores [B, gh,
+    gw] = the maps' summed mass per cell / its maximum in the image: a small, concentrated part (an
+    object) scores high, a part spread over the background low)."""
     cells = to_cells(maps.float(), grid)
     mass = cells.sum(1)                                                    # [B, gh, gw]
     return cells.argmax(1).to(torch.uint8), mass / mass.amax((1, 2), keepdim=True).clamp_min(1e-12)
 
 
 def batch_images(batch, device):
-    """A DataLoader batch -> its normalised images [B, 3, S, S] on the device. The fast path's batches are uint8 with
-    their flips beside them (image_cache.CachedPretrainDataset): image_cache.device_batch flips and normalises them there."""
+    """A DataLoader batch -> its normalised images [B, 3, S, S] on the device. The fast path's
+    batches are uint8 with their flips beside them (image_cache.CachedPretrainDataset): image_cache.device_batch
+    flips and normalises them there."""
     imgs = batch[0].to(device, non_blocking=True)
     return image_cache.device_batch(imgs, batch[4]) if imgs.dtype == torch.uint8 else imgs
 
 
 def encoder_features(encoder, imgs):
-    """Frozen encoder -> F_c [B, C] and F [B, C, h, w] (SemMAE §3.1), in fp32. No graph, bf16 on CUDA."""
+    """Frozen encoder -> F_c [B, C] and F [B, C, h, w] (SemMAE §3.1), in fp32. No graph, bf16 on
+    CUDA."""
     with torch.no_grad(), utils.autocast(imgs.device):
         tokens = encoder.forward_features(imgs)                            # [B, 1+L, C]
     tokens = tokens.float()
@@ -324,7 +206,8 @@ def encoder_features(encoder, imgs):
 
 
 def attention_parts(encoder, imgs, grid):
-    """Table 4's baseline: last-layer class-token attention to the patches, one map per head [B, heads, h, w]."""
+    """Table 4's baseline: last-layer class-token attention to the patches, one map per head [B,
+    heads, h, w]."""
     with torch.no_grad(), utils.autocast(imgs.device):
         attn = encoder.get_last_selfattention(imgs)                        # [B, heads, 1+L, 1+L]
     h, w = imgs.shape[-2] // encoder.patch_size, imgs.shape[-1] // encoder.patch_size
@@ -339,42 +222,48 @@ def build_cam_net(args):
         raise UsageError(f"cannot read --cam_weights {args.cam_weights} ({type(e).__name__}); "
                          "pass a torchvision ResNet state dict (.pth)") from None
     if not isinstance(sd, dict) or not torch.is_tensor(sd.get("fc.weight")):
-        raise UsageError(f"--cam_weights {args.cam_weights} is not a torchvision ResNet state dict (no fc.weight)")
-    net = getattr(torchvision.models, args.cam_arch)(weights=None, num_classes=sd["fc.weight"].shape[0])
+        raise UsageError(f"--cam_weights {args.cam_weights} is not a torchvision ResNet state dict "
+                         "(no fc.weight)")
+    net = getattr(torchvision.models, args.cam_arch)(weights=None,
+                                                     num_classes=sd["fc.weight"].shape[0])
     try:
         net.load_state_dict(sd)
     except RuntimeError as e:
-        raise UsageError(f"--cam_weights {args.cam_weights} does not fit --cam_arch {args.cam_arch}: "
+        raise UsageError(f"--cam_weights {args.cam_weights} does not fit --cam_arch "
+                         f"{args.cam_arch}: "
                          f"{str(e).splitlines()[1].strip()}") from None
     return net.eval()
 
 
 def cam_objects(net, imgs, cell, threshold, min_share, min_object=0.05):
-    """ObjMAE Appendix A, Eq. 2: M_c(x, y) = sum_k w_k^c f_k(x, y) for the top class c, / its maximum; pixels above
-    threshold are the object; an object under min_object of the image is background (ObjMAE §4.1's 5% rule, applied
-    to the pre-training data); a cell is object (1) when >= min_share of its pixels are. Score = mean map per cell.
-    -> (labels uint8 [B, gh, gw], scores [B, gh, gw], object pixels uint8 [B, S, S]: 1 = object, for the crop)"""
+    """ObjMAE Appendix A, Eq. 2: M_c(x, y) = sum_k w_k^c f_k(x, y) for the top class c, / its
+    maximum; pixels above threshold are the object; an object under min_object of the image is
+    background (ObjMAE §4.1's 5% rule, applied to the pre-training data); a cell is object (1) when
+    >= min_share of its pixels are. Score = mean map per cell. -> (labels uint8 [B, gh, gw], scores
+    [B, gh, gw], object pixels uint8 [B, S, S]: 1 = object, for the crop)"""
     with torch.no_grad(), utils.autocast(imgs.device):
         x = imgs
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             x = getattr(net, name)(x)
-        f = x.float()                                                      # [B, K, h, w] last conv layer
+        f = x.float()  # [B, K, h, w] last conv layer
         logits = net.fc(f.mean((2, 3)))                                    # [B, classes]
-        w = net.fc.weight.float()[logits.argmax(1)]                        # [B, K] w^c of the top class
+        w = net.fc.weight.float()[logits.argmax(1)]  # [B, K] w^c of the top class
         cam = torch.einsum("bk,bkhw->bhw", w, f).clamp_min(0)             # Eq. 2
     cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-12)           # range 0-1
-    cam = F.interpolate(cam[:, None], size=imgs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = F.interpolate(cam[:, None], size=imgs.shape[-2:], mode="bilinear", align_corners=False)[:,
+                                                                                                  0]
     pixels = cam > threshold                                               # [B, S, S] object pixels
     big = pixels.float().mean((1, 2), keepdim=True) >= min_object - 1e-6   # [B, 1, 1] the 5% rule
     pixels = pixels & big
-    share = F.avg_pool2d(pixels.float()[:, None], cell)[:, 0]             # [B, gh, gw] object pixel share
+    share = F.avg_pool2d(pixels.float()[:, None], cell)[:, 0]  # [B, gh, gw] object pixel share
     scores = F.avg_pool2d(cam[:, None], cell)[:, 0]
     return (share >= min_share - 1e-6).to(torch.uint8), scores, pixels.to(torch.uint8)
 
 
 class SegmentationCells(torch.utils.data.Dataset):
-    """Object id per cell from instance masks (ObjMAE §3.2: 20% rule; §4.1: instances < 5% dropped), and the
-    instance mask resized to the input size as its image is (nearest), for the crop. -> (uint8 [gh, gw], [S, S])"""
+    """Object id per cell from instance masks (ObjMAE §3.2: 20% rule; §4.1: under 5% dropped),
+    and the instance mask resized to the input size as its image is (nearest), for the crop. ->
+    (uint8 [gh, gw], [S, S])"""
 
     def __init__(self, base, args, coco_masks=None):
         self.base, self.args, self.coco = base, args, coco_masks
@@ -384,7 +273,7 @@ class SegmentationCells(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        if self.coco is not None:                                          # only the annotation: no image read
+        if self.coco is not None:  # only the annotation: no image read
             mask = self.coco[os.path.basename(self.base.files[i])]
         else:
             mask = self.base.load(i)[1]
@@ -397,40 +286,46 @@ class SegmentationCells(torch.utils.data.Dataset):
 
 def load_coco(args, base):
     with utils.user_input():                                               # not a COCO JSON: exit 2
-        masks = region_file.coco_instance_masks(args.coco)                 # decoded lazily, per image
-    missing = [f for f in base.files if os.path.basename(f) not in masks]  # COCO file_name is a bare name
+        masks = region_file.coco_instance_masks(args.coco)  # decoded lazily, per image
+    # COCO file_name is a bare name
+    missing = [f for f in base.files if os.path.basename(f) not in masks]
     if missing:
-        raise UsageError(f"{len(missing)} images in --data_path are not in --coco {args.coco} (first: {missing[0]}); "
+        raise UsageError(f"{len(missing)} images in --data_path are not in --coco {args.coco} "
+                         f"(first: {missing[0]}); "
                          "pass the annotations of these images")
     return masks
 
 
-# ----------------------------------------------------------------------------- export (sharded over ranks)
+# ---------------------------------------------------------------------- export (sharded over ranks)
 
 def object_counts(labels):
-    """Region cells uint8 [B, gh, gw] -> (cells of all objects, number of objects, largest id other than ignore or
-    -1): the sums behind region_file.object_ratio (ids 1..254 are objects) and the segmentation's region count, integers
-    that add up over batches and ranks in any order, so a sharded export gives the single-process meta."""
+    """Region cells uint8 [B, gh, gw] -> (cells of all objects, number of objects, largest id other
+    than ignore or -1): the sums behind region_file.object_ratio (ids 1..254 are objects) and the
+    segmentation's region count, integers that add up over batches and ranks in any order, so a
+    sharded export gives the single-process meta."""
     lab = labels.reshape(labels.shape[0], -1).long()
-    counts = torch.zeros(lab.shape[0], 256, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))
+    counts = torch.zeros(lab.shape[0], 256, dtype=torch.long).scatter_add_(1, lab,
+                                                                           torch.ones_like(lab))
     objects = counts[:, 1:region_file.IGNORE]
     real = lab[lab != region_file.IGNORE]
     return int(objects.sum()), int((objects > 0).sum()), int(real.max()) if real.numel() else -1
 
 
 def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
-    """Run label_fn over every item, rank r taking the r-th contiguous block of items, and write the rows to this
-    rank's shard <out>.rank<r>.tmp as they come (labels uint8 [rows, gh, gw], then scores float16, then with
-    mask_side > 0 the object masks uint8 [rows, mask_side, mask_side]), so a rank holds one batch, never its whole
-    share. -> (object cells, objects, largest id) summed / maxed over all ranks."""
+    """Run label_fn over every item, rank r taking the r-th contiguous block of items, and write the
+    rows to this rank's shard <out>.rank<r>.tmp as they come (labels uint8 [rows, gh, gw], then
+    scores float16, then with mask_side > 0 the object masks uint8 [rows, mask_side, mask_side]), so
+    a rank holds one batch, never its whole share. -> (object cells, objects, largest id) summed /
+    maxed over all ranks."""
     n, cells, pixels = len(items), grid[0] * grid[1], mask_side * mask_side
     lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(lo, hi)), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(lo, hi)),
+                                         batch_size=args.batch_size, num_workers=args.num_workers,
+                                         pin_memory=d.device.type == "cuda")
     sums, top, row = torch.zeros(2, dtype=torch.long), -1, 0
     fd = os.open(f"{out}.rank{d.rank}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for batch in utils.progress(loader, desc, None, d):
+        for batch in runs.progress(loader, desc, None, d):
             lab, sc, masks = label_fn(batch)
             lab = lab.to(torch.uint8).cpu()
             image_cache.pwrite_all(fd, lab, row * cells)
@@ -440,7 +335,8 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
                 image_cache.pwrite_all(fd, masks.to(torch.uint8).cpu(),
                                 (hi - lo) * cells * (1 + 2 * has_scores) + row * pixels)
             obj_cells, objs, batch_top = object_counts(lab)
-            sums, top, row = sums + torch.tensor([obj_cells, objs]), max(top, batch_top), row + len(lab)
+            sums, top, row = sums + torch.tensor([obj_cells, objs]), max(top,
+                                                                         batch_top), row + len(lab)
         os.fsync(fd)
     except BaseException:                                # Ctrl-C or a full disk: no stray shard
         with contextlib.suppress(OSError):
@@ -457,15 +353,17 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
 
 
 def merge_shards(out, n, grid, has_scores, files, meta, d, mask_side=0):
-    """The regions file `out` (region_file.save_regions' format, atomic) from the ranks' shards, without any process
-    holding it: rank 0 reserves the final file (image_cache.reserve_tensor_file: torch.save without the tensors' bytes)
-    and copies each shard's bytes to their place in it, 16 MB at a time, then renames it into place and deletes the
-    shards. The shards are next to `out`, so it must be on a filesystem every node sees."""
+    """The regions file `out` (region_file.save_regions' format, atomic) from the ranks' shards, without
+    any process holding it: rank 0 reserves the final file (image_cache.reserve_tensor_file: torch.save
+    without the tensors' bytes) and copies each shard's bytes to their place in it, 16 MB at a time,
+    then renames it into place and deletes the shards. The shards are next to `out`, so it must be
+    on a filesystem every node sees."""
     if d.world > 1:
         dist.barrier()                                   # every shard is on disk
     if d.is_main:
         cells, folder = grid[0] * grid[1], os.path.dirname(os.path.abspath(out))
-        obj = {"labels": image_cache.fake_tensor((n, *grid), torch.uint8), "files": [str(f) for f in files],
+        obj = {"labels": image_cache.fake_tensor((n, *grid), torch.uint8),
+               "files": [str(f) for f in files],
                "meta": dict(meta)}                       # the keys in save_regions' order
         if has_scores:
             obj["scores"] = image_cache.fake_tensor((n, *grid), torch.float16)
@@ -479,10 +377,12 @@ def merge_shards(out, n, grid, has_scores, files, meta, d, mask_side=0):
             try:
                 for r in range(d.world):
                     lo, hi = r * n // d.world, (r + 1) * n // d.world
-                    with open(f"{out}.rank{r}.tmp", "rb") as shard:       # labels, scores, masks: in order
+                    # labels, scores, masks: in order
+                    with open(f"{out}.rank{r}.tmp", "rb") as shard:
                         copy_bytes(shard, fd, offsets["labels"] + lo * cells, (hi - lo) * cells)
                         if has_scores:
-                            copy_bytes(shard, fd, offsets["scores"] + 2 * lo * cells, 2 * (hi - lo) * cells)
+                            copy_bytes(shard, fd, offsets["scores"] + 2 * lo * cells,
+                                       2 * (hi - lo) * cells)
                         if mask_side:
                             px = mask_side * mask_side
                             copy_bytes(shard, fd, offsets["masks"] + lo * px, (hi - lo) * px)
@@ -494,15 +394,16 @@ def merge_shards(out, n, grid, has_scores, files, meta, d, mask_side=0):
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        utils.fsync_dir(folder)
+        runs.fsync_dir(folder)
         for r in range(d.world):
             os.unlink(f"{out}.rank{r}.tmp")
     if d.world > 1:
-        dist.barrier()                                   # the file is in place when every rank returns
+        dist.barrier()  # the file is in place when every rank returns
 
 
 def copy_bytes(src, fd, offset, nbytes, chunk=16 << 20):
-    """nbytes from the file object src (from where it stands) to offset of the open file fd, a chunk at a time."""
+    """nbytes from the file object src (from where it stands) to offset of the open file fd, a chunk
+    at a time."""
     while nbytes:
         buf = memoryview(src.read(min(chunk, nbytes)))
         if not buf:
@@ -514,13 +415,14 @@ def copy_bytes(src, fd, offset, nbytes, chunk=16 << 20):
 
 
 def make_regions(base, args, d, nets, out, cache=None):
-    """The chosen method over `base` in order -> the regions file `out` (written by the ranks together) and its
-    meta. `cache`: open_image_cache's, for the fast input path."""
+    """The chosen method over `base` in order -> the regions file `out` (written by the ranks
+    together) and its meta. `cache`: open_image_cache's, for the fast input path."""
     grid = (args.input_size // args.cell_size,) * 2
     if args.method == "segmentation":                                      # only the masks are read
         images = SegmentationCells(base, args, load_coco(args, base) if args.coco else None)
     elif cache is not None:
-        images = image_cache.CachedPretrainDataset(base, cache, args.input_size, hflip=False, cell_size=args.cell_size)
+        images = image_cache.CachedPretrainDataset(base, cache, args.input_size, hflip=False,
+                                            cell_size=args.cell_size)
     else:
         images = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
     meta = {"method": args.method, "input_size": args.input_size, "cell_size": args.cell_size,
@@ -538,12 +440,14 @@ def make_regions(base, args, d, nets, out, cache=None):
 
         def label_fn(batch):
             return (*attention_parts(encoder, batch_images(batch, d.device), grid), None)
-        meta.update(kind="parts", num_regions=encoder.blocks[-1].attn.num_heads, source=args.encoder_weights)
+        meta.update(kind="parts", num_regions=encoder.blocks[-1].attn.num_heads,
+                    source=args.encoder_weights)
     elif args.method == "cam":
         net = nets[0]
 
         def label_fn(batch):
-            return cam_objects(net, batch_images(batch, d.device), args.cell_size, args.cam_threshold,
+            return cam_objects(net, batch_images(batch, d.device), args.cell_size,
+                               args.cam_threshold,
                                args.min_share, args.min_object)
         meta.update(kind="objects", num_regions=1, source=f"{args.cam_arch} {args.cam_weights}")
     else:
@@ -551,15 +455,18 @@ def make_regions(base, args, d, nets, out, cache=None):
             return batch[0], None, batch[1]
         meta.update(kind="objects", source=args.coco or args.masks or "shapes instance masks")
     has_scores = args.method != "segmentation"
-    # objects keep their per-pixel masks (S x S bytes an image), so pretrain.py's crop re-applies the 20% and 5%
+    # objects keep their per-pixel masks (S x S bytes an image), so pretrain.py's crop re-applies
+    # the 20% and 5%
     # rules to the cropped patch (ObjMAE §3.2, §4.1); 1-px cells are their own mask
     mask_side = args.input_size if meta["kind"] == "objects" and args.cell_size > 1 else 0
     if meta["kind"] == "objects":
         meta.update(min_share=args.min_share, min_object=args.min_object)
-    obj_cells, objs, top = export(images, label_fn, grid, has_scores, args, d, f"export {args.method}", out,
+    obj_cells, objs, top = export(images, label_fn, grid, has_scores, args, d,
+                                  f"export {args.method}", out,
                                   mask_side)
     if meta["kind"] == "objects":
-        meta["object_ratio"] = obj_cells / (objs * grid[0] * grid[1]) if objs else 0.0  # = region_file.object_ratio
+        # = region_file.object_ratio
+        meta["object_ratio"] = obj_cells / (objs * grid[0] * grid[1]) if objs else 0.0
         if args.method == "segmentation":
             meta["num_regions"] = max(top, 0)
     merge_shards(out, len(base), grid, has_scores, base.files, meta, d, mask_side)
@@ -569,18 +476,23 @@ def make_regions(base, args, d, nets, out, cache=None):
 # ----------------------------------------------------------------------------- evaluation on shapes
 
 def foreground_iou(regions, dataset):
-    """How well regions separate objects from background, against the true object cells (mask_cells of the
+    """How well regions separate objects from background, against the true object cells (mask_cells
+      of the
     shapes' masks on the regions' grid), mean over the images that have objects:
-      top:   IoU of the k highest-scoring cells (k = the true object cells) with the object cells (needs scores;
+      top:   IoU of the k highest-scoring cells (k = the true object cells) with the object cells
+        (needs scores;
              without, the object cells of an objects file);
-      parts: IoU of the union of the regions that are mostly object, i.e. whether the parts themselves split
+      parts: IoU of the union of the regions that are mostly object, i.e. whether the parts
+        themselves split
              objects from background, whatever their scores;
-      chance: IoU of k cells drawn at random (fixed seed), what `top` is worth without information."""
+      chance: IoU of k cells drawn at random (fixed seed), what `top` is worth without
+        information."""
     S, cell = regions["meta"]["input_size"], regions["meta"]["cell_size"]
     grid = (S // cell, S // cell)
     top, parts, chance, g = [], [], [], torch.Generator().manual_seed(0)
     for i in range(len(dataset)):
-        true = torch.from_numpy(region_file.mask_cells(dataset.load(i)[1], S, grid) > 0).flatten()  # [gh*gw]
+        # [gh*gw]
+        true = torch.from_numpy(region_file.mask_cells(dataset.load(i)[1], S, grid) > 0).flatten()
         k = int(true.sum())
         if k == 0:
             continue
@@ -594,26 +506,29 @@ def foreground_iou(regions, dataset):
         drawn = torch.zeros_like(true)
         drawn[torch.randperm(true.numel(), generator=g)[:k]] = True
         chance.append(float((drawn & true).sum() / (drawn | true).sum()))
-        hits = torch.zeros(256).index_add_(0, labels, true.float())       # object cells per region id
+        hits = torch.zeros(256).index_add_(0, labels, true.float())  # object cells per region id
         sizes = torch.bincount(labels, minlength=256).float()
-        union = (hits > sizes / 2)[labels]                                 # the regions that are mostly object
+        union = (hits > sizes / 2)[labels]  # the regions that are mostly object
         parts.append(float((union & true).sum() / (union | true).sum()))
-    return {"iou_top": float(np.mean(top)), "iou_parts": float(np.mean(parts)), "iou_chance": float(np.mean(chance)),
+    return {"iou_top": float(np.mean(top)), "iou_parts": float(np.mean(parts)),
+            "iou_chance": float(np.mean(chance)),
             "images": len(top)}
 
 
 # ----------------------------------------------------------------------------- pictures
 
 PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-                        [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
-                        [170, 255, 195], [0, 0, 0]]) / 255.0                 # 16 colours, then ignore = black
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190,
+                                                                                         212],
+                        [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0,
+                                                                                          0],
+                        [170, 255, 195], [0, 0, 0]]) / 255.0  # 16 colours, then ignore = black
 
 
 def save_picture(path, imgs, labels, recon=None, kind="parts"):
-    """SemMAE Figure 4: one row per image: the image | its regions colour-coded (nearest upsampling, over a grey
-    copy of the image) | the reconstruction (learned), under the headings image | parts (or objects) |
-    reconstruction."""
+    """SemMAE Figure 4: one row per image: the image | its regions colour-coded (nearest upsampling,
+    over a grey copy of the image) | the reconstruction (learned), under the headings image | parts
+    (or objects) | reconstruction."""
     images = data.denormalise(imgs)
     ids = labels.long().cpu()
     ids = torch.where(ids == region_file.IGNORE, len(PALETTE) - 1, ids % (len(PALETTE) - 1))
@@ -623,70 +538,219 @@ def save_picture(path, imgs, labels, recon=None, kind="parts"):
     if recon is not None:
         columns.append(data.denormalise(recon))
     grid = torch.stack(columns, 1).flatten(0, 1)                          # [B * columns, 3, H, W]
-    scale = max(1, 128 // grid.shape[-1])                                  # small demo images: enlarge
+    scale = max(1, 128 // grid.shape[-1])  # small demo images: enlarge
     grid = F.interpolate(grid, scale_factor=scale, mode="nearest") if scale > 1 else grid
     data.save_with_headings(path, grid, ["image", kind, "reconstruction"][:len(columns)])
+
+
+# ----------------------------------------------------------------------------- the flags' rules
+
+def check_args(args):
+    """The flags alone, before any work: each range once (utils.RANGES), then the rules between
+    flags."""
+    if args.cell_size is None:
+        args.cell_size = 16 if args.method in ("cam", "segmentation") else 8
+    utils.check_ranges(args)
+    if args.blur % 2 == 0:
+        raise UsageError(f"--blur {args.blur} must be an odd kernel size (SemMAE §4.1: 7)")
+    if args.input_size % args.cell_size:
+        raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size "
+                         f"{args.cell_size}; "
+                         f"use a multiple of {args.cell_size}")
+    needs = {"learned": "encoder_weights", "attention": "encoder_weights",
+             "cam": "cam_weights"}.get(args.method)
+    if needs and not getattr(args, needs):
+        raise UsageError(f"--method {args.method} needs --{needs} <file>")
+    if needs and not os.path.isfile(getattr(args, needs)):
+        raise UsageError(f"--{needs} {getattr(args, needs)} does not exist; check the path")
+    learned = (args.method == "learned", "with --method learned")
+    objects = (args.method in ("cam", "segmentation"), "with --method cam or segmentation")
+    segmentation = (args.method == "segmentation", "with --method segmentation")
+    # flags that do nothing with this --method (get_args' groups)
+    utils.refuse_unused(args, get_args([]), {
+        **{f: learned for f in ("num_parts", "blur", "div_weight", "epochs", "lr", "warmup_epochs",
+                                "log_every")},
+        "encoder_weights": (args.method in ("learned", "attention"), "with --method learned or "
+                                                                     "attention"),
+        **{f: (args.method == "cam", "with --method cam") for f in ("cam_weights", "cam_arch",
+                                                                    "cam_threshold")},
+        "min_share": objects, "min_object": objects, "masks": segmentation, "coco": segmentation,
+        "image_cache": (args.method != "segmentation", "with the methods that read images (not "
+                                                       "segmentation)"),
+        "eval_images": (args.eval_iou, "with --eval_iou")})
+    one_source = (args.masks is None) != (args.coco is None)
+    if args.method == "segmentation" and args.data_path is not None and not one_source:
+        raise UsageError("--method segmentation on an image folder needs exactly one of --masks "
+                         "<folder> or "
+                         "--coco <instances.json>")
+    if args.method == "segmentation" and args.data_path is None and (args.masks or args.coco):
+        raise UsageError("the built-in shapes data brings its own masks; --masks/--coco need "
+                         "--data_path")
+    if args.eval_iou and args.data_path is not None:
+        raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
+
+
+def check_resume(args):
+    """After --resume auto is resolved (runs.prepare_output_dir): a path, or None for a new run."""
+    if args.resume and args.method != "learned":
+        raise UsageError("--resume continues a part learner: it is for --method learned only; "
+                         "--method "
+                         f"{args.method} writes into an --output_dir that holds no "
+                         "checkpoint-last.pth")
+    if args.export_only and not (args.method == "learned" and args.resume):
+        raise UsageError("--export_only re-exports a trained part learner: pass --method learned "
+                         "--resume <ckpt>")
+    regions = os.path.join(args.output_dir, "regions.pt")
+    if os.path.isfile(regions) and not args.resume:   # a finished run: never replaced by a new one
+        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run "
+                         f"({regions}); pass another "
+                         "--output_dir (or, for --method learned, --resume auto to continue or "
+                         "re-export it)")
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    d = utils.init_distributed(args.device, args.dist_timeout)
+    # Check the flags, set up DDP and the output folder (nothing is written before every check
+    # passed):
     check_args(args)
-    utils.prepare_output_dir(args, d)                                      # resolves --resume auto
+    d = utils.init_distributed(args.device, args.dist_timeout)
+    runs.prepare_output_dir(args, d)                                       # resolves --resume auto
     check_resume(args)
-    with utils.user_input():                                               # a bad folder or checkpoint: exit 2
+
+    # Data and the frozen networks (the encoder for parts, the ResNet for CAM):
+    with utils.user_input():  # a bad folder or checkpoint: exit 2
         base = (shapes.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
                 if args.data_path is None else
                 data.FolderDataset(args.data_path, masks_root=args.masks, classes=False))
     nets = ()
     if args.method in ("learned", "attention"):
-        # sizes and patch size from the checkpoint; any missing encoder key is an error, never a random encoder
+        # sizes and patch size from the checkpoint; any missing encoder key is an error, never a
+        # random encoder
         with utils.user_input():
-            encoder = models.build_encoder_from_checkpoint(args.encoder_weights, img_size=args.input_size)
+            encoder = models.build_encoder_from_checkpoint(args.encoder_weights,
+                                                           img_size=args.input_size)
         encoder = encoder.to(d.device).eval().requires_grad_(False)
-        utils.print0(d, f"encoder {args.encoder_weights}: width {encoder.cls_token.shape[-1]}, patch "
+        utils.print0(d, f"encoder {args.encoder_weights}: width {encoder.cls_token.shape[-1]}, "
+                        "patch "
                         f"{encoder.patch_size}, {len(encoder.blocks)} blocks, "
                         f"{encoder.blocks[-1].attn.num_heads} heads")
         nets = (encoder,)
     elif args.method == "cam":
         nets = (build_cam_net(args).to(d.device),)
 
-    if args.method != "learned":  # a learned run starts once its --resume checkpoint is read (train_learner)
-        utils.start_run(args, d)
-    utils.print_args(d, args)
-    cache = None                        # fast input path: uint8 images decoded once, flipped/normalised on the device
+    # Start the run (the folder, its lock, args.json), then train the part learner:
+    # a learned run starts once its --resume checkpoint is read (train_learner)
+    if args.method != "learned":
+        runs.start_run(args, d)
+    runs.print_args(d, args)
+    cache = None  # fast input path: uint8 images decoded once, flipped/normalised on the device
     if args.image_cache:
-        cache = image_cache.open_image_cache(args.image_cache, base, args.input_size, args.num_workers, d.rank, d.world)
+        cache = image_cache.open_image_cache(args.image_cache, base, args.input_size, args.num_workers,
+                                      d.rank, d.world)
     if args.method == "learned":
         nets = (nets[0], train_learner(args, d, base, nets[0], cache))
 
+    # Export the regions file, and picture its first images:
     out = os.path.join(args.output_dir, "regions.pt")
     meta = make_regions(base, args, d, nets, out, cache)
     if d.is_main:
-        labels = region_file.load_regions(out, base.files, args.input_size)["labels"]      # memory-mapped
+        labels = region_file.load_regions(out, base.files, args.input_size)["labels"]  # memory-mapped
         vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
         n = min(8, len(base))
-        save_picture(os.path.join(args.output_dir, "regions.png"), torch.stack([vis[i][0] for i in range(n)]),
+        save_picture(os.path.join(args.output_dir, "regions.png"),
+                     torch.stack([vis[i][0] for i in range(n)]),
                      labels[:n], kind=meta["kind"])
         ratio = "" if meta["object_ratio"] is None else (
-            f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio for a patch-{args.cell_size} model)")
-        print(f"wrote {out}: {meta['kind']} of {len(base)} images on a {labels.shape[1]}x{labels.shape[2]} grid, "
+            f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio for a "
+            f"patch-{args.cell_size} model)")
+        print(f"wrote {out}: {meta['kind']} of {len(base)} images on a "
+              f"{labels.shape[1]}x{labels.shape[2]} grid, "
               f"{meta['num_regions']} regions{ratio}", flush=True)
 
-    if args.eval_iou:                                                      # held-out images: another split
-        val = shapes.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.data_seed, split="val")
+    # Shapes only: how well the regions find the true objects of held-out images:
+    if args.eval_iou:  # held-out images: another split
+        val = shapes.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.data_seed,
+                                 split="val")
         out = os.path.join(args.output_dir, "regions-val.pt")
-        make_regions(val, args, d, nets, out)                              # not in the cache: the default path
+        make_regions(val, args, d, nets, out)  # not in the cache: the default path
         if d.is_main:
             iou = foreground_iou(region_file.load_regions(out, val.files, args.input_size), val)
-            utils.append_log(os.path.join(args.output_dir, "log.txt"), {"method": args.method, **iou})
+            runs.append_log(os.path.join(args.output_dir, "log.txt"), {"method": args.method,
+                                                                       **iou})
             print(f"foreground IoU on {iou['images']} held-out shapes images ({args.method}): "
-                  f"top-scoring cells {iou['iou_top']:.3f}, mostly-object regions {iou['iou_parts']:.3f} "
+                  f"top-scoring cells {iou['iou_top']:.3f}, mostly-object regions "
+                  f"{iou['iou_parts']:.3f} "
                   f"(random cells {iou['iou_chance']:.3f})", flush=True)
-    utils.cleanup_distributed()
+    runs.end_run()
+
+
+# ----------------------------------------------------------------------------- flags
+
+def get_args(argv=None):
+    # The defaults reproduce SemMAE §4.1's parts (6 parts, blur 7, lambda 0.03, on 8-px cells) and
+    # ObjMAE's object rules (§3.2, §4.1: 20% of a cell, 5% of the image); PAPERS.md: the papers'
+    # commands.
+    # Ranges: utils.RANGES.
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="learned",
+                   choices=["learned", "attention", "cam", "segmentation"])
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None,
+                   help="folder of images at any depth (no labels read); omitted = built-in shapes")
+    g.add_argument("--num_images", type=int, default=2000,
+                   help="size of the built-in shapes dataset")
+    g.add_argument("--data_seed", type=int, default=0,
+                   help="which shapes scenes (--seed changes only the training randomness)")
+    g.add_argument("--input_size", type=int, default=224,
+                   help="images are resized to this (no crop)")
+    g.add_argument("--cell_size", type=int, default=None,
+                   help="pixels per region cell; default 8 for parts (SemMAE §4.2), 16 for "
+                        "objects: the patch of the model that will use them (ObjMAE §3.2's 20%% "
+                        "rule, §4.1)")
+    g = p.add_argument_group("--method learned and attention: the frozen encoder (SemMAE §4.1)")
+    g.add_argument("--encoder_weights", default=None,
+                   help="DINO/iBOT release or training checkpoint, MAE/SemMAE or pretrain.py "
+                        "checkpoint")
+    g = p.add_argument_group("--method learned only: the part learner (SemMAE §3.1, §4.1)")
+    g.add_argument("--num_parts", type=int, default=6,
+                   help="N (SemMAE §4.1: 6, ViT-S's head count)")
+    g.add_argument("--blur", type=int, default=7, help="blur kernel size (SemMAE §4.1: 7)")
+    g.add_argument("--div_weight", type=float, default=0.03,
+                   help="lambda of Eq. 7 (SemMAE §4.1: 0.03)")
+    g = p.add_argument_group("--method cam (App. A; --min_share, --min_object: and segmentation)")
+    g.add_argument("--cam_weights", default=None,
+                   help="torchvision ResNet state dict (ImageNet-1k trained)")
+    g.add_argument("--cam_arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
+                   help="ResNet-50 (ObjMAE App. A); ResNet-34 for ImageNet-100 (ObjMAE §4.1)")
+    g.add_argument("--cam_threshold", type=float, default=0.3, help="object pixels have map > this")
+    g.add_argument("--min_share", type=float, default=0.2,
+                   help="a cell is object at >= this share of pixels")
+    g.add_argument("--min_object", type=float, default=0.05,
+                   help="drop objects under this share of the image (ObjMAE §4.1)")
+    g = p.add_argument_group("--method segmentation only")
+    g.add_argument("--masks", default=None,
+                   help="instance PNG folder, same relative names as the images")
+    g.add_argument("--coco", default=None, help="COCO instances JSON for the images in --data_path")
+    g = p.add_argument_group("optimisation (--method learned; SemMAE gives its cost: 2 A100 hours)")
+    g.add_argument("--epochs", type=int, default=4,
+                   help="about 2 A100 hours of ImageNet-1k at ViT-S/8")
+    g.add_argument("--warmup_epochs", type=int, default=1, help="linear lr warm-up, then cosine")
+    g.add_argument("--batch_size", type=int, default=64, help="per device (every method)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam")
+    g = runs.add_run_flags(p, "output/part_learn", training=False)
+    g.add_argument("--export_only", action="store_true",
+                   help="learned: export regions from --resume")
+    g.add_argument("--eval_iou", action="store_true",
+                   help="shapes only: also export held-out images, print the foreground IoU")
+    g.add_argument("--eval_images", type=int, default=200,
+                   help="held-out shapes images for --eval_iou")
+    g.add_argument("--image_cache", default=None, metavar="FILE",
+                   help="fast input path: decode every image once into FILE (uint8; the file that "
+                        "pretrain.py reads), flip and normalise on the device")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    utils.run_stage(main, get_args)
-
+    runs.run_stage(main, get_args)

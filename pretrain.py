@@ -1,47 +1,18 @@
 """Stage 2: MAE pre-training with random, SemMAE or ObjMAE masking.
 
-The papers' settings, on 8 GPUs (effective batch = --batch_size x --accum_iter x 8); the flags not shown keep their
-defaults: 800 epochs, 40 warm-up, --blr 1.5e-4, weight decay 0.05, mask ratio 0.75, gamma 2, normalised pixels.
-After fine-tuning or probing with finetune.py, each paper reports:
-
-MAE ViT-B/16, random masking, MAE's RandomResizedCrop(0.2-1) + flip, batch 4096 (SemMAE's baseline: Table 1 left
-linear probing 63.7%, Table 2 fine-tuning 83.26%; MAE's own paper, 1600 epochs: 68.0% / 83.6%):
-    torchrun --nproc_per_node=8 pretrain.py --mask random --model mae_vit_base_patch16 --crop_scale 0.2 1.0 \
-        --batch_size 64 --accum_iter 8 --data_path IMAGENET/train --output_dir mae16
-SemMAE ViT-B/16 (§4.1: flip only, batch 4096, lr 2.4e-3; Table 1 left: linear probing 65.0%; Table 2: fine-tuning
-83.34%), parts exported at the patch size (part_learn.py --cell_size 16):
-    torchrun --nproc_per_node=8 pretrain.py --mask semmae --gamma 2 --model mae_vit_base_patch16 \
-        --batch_size 64 --accum_iter 8 --data_path IMAGENET/train --regions parts16/regions.pt --output_dir semmae16
-MAE ViT-B/8 in SemMAE's ViT-B/8 setting, random masking on the 1/4 most foreground patches (Table 3's "Random
-masking" row; Table 1 right: linear probing 66.8%, Table 2: fine-tuning 83.10%):
-    torchrun --nproc_per_node=8 pretrain.py --mask random --model mae_vit_base_patch8 --keep_ratio 0.25 \
-        --batch_size 64 --accum_iter 8 --data_path IMAGENET/train --regions parts/regions.pt --output_dir mae8
-SemMAE ViT-B/8 (§4.2: only the 1/4 most foreground patches are used; Table 1 right: linear probing 68.7%,
-Table 2 and 5: fine-tuning 84.5%):
-    torchrun --nproc_per_node=8 pretrain.py --mask semmae --gamma 2 --model mae_vit_base_patch8 --keep_ratio 0.25 \
-        --batch_size 64 --accum_iter 8 --data_path IMAGENET/train --regions parts/regions.pt --output_dir semmae8
-ObjMAE ViT-S/16 on ImageNet-100 with CAM objects (Table 2 optimiser: AdamW (0.9, 0.999) + Lookahead, min lr 1e-5;
-Table 3: batch 128; §4.2: random crop, scale not given, MAE's used; Table 4, seq_ratio 1/4: fine-tuning on
-ImageNet-100 88.69% top-1, 98.06% top-5):
-    torchrun --nproc_per_node=8 pretrain.py --mask objmae --seq_ratio 0.25 --model mae_vit_small_patch16 \
-        --batch_size 16 --crop_scale 0.2 1.0 --no-hflip --opt_betas 0.9 0.999 --lookahead --min_lr 1e-5 \
-        --data_path IMAGENET100/train --regions cam/regions.pt --output_dir objmae
-ObjMAE ViT-S/16 on COCO with segmentation objects (Table 5, seq_ratio 0.34 = COCO's mean object ratio: fine-tuning
-on ImageNet-100 87.52% top-1, linear probing 29.84%, fine-tuning on CIFAR-100 81.80%):
-    torchrun --nproc_per_node=8 pretrain.py --mask objmae --seq_ratio 0.34 --model mae_vit_small_patch16 \
-        --batch_size 16 --crop_scale 0.2 1.0 --no-hflip --opt_betas 0.9 0.999 --lookahead --min_lr 1e-5 \
-        --data_path COCO --regions coco/regions.pt --output_dir objmae_coco
-On a laptop, the built-in shapes data (no --data_path), a few minutes on a CPU:
-    python pretrain.py --model mae_vit_tiny_patch8 --input_size 64 --epochs 10 --batch_size 64 --blr 1e-3
-
 Each step draws one mask per image, runs the encoder on the source patches only and the decoder on
-source + target tokens (model.py), and regresses the target pixels. Random masking is the case
-source = kept, target = masked.
+source + target tokens (model.py), and regresses the target pixels; random masking is the case
+source = kept, target = masked. The papers' commands, and what each paper reports: PAPERS.md.
 
-References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
-  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
-  ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
-  MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
+On a laptop, the built-in shapes data (no --data_path), a few minutes on a CPU:
+    python pretrain.py --model mae_vit_tiny_patch8 --input_size 64 --epochs 10 --batch_size 64 \
+        --blr 1e-3
+SemMAE ViT-B/16 on 8 GPUs, with the parts of part_learn.py:
+    torchrun --nproc_per_node=8 pretrain.py --mask semmae --accum_iter 8 \
+        --data_path IMAGENET/train --regions parts16/regions.pt --output_dir semmae16
+
+References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022,
+arXiv:2205.14338), MAE (He et al., CVPR 2022, arXiv:2111.06377).
 """
 import argparse
 import os
@@ -55,366 +26,317 @@ import image_cache
 import masking
 import model as models
 import region_file
+import runs
 import shapes
 import utils
 from utils import UsageError
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
-                   help="MAE's and SemMAE Table 1 left's ViT-B/16; SemMAE's main model is ViT-B/8, ObjMAE's ViT-S/16")
-    g.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
-    g.add_argument("--data_path", default=None, help="folder of images at any depth, class folders or none (no "
-                                                     "labels are read); omitted = built-in shapes")
-    g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes dataset")
-    g.add_argument("--data_seed", type=int, default=0,
-                   help="which built-in shapes scenes (--seed changes only the training randomness)")
-    g.add_argument("--regions", default=None, help="regions.pt from part_learn.py (parts or objects per cell)")
-    g = p.add_argument_group("masking (all masks)")
-    g.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="random and semmae (MAE, SemMAE: 0.75)")
-    g.add_argument("--keep_ratio", type=float, default=1.0,
-                   help="keep only this fraction of most-foreground patches before masking (SemMAE 8x8: 0.25)")
-    g = p.add_argument_group("--mask semmae only")
-    g.add_argument("--gamma", type=float, default=2.0, help="semmae: alpha = progress ** gamma (§3.2, Table 3)")
-    g.add_argument("--alpha", type=float, default=None, help="semmae: a fixed alpha instead of the schedule")
-    g.add_argument("--reverse", action="store_true", help="semmae: alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
-    g = p.add_argument_group("--mask objmae only")
-    g.add_argument("--seq_ratio", type=float, default=0.25,
-                   help="objmae: source and target length / L (alpha, §3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
-    g.add_argument("--padding", default="zero", choices=["zero", "masked", "replicate", "random", "throwout"],
-                   help="objmae: §3.3; Table 8 compares them (within 2%%), the main tables do not say which. zero: "
-                        "zero-filled tokens the model attends to (§3.3), no loss; masked (not the paper's): the "
-                        "same slots removed from attention too; throwout's length is the batch minimum, read on the "
-                        "host: one sync a step")
-    g.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
-                   help="objmae: source and target from one object (§3, Table 6's best), two objects, or the image")
-    # augmentation of image and region cells together (data.PretrainDataset)
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="random-resized crop area range, e.g. 0.2 1.0 (MAE; ObjMAE §4.2 'randomly cropped', its scale "
-                        "unstated); default: no crop, the whole image resized (SemMAE §4.1: flip only)")
-    g.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
-                   help="aspect ratio range of the crop (torchvision's RandomResizedCrop default, as MAE)")
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
-                   help="random horizontal flip (SemMAE §4.1, MAE); --no-hflip: ObjMAE §4.2 names only the crop")
-    # optimisation: SemMAE §4.1 (MAE's recipe); ObjMAE's is Table 2-3 (see the commands above)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=800, help="SemMAE §4.1, ObjMAE Table 3: 800")
-    g.add_argument("--warmup_epochs", type=int, default=40, help="SemMAE §4.1, ObjMAE Table 3: 40")
-    g.add_argument("--batch_size", type=int, default=64,
-                   help="per device; effective = batch * accum * world (SemMAE: 4096; ObjMAE Table 3: 128)")
-    g.add_argument("--accum_iter", type=int, default=1)
-    g.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256 (2.4e-3 at 4096)")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    g.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine (MAE's code: 0; ObjMAE Table 2: 1e-5)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="MAE, SemMAE §4.1, ObjMAE Table 2: 0.05")
-    g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
-                   help="AdamW betas: MAE's pre-training (0.9, 0.95), which SemMAE follows (§4.1, 'the most common "
-                        "setting'); ObjMAE Table 2: 0.9 0.999")
-    g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW epsilon (MAE's code and ObjMAE Table 2: 1e-8)")
-    g.add_argument("--lookahead", action="store_true", help="wrap AdamW in Lookahead (ObjMAE Table 2)")
-    g.add_argument("--lookahead_k", type=int, default=5,
-                   help="Lookahead's k, not given by ObjMAE (Zhang et al. 2019: 5; timm's Lookahead: 6)")
-    g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Lookahead's alpha (Zhang et al. 2019: 0.5)")
-    g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="regress each target patch's normalised pixels: MAE's recommendation (MAE §3, Table 1d); "
-                        "SemMAE's paper does not say, its released pre-training command passes it; ObjMAE does not say")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="output/pretrain")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto': this --output_dir's "
-                                                   "checkpoint-last.pth if there is one, else start")
-    g.add_argument("--ckpt_every", type=int, default=1,
-                   help="write checkpoint-last.pth (what --resume continues from) every N epochs and after the last "
-                        "one; a ViT-B MAE with its AdamW state is 1.3 GB")
-    g.add_argument("--save_every", type=int, default=0,
-                   help="also keep a numbered copy checkpoint-<epoch>.pth every N epochs (0 = none)")
-    g.add_argument("--log_every", type=int, default=20,
-                   help="read the loss on the host (a device sync), update the bar and stop on NaN every N steps")
-    g.add_argument("--vis_every", type=int, default=10, help="reconstruction PNG every N epochs (0 = off)")
-    g.add_argument("--tensorboard", default=None, metavar="DIR",
-                   help="also write the loss and lr (every --log_every steps) and each epoch's loss to TensorBoard "
-                        "event files in DIR (needs `pip install tensorboard`, not in requirements.txt)")
-    g.add_argument("--num_workers", type=int, default=4)
-    g.add_argument("--image_cache", default=None, metavar="FILE",
-                   help="fast input path: decode and resize every image once into FILE (uint8, 3*S*S bytes an image: "
-                        "ImageNet-1k at 224 px is 193 GB; written by the first run that names it, on a filesystem "
-                        "every node sees), then load uint8 batches and crop, flip and normalise them on the device. "
-                        "Omitted: PIL decodes every image in every epoch")
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model (the same result, faster on a GPU); a backend name after it, e.g. "
-                        "aot_eager, traces without generating kernels (to find a problem, or on a CPU with no compiler)")
-    g.add_argument("--precision", default="auto", choices=utils.PRECISIONS,
-                   help="autocast of the forward pass: bf16, fp16 (with a loss scaler, for GPUs without bf16: V100, "
-                        "T4) or fp32 (no autocast); auto = bf16 on a GPU with native bf16, else fp32")
-    g.add_argument("--grad_checkpointing", action="store_true",
-                   help="recompute each block's forward in the backward pass instead of keeping its activations "
-                        "(torch.utils.checkpoint): less memory for ViT-L/H at a large batch, about 1/3 more compute")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--dist_timeout", type=float, default=utils.DIST_TIMEOUT,
-                   help="under torchrun: seconds a process waits for the others (at the start, in a collective) "
-                        "before the run ends with one line; raise it where rank 0 alone works long between steps")
-    return p.parse_args(argv)
+# ----------------------------------------------------------------------------- masks
 
+class Masker:
+    """Turns a batch of region cells into (src_ids, tgt_ids, src_valid, tgt_valid) for one step: the
+    cells become one label (and score) per patch, the rest is masking.py."""
+
+    def __init__(self, args, patch_size, cell_size, grid, num_parts):
+        self.args = args
+        self.factor = patch_size // cell_size  # cells per patch side; > 1 only for parts (main)
+        self.num_patches = grid[0] * grid[1]
+        self.num_parts = num_parts  # semmae: region ids 0..num_parts-1; 'ignore' (255) is one more
+
+    def alpha(self, progress):
+        a = self.args
+        return a.alpha if a.alpha is not None else masking.alpha_schedule(progress, a.gamma,
+                                                                          a.reverse)
+
+    def __call__(self, cell_labels, cell_scores, progress, generator=None):
+        a = self.args
+        # [B, L] vote, random ties
+        labels = region_file.cells_to_patches(cell_labels, self.factor, generator)
+        scores = region_file.scores_to_patches(cell_scores, self.factor)   # [B, L]
+        if a.mask == "objmae":                                             # ObjMAE §3
+            return masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation,
+                                               scores if a.regions else None, generator=generator)
+        # random or SemMAE (SemMAE §3.2, Alg. 1), after the foreground keep of §4.2 when
+        # --keep_ratio < 1
+        # (drop the least object-like patches, so a patch-8 model costs what a patch-16 one does)
+        alpha = self.alpha(progress) if a.mask == "semmae" else None  # None: MAE's random masking
+        src_ids, tgt_ids = masking.source_target_ids(labels, a.mask_ratio, alpha,
+                                                     num_parts=self.num_parts,
+                                                     ignore_label=region_file.IGNORE, scores=scores,
+                                                     keep_ratio=a.keep_ratio, generator=generator)
+        return src_ids, tgt_ids, None, None  # [B, Lk-M], [B, M]: no padding
+
+
+def region_cell_size(args, regions, patch_size):
+    """The cell size the pre-training samples carry. Objects follow ObjMAE §3.2's 20% rule on each
+    patch's own pixels: the shapes' masks are turned into cells the size of a patch, and a regions
+    file of objects must have been made at this model's patch size (a vote over finer cells loses
+    half-covered objects). Parts may be finer than the patch: Masker takes a vote of their cells,
+    ties at random (or export them at the patch size, the maps pooled over the patch: part_learn.py
+    --cell_size)."""
+    if regions is None:
+        return patch_size
+    cell_size = regions["meta"]["cell_size"]
+    if patch_size % cell_size:
+        raise UsageError(f"{args.regions} has {cell_size}-px cells, coarser than the "
+                         f"{patch_size}-px patches of "
+                         f"{args.model}; remake it with part_learn.py --cell_size {patch_size}")
+    if regions["meta"].get("kind") == "objects" and cell_size != patch_size:
+        raise UsageError(f"{args.regions} holds objects on {cell_size}-px cells, but the 20% rule "
+                         "(ObjMAE §3.2) "
+                         f"must see each {patch_size}-px patch's own pixels; remake it with "
+                         "part_learn.py "
+                         f"--cell_size {patch_size}")
+    if (regions["meta"].get("kind") == "objects" and args.crop_scale is not None and cell_size > 1
+            and regions.get("masks") is None):
+        raise UsageError(f"{args.regions} holds objects without their pixel masks, so --crop_scale "
+                         "cannot re-apply "
+                         "the 20% rule to the cropped patches (ObjMAE §3.2); remake it with "
+                         "part_learn.py, which "
+                         "stores them")
+    return cell_size
+
+
+def images_with_objects(base, regions, input_size, cell_size, d, chunk=4096):
+    """bool [N]: which images have an object ObjMAE can mask, a region id in 1..254 on >= 2 patches
+    (masking.py's rule: a 1-patch object cannot be split into source and target). Read from the
+    regions file's labels (objects are on the model's patches), else from the shapes' own masks by
+    the 20% and 5% rules (ObjMAE §3.2, §4.1). ObjMAE §4.1 drops the rest (COCO: 72,452 of 82,783
+    images kept); so does the dataset here, before any crop."""
+    grid = (input_size // cell_size,) * 2
+    if regions is None:
+        rows = (region_file.mask_cells(base.load(i)[1], input_size, grid)
+                for i in runs.progress(range(len(base)), "objects per image", None, d))
+        labels = torch.from_numpy(np.stack(list(rows)))
+    else:
+        labels = regions["labels"]
+    found = []
+    for lo in range(0, len(labels), chunk):  # a memory-mapped file, a chunk at a time
+        lab = labels[lo:lo + chunk].reshape(-1, grid[0] * grid[1]).long()
+        counts = torch.zeros(len(lab), 256, dtype=torch.long).scatter_add_(1, lab,
+                                                                           torch.ones_like(lab))
+        found.append((counts[:, 1:region_file.IGNORE] >= 2).any(1))
+    return torch.cat(found)
+
+
+# ----------------------------------------------------------------------------- the flags' rules
 
 def check_args(args):
-    utils.check_ranges(args, {  # every numeric flag (the open ends of the ratios are checked below)
-        "input_size": (8, 4096), "num_images": (1, 10**6), "mask_ratio": (0, 1), "gamma": (0, None),
-        "alpha": (0, 1), "keep_ratio": (0, 1), "seq_ratio": (0, 1), "epochs": (1, None), "warmup_epochs": (0, None),
-        "batch_size": (1, None), "accum_iter": (1, None), "blr": (0, 10), "lr": (0, 10), "min_lr": (0, 10),
-        "weight_decay": (0, 1), "save_every": (0, None), "vis_every": (0, None), "num_workers": (0, 256),
-        "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1), "crop_scale": (0, 1), "crop_ratio": (0, 100), "opt_betas": (0, 1),
-        "opt_eps": (0, 1), "lookahead_k": (1, 10**6), "lookahead_alpha": (0, 1), "ckpt_every": (1, None),
-        "log_every": (1, None)})
-    if not 0.0 < args.mask_ratio < 1.0:
-        raise UsageError(f"--mask_ratio {args.mask_ratio} is outside (0, 1): some patches must be masked and some seen")
-    if not 0.0 <= args.seq_ratio < 1.0:
-        raise UsageError(f"--seq_ratio {args.seq_ratio} is outside [0, 1)")
-    if not 0.0 < args.keep_ratio <= 1.0:
-        raise UsageError(f"--keep_ratio {args.keep_ratio} is outside (0, 1]")
-    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
-        raise UsageError(f"--alpha {args.alpha} is outside [0, 1]")
-    if args.gamma < 0:
-        raise UsageError(f"--gamma {args.gamma} must be >= 0")
-    if args.mask == "objmae" and args.keep_ratio < 1.0:
-        raise UsageError("--keep_ratio is for random/semmae masking; objmae already drops non-object patches")
+    """The flags alone, before any work: each range once (utils.RANGES), then the rules between
+    flags."""
+    utils.check_ranges(args)
+    for name, top in (("crop_scale", 1), ("crop_ratio", 100)):            # ordered pairs: MIN MAX
+        pair = getattr(args, name)
+        if pair is not None and not 0 < pair[0] <= pair[1] <= top:
+            raise UsageError(f"--{name} {pair[0]} {pair[1]} must be 0 < MIN <= MAX <= {top}")
+    # A crop mixes with --keep_ratio: the foreground scores are cropped with the image (by area), so
+    # the
+    # kept patches are still the crop's most foreground ones (SemMAE §4.2's rule, on what the model
+    # sees).
     if args.mask == "semmae" and args.regions is None:
-        raise UsageError("--mask semmae needs part labels: run part_learn.py first, then pass --regions "
+        raise UsageError("--mask semmae needs part labels: run part_learn.py first, then pass "
+                         "--regions "
                          "<output_dir>/regions.pt")
     if args.mask == "objmae" and args.regions is None and args.data_path is not None:
-        raise UsageError("--mask objmae on an image folder needs objects: run part_learn.py --method cam "
+        raise UsageError("--mask objmae on an image folder needs objects: run part_learn.py "
+                         "--method cam "
                          "(or segmentation), then pass --regions <output_dir>/regions.pt")
     if args.keep_ratio < 1.0 and args.regions is None:
-        raise UsageError("--keep_ratio < 1 needs foreground scores: pass --regions from part_learn.py")
-    if args.crop_scale is not None and not 0.0 < args.crop_scale[0] <= args.crop_scale[1] <= 1.0:
-        raise UsageError(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]} must be 0 < MIN <= MAX <= 1")
-    if not 0.0 < args.crop_ratio[0] <= args.crop_ratio[1]:
-        raise UsageError(f"--crop_ratio {args.crop_ratio[0]} {args.crop_ratio[1]} must be 0 < MIN <= MAX")
-    # A crop mixes with --keep_ratio: the foreground scores are cropped with the image (by area), so the kept
-    # patches are still the crop's most foreground ones (SemMAE §4.2's rule, applied to what the model sees).
-    if args.accum_iter < 1 or args.batch_size < 1 or args.epochs < 1:
-        raise UsageError("--batch_size, --accum_iter and --epochs must be >= 1")
-    if args.lookahead and (args.lookahead_k < 1 or not 0.0 < args.lookahead_alpha <= 1.0):
-        raise UsageError(f"--lookahead_k {args.lookahead_k} must be >= 1 and --lookahead_alpha "
-                         f"{args.lookahead_alpha} in (0, 1]")
-    if not (0.0 <= args.opt_betas[0] < 1.0 and 0.0 <= args.opt_betas[1] < 1.0 and args.opt_eps > 0):
-        raise UsageError(f"--opt_betas {args.opt_betas[0]} {args.opt_betas[1]} must be in [0, 1) and --opt_eps > 0")
+        raise UsageError("--keep_ratio < 1 needs foreground scores: pass --regions from "
+                         "part_learn.py")
     if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
         raise UsageError(f"--compile {args.compile} is not a torch.compile backend; choose from "
                          f"{', '.join(torch.compiler.list_backends())}")
     semmae_schedule = args.mask == "semmae" and args.alpha is None
-    utils.refuse_unused(args, get_args([]), {  # flags that do nothing in the chosen mode (see the groups above)
-        "gamma": (semmae_schedule, "with --mask semmae and no --alpha (the schedule alpha = progress ** gamma)"),
-        "reverse": (semmae_schedule, "with --mask semmae and no --alpha (the schedule runs 1 -> 0)"),
+    schedule = "with --mask semmae and no --alpha (the schedule alpha = progress ** gamma)"
+    objmae = (args.mask == "objmae", "with --mask objmae")
+    # flags that do nothing in the chosen mode (get_args' groups)
+    utils.refuse_unused(args, get_args([]), {
+        "gamma": (semmae_schedule, schedule), "reverse": (semmae_schedule, schedule),
         "alpha": (args.mask == "semmae", "with --mask semmae"),
-        "mask_ratio": (args.mask != "objmae", "with --mask random or semmae (objmae's lengths are --seq_ratio)"),
-        "seq_ratio": (args.mask == "objmae", "with --mask objmae"),
-        "padding": (args.mask == "objmae", "with --mask objmae"),
-        "relation": (args.mask == "objmae", "with --mask objmae"),
+        "mask_ratio": (args.mask != "objmae", "with --mask random or semmae (objmae's lengths: "
+                                              "--seq_ratio)"),
+        "keep_ratio": (args.mask != "objmae",
+                       "with --mask random or semmae (objmae already drops non-object patches)"),
+        "seq_ratio": objmae, "padding": objmae, "relation": objmae,
         "crop_ratio": (args.crop_scale is not None, "with --crop_scale (the crop's aspect ratio)"),
         "blr": (args.lr is None, "without --lr (which overrides it)"),
         "lookahead_k": (args.lookahead, "with --lookahead"),
         "lookahead_alpha": (args.lookahead, "with --lookahead")})
 
 
-# ----------------------------------------------------------------------------- masks
-
-class Masker:
-    """Turns a batch of region cells into (src_ids, tgt_ids, src_valid, tgt_valid) for one step: the cells
-    become one label (and score) per patch, the rest is masking.py."""
-
-    def __init__(self, args, patch_size, cell_size, grid, num_parts):
-        self.args = args
-        self.factor = patch_size // cell_size        # cells per patch side; > 1 only for parts (main)
-        self.num_patches = grid[0] * grid[1]
-        self.num_parts = num_parts                   # semmae: region ids 0..num_parts-1; 'ignore' (255) is one more
-
-    def alpha(self, progress):
-        a = self.args
-        return a.alpha if a.alpha is not None else masking.alpha_schedule(progress, a.gamma, a.reverse)
-
-    def __call__(self, cell_labels, cell_scores, progress, generator=None):
-        a = self.args
-        labels = region_file.cells_to_patches(cell_labels, self.factor, generator)  # [B, L] vote, random ties
-        scores = region_file.scores_to_patches(cell_scores, self.factor)   # [B, L]
-        if a.mask == "objmae":                                             # ObjMAE §3
-            return masking.object_wise_masking(labels, a.seq_ratio, a.padding, a.relation,
-                                               scores if a.regions else None, generator=generator)
-        # random or SemMAE (SemMAE §3.2, Alg. 1), after the foreground keep of §4.2 when --keep_ratio < 1
-        # (drop the least object-like patches, so a patch-8 model costs what a patch-16 one does)
-        alpha = self.alpha(progress) if a.mask == "semmae" else None      # None: MAE's random masking
-        src_ids, tgt_ids = masking.source_target_ids(labels, a.mask_ratio, alpha, num_parts=self.num_parts,
-                                                     ignore_label=region_file.IGNORE, scores=scores,
-                                                     keep_ratio=a.keep_ratio, generator=generator)
-        return src_ids, tgt_ids, None, None                                # [B, Lk-M], [B, M]: no padding
+def check_mask_count(args, num_patches):
+    """MAE's rounding must leave at least one patch to see and one to predict (random and
+    semmae)."""
+    L = num_patches if args.keep_ratio == 1.0 else max(1, int(num_patches * args.keep_ratio))
+    num_masked = masking.masked_count(L, args.mask_ratio)
+    if not 0 < num_masked < L:
+        larger = "--input_size" + (" or --keep_ratio" if args.keep_ratio < 1.0 else "")
+        raise UsageError(f"--mask_ratio {args.mask_ratio} masks {num_masked} of the {L} patches "
+                         f"{'kept' if args.keep_ratio < 1.0 else 'of an image'}; it must mask at "
+                         "least "
+                         f"one and leave one (or pass a larger {larger})")
 
 
-def region_cell_size(args, regions, patch_size):
-    """The cell size the pre-training samples carry. Objects follow ObjMAE §3.2's 20% rule on each patch's own
-    pixels: the shapes' masks are turned into cells the size of a patch, and a regions file of objects must have
-    been made at this model's patch size (a vote over finer cells loses half-covered objects). Parts may be finer
-    than the patch: Masker takes a vote of their cells, ties at random (or export them at the patch size, the
-    maps pooled over the patch: part_learn.py --cell_size)."""
-    if regions is None:
-        return patch_size
-    cell_size = regions["meta"]["cell_size"]
-    if patch_size % cell_size:
-        raise UsageError(f"{args.regions} has {cell_size}-px cells, coarser than the {patch_size}-px patches of "
-                         f"{args.model}; remake it with part_learn.py --cell_size {patch_size}")
-    if regions["meta"].get("kind") == "objects" and cell_size != patch_size:
-        raise UsageError(f"{args.regions} holds objects on {cell_size}-px cells, but the 20% rule (ObjMAE §3.2) "
-                         f"must see each {patch_size}-px patch's own pixels; remake it with part_learn.py "
-                         f"--cell_size {patch_size}")
-    if (regions["meta"].get("kind") == "objects" and args.crop_scale is not None and cell_size > 1
-            and regions.get("masks") is None):
-        raise UsageError(f"{args.regions} holds objects without their pixel masks, so --crop_scale cannot re-apply "
-                         "the 20% rule to the cropped patches (ObjMAE §3.2); remake it with part_learn.py, which "
-                         "stores them")
-    return cell_size
+# ----------------------------------------------------------------------------- data and resume
+
+def build_dataset(args, d):
+    """-> (base images, regions or None, cell size, training set). The shapes scenes carry their own
+    instance masks; a folder needs a regions file. ObjMAE §4.1: images without an object are
+    dropped."""
+    with utils.user_input():  # a bad folder, file or size: exit 2
+        base = (shapes.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
+                if args.data_path is None else data.FolderDataset(args.data_path, classes=False))
+        regions = region_file.load_regions(args.regions, base.files,
+                                    args.input_size) if args.regions else None
+        patch_size = models.MODELS[args.model].keywords["patch_size"]
+        cell_size = region_cell_size(args, regions, patch_size)
+        augment = dict(regions=regions, hflip=args.hflip, cell_size=cell_size,
+                       crop_scale=args.crop_scale,
+                       crop_ratio=tuple(args.crop_ratio))
+        # fast path: uint8 images from the cache, crop/flip/normalise on the device
+        if args.image_cache:
+            cache = image_cache.open_image_cache(args.image_cache, base, args.input_size, args.num_workers,
+                                          d.rank,
+                                          d.world)
+            dataset = image_cache.CachedPretrainDataset(base, cache, args.input_size, **augment)
+        else:
+            dataset = data.PretrainDataset(base, args.input_size, **augment)
+    if args.mask == "objmae":
+        keep = images_with_objects(base, regions, args.input_size, cell_size,
+                                   d).nonzero().flatten().tolist()
+        utils.print0(d, f"--mask objmae: dropped {len(base) - len(keep)} of {len(base)} images "
+                        "with no "
+                        f"object (ObjMAE §4.1), training on {len(keep)}")
+        if not keep:
+            raise UsageError(f"--mask objmae: none of the {len(base)} images has an object; pass "
+                             "--regions "
+                             "with objects (part_learn.py --method cam or segmentation)")
+        dataset = torch.utils.data.Subset(dataset, keep)
+    return base, regions, cell_size, dataset
 
 
-def images_with_objects(base, regions, input_size, cell_size, d, chunk=4096):
-    """bool [N]: which images have an object ObjMAE can mask, a region id in 1..254 on >= 2 patches (masking.py's
-    rule: a 1-patch object cannot be split into source and target). Read from the regions file's labels (objects
-    are on the model's patches), else from the shapes' own masks by the 20% and 5% rules (ObjMAE §3.2, §4.1).
-    ObjMAE §4.1 drops the rest (COCO: 72,452 of 82,783 images kept); so does the dataset here, before any crop."""
-    grid = (input_size // cell_size,) * 2
-    if regions is None:
-        rows = (region_file.mask_cells(base.load(i)[1], input_size, grid)
-                for i in utils.progress(range(len(base)), "objects per image", None, d))
-        labels = torch.from_numpy(np.stack(list(rows)))
-    else:
-        labels = regions["labels"]
-    found = []
-    for lo in range(0, len(labels), chunk):                               # a memory-mapped file, a chunk at a time
-        lab = labels[lo:lo + chunk].reshape(-1, grid[0] * grid[1]).long()
-        counts = torch.zeros(len(lab), 256, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))
-        found.append((counts[:, 1:region_file.IGNORE] >= 2).any(1))
-    return torch.cat(found)
+def resume(args, net, optimizer, scaler, d):
+    """--resume: the weights, optimizer and loss scale of a pretrain.py run -> (first epoch,
+    micro-batches of it already done, what the rest of it needs) (runs.resume_partial)."""
+    ckpt = runs.load_checkpoint(args.resume)
+    # e.g. an official MAE/SemMAE file
+    if not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt:
+        raise UsageError(f"{args.resume} is not a checkpoint of pretrain.py (no args and optimizer "
+                         "state; "
+                         "released MAE/SemMAE weights?); --resume continues a pretrain.py run from "
+                         "its "
+                         "checkpoint-last.pth; to fine-tune released weights: finetune.py "
+                         "--finetune "
+                         f"{args.resume}")
+    other = ("part_learn.py" if "learner" in ckpt else
+             "finetune.py" if "linprobe" in ckpt["args"] else None)
+    if other:  # another stage's run: no --model of this one fits it
+        raise UsageError(f"{args.resume} is a checkpoint of {other}, not of pretrain.py; --resume "
+                         "continues "
+                         "a pretrain.py run from its checkpoint-last.pth")
+    if ckpt["args"].get("model") != args.model:
+        raise UsageError(f"{args.resume} holds a {ckpt['args'].get('model')} model, not --model "
+                         f"{args.model}; resume with --model {ckpt['args'].get('model')}")
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # another --input_size (pos_embed), or an edited tensor
+        raise UsageError(f"{args.resume} does not fit this run's model: "
+                         f"{str(e).splitlines()[1].strip()}; "
+                         "resume with the flags the run started with (its args.json)") from None
+    utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
+    utils.load_scaler(scaler, ckpt.get("scaler"))
+    return (ckpt["epoch"] + 1, *runs.resume_partial(ckpt, d, args.resume))
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    d = utils.init_distributed(args.device, args.dist_timeout)
+    # Check the flags, set up DDP and the output folder (nothing is written before every check
+    # passed):
     check_args(args)
-    args.precision = utils.resolve_precision(args.precision, d.device)     # auto -> what this device does
-    summary_writer = utils.summary_writer_class(args.tensorboard)          # optional: installed, or one line
-    utils.prepare_output_dir(args, d)                                      # resolves --resume auto
-    torch.manual_seed(args.seed)                                           # same initial weights on every rank
+    d = utils.init_distributed(args.device, args.dist_timeout)
+    # auto -> what this device does
+    args.precision = utils.resolve_precision(args.precision, d.device)
+    summary_writer = runs.summary_writer_class(args.tensorboard)  # optional: installed, or one line
+    runs.prepare_output_dir(args, d)                                       # resolves --resume auto
+    torch.manual_seed(args.seed)  # same initial weights on every rank
 
-    # data: the shapes scenes carry their own instance masks; a folder needs a regions file
-    with utils.user_input():                                               # a bad folder, file or size: exit 2
-        base = (shapes.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
-                if args.data_path is None else data.FolderDataset(args.data_path, classes=False))
-        regions = region_file.load_regions(args.regions, base.files, args.input_size) if args.regions else None
-        patch_size = models.MODELS[args.model].keywords["patch_size"]
-        cell_size = region_cell_size(args, regions, patch_size)
-        augment = dict(regions=regions, hflip=args.hflip, cell_size=cell_size, crop_scale=args.crop_scale,
-                       crop_ratio=tuple(args.crop_ratio))
-        if args.image_cache:            # fast path: uint8 images from the cache, crop/flip/normalise on the device
-            cache = image_cache.open_image_cache(args.image_cache, base, args.input_size, args.num_workers, d.rank, d.world)
-            dataset = image_cache.CachedPretrainDataset(base, cache, args.input_size, **augment)
-        else:
-            dataset = data.PretrainDataset(base, args.input_size, **augment)
-        if args.mask == "objmae":       # ObjMAE §4.1: images without an object are not pre-trained on
-            keep = images_with_objects(base, regions, args.input_size, cell_size, d).nonzero().flatten().tolist()
-            utils.print0(d, f"--mask objmae: dropped {len(base) - len(keep)} of {len(base)} images with no object "
-                            f"(ObjMAE §4.1), training on {len(keep)}")
-            if not keep:
-                raise UsageError(f"--mask objmae: none of the {len(base)} images has an object; pass --regions "
-                                 "with objects (part_learn.py --method cam or segmentation)")
-            dataset = torch.utils.data.Subset(dataset, keep)
+    # Data (images and their region cells, augmented together: data.PretrainDataset):
+    base, regions, cell_size, dataset = build_dataset(args, d)
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     utils.check_accum(loader, len(dataset), args)
 
-    with utils.user_input():                                               # --input_size not a multiple of the patch
-        net = models.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(d.device)
+    # Create model and masker:
+    with utils.user_input():  # --input_size not a multiple of the patch
+        net = models.MODELS[args.model](img_size=args.input_size,
+                                        norm_pix_loss=args.norm_pix_loss).to(d.device)
     net.grad_checkpointing = args.grad_checkpointing
-    num_parts = None                    # semmae: the region ids 0..num_parts-1 ('ignore', 255, is one more)
+    num_parts = None  # semmae: the region ids 0..num_parts-1 ('ignore', 255, is one more)
     if regions:
         num_parts = regions["meta"]["num_regions"] + (regions["meta"]["kind"] == "objects")
     masker = Masker(args, net.patch_size, cell_size, net.grid, num_parts)
-    if args.mask != "objmae":  # MAE's rounding must leave at least one patch to see and one to predict
-        L = masker.num_patches if args.keep_ratio == 1.0 else max(1, int(masker.num_patches * args.keep_ratio))
-        num_masked = masking.masked_count(L, args.mask_ratio)
-        if not 0 < num_masked < L:
-            larger = "--input_size" + (" or --keep_ratio" if args.keep_ratio < 1.0 else "")
-            raise UsageError(f"--mask_ratio {args.mask_ratio} masks {num_masked} of the {L} patches "
-                             f"{'kept' if args.keep_ratio < 1.0 else 'of an image'}; it must mask at least one and "
-                             f"leave one (or pass a larger {larger})")
+    if args.mask != "objmae":
+        check_mask_count(args, masker.num_patches)
 
-    base_lr, eff_batch = utils.scaled_lr(args, d)                          # lr = blr * effective batch / 256
+    # Setup optimizer (MAE's AdamW, lr = blr * effective batch / 256; ObjMAE Table 2 adds
+    # Lookahead):
+    base_lr, eff_batch = utils.scaled_lr(args, d)
     optimizer = torch.optim.AdamW(utils.param_groups(net, args.weight_decay), lr=base_lr,
                                   betas=tuple(args.opt_betas), eps=args.opt_eps,
-                                  fused=True if d.device.type == "cuda" else None)  # one kernel for all params
-    if args.lookahead:                                                     # ObjMAE Table 2
+                                  # one kernel for all params
+                                  fused=True if d.device.type == "cuda" else None)
+    if args.lookahead:
         optimizer = utils.Lookahead(optimizer, args.lookahead_k, args.lookahead_alpha)
-    scaler = utils.grad_scaler(d.device, args.precision)                   # fp16 only; a no-op otherwise
+    scaler = utils.grad_scaler(d.device, args.precision)  # fp16 only; a no-op otherwise
     start_epoch, start_step, carry = 0, 0, None
     if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
-        if not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt:  # e.g. an official MAE/SemMAE file
-            raise UsageError(f"{args.resume} is not a checkpoint of pretrain.py (no args and optimizer state; "
-                             "released MAE/SemMAE weights?); --resume continues a pretrain.py run from its "
-                             f"checkpoint-last.pth; to fine-tune released weights: finetune.py --finetune "
-                             f"{args.resume}")
-        other = "part_learn.py" if "learner" in ckpt else "finetune.py" if "linprobe" in ckpt["args"] else None
-        if other:                                   # another stage's run: no --model of this one fits it
-            raise UsageError(f"{args.resume} is a checkpoint of {other}, not of pretrain.py; --resume continues a "
-                             "pretrain.py run from its checkpoint-last.pth")
-        if ckpt["args"].get("model") != args.model:
-            raise UsageError(f"{args.resume} holds a {ckpt['args'].get('model')} model, not --model "
-                             f"{args.model}; resume with --model {ckpt['args'].get('model')}")
-        try:
-            net.load_state_dict(ckpt["model"])
-        except RuntimeError as e:                   # another --input_size (pos_embed), or an edited tensor
-            raise UsageError(f"{args.resume} does not fit this run's model: {str(e).splitlines()[1].strip()}; "
-                             "resume with the flags the run started with (its args.json)") from None
-        utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
-        utils.load_scaler(scaler, ckpt.get("scaler"))
-        start_epoch = ckpt["epoch"] + 1
-        start_step, carry = utils.resume_partial(ckpt, d, args.resume)    # stopped mid-epoch: the rest of it
+        start_epoch, start_step, carry = resume(args, net, optimizer, scaler, d)
     ddp = utils.wrap_ddp(net, d)
-    step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp   # checkpoints keep net's names
+    # the checkpoints keep net's parameter names
+    step_net = torch.compile(ddp, backend=args.compile) if args.compile else ddp
 
-    utils.start_run(args, d, start_epoch)
-    utils.print_args(d, args)
+    # Start the run (the folder, its lock, args.json):
+    runs.start_run(args, d, start_epoch)
+    runs.print_args(d, args)
     tb = summary_writer(args.tensorboard) if summary_writer and d.is_main else None
     utils.print0(d, f"{args.model}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params, "
                     f"{len(dataset)} images, effective batch {eff_batch}, lr {base_lr:.2e}, "
                     f"epochs {start_epoch}..{args.epochs - 1}")
-
     # fixed images and masks for the pictures, drawn from their own generator so they do not
     # disturb the training RNG (and a resumed run draws the same ones)
-    vis_set = data.PretrainDataset(base, args.input_size, regions=regions, hflip=False, cell_size=cell_size)
+    vis_set = data.PretrainDataset(base, args.input_size, regions=regions, hflip=False,
+                                   cell_size=cell_size)
     vis = [vis_set[i] for i in range(min(8, len(vis_set)))]
-    vis_imgs, vis_cells, vis_scores = (torch.stack([v[k] for v in vis]).to(d.device) for k in range(3))
+    vis_imgs, vis_cells, vis_scores = (torch.stack([v[k] for v in vis]).to(d.device)
+                                       for k in range(3))
 
-    iters = utils.batches_per_epoch(loader, args.accum_iter)             # leftovers < accum_iter are skipped
+    iters = utils.batches_per_epoch(loader, args.accum_iter)  # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
 
     def run_state(epoch):                   # what a checkpoint holds, epoch = the last finished one
-        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
                 "epoch": epoch, "args": vars(args)}
-    zero_pad = args.mask == "objmae" and args.padding == "zero"            # ObjMAE §3.3: attended zero tokens
+    zero_pad = args.mask == "objmae" and args.padding == "zero"   # ObjMAE §3.3: attended zeros
+    # Train:
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same masks, flips and worker seeds
-        skip = start_step if epoch == start_epoch else 0                   # micro-batches done before a stop
+        skip = start_step if epoch == start_epoch else 0  # micro-batches done before a stop
         loader.sampler.set_epoch(epoch, skip * args.batch_size)
         ddp.train()
-        # the loss is summed on the device and read every --log_every steps: no host sync in the other steps
+        # the loss is summed on the device and read every --log_every steps: no host sync in the
+        # other steps
         t0, loss_sum, n_sum = time.time(), torch.zeros((), dtype=torch.float64, device=d.device), 0
         if skip:                                    # where the stop left the RNGs and the sums
-            utils.set_rng_state(carry["rng"])
+            runs.set_rng_state(carry["rng"])
             loss_sum, n_sum = carry["sums"][0].to(d.device), carry["sums"][1]
-        bar = utils.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)  # plain lines outside a tty
+        # plain lines outside a tty
+        bar = runs.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)
         for it, (imgs, cells, scores, _, *choices) in enumerate(bar, start=skip):
-            if it == iters:                                                # the leftover micro-batches
+            if it == iters:  # the leftover micro-batches
                 break
             i = epoch * iters + it
             if it % args.accum_iter == 0:
@@ -424,83 +346,99 @@ def main(args):
             # 1 at the last step whatever --epochs is (Algorithm 1, line 7, per step not per epoch)
             progress = i / max(1, total_iters - 1)
             imgs, cells, scores = (x.to(d.device, non_blocking=True) for x in (imgs, cells, scores))
-            if args.image_cache:        # uint8 -> the default path's tensors; the boxes stay on the CPU
+            if args.image_cache:  # uint8 -> the default path's tensors; the boxes stay on the CPU
                 flips, boxes = choices
                 imgs = image_cache.device_batch(imgs, flips, boxes if args.crop_scale else None)
             src_ids, tgt_ids, src_valid, tgt_valid = masker(cells, scores, progress)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(ddp, sync, d):
                 with utils.autocast(d.device, args.precision):
-                    loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid, attend_padding=zero_pad)
+                    loss, _ = step_net(imgs, src_ids, tgt_ids, src_valid, tgt_valid,
+                                       attend_padding=zero_pad)
                 scaler.scale(loss / args.accum_iter).backward()
             if sync:
-                scaler.step(optimizer)                                     # fp16: unscale, skip a step with inf
+                scaler.step(optimizer)  # fp16: unscale, skip a step with inf
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             n_sum += 1
-            log_now = (it + 1) % args.log_every == 0 or it + 1 == iters   # always at the epoch's last step
+            # always at the epoch's last step
+            log_now = (it + 1) % args.log_every == 0 or it + 1 == iters
             if log_now:
-                loss_value = loss_sum.item() / n_sum                      # the sync: the epoch's mean so far
-                utils.stop_if_not_finite(loss_value, f"one of steps {i - (it % args.log_every)}..{i} (epoch {epoch})",
-                                         ckpt_path, args.precision)            # before any checkpoint of this epoch
+                loss_value = loss_sum.item() / n_sum  # the sync: the epoch's mean so far
+                runs.stop_if_not_finite(loss_value, "one of steps "
+                                                    f"{i - (it % args.log_every)}..{i} (epoch "
+                                                    f"{epoch})",
+                                         # before any checkpoint of this epoch
+                                         ckpt_path, args.precision)
                 shown = {"alpha": f"{masker.alpha(progress):.3f}"} if args.mask == "semmae" else {}
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", **shown)
                 if tb:
                     tb.add_scalar("train/loss", loss_value, i + 1)
                     tb.add_scalar("train/lr", lr, i + 1)
-            if sync and it + 1 < iters and utils.stop_requested(d, log_now):  # SIGTERM/SIGUSR1: stop after this step
+            # SIGTERM/SIGUSR1: stop after this step
+            if sync and it + 1 < iters and runs.stop_requested(d, log_now):
                 bar.close()
-                utils.stop_now(ckpt_path, run_state(epoch - 1), d,
-                               f"after step {it + 1} of {iters} of epoch {epoch}", it + 1, (loss_sum.cpu(), n_sum))
+                where = f"after step {it + 1} of {iters} of epoch {epoch}"
+                runs.stop_now(ckpt_path, run_state(epoch - 1), d, where, it + 1, (loss_sum.cpu(),
+                                                                                  n_sum))
         bar.close()
 
+        # Log, checkpoint and picture the epoch:
         train_loss = utils.all_reduce_mean(loss_value, d)
         state = run_state(epoch) if d.is_main else None
         if d.is_main:
-            # the log line first: a run killed before the checkpoint redoes the epoch, and the resume cuts the log
-            # back to the checkpoint (utils.start_run), so every epoch is in the log once
-            record = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "time_s": round(time.time() - t0, 2)}
+            # the log line first: a run killed before the checkpoint redoes the epoch, and the
+            # resume cuts the log
+            # back to the checkpoint (runs.start_run), so every epoch is in the log once
+            record = {"epoch": epoch, "train_loss": train_loss, "lr": lr,
+                      "time_s": round(time.time() - t0, 2)}
             if args.mask == "semmae":
                 record["alpha"] = masker.alpha(progress)
-            utils.append_log(os.path.join(args.output_dir, "log.txt"), record)
+            runs.append_log(os.path.join(args.output_dir, "log.txt"), record)
             if tb:
                 tb.add_scalar("epoch/train_loss", train_loss, epoch)
                 tb.flush()
             if (epoch + 1) % args.ckpt_every == 0 or epoch + 1 == args.epochs:
-                utils.save_checkpoint(ckpt_path, state)
+                runs.save_checkpoint(ckpt_path, state)
             if args.save_every and (epoch + 1) % args.save_every == 0:
-                utils.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), state)
-            print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} ({record['time_s']}s)", flush=True)
+                runs.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"),
+                                     state)
+            print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} ({record['time_s']}s)",
+                  flush=True)
             if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
                 g = torch.Generator(d.device).manual_seed(args.seed)
                 net.eval()
-                save_reconstructions(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"), net, vis_imgs,
+                save_reconstructions(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"), net,
+                                     vis_imgs,
                                      masker(vis_cells, vis_scores, progress, generator=g), zero_pad)
-        if epoch + 1 < args.epochs and utils.stop_requested(d, True):   # a stop in the epoch's last step
-            utils.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
+        # a stop in the epoch's last step
+        if epoch + 1 < args.epochs and runs.stop_requested(d, True):
+            runs.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     if tb:
         tb.close()
-    utils.cleanup_distributed()
+    runs.end_run()
 
 
 # ----------------------------------------------------------------------------- pictures
 
 def save_reconstructions(path, net, imgs, masks, attend_padding=False):
     """One row per image: original | visible (source) patches | reconstruction of the targets |
-    reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE) stay grey."""
+    reconstruction with the visible patches pasted, with these headings. Dropped patches (ObjMAE)
+    stay grey."""
     src_ids, tgt_ids, src_valid, tgt_valid = masks
     p = net.patch_size
     with torch.no_grad():
         _, pred = net(imgs, src_ids, tgt_ids, src_valid, tgt_valid, attend_padding=attend_padding)
-        pred = net.pred_to_pixels(imgs, tgt_ids, pred)                     # de-normalise norm_pix_loss
+        pred = net.pred_to_pixels(imgs, tgt_ids, pred)  # de-normalise norm_pix_loss
     patches = models.patchify(imgs, p)                                     # [B, L, p*p*3]
     mean = torch.tensor(data.IMAGENET_MEAN).repeat(p * p)                  # pixel order (p, q, c)
     std = torch.tensor(data.IMAGENET_STD).repeat(p * p)
-    blank = ((0.5 - mean) / std).expand_as(patches)                       # grey where nothing is shown
+    blank = ((0.5 - mean) / std).expand_as(patches)  # grey where nothing is shown
 
     def place(canvas, ids, values, valid):
-        # padding slots repeat real ids; send them to a spare row L so they never overwrite a real patch
+        # padding slots repeat real ids; send them to a spare row L so they never overwrite a real
+        # patch
         L = canvas.shape[1]
         ids = ids if valid is None else torch.where(valid, ids, L)
         canvas = torch.cat([canvas, canvas[:, :1]], 1)                    # [B, L+1, p*p*3]
@@ -514,9 +452,97 @@ def save_reconstructions(path, net, imgs, masks, attend_padding=False):
     h, w = imgs.shape[2] // p, imgs.shape[3] // p
     columns = [models.unpatchify(x, p, h, w) for x in (patches, visible, recon, pasted)]
     grid = torch.stack(columns, 1).flatten(0, 1)                            # [B*4, 3, H, W]
-    data.save_with_headings(path, data.denormalise(grid), ["original", "visible", "reconstruction", "pasted"])
+    data.save_with_headings(path, data.denormalise(grid), ["original", "visible", "reconstruction",
+                                                           "pasted"])
+
+
+# ----------------------------------------------------------------------------- flags
+
+def get_args(argv=None):
+    # The defaults are SemMAE §4.1's recipe (MAE's): they reproduce SemMAE's ViT-B/16 run at batch
+    # 4096; the flags of the other papers' settings are in PAPERS.md. Ranges: utils.RANGES.
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
+                   help="MAE's and SemMAE Table 1 left's; SemMAE's main is ViT-B/8, ObjMAE's "
+                        "ViT-S/16")
+    g.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
+    g.add_argument("--data_path", default=None,
+                   help="folder of images at any depth (no labels read); omitted = built-in shapes")
+    g.add_argument("--num_images", type=int, default=2000,
+                   help="size of the built-in shapes dataset")
+    g.add_argument("--data_seed", type=int, default=0, help="which shapes scenes (not --seed)")
+    g.add_argument("--regions", default=None,
+                   help="regions.pt from part_learn.py (parts or objects per cell)")
+    g = p.add_argument_group("masking (all masks)")
+    g.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
+    g.add_argument("--mask_ratio", type=float, default=0.75,
+                   help="random and semmae (MAE, SemMAE: 0.75)")
+    g.add_argument("--keep_ratio", type=float, default=1.0,
+                   help="keep this share of most-foreground patches, then mask (SemMAE 8x8: 0.25)")
+    g = p.add_argument_group("--mask semmae only")
+    g.add_argument("--gamma", type=float, default=2.0,
+                   help="alpha = progress ** gamma (§3.2, Table 3)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="a fixed alpha instead of the schedule")
+    g.add_argument("--reverse", action="store_true",
+                   help="alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
+    g = p.add_argument_group("--mask objmae only")
+    g.add_argument("--seq_ratio", type=float, default=0.25,
+                   help="source and target length / L (§3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
+    g.add_argument("--padding", default="zero",
+                   choices=["zero", "masked", "replicate", "random", "throwout"],
+                   help="§3.3, Table 8; zero: attended zero tokens (§3.3); masked (not the "
+                        "paper's): removed from attention too; throwout: the batch minimum, one "
+                        "host sync a step")
+    g.add_argument("--relation", default="intra", choices=["intra", "inter", "image"],
+                   help="source and target from one object (§3, Table 6's best), two objects, or "
+                        "the image")
+    g = p.add_argument_group("augmentation (of the image and its region cells together)")
+    g.add_argument("--crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random-resized crop area, e.g. 0.2 1.0 (MAE; ObjMAE §4.2); default: none,"
+                        " the whole image resized (SemMAE §4.1: flip only)")
+    g.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3),
+                   metavar=("MIN", "MAX"),
+                   help="the crop's aspect ratio range (RandomResizedCrop's, as MAE)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flip (SemMAE §4.1, MAE); --no-hflip: ObjMAE §4.2")
+    g = p.add_argument_group("optimisation (SemMAE §4.1, MAE's recipe; ObjMAE's: Tables 2-3)")
+    g.add_argument("--epochs", type=int, default=800, help="SemMAE §4.1, ObjMAE Table 3: 800")
+    g.add_argument("--warmup_epochs", type=int, default=40, help="SemMAE §4.1, ObjMAE Table 3: 40")
+    g.add_argument("--batch_size", type=int, default=64, help="per device (x accum x world: 4096)")
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    g.add_argument("--min_lr", type=float, default=0.0,
+                   help="end of the cosine (ObjMAE Table 2: 1e-5)")
+    g.add_argument("--weight_decay", type=float, default=0.05,
+                   help="MAE, SemMAE, ObjMAE Table 2: 0.05")
+    g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+                   help="AdamW betas: MAE's, which SemMAE follows (§4.1); ObjMAE Table 2: 0.9 "
+                        "0.999")
+    g.add_argument("--opt_eps", type=float, default=1e-8,
+                   help="AdamW epsilon (MAE, ObjMAE Table 2)")
+    g.add_argument("--lookahead", action="store_true",
+                   help="wrap AdamW in Lookahead (ObjMAE Table 2)")
+    g.add_argument("--lookahead_k", type=int, default=5, help="Zhang et al. 2019: 5")
+    g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Zhang et al. 2019: 0.5")
+    g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="regress normalised pixels per patch (MAE §3, Table 1d; SemMAE's released "
+                        "command)")
+    g = runs.add_run_flags(p, "output/pretrain")
+    g.add_argument("--ckpt_every", type=int, default=1,
+                   help="write checkpoint-last.pth every N epochs and at the end (ViT-B: 1.3 GB)")
+    g.add_argument("--save_every", type=int, default=0, help="keep checkpoint-<epoch>.pth every N")
+    g.add_argument("--vis_every", type=int, default=10, help="a reconstruction PNG every N epochs")
+    g.add_argument("--image_cache", default=None, metavar="FILE",
+                   help="fast input path: decode every image once into FILE (uint8; ImageNet at "
+                        "224: 193 GB), then crop, flip and normalise on the device")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model; e.g. aot_eager: traces without kernels")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    utils.run_stage(main, get_args)
-
+    runs.run_stage(main, get_args)

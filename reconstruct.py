@@ -29,6 +29,7 @@ import torch
 import data
 import model as models
 import pretrain
+import runs
 import shapes
 import utils
 from utils import UsageError
@@ -209,7 +210,7 @@ def masker_args(args, name, size):
 
 def main(args):
     """-> (normalised images [B, 3, S, S], the masks drawn: src_ids, tgt_ids, src_valid, tgt_valid)"""
-    utils.check_ranges(args, {"num_images": (1, 10**4), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1)})
+    utils.check_ranges(args, {**utils.RANGES, "num_images": "[1, 10000]"})   # the picture's rows
     device = utils.init_distributed(args.device).device
     with utils.user_input():                                              # a bad file or flag: one line, exit 2
         net, name, norm_pix = load_mae(args.checkpoint, args.model, args.norm_pix_loss)
@@ -237,4 +238,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.run_stage(main, get_args)
+    runs.run_stage(main, get_args)

@@ -201,7 +201,7 @@ def run_in_process(run, argv, output):
         except (utils.UsageError, ValueError) as e:
             print(f"error: {e}", flush=True)
             return 2
-        except SystemExit as e:                          # a NaN stop (utils.stop_if_not_finite)
+        except SystemExit as e:                          # a NaN stop (runs.stop_if_not_finite)
             return e.code if isinstance(e.code, int) else 1
 
 

@@ -12,8 +12,8 @@ import data
 import masking
 import model as models
 import region_file
+import runs
 import shapes
-import utils
 
 
 # --------------------------------------------------------------------- study.py's own measurements
@@ -66,12 +66,12 @@ def measure_timing(run, out):
             opt.zero_grad(set_to_none=True)
         calls[setting] = step
     ms = bench.timed_ms(calls, repeats, torch.device("cpu"), warmup=2)
-    utils.append_log(os.path.join(out, run.name, "log.txt"),
+    runs.append_log(os.path.join(out, run.name, "log.txt"),
                      {"step_ms": ms, "threads": 1, "done": True})
 
 
 def load_mae(path, size):
-    ckpt = utils.load_checkpoint(path)
+    ckpt = runs.load_checkpoint(path)
     a = ckpt["args"]
     net = models.MODELS[a["model"]](img_size=size, norm_pix_loss=a["norm_pix_loss"])
     net.load_state_dict(ckpt["model"])
@@ -158,10 +158,10 @@ def measure_unseen(run, out):
             err += float(((pixels - target) ** 2).sum())
             base += float(((target - target.mean(-1, keepdim=True)) ** 2).sum())
             shares.append(share)
-        utils.append_log(os.path.join(out, run.name, "log.txt"),
+        runs.append_log(os.path.join(out, run.name, "log.txt"),
                          {"split": split, "images": len(shares), "rel_error": err / base,
                           "rollout_visible": sum(shares) / len(shares)})
-    utils.append_log(os.path.join(out, run.name, "log.txt"), {"done": True})
+    runs.append_log(os.path.join(out, run.name, "log.txt"), {"done": True})
 
 
 def measure_colour(run, out):
@@ -204,7 +204,7 @@ def measure_colour(run, out):
     pred = (x_val @ w + b).argmax(1)
     colour = [c.split("_")[0] for c in classes]
     colour_right = sum(colour[p] == colour[t] for p, t in zip(pred.tolist(), y_val.tolist()))
-    utils.append_log(os.path.join(out, run.name, "log.txt"),
+    runs.append_log(os.path.join(out, run.name, "log.txt"),
                      {"val_acc1": (pred == y_val).float().mean().item(),
                       "colour_acc": colour_right / len(y_val), "done": True})
 

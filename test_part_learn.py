@@ -18,6 +18,7 @@ import model as models
 import part_learn
 import pretrain
 import region_file
+import runs
 import shapes
 import utils
 from utils import UsageError
@@ -388,7 +389,7 @@ def test_regions_file_mode_is_a_checkpoints(tmp_path, umask):
         out = str(tmp_path / "out")
         part_learn.main(part_learn.get_args(["--method", "segmentation", "--input_size", "32", "--num_images", "4",
                                              "--num_workers", "0", "--output_dir", out]))
-        utils.save_checkpoint(os.path.join(out, "checkpoint-last.pth"), {"x": torch.zeros(1)})
+        runs.save_checkpoint(os.path.join(out, "checkpoint-last.pth"), {"x": torch.zeros(1)})
     finally:
         os.umask(old)
     regions = os.stat(os.path.join(out, "regions.pt")).st_mode & 0o777

@@ -28,6 +28,7 @@ import model as models
 import part_learn
 import pretrain
 import region_file
+import runs
 import shapes
 import utils
 from utils import UsageError
@@ -422,7 +423,6 @@ def test_every_step_is_the_mean_of_exactly_accum_iter_batches(tmp_path, monkeypa
 # ============================================================================= the documented commands
 
 SCRIPTS = {"pretrain.py": pretrain, "part_learn.py": part_learn, "finetune.py": finetune}
-PAGES = ("README.md", "PAPERS.md", "RESULTS.md", "SPEED.md")
 
 
 def commands(text):
@@ -443,15 +443,19 @@ def commands(text):
 
 
 def documented():
-    # the README and the pages beside it
-    readme = commands("\n".join(open(os.path.join(HERE, page)).read() for page in PAGES))
-    return readme, {name: commands(mod.__doc__) for name, mod in SCRIPTS.items()}
+    """-> {source: its commands}: README.md, PAPERS.md (the papers' commands) and each stage's docstring."""
+    pages = {}
+    for page in ("README.md", "PAPERS.md"):
+        with open(os.path.join(HERE, page)) as f:
+            pages[page] = commands(f.read())
+    return {**pages, **{f"{name} docstring": commands(mod.__doc__) for name, mod in SCRIPTS.items()}}
 
 
 def test_every_documented_command_parses_and_has_the_papers_flags():
-    readme, docs = documented()
-    assert len(readme) >= 20 and all(len(docs[name]) >= 4 for name in SCRIPTS), (len(readme), docs)
-    for source, cmds in [("README.md", readme)] + [(f"{n} docstring", c) for n, c in docs.items()]:
+    docs = documented()
+    papers = [script for script, _, _ in docs["PAPERS.md"]]
+    assert len(docs["README.md"]) >= 20 and all(papers.count(name) >= 4 for name in SCRIPTS), docs
+    for source, cmds in docs.items():
         seen = set()
         for script, argv, cmd in cmds:
             try:
@@ -466,7 +470,7 @@ def test_every_documented_command_parses_and_has_the_papers_flags():
                           tuple(args.opt_betas), args.min_lr, args.seq_ratio, args.hflip))
             if script == "finetune.py" and args.linprobe and args.model == "vit_base_patch8":
                 assert args.keep_ratio == 0.25, f"{source}: SemMAE 8x8 probe without --keep_ratio 0.25: {cmd}"
-        if source in ("README.md", "pretrain.py docstring"):             # one command per reported setting
+        if source in ("README.md", "PAPERS.md"):                           # one command per reported setting
             assert ("random", "mae_vit_base_patch16", 1.0, (0.2, 1.0), False, (0.9, 0.95), 0.0, 0.25, True) in seen
             assert ("semmae", "mae_vit_base_patch16", 1.0, (), False, (0.9, 0.95), 0.0, 0.25, True) in seen
             assert ("semmae", "mae_vit_base_patch8", 0.25, (), False, (0.9, 0.95), 0.0, 0.25, True) in seen
@@ -482,8 +486,8 @@ def test_every_documented_command_parses_and_has_the_papers_flags():
     (["--crop_scale", "0.5", "0.2"], "--crop_scale 0.5 0.2 must be 0 < MIN <= MAX <= 1"),
     (["--crop_scale", "0", "1"], "--crop_scale 0.0 1.0 must be"),
     (["--crop_ratio", "1.3", "0.7"], "--crop_ratio 1.3 0.7 must be 0 < MIN <= MAX"),
-    (["--opt_betas", "0.9", "1.0"], "--opt_betas 0.9 1.0 must be in"),
-    (["--opt_eps", "0"], "--opt_eps > 0"),
+    (["--opt_betas", "0.9", "1.0"], "--opt_betas 0.9 1.0 is out of range: it must be in [0, 1)"),
+    (["--opt_eps", "0"], "--opt_eps 0.0 is out of range: it must be in (0, 1]"),
     (["--lookahead", "--lookahead_k", "0"], "--lookahead_k 0 is out of range"),
     (["--lookahead", "--lookahead_alpha", "1.5"], "--lookahead_alpha 1.5 is out of range"),
 ])
@@ -645,7 +649,7 @@ CASES = [(stage, flag, typ, nargs) for stage in STAGES for flag, typ, nargs in n
 def test_numeric_flag_boundaries_run_or_one_line(tmp_path, stage, flag, typ, nargs, encoder_ckpt, object_regions_8,
                                                  cam_weights):
     """0, 1, -1, huge (and NaN for floats): the stage runs, or stops with one line (UsageError or ValueError,
-    exit 2 through utils.run_stage) that names the flag to change. Never a traceback or a NaN loss."""
+    exit 2 through runs.run_stage) that names the flag to change. Never a traceback or a NaN loss."""
     mode = MODES[stage].get(flag)
     # part_learn's other methods take neither the learner's flags nor --encoder_weights: the shared data flags only
     base = (PRE[2:10] if stage == "part_learn" and mode else stage_argv(stage, encoder_ckpt)) + {
@@ -653,7 +657,7 @@ def test_numeric_flag_boundaries_run_or_one_line(tmp_path, stage, flag, typ, nar
         "linprobe": ["--linprobe"], "cam": ["--method", "cam", "--cam_weights", cam_weights, "--cam_arch", "resnet18"],
         "segmentation": ["--method", "segmentation"],
         "segmentation_iou": ["--method", "segmentation", "--eval_iou"], None: []}[mode]
-    real_log = utils.append_log
+    real_log = runs.append_log
 
     def log(path, record):
         real_log(path, record)
@@ -665,7 +669,7 @@ def test_numeric_flag_boundaries_run_or_one_line(tmp_path, stage, flag, typ, nar
     for value in values:
         argv = base + [f"--{flag}", *[str(value)] * nargs, "--output_dir", str(tmp_path / f"v{len(outcomes)}")]
         try:
-            with mock.patch.object(utils, "append_log", log), contextlib.redirect_stdout(io.StringIO()):
+            with mock.patch.object(runs, "append_log", log), contextlib.redirect_stdout(io.StringIO()):
                 STAGES[stage].main(STAGES[stage].get_args(argv))
             outcomes[value] = "ran"
         except Stop:
@@ -1000,10 +1004,10 @@ def test_run_stage_exit_2_only_for_usage_errors():
             raise error
         return main
     with pytest.raises(SystemExit) as exc:
-        utils.run_stage(stage(utils.UsageError("--flag 3 is wrong")), lambda: None)
+        runs.run_stage(stage(utils.UsageError("--flag 3 is wrong")), lambda: None)
     assert exc.value.code == 2
     with pytest.raises(ValueError, match="a bug"):                       # not an exit: the traceback stays
-        utils.run_stage(stage(ValueError("a bug")), lambda: None)
+        runs.run_stage(stage(ValueError("a bug")), lambda: None)
     with pytest.raises(utils.UsageError, match="bad size"):
         with utils.user_input():
             raise ValueError("bad size")
@@ -1011,12 +1015,12 @@ def test_run_stage_exit_2_only_for_usage_errors():
 
 INJECT = textwrap.dedent('''
     import sys
-    import model, pretrain, utils
+    import model, pretrain, runs
     def broken_loss(self, imgs, tgt_ids, pred, tgt_valid=None):
         raise ValueError("injected: a bug inside the training step")
     model.MaskedAutoencoderViT.forward_loss = broken_loss
     sys.argv = ["pretrain.py", *sys.argv[1:]]
-    utils.run_stage(pretrain.main, pretrain.get_args)
+    runs.run_stage(pretrain.main, pretrain.get_args)
 ''')
 
 
@@ -1123,8 +1127,8 @@ def test_compile_equals_eager(tmp_path):
 
 def test_ckpt_every_and_save_every(tmp_path, monkeypatch):
     saved = []
-    real = utils.save_checkpoint
-    monkeypatch.setattr(utils, "save_checkpoint", lambda path, state: (saved.append((os.path.basename(path),
+    real = runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", lambda path, state: (saved.append((os.path.basename(path),
                                                                                      state["epoch"])),
                                                                         real(path, state)))
     out = str(tmp_path / "out")
@@ -1139,7 +1143,7 @@ def test_save_checkpoint_fsyncs_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b)))
     path = str(tmp_path / "checkpoint-last.pth")
-    utils.save_checkpoint(path, {"w": torch.ones(3)})
+    runs.save_checkpoint(path, {"w": torch.ones(3)})
     assert events[:2] == ["fsync", "replace"] and torch.equal(torch.load(path)["w"], torch.ones(3))
 
 
@@ -1305,5 +1309,5 @@ def test_pretraining_decays_the_tokens_as_maes_code():
     assert not any(n.endswith(".bias") or "norm" in n or "pos_embed" in n for n in decayed), decayed
     assert len(decay["params"]) + len(no_decay["params"]) == sum(p.requires_grad for p in net.parameters())
     vit = models.VITS["vit_tiny_patch8"](img_size=32, num_classes=5)
-    ft = {id(p): g["weight_decay"] for g in finetune.param_groups_lrd(vit, 0.05, 0.65) for p in g["params"]}
+    ft = {id(p): g["weight_decay"] for g in utils.param_groups_lrd(vit, 0.05, 0.65) for p in g["params"]}
     assert ft[id(vit.cls_token)] == 0.0 and ft[id(vit.blocks[0].attn.qkv.weight)] == 0.05

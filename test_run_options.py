@@ -14,6 +14,7 @@ import finetune
 import masking
 import model as models
 import pretrain
+import runs
 import utils
 from utils import UsageError
 
@@ -90,13 +91,13 @@ def test_bf16_on_the_cpu_autocasts_and_trains(tmp_path, monkeypatch):
 def test_fp16_scaler_state_is_saved_and_a_resume_is_bit_identical(tmp_path, monkeypatch, stage):
     full = train(stage, tmp_path / "full", "--precision", "fp16", "--epochs", "3")
     assert full["scaler"]["scale"] > 0 and "_growth_tracker" in full["scaler"]
-    save = utils.save_checkpoint
+    save = runs.save_checkpoint
 
     def killed_after_epoch_0(path, state):
         save(path, state)
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(utils, "save_checkpoint", killed_after_epoch_0)
+        m.setattr(runs, "save_checkpoint", killed_after_epoch_0)
         with pytest.raises(KeyboardInterrupt):
             train(stage, tmp_path / "killed", "--precision", "fp16", "--epochs", "3")
     last = str(tmp_path / "killed" / "checkpoint-last.pth")
@@ -318,15 +319,15 @@ def test_outside_a_terminal_progress_is_plain_lines(tmp_path):
 def test_in_a_terminal_progress_is_tqdms_bar(monkeypatch, capsys):
     d = utils.Dist(0, 1, 0, torch.device("cpu"), True)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    assert type(utils.progress(range(3), "epoch 0", 3, d, 2)).__name__ == "tqdm"
+    assert type(runs.progress(range(3), "epoch 0", 3, d, 2)).__name__ == "tqdm"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    bar = utils.progress(range(5), "epoch 0", 5, d, 2)
+    bar = runs.progress(range(5), "epoch 0", 5, d, 2)
     for _ in bar:
         bar.set_postfix(loss="1.0")
     assert [ln.split(" (")[0] for ln in capsys.readouterr().out.splitlines()] == [
         "epoch 0 step 2/5 loss 1.0", "epoch 0 step 4/5 loss 1.0", "epoch 0 step 5/5 loss 1.0"]
     other = utils.Dist(1, 2, 1, torch.device("cpu"), False)                  # other ranks print nothing
-    assert utils.progress(range(3), "epoch 0", 3, other, 1).disable
+    assert runs.progress(range(3), "epoch 0", 3, other, 1).disable
 
 
 class FakeWriter:

@@ -16,6 +16,7 @@ import torch
 import data
 import pretrain
 import region_file
+import runs
 import shapes
 import utils
 from utils import UsageError
@@ -133,7 +134,7 @@ def test_checkpoint_temp_files_are_the_writers_own(tmp_path):
     """Two writers never share a temporary name: another writer's half-written file is left alone."""
     path = tmp_path / "checkpoint-last.pth"
     (tmp_path / "checkpoint-last.pth.tmp").write_bytes(b"another run, writing")
-    utils.save_checkpoint(str(path), {"epoch": 3})
+    runs.save_checkpoint(str(path), {"epoch": 3})
     assert load(path) == {"epoch": 3}
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth", "checkpoint-last.pth.tmp"]
     assert (tmp_path / "checkpoint-last.pth.tmp").read_bytes() == b"another run, writing"
@@ -197,7 +198,7 @@ def test_log_has_every_epoch_once_after_a_kill_and_resume(tmp_path, after, calls
 def test_cut_log_keeps_earlier_epochs_and_drops_a_torn_line(tmp_path):
     path = tmp_path / "log.txt"
     path.write_text('{"epoch": 0}\n{"epoch": 1}\n{"method": "learned"}\n{"epoch": 2}\n{"epo')
-    utils.cut_log(str(path), 2)
+    runs.cut_log(str(path), 2)
     assert path.read_text() == '{"epoch": 0}\n{"epoch": 1}\n{"method": "learned"}\n'
 
 
@@ -228,7 +229,7 @@ def test_a_damaged_checkpoint_is_refused_on_resume(one_epoch, damage):
 
 
 def test_a_good_checkpoint_passes_the_crc_check(one_epoch):
-    assert utils.damaged(os.path.join(one_epoch, "checkpoint-last.pth")) is None
+    assert runs.damaged(os.path.join(one_epoch, "checkpoint-last.pth")) is None
 
 
 def test_a_checkpoint_over_the_file_size_limit_is_one_line_and_the_last_one_kept(one_epoch):
@@ -255,7 +256,7 @@ def test_a_checkpoint_over_the_file_size_limit_is_one_line_and_the_last_one_kept
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["ENOSPC", "EROFS"])
 def test_checkpoint_write_errors_are_one_line(tmp_path, monkeypatch, code):
     path = str(tmp_path / "checkpoint-last.pth")
-    utils.save_checkpoint(path, {"epoch": 0})
+    runs.save_checkpoint(path, {"epoch": 0})
     real = torch.save
 
     def failing(obj, f):                                               # the disk fills up half-way
@@ -264,14 +265,14 @@ def test_checkpoint_write_errors_are_one_line(tmp_path, monkeypatch, code):
     monkeypatch.setattr(torch, "save", failing)
     with pytest.raises(UsageError, match=rf"cannot write checkpoint {path}: .*\({errno.errorcode[code]}\); {path} "
                                          "is kept as it was"):
-        utils.save_checkpoint(path, {"epoch": 1})
+        runs.save_checkpoint(path, {"epoch": 1})
     assert load(path) == {"epoch": 0} and os.listdir(tmp_path) == ["checkpoint-last.pth"]
 
 
 def test_a_bug_in_a_save_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", lambda obj, f: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        utils.save_checkpoint(str(tmp_path / "c.pth"), {})
+        runs.save_checkpoint(str(tmp_path / "c.pth"), {})
     assert os.listdir(tmp_path) == []
 
 
