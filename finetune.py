@@ -32,7 +32,6 @@ import probe
 import randaugment
 import region_file
 import runs
-import shapes
 import utils
 from utils import UsageError
 
@@ -254,9 +253,9 @@ def build_datasets(args):
     # is it the training split; --eval never scans train/
     splits = [False] if args.eval else [True, False]
     if args.data_path is None:
-        bases = [shapes.ShapesDataset(args.num_images if train else args.num_val_images,
-                                    img_size=args.input_size, seed=args.data_seed,
-                                    split="train" if train else "val") for train in splits]
+        bases = [data.builtin(args.scenes, args.num_images if train else args.num_val_images,
+                              args.input_size, args.data_seed, "train" if train else "val",
+                              args.scene_cache) for train in splits]
     elif args.dataset == "cifar100":
         bases = [data.CIFAR100(args.data_path, train, args.download) for train in splits]
     else:
@@ -683,6 +682,7 @@ def get_args(argv=None):
     g.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
     g.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images")
     g.add_argument("--data_seed", type=int, default=0, help="shapes: which scenes")
+    data.add_scene_flags(g)
     g.add_argument("--regions", default=None,
                    help="regions.pt of the training images (foreground scores)")
     g.add_argument("--val_regions", default=None, help="regions.pt of the validation images")

@@ -35,7 +35,6 @@ import image_cache
 import model as models
 import region_file
 import runs
-import shapes
 import utils
 from utils import UsageError
 
@@ -620,7 +619,8 @@ def main(args):
 
     # Data and the frozen networks (the encoder for parts, the ResNet for CAM):
     with utils.user_input():  # a bad folder or checkpoint: exit 2
-        base = (shapes.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
+        base = (data.builtin(args.scenes, args.num_images, args.input_size, args.data_seed,
+                             scene_cache=args.scene_cache)
                 if args.data_path is None else
                 data.FolderDataset(args.data_path, masks_root=args.masks, classes=False))
     nets = ()
@@ -670,8 +670,8 @@ def main(args):
 
     # Shapes only: how well the regions find the true objects of held-out images:
     if args.eval_iou:  # held-out images: another split
-        val = shapes.ShapesDataset(args.eval_images, img_size=args.input_size, seed=args.data_seed,
-                                 split="val")
+        val = data.builtin(args.scenes, args.eval_images, args.input_size, args.data_seed, "val",
+                           args.scene_cache)
         out = os.path.join(args.output_dir, "regions-val.pt")
         make_regions(val, args, d, nets, out)  # not in the cache: the default path
         if d.is_main:
@@ -703,6 +703,7 @@ def get_args(argv=None):
                    help="size of the built-in shapes dataset")
     g.add_argument("--data_seed", type=int, default=0,
                    help="which shapes scenes (--seed changes only the training randomness)")
+    data.add_scene_flags(g)
     g.add_argument("--input_size", type=int, default=224,
                    help="images are resized to this (no crop)")
     g.add_argument("--cell_size", type=int, default=None,

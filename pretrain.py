@@ -27,7 +27,6 @@ import masking
 import model as models
 import region_file
 import runs
-import shapes
 import utils
 from utils import UsageError
 
@@ -186,7 +185,8 @@ def build_dataset(args, d):
     instance masks; a folder needs a regions file. ObjMAE §4.1: images without an object are
     dropped."""
     with utils.user_input():  # a bad folder, file or size: exit 2
-        base = (shapes.ShapesDataset(args.num_images, img_size=args.input_size, seed=args.data_seed)
+        base = (data.builtin(args.scenes, args.num_images, args.input_size, args.data_seed,
+                             scene_cache=args.scene_cache)
                 if args.data_path is None else data.FolderDataset(args.data_path, classes=False))
         regions = region_file.load_regions(args.regions, base.files,
                                     args.input_size) if args.regions else None
@@ -473,6 +473,7 @@ def get_args(argv=None):
     g.add_argument("--num_images", type=int, default=2000,
                    help="size of the built-in shapes dataset")
     g.add_argument("--data_seed", type=int, default=0, help="which shapes scenes (not --seed)")
+    data.add_scene_flags(g)
     g.add_argument("--regions", default=None,
                    help="regions.pt from part_learn.py (parts or objects per cell)")
     g = p.add_argument_group("masking (all masks)")

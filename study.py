@@ -29,6 +29,7 @@ import time
 import torch
 
 import pretrain
+import study_contrasts
 import utils
 from study_measures import MEASURES
 from study_pictures import picture_objmae, picture_semmae, picture_unseen
@@ -46,6 +47,12 @@ FULL = dict(input_size=64, num_images=1000, val_images=500, batch_size=64,
             part_epochs=3, eval_images=200,               # part_learn.py (§3.1, demo.sh's size)
             probe_epochs=10, ft_epochs=5, ft_blr=5e-3,    # finetune.py
             unseen_images=200, timing_repeats=10)        # unseen-object, objmae-speed's timing
+# The primary contrasts (study_contrasts.py) on the parts scenes: thousands of held-out scenes, all
+# drawn once into <out>/scenes and read by every run (data.Drawn).
+PARTS = dict(input_size=64, num_images=2000, val_images=2000, batch_size=64,
+             pre_epochs=20, pre_warmup=2, pre_blr=1.5e-3, dataset="parts")
+PARTS_QUICK = dict(input_size=32, num_images=64, val_images=64, batch_size=16,
+                   pre_epochs=1, pre_warmup=0, pre_blr=1.5e-3, dataset="parts")
 QUICK = dict(input_size=32, num_images=32, val_images=16, batch_size=16,
              pre_epochs=1, pre_warmup=0, pre_blr=1.5e-3,
              part_epochs=1, eval_images=8,
@@ -59,7 +66,13 @@ def pretrain_flags(b):
     return ["--model", "mae_vit_tiny_patch8", "--input_size", b["input_size"],
             "--num_images", b["num_images"], "--data_seed", 0, "--epochs", b["pre_epochs"],
             "--warmup_epochs", b["pre_warmup"], "--batch_size", b["batch_size"],
-            "--blr", b["pre_blr"], "--num_workers", 0, "--vis_every", b["pre_epochs"]]
+            "--blr", b["pre_blr"], "--num_workers", 0, "--vis_every", b["pre_epochs"]] + scene_flags(b)
+
+
+def scene_flags(b):
+    """The parts scenes, read from the study's scene cache (the shapes: drawn by each run)."""
+    return (["--scenes", "parts", "--scene_cache", b["scene_cache"]]
+            if b.get("dataset") == "parts" else [])
 
 
 # Each paper's own pre-training recipe (PAPERS.md has the full-scale commands). Every
@@ -168,6 +181,22 @@ class Study:
         return Run("finetune", "finetune.py", finetune_flags(self.b) + weights,
                    pre.name.split("-", 1)[1] if pre else "scratch", self.b["ft_epochs"])
 
+    def readout(self, pre, seed):
+        """The fixed-feature readout of a pre-training run's encoder (None: the random encoder
+        pretrain.py starts from at this seed): study_measures.measure_probe."""
+        flags = ["--checkpoint", Ref(pre, "checkpoint-last.pth") if pre else "none",
+                 "--seed", seed, "--model", "mae_vit_tiny_patch8", "--input_size",
+                 self.b["input_size"], "--num_images", self.b["num_images"],
+                 "--val_images", self.b["val_images"], "--scenes", self.b.get("dataset", "shapes"),
+                 "--scene_cache", self.b.get("scene_cache", "none")]
+        return Run("readout", None, flags, pre.name.split("-", 1)[1] if pre else f"none_s{seed}")
+
+    def oracle_parts(self):
+        """A regions file of the parts scenes' true part masks (SemMAE on oracle parts)."""
+        flags = ["--input_size", self.b["input_size"], "--num_images", self.b["num_images"],
+                 "--scene_cache", self.b["scene_cache"]]
+        return Run("oracle", None, flags, "parts")
+
     def timing(self, settings):
         """One measurement of the model step for every (name, masks) setting, interleaved
         (bench.timed_ms)."""
@@ -193,10 +222,13 @@ class Study:
 def run_in_process(run, argv, output):
     """The stage's main in this process (--in_process: no interpreter start per run; tests use
     it)."""
-    stage = importlib.import_module(run.stage[:-3])
+    stage = importlib.import_module(run.stage[:-3]) if run.stage else None
     with open(output, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
-            stage.main(stage.get_args(argv))
+            if stage is None:                            # a measurement: kind out name flags...
+                MEASURES[run.kind](run, argv[1])
+            else:
+                stage.main(stage.get_args(argv))
             return 0
         except (utils.UsageError, ValueError) as e:
             print(f"error: {e}", flush=True)
@@ -206,10 +238,11 @@ def run_in_process(run, argv, output):
 
 
 def start(run, out):
-    """Prepare the run's folder and start it; -> (Popen, argv). An unfinished run continues from its
-    checkpoint; one that never saved a checkpoint starts again with an empty log."""
+    """Prepare the run's folder; -> the script's argv. An unfinished run continues from its
+    checkpoint; one that never saved a checkpoint (or a measurement) starts again with an empty
+    log."""
     folder = os.path.join(out, run.name)
-    argv = run.argv(out) + ["--output_dir", folder]
+    argv = run.script_argv(out)[1:]
     ckpt = os.path.join(folder, "checkpoint-last.pth")
     resumable = run.kind in ("pretrain", "probe", "finetune") or "learned" in run.flags
     if resumable and os.path.isfile(ckpt):
@@ -223,11 +256,10 @@ def start(run, out):
 
 
 def execute(runs, out, jobs, in_process):
-    """Make the stage runs that are not complete, `jobs` at a time, dependencies first; study.py's
-    own measurements (stage None) after them, one at a time. Stops at the first failure with its
-    command and output."""
+    """Make the runs that are not complete, `jobs` at a time, dependencies first (study.py's own
+    measurements as study_measures.py). Stops at the first failure with its command and output."""
     todo = [r for r in runs if not is_complete(r, out)]
-    stage_runs = [r for r in todo if r.stage]
+    stage_runs = list(todo)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_MININTERVAL="30")
     running, done_names, t_study = {}, {r.name for r in runs if r not in todo}, time.time()
@@ -267,8 +299,9 @@ def execute(runs, out, jobs, in_process):
                 code = run_in_process(run, argv, output)
                 finish(run, code, t0, time.process_time() - cpu)
                 continue
+            script = os.path.join(HERE, run.stage or "study_measures.py")
             with open(output, "a") as f:
-                proc = subprocess.Popen([sys.executable, os.path.join(HERE, run.stage)] + argv,
+                proc = subprocess.Popen([sys.executable, script] + argv,
                                         stdout=f, stderr=subprocess.STDOUT, env=env)
             running[proc] = (run, t0)
         if not running:
@@ -283,13 +316,6 @@ def execute(runs, out, jobs, in_process):
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 run, t0 = running.pop(proc)
                 finish(run, proc.returncode, t0, usage.ru_utime + usage.ru_stime)
-    for run in [r for r in todo if not r.stage]:
-        count += 1
-        print(f"[{count}/{len(todo)}] {run.name}", flush=True)
-        t0 = time.time()
-        os.makedirs(os.path.join(out, run.name), exist_ok=True)
-        MEASURES[run.kind](run, out)
-        finish(run, 0, t0)
     return time.time() - t_study
 
 
@@ -329,6 +355,33 @@ def summary(folder):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- primary contrasts
+
+def run_primary(args):
+    """The pilot gate (MAE vs none, every seed), then, if it passes or --force, every primary
+    contrast; writes <out>/primary.md."""
+    budget = dict(PARTS_QUICK if args.quick else PARTS, scene_cache=os.path.join(args.out, "scenes"))
+    if args.epochs:
+        budget["pre_epochs"] = args.epochs
+    study = Study(budget, args.seeds, args.out)
+    contrasts = study_contrasts.primary(study)
+    steps = [("pilot gate", contrasts[:1]), ("primary contrasts", contrasts)]
+    for step, family in steps:
+        runs = []
+        for r in study_contrasts.runs_of(family, study):
+            runs += [x for x in table_runs_of(r) if x not in runs]
+        elapsed = execute(runs, args.out, args.jobs, args.in_process)
+        print(f"{step}: {len(runs)} runs complete ({elapsed / 60:.1f} min this time)", flush=True)
+        if step == "pilot gate":
+            seen, gate_line = study_contrasts.gate(study, args.out)
+        text = gate_line + "\n\n" + study_contrasts.render(family, study, args.out)
+        if not (seen or args.force):
+            break
+    with open(os.path.join(args.out, "primary.md"), "w") as f:
+        f.write(text)
+    print("\n" + text, flush=True)
+
+
 # ----------------------------------------------------------------------------- main
 
 def get_args(argv=None):
@@ -336,6 +389,10 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", choices=sorted(TABLES) + ["all"],
                    help="which table to run (or only --report)")
+    p.add_argument("--primary", action="store_true",
+                   help="the primary contrasts on the parts scenes, after the pilot gate")
+    p.add_argument("--force", action="store_true",
+                   help="--primary: run the contrasts even when the pilot gate fails")
     p.add_argument("--report", action="store_true",
                    help="only aggregate the runs already in --out; run nothing")
     p.add_argument("--pictures", action="store_true",
@@ -360,8 +417,9 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    if not (args.table or args.pictures or args.summary):
-        utils.die("nothing to do: pass --table NAME (or all), --pictures or --summary DIR")
+    if not (args.table or args.pictures or args.summary or args.primary):
+        utils.die("nothing to do: pass --table NAME (or all), --primary, --pictures or "
+                  "--summary DIR")
     if args.seeds < 1 or args.jobs < 1 or any(v is not None and v < 1
                                               for v in (args.epochs, args.num_images)):
         utils.die("--seeds, --jobs, --epochs and --num_images must be >= 1")
@@ -385,6 +443,8 @@ def main(argv=None):
         execute(table_runs_of(study.parts("learned")), args.out, args.jobs, args.in_process)
         for path in (picture_semmae(study, args.out), picture_objmae(study, args.out)):
             print(f"wrote {path}")
+    if args.primary:
+        run_primary(args)
     names = [] if not args.table else sorted(TABLES) if args.table == "all" else [args.table]
     tables = [TABLES[n](study) for n in names]
     if tables and not args.report:

@@ -3,6 +3,7 @@ time (objmae-speed), the hidden-object error and attention rollout (unseen-objec
 floor of the probe (semmae-masking). Each writes its numbers to its run's log.txt, ending "done"."""
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ import model as models
 import region_file
 import runs
 import shapes
+import utils
 
 
 # --------------------------------------------------------------------- study.py's own measurements
@@ -209,4 +211,106 @@ def measure_colour(run, out):
                       "colour_acc": colour_right / len(y_val), "done": True})
 
 
-MEASURES = {"timing": measure_timing, "unseen": measure_unseen, "colour": measure_colour}
+# --------------------------------------------------------------------- the probe (issue: one per encoder)
+
+def object_patches(base, size, patch):
+    """[N, L] bool: the class object's patches of every scene, by ObjMAE's 20% rule (§3.2) on the
+    scene's own instance mask (the parts scenes: their one object; shapes: the largest, drawn last,
+    the one that names the class); a scene whose object loses every patch keeps them all."""
+    grid = (size // patch, size // patch)
+    rows = []
+    for i in range(len(base)):
+        mask = base.load(i)[1]
+        cells = torch.from_numpy(region_file.mask_cells(mask, size, grid)).flatten()
+        mine = cells == int(mask.max())
+        rows.append(mine if mine.any() else torch.ones_like(mine))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def encoder_features(net, base, on_object, batch=256):
+    """The encoder's patch tokens of every scene, pooled two ways: (mean of all patches [N, D],
+    mean of the class object's patches [N, D]). Unaugmented, normalised as in training."""
+    pixels = data.PretrainDataset(base, base.img_size, hflip=False)
+    L = net.grid[0] * net.grid[1]
+    every, obj = [], []
+    for start in range(0, len(base), batch):
+        idx = range(start, min(start + batch, len(base)))
+        imgs = torch.stack([pixels[i][0] for i in idx])                       # [B, 3, S, S]
+        tokens = net.forward_features(imgs, torch.arange(L).expand(len(idx), L))[:, 1:]  # [B, L, D]
+        weight = on_object[start:start + len(idx)].float().unsqueeze(-1)      # [B, L, 1]
+        every.append(tokens.mean(1))
+        obj.append((tokens * weight).sum(1) / weight.sum(1))
+    return torch.cat(every), torch.cat(obj)
+
+
+def measure_probe(run, out):
+    """One encoder measured by two deterministic classifiers on fixed features (probe.py): a
+    converged L2 logistic regression and DINO's k-NN, each on two poolings of the patch tokens
+    (all patches; the class object's). The encoder is a pre-training run's checkpoint, or with
+    --checkpoint none the random one pretrain.py starts from at --seed (torch.manual_seed, then
+    the model). Writes lin_all, lin_obj, knn_all, knn_obj (top-1 %) and the chosen weight decays."""
+    import probe
+    size, n, n_val, seed = (int(flag(run, out, k)) for k in
+                            ("input_size", "num_images", "val_images", "seed"))
+    kind, cache, path = (flag(run, out, k) for k in ("scenes", "scene_cache", "checkpoint"))
+    cache = None if cache == "none" else cache
+    if path == "none":
+        torch.manual_seed(seed)
+        net = models.MODELS[flag(run, out, "model")](img_size=size, norm_pix_loss=True).eval()
+    else:
+        net = load_mae(path, size)
+    torch.set_num_threads(1)                       # two study jobs share the machine's cores
+    record = {}
+    sets = [data.builtin(kind, k, size, 0, split, cache) for k, split in ((n, "train"), (n_val, "val"))]
+    (y, y_val) = (torch.tensor(s.targets) for s in sets)
+    feats = [encoder_features(net, s, object_patches(s, size, net.patch_size)) for s in sets]
+    for j, pool in enumerate(("all", "obj")):
+        x, x_val = feats[0][j], feats[1][j]
+        fit = probe.logistic_probe(x, y, x_val, y_val, len(sets[0].classes))
+        votes = probe.knn_predict(x, y, x_val, len(sets[0].classes))
+        record.update({f"lin_{pool}": 100 * fit["acc"], f"wd_{pool}": fit["weight_decay"],
+                       f"knn_{pool}": 100 * (votes == y_val).float().mean().item()})
+    runs.append_log(os.path.join(out, run.name, "log.txt"), {**record, "done": True})
+
+
+def measure_oracle_parts(run, out):
+    """SemMAE on oracle parts: a regions file of the parts scenes' true part masks (background and
+    the object's parts, 0..3) on 8-px cells, each cell its most common part (SemMAE §4.2 learns
+    parts at 8x8). The learned parts of part_learn.py are measured against the same scenes."""
+    size, n = int(flag(run, out, "input_size")), int(flag(run, out, "num_images"))
+    base = data.builtin("parts", n, size, 0, "train", flag(run, out, "scene_cache"))
+    cell = 8
+    grid = size // cell
+    parts = torch.stack([torch.from_numpy(base.part_mask(i)).long() for i in range(n)])  # [N, S, S]
+    votes = F.one_hot(parts, 4).view(n, grid, cell, grid, cell, 4).sum((2, 4))         # [N, g, g, 4]
+    meta = {"method": "oracle", "kind": "parts", "input_size": size, "cell_size": cell,
+            "num_regions": 4, "source": "scenes.py's true part masks"}
+    folder = os.path.join(out, run.name)
+    region_file.save_regions(os.path.join(folder, "regions.pt"), votes.argmax(-1), None,
+                             base.files, meta)
+    runs.append_log(os.path.join(folder, "log.txt"), {"done": True})
+
+
+MEASURES = {"timing": measure_timing, "unseen": measure_unseen, "colour": measure_colour,
+            "readout": measure_probe, "oracle": measure_oracle_parts}
+
+
+class Given:
+    """A measurement run as its command line gives it (name, flags), for MEASURES."""
+
+    def __init__(self, name, flags):
+        self.name, self.flags = name, flags
+
+    def argv(self, out):
+        return self.flags
+
+
+if __name__ == "__main__":      # python study_measures.py KIND OUT NAME FLAGS... (study.py's runs)
+    kind, out_dir, run_name, *run_flags = sys.argv[1:]
+    torch.set_num_threads(1)
+    try:
+        with utils.user_input():
+            MEASURES[kind](Given(run_name, run_flags), out_dir)
+    except utils.UsageError as e:
+        utils.die(str(e))

@@ -37,13 +37,15 @@ class Run:
         return [os.path.join(out, f.run.name, f.file) if isinstance(f, Ref) else str(f)
                 for f in self.flags]
 
-    def command(self, out):
-        """The command that makes this run by hand (study.py's own measurements: what it
-        measures)."""
+    def script_argv(self, out):
+        """The script and its arguments; study.py's own measurements run as study_measures.py."""
         if self.stage is None:
-            return f"# study.py measures {self.kind}: " + " ".join(self.argv(out))
-        folder = os.path.join(out, self.name)
-        return " ".join(["python", self.stage] + self.argv(out) + ["--output_dir", folder])
+            return ["study_measures.py", self.kind, out, self.name] + self.argv(out)
+        return [self.stage] + self.argv(out) + ["--output_dir", os.path.join(out, self.name)]
+
+    def command(self, out):
+        """The command that makes this run by hand."""
+        return " ".join(["python"] + self.script_argv(out))
 
 
 def read_log(folder):
