@@ -43,13 +43,12 @@ def primary(study):
 
 def runs_of(contrasts, study):
     """Every readout run the contrasts read, each once, in order."""
-    runs = []
+    runs = {}
     for c in contrasts:
         for seed in study.seeds:
             for run in (c.a(study, seed), c.b(study, seed)):
-                if run not in runs:
-                    runs.append(run)
-    return runs
+                runs.setdefault(run.name, run)
+    return list(runs.values())
 
 
 def value(run, out, key):

@@ -273,3 +273,53 @@ def test_every_documented_study_command_parses():
                 study.get_args(cmd.split())
             except SystemExit:
                 pytest.fail(f"{source}: does not parse: python study.py{cmd}")
+
+
+# ============================================================================= the primary contrasts
+
+def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(tmp_path, monkeypatch):
+    import scenes
+    import study_contrasts
+    drawn = []
+    real = scenes.PartsDataset.load
+    monkeypatch.setattr(scenes.PartsDataset, "load", lambda self, i: drawn.append((self.split, i))
+                        or real(self, i))
+    out = str(tmp_path / "study")
+    study.main(["--primary", "--quick", "--in_process", "--seeds", "2", "--force", "--out", out])
+    n, n_val = study.PARTS_QUICK["num_images"], study.PARTS_QUICK["val_images"]
+    # every run (pre-training, oracle parts, readouts, ObjMAE's object masks) read the one cache
+    assert sorted(drawn) == sorted([("train", i) for i in range(n)] + [("val", i) for i in range(n_val)])
+    budget = dict(study.PARTS_QUICK, scene_cache=os.path.join(out, "scenes"))
+    s = study.Study(budget, 2, out)
+    contrasts = study_contrasts.primary(s)
+    assert len(study_contrasts.runs_of(contrasts, s)) == 2 * 6            # 6 arms, 2 seeds each
+    text = open(os.path.join(out, "primary.md")).read()
+    assert text.startswith("pilot gate: MAE - random encoder = ")
+    for c in contrasts:
+        r = study_contrasts.compare(c, s, out)
+        assert len(r["a"]) == len(r["b"]) == 2 and None not in r["a"] + r["b"]
+        assert r["diffs"] == [x - y for x, y in zip(r["a"], r["b"])]
+        assert f"| {c.name} | {r['diff']:+.1f} |" in text
+
+
+def test_the_readout_of_the_random_encoder_is_the_one_pretrain_starts_from(tmp_path):
+    """Arms of a seed are paired: the 'none' arm is pretrain.py's initial weights at that seed."""
+    import pretrain
+    out = str(tmp_path / "pre")
+    pretrain.main(pretrain.get_args(TINY + ["--epochs", "1", "--num_images", "8", "--batch_size", "8",
+                                            "--blr", "0", "--seed", "3", "--output_dir", out]))
+    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=False)
+    torch.manual_seed(3)
+    args = ckpt["args"]
+    net = study_measures.models.MODELS[args["model"]](img_size=args["input_size"], norm_pix_loss=True)
+    for name, p in net.state_dict().items():
+        if not name.startswith("decoder") and name != "mask_token":
+            assert torch.equal(p, ckpt["model"][name]), name
+
+
+def test_a_scene_cache_of_other_scenes_is_one_line(tmp_path):
+    import data
+    data.builtin("parts", 4, 32, 0, "train", str(tmp_path))
+    os.replace(tmp_path / "parts-train-0-4x32.pt", tmp_path / "parts-train-1-4x32.pt")
+    with pytest.raises(data.UsageError, match="holds other scenes; delete it"):
+        data.builtin("parts", 4, 32, 1, "train", str(tmp_path))
