@@ -175,6 +175,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+
+def stage_argv(stage, encoder_ckpt):
+    """A tiny run of each stage (part_learn.py's learned parts on encoder_ckpt)."""
+    return {"pretrain": PRE, "finetune": FT,
+            "part_learn": ["--method", "learned", "--encoder_weights", encoder_ckpt] + PRE[2:14]}[stage]
+
+
 @pytest.fixture(scope="module")
 def encoder_ckpt(tmp_path_factory):
     """A pretrain.py-style checkpoint of mae_vit_tiny_patch8 (random weights)."""
