@@ -1,5 +1,5 @@
 """Tests for masking.py: exact counts, Algorithm 1 against a slow exact reference, uniformity of
-every random choice, no host sync on the hot path, argument errors (ObjMAE: test_masking_objmae.py)."""
+every random choice, no host sync in the hot path, bad arguments (ObjMAE: test_masking_objmae.py)."""
 import inspect
 import itertools
 import math
