@@ -17,8 +17,7 @@ import pretrain
 import utils
 from utils import UsageError
 
-from conftest import (FT, PRE, TINY_QUIET, run, run_cli)
-
+from conftest import FT, PRE, TINY_QUIET, run, run_cli
 
 
 # ============================================================================= bad input

@@ -19,8 +19,7 @@ import pretrain
 import utils
 from utils import UsageError
 
-from conftest import (HERE, PRE, STAGES, error_lines, run_cli, stage_argv)
-
+from conftest import HERE, PRE, STAGES, error_lines, run_cli, run_here, stage_argv
 
 
 # ============================================================================= the documented commands
@@ -265,8 +264,8 @@ def test_every_stage_groups_its_flags():
     for stage, titles in {"pretrain": ["--mask semmae only", "--mask objmae only", "augmentation", "optimisation"],
                           "finetune": ["linear probing only", "augmentation", "optimisation"],
                           "part_learn": ["--method learned only", "--method cam", "--method segmentation only"]}.items():
-        out = subprocess.run([sys.executable, os.path.join(HERE, f"{stage}.py"), "--help"], capture_output=True,
-                             text=True, cwd=HERE).stdout
+        code, out = run_here(f"{stage}.py", "--help")
+        assert code == 0, out
         for title in titles:
             assert f"\n{title}" in out, (stage, title)
 

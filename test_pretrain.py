@@ -26,7 +26,6 @@ from conftest import (HERE, PRE, TINY, TINY_QUIET, as_png, check_band, error_lin
                       run_cli, torchrun)
 
 
-
 # ----------------------------------------------------------------------------- pretrain.py
 
 @pytest.mark.parametrize("mask_args", [

@@ -17,8 +17,7 @@ import utils
 from utils import UsageError
 
 from conftest import (FT, PRE, STAGES, TINY_QUIET, assert_same_tensors, cli, error_lines, load,
-                      run_cli, run_signalled, stage_argv, stop_when)
-
+                      run_cli, run_here, run_signalled, stage_argv, stop_when)
 
 
 # ============================================================================= Lookahead, ObjMAE's optimiser
@@ -160,7 +159,7 @@ def test_every_step_is_the_mean_of_exactly_accum_iter_batches(tmp_path, monkeypa
 def test_kill_and_resume_with_workers_equals_uninterrupted(tmp_path, script, argv):
     common = argv + ["--num_workers", "2", "--epochs", "3", "--warmup_epochs", "1"]
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    code, output = run_cli(script, *common, "--output_dir", full)
+    code, output = run_here(script, *common, "--output_dir", full)              # the reference run
     assert code == 0, output
     code, output = run_signalled(script, *common, "--output_dir", killed, after="save_checkpoint")
     assert code == -signal.SIGKILL and load(os.path.join(killed, "checkpoint-last.pth"))["epoch"] == 0, output
