@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-# ----------------------------------------------------------------------------- patches and positions
+# ---------------------------------------------------------------------------- patches and positions
 
 def patchify(imgs, p):
     """[B, C, H, W] -> [B, L, p*p*C]: patches row-major, pixels in MAE's (p, q, c) order (the pixel
@@ -59,11 +59,12 @@ def sincos_pos_embed(dim, grid):
     the channels encodes the column and the second half the row (MAE's meshgrid(w, h)), so a 14x14
     table equals MAE's."""
     if dim % 4:
-        raise ValueError(f"embed_dim={dim} must be divisible by 4 for the 2-D sin-cos position embedding")
+        raise ValueError(f"embed_dim={dim} must be divisible by 4 for the 2-D sin-cos position "
+                         "embedding")
     gh, gw = grid
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # [D/4]
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64),
+                                torch.arange(gw, dtype=torch.float64), indexing="ij")
 
     def embed_1d(pos):  # [gh, gw] -> [gh*gw, D/2]
         out = pos.reshape(-1, 1) * omega
@@ -81,7 +82,8 @@ def interpolate_pos_embed(pos_embed, grid, src_grid=None):
     if src_grid is None:
         side = math.isqrt(patches.shape[1])
         if side * side != patches.shape[1]:
-            raise ValueError(f"pos_embed has {patches.shape[1]} patch rows, not a square grid; pass src_grid")
+            raise ValueError(f"pos_embed has {patches.shape[1]} patch rows, not a square grid; "
+                             "pass src_grid")
         src_grid = (side, side)
     if tuple(src_grid) == tuple(grid):
         return pos_embed
@@ -121,7 +123,8 @@ class Attention(nn.Module):
 
     def split_qkv(self, x):  # [B, N, D] -> 3 x [B, heads, N, D/heads]
         B, N, D = x.shape
-        return self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x, mask=None):
         q, k, v = self.split_qkv(x)
@@ -207,8 +210,9 @@ class VisionTransformer(nn.Module):
     that starts from the 2-D sin-cos table; global_pool averages the patch tokens and uses fc_norm
     instead of norm (MAE)."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=768, depth=12,
-                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, global_pool=False):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
+                 global_pool=False):
         super().__init__()
         sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if sizes[0] % patch_size or sizes[1] % patch_size:
@@ -225,7 +229,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
         # linear stochastic-depth decay
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r)
+                                     for r in rates])
         if global_pool:
             self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         else:
@@ -247,7 +252,8 @@ class VisionTransformer(nn.Module):
         grid = (H // p, W // p)
         # rows in the conv weight's (c, p, q) order, so F.linear with proj.weight.flatten(1) equals
         # the Conv2d
-        rows = imgs.reshape(B, C, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
+        rows = imgs.reshape(B, C, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5)
+        rows = rows.flatten(3).flatten(1, 2)
         # [B, L, D]
         pos = interpolate_pos_embed(self.pos_embed, grid, self.grid)[:, 1:].expand(B, -1, -1)
         if ids is not None:
@@ -295,15 +301,16 @@ class MaskedAutoencoderViT(VisionTransformer):
     The encoder is this class's VisionTransformer part (same names, no head) with a fixed sin-cos
     pos_embed; the decoder uses MAE's names."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=False):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
+                 num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4.0, norm_pix_loss=False):
         super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depth, num_heads, mlp_ratio)
         self.pos_embed.requires_grad_(False)  # fixed sin-cos, as MAE
         self.norm_pix_loss = norm_pix_loss
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, self.grid).unsqueeze(0),
-                                              requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(
+            sincos_pos_embed(decoder_embed_dim, self.grid).unsqueeze(0), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
@@ -351,7 +358,8 @@ class MaskedAutoencoderViT(VisionTransformer):
         zero pixels at its slot's position, a target one as a mask token there."""
         size = tuple(g * self.patch_size for g in self.grid)
         if tuple(imgs.shape[-2:]) != size:
-            raise ValueError(f"images are {tuple(imgs.shape[-2:])} but this model was built for img_size={size}")
+            raise ValueError(f"images are {tuple(imgs.shape[-2:])} but this model was built for "
+                             f"img_size={size}")
         latent = self.forward_features(imgs, src_ids, src_valid, attend_padding)  # [B, 1+n_src, D]
         attended = (None, None) if attend_padding else (src_valid, tgt_valid)
         pred = self.forward_decoder(latent, src_ids, tgt_ids, *attended)
@@ -366,33 +374,38 @@ class MaskedAutoencoderViT(VisionTransformer):
         return pred * std + mean
 
 
-mae_vit_base_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                               decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # MAE
-mae_vit_base_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=768, depth=12, num_heads=12,
-                              # SemMAE 8x8
-                              decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-mae_vit_large_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # MAE
-mae_vit_small_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                                # ObjMAE Table 1
-                                decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3)
-mae_vit_small_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=384, depth=12, num_heads=6,
-                               # DINO ViT-S/8's encoder
-                               decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3)
-mae_vit_huge_patch14 = partial(MaskedAutoencoderViT, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-                               decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # MAE
-mae_vit_tiny_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-                              # CPU demos and tests
-                              decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)
+mae_vit_base_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=768, depth=12,
+                               num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+                               decoder_num_heads=16)         # MAE
+mae_vit_base_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=768, depth=12,
+                              num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+                              decoder_num_heads=16)          # SemMAE 8x8
+mae_vit_large_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=1024, depth=24,
+                                num_heads=16, decoder_embed_dim=512, decoder_depth=8,
+                                decoder_num_heads=16)        # MAE
+mae_vit_small_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=384, depth=12,
+                                num_heads=6, decoder_embed_dim=192, decoder_depth=4,
+                                decoder_num_heads=3)        # ObjMAE Table 1
+mae_vit_small_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=384, depth=12,
+                               num_heads=6, decoder_embed_dim=192, decoder_depth=4,
+                               decoder_num_heads=3)         # DINO ViT-S/8's encoder
+mae_vit_huge_patch14 = partial(MaskedAutoencoderViT, patch_size=14, embed_dim=1280, depth=32,
+                               num_heads=16, decoder_embed_dim=512, decoder_depth=8,
+                               decoder_num_heads=16)         # MAE
+mae_vit_tiny_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=96, depth=4,
+                              num_heads=3, decoder_embed_dim=64, decoder_depth=2,
+                              decoder_num_heads=2)          # CPU demos and tests
 
 MODELS = {"mae_vit_base_patch16": mae_vit_base_patch16, "mae_vit_base_patch8": mae_vit_base_patch8,
-          "mae_vit_large_patch16": mae_vit_large_patch16, "mae_vit_small_patch16": mae_vit_small_patch16,
+          "mae_vit_large_patch16": mae_vit_large_patch16,
+          "mae_vit_small_patch16": mae_vit_small_patch16,
           "mae_vit_tiny_patch8": mae_vit_tiny_patch8, "mae_vit_small_patch8": mae_vit_small_patch8,
           "mae_vit_huge_patch14": mae_vit_huge_patch14}
 # classifiers with the same encoder sizes: "vit_base_patch16", ... (kwargs: img_size, num_classes,
 # drop_path_rate, ...)
 VITS = {name[len("mae_"):]: partial(VisionTransformer, **{k: ctor.keywords[k] for k in
-                                                          ("patch_size", "embed_dim", "depth", "num_heads")})
+                                                          ("patch_size", "embed_dim", "depth",
+                                                           "num_heads")})
         for name, ctor in MODELS.items()}
 
 
@@ -404,7 +417,7 @@ def names_that_fit(embed_dim, depth, patch_size, names=VITS):
             == (embed_dim, depth, patch_size)]
 
 
-# ----------------------------------------------------------------------------- SemMAE part learner (§3.1)
+# ----------------------------------------------------------------------- SemMAE part learner (§3.1)
 
 def gaussian_kernel(size):
     """[size, size] normalised Gaussian; sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8 (OpenCV's default
@@ -424,13 +437,15 @@ class AdaIN(nn.Module):
 
     def __init__(self, style_dim, channels, eps=1e-5):
         super().__init__()
-        self.scale, self.shift, self.eps = nn.Linear(style_dim, channels), nn.Linear(style_dim, channels), eps
+        self.scale, self.shift = nn.Linear(style_dim, channels), nn.Linear(style_dim, channels)
+        self.eps = eps
         nn.init.ones_(self.scale.bias)  # starts near a plain instance norm (StyleGAN's style bias)
 
     def forward(self, x, style):  # x [B, ch, H, W], style [B, C]
         mean = x.mean(dim=(2, 3), keepdim=True)
         std = (x.var(dim=(2, 3), keepdim=True, unbiased=False) + self.eps).sqrt()
-        return self.scale(style)[:, :, None, None] * (x - mean) / std + self.shift(style)[:, :, None, None]
+        scale, shift = self.scale(style)[:, :, None, None], self.shift(style)[:, :, None, None]
+        return scale * (x - mean) / std + shift
 
 
 class PartLearner(nn.Module):
@@ -452,12 +467,14 @@ class PartLearner(nn.Module):
         self.b_c2 = nn.Parameter(torch.empty(N, C).uniform_(-bound, bound))
         self.w_p = nn.Linear(C, C, bias=False)  # Eq. 2: W_p (part tokens)
         self.w = nn.Linear(C, C, bias=False)  # Eq. 2: W (patch tokens)
-        self.register_buffer("blur_kernel", gaussian_kernel(blur).expand(N, 1, blur, blur).clone(), persistent=False)
+        self.register_buffer("blur_kernel", gaussian_kernel(blur).expand(N, 1, blur, blur).clone(),
+                             persistent=False)
 
         # the grid, then one per 2x up to the image size
         levels = 1 + max(0, math.ceil(math.log2(patch_size)))
         chans = [N] + [widths[min(i, len(widths) - 1)] for i in range(levels)]
-        self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:])])
+        self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1)
+                                    for a, b in zip(chans[:-1], chans[1:])])
         self.adains = nn.ModuleList([AdaIN(C, b) for b in chans[1:]])
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, padding=1)
 
@@ -478,7 +495,8 @@ class PartLearner(nn.Module):
     # fixed (a buffer, not learned) depthwise Gaussian: removes texture from the maps
     def blur(self, maps):
         pad = self.blur_kernel.shape[-1] // 2
-        return F.conv2d(F.pad(maps, [pad] * 4, mode="replicate"), self.blur_kernel, groups=maps.shape[1])
+        padded = F.pad(maps, [pad] * 4, mode="replicate")
+        return F.conv2d(padded, self.blur_kernel, groups=maps.shape[1])
 
     def decode(self, maps, cls_feat, out_size):
         """Eq. 3, 4: blurred maps (space) + class token (texture, via AdaIN) -> image [B, 3,
@@ -531,15 +549,18 @@ def read_checkpoint(path):
             head = f.read(40)
         # torch.save writes a zip (or a pickle)
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-            raise ValueError(f"{path} is not a checkpoint (it starts with {head[:20]!r}, not the bytes torch.save "
-                             "writes); pass the .pth file itself") from None
+            raise ValueError(f"{path} is not a checkpoint (it starts with {head[:20]!r}, not the bytes "
+                             "torch.save writes); pass the .pth file itself") from None
         # e.g. numpy scalars in a released file's extra entries
         if isinstance(e, pickle.UnpicklingError):
-            raise ValueError(f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) does "
-                             "not run; if you trust the file, keep only its weights: python -c \"import torch; "
-                             f"c = torch.load('{path}', weights_only=False); torch.save({{'model': c['model']}}, "
-                             f"'{path}.weights.pth')\" and pass that file") from None
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise ValueError(f"{path} holds Python objects besides tensors, which "
+                             "torch.load(weights_only=True) does not run; if you trust the file, keep "
+                             "only its weights: python -c \"import torch; "
+                             f"c = torch.load('{path}', weights_only=False); "
+                             f"torch.save({{'model': c['model']}}, '{path}.weights.pth')\" and pass that "
+                             "file") from None
+        first = str(e).splitlines()[0]
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {first})") from None
 
 
 def encoder_state_dict(obj):
@@ -547,7 +568,8 @@ def encoder_state_dict(obj):
     there are none."""
     if not isinstance(obj, dict):
         return type(obj).__name__, {}
-    layout = next((k for k in ("teacher", "student", "state_dict", "model") if isinstance(obj.get(k), dict)), "plain")
+    layout = next((k for k in ("teacher", "student", "state_dict", "model")
+                   if isinstance(obj.get(k), dict)), "plain")
     weights = {}
     for key, value in (obj if layout == "plain" else obj[layout]).items():
         if not isinstance(key, str) or not torch.is_tensor(value):
@@ -589,28 +611,32 @@ def load_encoder_checkpoint(path):
     layout, sd = encoder_state_dict(obj)
     if "patch_embed.proj.weight" not in sd:
         top = list(obj)[:8] if isinstance(obj, dict) else layout
-        raise ValueError(f"checkpoint {path} has an unknown layout (top level: {top}); expected a ViT state dict "
-                         "(DINO, timm), {'state_dict'} (iBOT), {'teacher'/'student'} (DINO/iBOT training) or "
-                         "{'model'} (MAE, SemMAE, this project)")
+        raise ValueError(f"checkpoint {path} has an unknown layout (top level: {top}); expected a ViT "
+                         "state dict (DINO, timm), {'state_dict'} (iBOT), {'teacher'/'student'} "
+                         "(DINO/iBOT training) or {'model'} (MAE, SemMAE, this project)")
     embed_dim, in_chans, patch_size = sd["patch_embed.proj.weight"].shape[:3]
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=0)
     fc1 = sd.get("blocks.0.mlp.fc1.weight")
     num_patches = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else 0
     side = math.isqrt(num_patches)
     info = dict(embed_dim=embed_dim, depth=depth, num_heads=checkpoint_num_heads(obj, embed_dim),
-                patch_size=patch_size, img_size=side * patch_size if side * side == num_patches else None,
-                layout=layout, in_chans=in_chans, mlp_ratio=4.0 if fc1 is None else fc1.shape[0] / embed_dim,
+                patch_size=patch_size,
+                img_size=side * patch_size if side * side == num_patches else None,
+                layout=layout, in_chans=in_chans,
+                mlp_ratio=4.0 if fc1 is None else fc1.shape[0] / embed_dim,
                 qkv_bias="blocks.0.attn.qkv.bias" in sd,
                 global_pool="fc_norm.weight" in sd and "norm.weight" not in sd)
 
     # every key the encoder has must be there, or a random layer would train or probe silently
     with torch.device("meta"):  # names only: no memory, no init cost
-        ref = VisionTransformer(patch_size, patch_size, in_chans, 0, embed_dim, depth, info["num_heads"],
-                                info["mlp_ratio"], info["qkv_bias"], global_pool=info["global_pool"])
-    missing, extra = sorted(set(ref.state_dict()) - set(sd)), sorted(set(sd) - set(ref.state_dict()))
+        ref = VisionTransformer(patch_size, patch_size, in_chans, 0, embed_dim, depth,
+                                info["num_heads"], info["mlp_ratio"], info["qkv_bias"],
+                                global_pool=info["global_pool"])
+    names = set(ref.state_dict())
+    missing, extra = sorted(names - set(sd)), sorted(set(sd) - names)
     if missing or extra:
-        raise ValueError(f"checkpoint {path} ({layout} layout) is not a complete ViT encoder: missing {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}, unexpected {extra[:6]}")
+        raise ValueError(f"checkpoint {path} ({layout} layout) is not a complete ViT encoder: missing "
+                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected {extra[:6]}")
     return sd, info
 
 
@@ -626,8 +652,9 @@ def build_encoder_from_checkpoint(path, img_size=None, **kwargs):
     global_pool = kwargs.pop("global_pool", info["global_pool"])
     if global_pool and not info["global_pool"]:
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
-    model = VisionTransformer(img_size, info["patch_size"], info["in_chans"], embed_dim=info["embed_dim"],
-                              depth=info["depth"], num_heads=info["num_heads"], mlp_ratio=info["mlp_ratio"],
+    model = VisionTransformer(img_size, info["patch_size"], info["in_chans"],
+                              embed_dim=info["embed_dim"], depth=info["depth"],
+                              num_heads=info["num_heads"], mlp_ratio=info["mlp_ratio"],
                               qkv_bias=info["qkv_bias"], global_pool=global_pool, **kwargs)
     if sd["pos_embed"].shape[1] != model.pos_embed.shape[1]:
         sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], model.grid)
@@ -635,7 +662,8 @@ def build_encoder_from_checkpoint(path, img_size=None, **kwargs):
     fresh = ("head.", "fc_norm.") if global_pool and not info["global_pool"] else ("head.",)
     missing = [k for k in missing if not k.startswith(fresh)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the encoder: missing {missing[:6]}, unexpected "
-                         f"{unexpected[:6]} (a fine-tuned checkpoint with fc_norm needs global_pool=True)")
+        raise ValueError(f"checkpoint {path} does not fit the encoder: missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]} (a fine-tuned checkpoint with fc_norm needs "
+                         "global_pool=True)")
     return model
 
