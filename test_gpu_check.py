@@ -6,18 +6,15 @@ import pytest
 import torch
 
 import bench
-import gpu_check
 
 from conftest import error_lines, run
 
 
-def test_gpu_check_on_the_cpu_runs_every_mask_and_the_resume(tmp_path, monkeypatch, capsys):
+def test_gpu_check_on_the_cpu_runs_every_mask_and_the_resume(tmp_path):
     (tmp_path / "check" / "random").mkdir(parents=True)                          # a previous check's run: replaced
     (tmp_path / "check" / "random" / "checkpoint-last.pth").write_bytes(b"an old run")
     (tmp_path / "check" / "mine.txt").write_text("kept")                         # anything else: left alone
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")                   # main here, its stages in processes of their own
-    code = gpu_check.main(gpu_check.get_args(["--device", "cpu", "--output_dir", str(tmp_path / "check")]))
-    output = capsys.readouterr().out
+    code, output = run(["python", "gpu_check.py", "--device", "cpu", "--output_dir", str(tmp_path / "check")])
     assert code == 0, output
     table = output[output.index("### GPU check: CPU"):].splitlines()
     assert table[2:4] == ["| check | setting | result |", "|---|---|---|"]
