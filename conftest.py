@@ -6,6 +6,7 @@ References (the comments cite "ObjMAE §3.2"; SemMAE is the other masking these 
   ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
 """
 import contextlib
+import io
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ import model as models
 import part_learn
 import pretrain
 import region_file
+import runs
 import shapes
 
 
@@ -70,6 +72,25 @@ def run_cli(script, *argv, env=None, launcher=()):
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
 
+
+
+def run_here(script, *argv):
+    """Run a stage through the entry point its command line calls (runs.run_stage) but in this process
+    -> (exit code, stdout and stderr together), as run_cli, without a fresh Python's start-up (seconds of
+    CPU to import torch): for the runs of a test whose subject is not the process itself. The signal
+    handlers the stage installs are put back."""
+    stage = STAGES[script[:-3]]
+    out, handlers = io.StringIO(), {s: signal.getsignal(s) for s in runs.STOP_SIGNALS}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            runs.run_stage(stage.main, lambda: stage.get_args([str(a) for a in argv]))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return code, out.getvalue()
 
 # runs a stage (argv[4:]) with a signal sent to itself right after the n-th return of one runs or utils
 # function, or of module.X: a kill, a preemption or a Ctrl-C at an exact point of the run, never a race with the test's clock
@@ -175,6 +196,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+
+def stage_argv(stage, encoder_ckpt):
+    """A tiny run of each stage (part_learn.py's learned parts on encoder_ckpt)."""
+    return {"pretrain": PRE, "finetune": FT,
+            "part_learn": ["--method", "learned", "--encoder_weights", encoder_ckpt] + PRE[2:14]}[stage]
 
 
 @pytest.fixture(scope="module")

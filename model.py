@@ -1,18 +1,21 @@
-"""The networks: a ViT encoder, the MAE encoder/decoder on index sets (SemMAE and ObjMAE pre-training),
-the SemMAE part learner (SemMAE §3.1) and the loaders for released checkpoints.
+"""The networks: a ViT encoder, the MAE encoder/decoder on index sets (SemMAE and ObjMAE
+pre-training), the SemMAE part learner (SemMAE §3.1) and the loaders for released checkpoints.
 
-Parameter names follow timm/MAE/DINO (patch_embed.proj, cls_token, pos_embed, blocks.{i}.attn.qkv, norm, ...),
-so official MAE, SemMAE, DINO, iBOT and timm weights load after prefix stripping, and our encoders load into timm.
+Parameter names follow timm/MAE/DINO (patch_embed.proj, cls_token, pos_embed,
+blocks.{i}.attn.qkv, norm, ...), so official MAE, SemMAE, DINO, iBOT and timm weights load after
+prefix stripping, and our encoders load into timm.
 
 References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
-  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022, arXiv:2206.10207
+  SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders.
+          NeurIPS 2022, arXiv:2206.10207
   ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
   MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import math
 import os
 import pickle
-from argparse import Namespace  # only to read MAE/SemMAE checkpoints, which pickle their args as one
+# only to read MAE/SemMAE checkpoints, which pickle their args as one
+from argparse import Namespace
 from functools import partial
 
 import torch
@@ -21,10 +24,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-# ----------------------------------------------------------------------------- patches and positions
+# ---------------------------------------------------------------------------- patches and positions
 
 def patchify(imgs, p):
-    """[B, C, H, W] -> [B, L, p*p*C]: patches row-major, pixels in MAE's (p, q, c) order (the pixel target)."""
+    """[B, C, H, W] -> [B, L, p*p*C]: patches row-major, pixels in MAE's (p, q, c) order (the pixel
+    target)."""
     B, C, H, W = imgs.shape
     x = imgs.reshape(B, C, H // p, p, W // p, p)
     x = torch.einsum("nchpwq->nhwpqc", x)
@@ -40,7 +44,8 @@ def unpatchify(x, p, h, w):
 
 
 def patch_stats(pixels):
-    """Per-patch mean and std of [B, n, p*p*C] pixels (MAE's norm_pix_loss: unbiased var, eps 1e-6)."""
+    """Per-patch mean and std of [B, n, p*p*C] pixels (MAE's norm_pix_loss: unbiased var, eps
+    1e-6)."""
     return pixels.mean(dim=-1, keepdim=True), (pixels.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
 
 
@@ -50,14 +55,16 @@ def gather_tokens(x, ids):
 
 
 def sincos_pos_embed(dim, grid):
-    """MAE's fixed 2-D sin-cos embedding: [1 + gh*gw, dim], row 0 (cls) is zero. The first half of the channels
-    encodes the column and the second half the row (MAE's meshgrid(w, h)), so a 14x14 table equals MAE's."""
+    """MAE's fixed 2-D sin-cos embedding: [1 + gh*gw, dim], row 0 (cls) is zero. The first half of
+    the channels encodes the column and the second half the row (MAE's meshgrid(w, h)), so a 14x14
+    table equals MAE's."""
     if dim % 4:
-        raise ValueError(f"embed_dim={dim} must be divisible by 4 for the 2-D sin-cos position embedding")
+        raise ValueError(f"embed_dim={dim} must be divisible by 4 for the 2-D sin-cos position "
+                         "embedding")
     gh, gw = grid
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # [D/4]
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64),
+                                torch.arange(gw, dtype=torch.float64), indexing="ij")
 
     def embed_1d(pos):  # [gh, gw] -> [gh*gw, D/2]
         out = pos.reshape(-1, 1) * omega
@@ -68,13 +75,15 @@ def sincos_pos_embed(dim, grid):
 
 
 def interpolate_pos_embed(pos_embed, grid, src_grid=None):
-    """[1, 1+L, D] -> [1, 1 + gh*gw, D]: the cls row is kept, the patch rows are resized bicubically on the grid
-    (MAE/DeiT's rule for fine-tuning at another resolution). src_grid defaults to the square sqrt(L) grid."""
+    """[1, 1+L, D] -> [1, 1 + gh*gw, D]: the cls row is kept, the patch rows are resized bicubically
+    on the grid (MAE/DeiT's rule for fine-tuning at another resolution). src_grid defaults to the
+    square sqrt(L) grid."""
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
     if src_grid is None:
         side = math.isqrt(patches.shape[1])
         if side * side != patches.shape[1]:
-            raise ValueError(f"pos_embed has {patches.shape[1]} patch rows, not a square grid; pass src_grid")
+            raise ValueError(f"pos_embed has {patches.shape[1]} patch rows, not a square grid; "
+                             "pass src_grid")
         src_grid = (side, side)
     if tuple(src_grid) == tuple(grid):
         return pos_embed
@@ -85,18 +94,19 @@ def interpolate_pos_embed(pos_embed, grid, src_grid=None):
 
 
 def key_mask(valid):
-    """valid [B, N] bool (True = a real token) -> SDPA mask [B, 1, 1, N] (True = may be attended to); None stays None
-    (random/SemMAE masks have no padding, so SDPA keeps its no-mask kernels). The mask is passed as it is, even when
-    every slot happens to be valid: testing that would be a host-device sync in every step. Queries are not masked:
-    an invalid slot still gets an output (never read), and every row keeps the always-valid cls key, so no row is
-    all -inf."""
+    """valid [B, N] bool (True = a real token) -> SDPA mask [B, 1, 1, N] (True = may be attended
+    to); None stays None (random/SemMAE masks have no padding, so SDPA keeps its no-mask kernels).
+    The mask is passed as it is, even when every slot happens to be valid: testing that would be a
+    host-device sync in every step. Queries are not masked: an invalid slot still gets an output
+    (never read), and every row keeps the always-valid cls key, so no row is all -inf."""
     if valid is None:
         return None
     return valid[:, None, None, :]
 
 
 def with_cls(valid):
-    """[B, n] slot validity -> [B, 1+n] with the (always valid) cls slot in front; None stays None."""
+    """[B, n] slot validity -> [B, 1+n] with the (always valid) cls slot in front; None stays
+    None."""
     return None if valid is None else torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
 
 
@@ -113,7 +123,8 @@ class Attention(nn.Module):
 
     def split_qkv(self, x):  # [B, N, D] -> 3 x [B, heads, N, D/heads]
         B, N, D = x.shape
-        return self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x, mask=None):
         q, k, v = self.split_qkv(x)
@@ -155,10 +166,10 @@ class Block(nn.Module):
 
 
 def run_blocks(blocks, x, mask, grad_checkpointing):
-    """The blocks in turn. grad_checkpointing (when a graph is being built): each block keeps only its input for
-    the backward pass and runs its forward again there, so activation memory is one block's instead of all of
-    them, for about a third more compute (torch.utils.checkpoint; the RNG state is replayed, so drop path draws
-    the same)."""
+    """The blocks in turn. grad_checkpointing (when a graph is being built): each block keeps only
+    its input for the backward pass and runs its forward again there, so activation memory is one
+    block's instead of all of them, for about a third more compute (torch.utils.checkpoint; the RNG
+    state is replayed, so drop path draws the same)."""
     for blk in blocks:
         if grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint(blk, x, mask, use_reentrant=False)
@@ -168,7 +179,8 @@ def run_blocks(blocks, x, mask, grad_checkpointing):
 
 
 class PatchEmbed(nn.Module):
-    """Holds the Conv2d so the weights are named patch_embed.proj like timm's; see VisionTransformer.embed."""
+    """Holds the Conv2d so the weights are named patch_embed.proj like timm's; see
+    VisionTransformer.embed."""
 
     def __init__(self, patch_size, in_chans, dim):
         super().__init__()
@@ -176,7 +188,8 @@ class PatchEmbed(nn.Module):
 
 
 def init_weights(module):
-    """MAE's initialisation: xavier-uniform linears (the patch projection as a linear), unit LayerNorms."""
+    """MAE's initialisation: xavier-uniform linears (the patch projection as a linear), unit
+    LayerNorms."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -193,26 +206,31 @@ def init_weights(module):
 # ----------------------------------------------------------------------------- ViT encoder
 
 class VisionTransformer(nn.Module):
-    """ViT with timm's parameter names. pos_embed is a learned Parameter (checkpoints bring theirs) that starts
-    from the 2-D sin-cos table; global_pool averages the patch tokens and uses fc_norm instead of norm (MAE)."""
+    """ViT with timm's parameter names. pos_embed is a learned Parameter (checkpoints bring theirs)
+    that starts from the 2-D sin-cos table; global_pool averages the patch tokens and uses fc_norm
+    instead of norm (MAE)."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=768, depth=12,
-                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, global_pool=False):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
+                 global_pool=False):
         super().__init__()
         sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if sizes[0] % patch_size or sizes[1] % patch_size:
             raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}; "
                              f"use a multiple of {patch_size}")
         self.patch_size, self.global_pool = patch_size, global_pool
-        self.grad_checkpointing = False                                    # run_blocks; set by --grad_checkpointing
+        # run_blocks; set by --grad_checkpointing
+        self.grad_checkpointing = False
         self.grid = (sizes[0] // patch_size, sizes[1] // patch_size)
         num_patches = self.grid[0] * self.grid[1]
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic-depth decay
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates])
+        # linear stochastic-depth decay
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r)
+                                     for r in rates])
         if global_pool:
             self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         else:
@@ -224,29 +242,36 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
 
     def embed(self, imgs, ids=None, valid=None):
-        """Tokens + positions [B, 1+n, D]: cls, then the patches ids [B, n] (all patches when None). The pixels
-        are gathered before the projection so dropped patches cost nothing; invalid slots get zero pixels."""
+        """Tokens + positions [B, 1+n, D]: cls, then the patches ids [B, n] (all patches when None).
+        The pixels are gathered before the projection so dropped patches cost nothing; invalid slots
+        get zero pixels."""
         p = self.patch_size
         B, C, H, W = imgs.shape
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not divisible by patch_size={p}")
         grid = (H // p, W // p)
-        # rows in the conv weight's (c, p, q) order, so F.linear with proj.weight.flatten(1) equals the Conv2d
-        rows = imgs.reshape(B, C, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
-        pos = interpolate_pos_embed(self.pos_embed, grid, self.grid)[:, 1:].expand(B, -1, -1)  # [B, L, D]
+        # rows in the conv weight's (c, p, q) order, so F.linear with proj.weight.flatten(1) equals
+        # the Conv2d
+        rows = imgs.reshape(B, C, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5)
+        rows = rows.flatten(3).flatten(1, 2)
+        # [B, L, D]
+        pos = interpolate_pos_embed(self.pos_embed, grid, self.grid)[:, 1:].expand(B, -1, -1)
         if ids is not None:
-            rows, pos = gather_tokens(rows, ids), gather_tokens(pos, ids)  # [B, n, C*p*p], [B, n, D]
+            # [B, n, C*p*p], [B, n, D]
+            rows, pos = gather_tokens(rows, ids), gather_tokens(pos, ids)
             if valid is not None:
-                rows = rows.masked_fill(~valid.unsqueeze(-1), 0.0)  # zero padding carries no content
+                # zero padding carries no content
+                rows = rows.masked_fill(~valid.unsqueeze(-1), 0.0)
         proj = self.patch_embed.proj
         x = F.linear(rows, proj.weight.flatten(1), proj.bias) + pos  # [B, n, D]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         return torch.cat([cls, x], dim=1)
 
     def forward_features(self, imgs, ids=None, valid=None, attend_padding=False):
-        """Tokens [B, 1+n, D] (cls first) after the final norm (none with global_pool: fc_norm acts on the
-        pooled vector). ids [B, n]: which patches; valid [B, n]: invalid slots get zero pixels and are never
-        attended to, or with attend_padding are attended as such zero-filled tokens (ObjMAE §3.3 zero padding)."""
+        """Tokens [B, 1+n, D] (cls first) after the final norm (none with global_pool: fc_norm acts
+        on the pooled vector). ids [B, n]: which patches; valid [B, n]: invalid slots get zero
+        pixels and are never attended to, or with attend_padding are attended as such zero-filled
+        tokens (ObjMAE §3.3 zero padding)."""
         x = self.embed(imgs, ids, valid)  # [B, 1+n, D]
         mask = None if attend_padding else key_mask(with_cls(valid))
         x = run_blocks(self.blocks, x, mask, self.grad_checkpointing)
@@ -258,8 +283,9 @@ class VisionTransformer(nn.Module):
         return self.head(x)
 
     def get_last_selfattention(self, imgs):
-        """[B, heads, 1+L, 1+L] softmax weights of the last block. SDPA's fused kernels do not return them, so they
-        are recomputed from that block's q and k (same scale 1/sqrt(head_dim))."""
+        """[B, heads, 1+L, 1+L] softmax weights of the last block. SDPA's fused kernels do not
+        return them, so they are recomputed from that block's q and k (same scale
+        1/sqrt(head_dim))."""
         x = self.embed(imgs)  # [B, 1+L, D]
         for blk in self.blocks[:-1]:
             x = blk(x)
@@ -270,19 +296,21 @@ class VisionTransformer(nn.Module):
 # ----------------------------------------------------------------------------- MAE on index sets
 
 class MaskedAutoencoderViT(VisionTransformer):
-    """MAE where the encoder sees only the source patches and the decoder only the encoded sources plus one mask
-    token per target (ObjMAE §3.4); MAE's random masking is src = kept, tgt = masked. The encoder is this class's
-    VisionTransformer part (same names, no head) with a fixed sin-cos pos_embed; the decoder uses MAE's names."""
+    """MAE where the encoder sees only the source patches and the decoder only the encoded sources
+    plus one mask token per target (ObjMAE §3.4); MAE's random masking is src = kept, tgt = masked.
+    The encoder is this class's VisionTransformer part (same names, no head) with a fixed sin-cos
+    pos_embed; the decoder uses MAE's names."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=False):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
+                 num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4.0, norm_pix_loss=False):
         super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depth, num_heads, mlp_ratio)
         self.pos_embed.requires_grad_(False)  # fixed sin-cos, as MAE
         self.norm_pix_loss = norm_pix_loss
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, self.grid).unsqueeze(0),
-                                              requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(
+            sincos_pos_embed(decoder_embed_dim, self.grid).unsqueeze(0), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
@@ -292,8 +320,9 @@ class MaskedAutoencoderViT(VisionTransformer):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_decoder(self, latent, src_ids, tgt_ids, src_valid=None, tgt_valid=None):
-        """latent [B, 1+n_src, D] -> pred [B, n_tgt, p*p*C]. The decoder's position embedding goes on every token
-        at its own patch (MAE adds it after unshuffling); the order of tokens does not matter to attention."""
+        """latent [B, 1+n_src, D] -> pred [B, n_tgt, p*p*C]. The decoder's position embedding goes
+        on every token at its own patch (MAE adds it after unshuffling); the order of tokens does
+        not matter to attention."""
         x = self.decoder_embed(latent)  # [B, 1+n_src, Dd]
         pos = self.decoder_pos_embed.expand(x.shape[0], -1, -1)  # [B, 1+L, Dd]
         src = x[:, 1:] + gather_tokens(pos[:, 1:], src_ids)
@@ -305,11 +334,13 @@ class MaskedAutoencoderViT(VisionTransformer):
                      for v, ids in ((src_valid, src_ids), (tgt_valid, tgt_ids))]
             mask = key_mask(with_cls(torch.cat(valid, dim=1)))
         x = run_blocks(self.decoder_blocks, x, mask, self.grad_checkpointing)
-        x = self.decoder_norm(x[:, -tgt_ids.shape[1]:])  # per-token norm: only the targets are predicted
+        # per-token norm: only the targets are predicted
+        x = self.decoder_norm(x[:, -tgt_ids.shape[1]:])
         return self.decoder_pred(x)
 
     def forward_loss(self, imgs, tgt_ids, pred, tgt_valid=None):
-        """MSE per target patch (mean over its pixels), then the mean over the valid target patches."""
+        """MSE per target patch (mean over its pixels), then the mean over the valid target
+        patches."""
         target = gather_tokens(patchify(imgs, self.patch_size), tgt_ids)  # [B, n_tgt, p*p*C]
         if self.norm_pix_loss:
             mean, std = patch_stats(target)
@@ -320,64 +351,77 @@ class MaskedAutoencoderViT(VisionTransformer):
         return torch.where(tgt_valid, loss, 0.0).sum() / tgt_valid.sum().clamp(min=1)
 
     def forward(self, imgs, src_ids, tgt_ids, src_valid=None, tgt_valid=None, attend_padding=False):
-        """imgs [B, C, H, W]; src_ids [B, n_src], tgt_ids [B, n_tgt] patch indices; *_valid bool (False = padding)
-        -> (loss, pred [B, n_tgt, p*p*C] in patchify's order, normalised pixels when norm_pix_loss).
-        Padding never enters the loss. It is removed from attention, or with attend_padding (ObjMAE §3.3's zero
-        padding) attended: a source padding slot as a token of zero pixels at its slot's position, a target one
-        as a mask token there."""
+        """imgs [B, C, H, W]; src_ids [B, n_src], tgt_ids [B, n_tgt] patch indices; *_valid bool
+        (False = padding) -> (loss, pred [B, n_tgt, p*p*C] in patchify's order, normalised pixels
+        when norm_pix_loss). Padding never enters the loss. It is removed from attention, or with
+        attend_padding (ObjMAE §3.3's zero padding) attended: a source padding slot as a token of
+        zero pixels at its slot's position, a target one as a mask token there."""
         size = tuple(g * self.patch_size for g in self.grid)
         if tuple(imgs.shape[-2:]) != size:
-            raise ValueError(f"images are {tuple(imgs.shape[-2:])} but this model was built for img_size={size}")
+            raise ValueError(f"images are {tuple(imgs.shape[-2:])} but this model was built for "
+                             f"img_size={size}")
         latent = self.forward_features(imgs, src_ids, src_valid, attend_padding)  # [B, 1+n_src, D]
         attended = (None, None) if attend_padding else (src_valid, tgt_valid)
         pred = self.forward_decoder(latent, src_ids, tgt_ids, *attended)
         return self.forward_loss(imgs, tgt_ids, pred, tgt_valid), pred
 
     def pred_to_pixels(self, imgs, tgt_ids, pred):
-        """pred [B, n_tgt, p*p*C] -> pixels, undoing norm_pix_loss with each target patch's own mean/std."""
+        """pred [B, n_tgt, p*p*C] -> pixels, undoing norm_pix_loss with each target patch's own
+        mean/std."""
         if not self.norm_pix_loss:
             return pred
         mean, std = patch_stats(gather_tokens(patchify(imgs, self.patch_size), tgt_ids))
         return pred * std + mean
 
 
-mae_vit_base_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                               decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # MAE
-mae_vit_base_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=768, depth=12, num_heads=12,
-                              decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # SemMAE 8x8
-mae_vit_large_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # MAE
-mae_vit_small_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                                decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3)  # ObjMAE Table 1
-mae_vit_small_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=384, depth=12, num_heads=6,
-                               decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3)  # DINO ViT-S/8's encoder
-mae_vit_huge_patch14 = partial(MaskedAutoencoderViT, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-                               decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # MAE
-mae_vit_tiny_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-                              decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)  # CPU demos and tests
+mae_vit_base_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=768, depth=12,
+                               num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+                               decoder_num_heads=16)         # MAE
+mae_vit_base_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=768, depth=12,
+                              num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+                              decoder_num_heads=16)          # SemMAE 8x8
+mae_vit_large_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=1024, depth=24,
+                                num_heads=16, decoder_embed_dim=512, decoder_depth=8,
+                                decoder_num_heads=16)        # MAE
+mae_vit_small_patch16 = partial(MaskedAutoencoderViT, patch_size=16, embed_dim=384, depth=12,
+                                num_heads=6, decoder_embed_dim=192, decoder_depth=4,
+                                decoder_num_heads=3)        # ObjMAE Table 1
+mae_vit_small_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=384, depth=12,
+                               num_heads=6, decoder_embed_dim=192, decoder_depth=4,
+                               decoder_num_heads=3)         # DINO ViT-S/8's encoder
+mae_vit_huge_patch14 = partial(MaskedAutoencoderViT, patch_size=14, embed_dim=1280, depth=32,
+                               num_heads=16, decoder_embed_dim=512, decoder_depth=8,
+                               decoder_num_heads=16)         # MAE
+mae_vit_tiny_patch8 = partial(MaskedAutoencoderViT, patch_size=8, embed_dim=96, depth=4,
+                              num_heads=3, decoder_embed_dim=64, decoder_depth=2,
+                              decoder_num_heads=2)          # CPU demos and tests
 
 MODELS = {"mae_vit_base_patch16": mae_vit_base_patch16, "mae_vit_base_patch8": mae_vit_base_patch8,
-          "mae_vit_large_patch16": mae_vit_large_patch16, "mae_vit_small_patch16": mae_vit_small_patch16,
+          "mae_vit_large_patch16": mae_vit_large_patch16,
+          "mae_vit_small_patch16": mae_vit_small_patch16,
           "mae_vit_tiny_patch8": mae_vit_tiny_patch8, "mae_vit_small_patch8": mae_vit_small_patch8,
           "mae_vit_huge_patch14": mae_vit_huge_patch14}
-# classifiers with the same encoder sizes: "vit_base_patch16", ... (kwargs: img_size, num_classes, drop_path_rate, ...)
+# classifiers with the same encoder sizes: "vit_base_patch16", ... (kwargs: img_size, num_classes,
+# drop_path_rate, ...)
 VITS = {name[len("mae_"):]: partial(VisionTransformer, **{k: ctor.keywords[k] for k in
-                                                          ("patch_size", "embed_dim", "depth", "num_heads")})
+                                                          ("patch_size", "embed_dim", "depth",
+                                                           "num_heads")})
         for name, ctor in MODELS.items()}
 
 
 def names_that_fit(embed_dim, depth, patch_size, names=VITS):
-    """The model names among `names` whose encoder has these sizes (for load errors that name the fix)."""
+    """The model names among `names` whose encoder has these sizes (for load errors that name the
+    fix)."""
     return [n for n, c in names.items()
             if (c.keywords["embed_dim"], c.keywords["depth"], c.keywords["patch_size"])
             == (embed_dim, depth, patch_size)]
 
 
-# ----------------------------------------------------------------------------- SemMAE part learner (§3.1)
+# ----------------------------------------------------------------------- SemMAE part learner (§3.1)
 
 def gaussian_kernel(size):
-    """[size, size] normalised Gaussian; sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8 (OpenCV's default for a size,
-    1.4 for the paper's 7x7) since the paper gives only the size."""
+    """[size, size] normalised Gaussian; sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8 (OpenCV's default
+    for a size, 1.4 for the paper's 7x7) since the paper gives only the size."""
     if size < 1 or size % 2 == 0:
         raise ValueError(f"blur={size} must be an odd kernel size")
     sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8
@@ -388,29 +432,34 @@ def gaussian_kernel(size):
 
 
 class AdaIN(nn.Module):
-    """Eq. 3: normalise each channel over its positions, then scale by [W_s F_c]_i and shift by [W_b F_c]_i."""
+    """Eq. 3: normalise each channel over its positions, then scale by [W_s F_c]_i and shift by [W_b
+    F_c]_i."""
 
     def __init__(self, style_dim, channels, eps=1e-5):
         super().__init__()
-        self.scale, self.shift, self.eps = nn.Linear(style_dim, channels), nn.Linear(style_dim, channels), eps
+        self.scale, self.shift = nn.Linear(style_dim, channels), nn.Linear(style_dim, channels)
+        self.eps = eps
         nn.init.ones_(self.scale.bias)  # starts near a plain instance norm (StyleGAN's style bias)
 
     def forward(self, x, style):  # x [B, ch, H, W], style [B, C]
         mean = x.mean(dim=(2, 3), keepdim=True)
         std = (x.var(dim=(2, 3), keepdim=True, unbiased=False) + self.eps).sqrt()
-        return self.scale(style)[:, :, None, None] * (x - mean) / std + self.shift(style)[:, :, None, None]
+        scale, shift = self.scale(style)[:, :, None, None], self.shift(style)[:, :, None, None]
+        return scale * (x - mean) / std + shift
 
 
 class PartLearner(nn.Module):
-    """Attention module (Eq. 1, 2) + fixed blur + StyleGAN-like decoder (Eq. 3, 4) on a frozen encoder's features.
-    The decoder has one conv + AdaIN + LeakyReLU level at the patch grid, then one per 2x upsampling until the
-    patch_size factor is covered (widths[i] channels at level i, the last repeated), then a 3x3 conv to RGB."""
+    """Attention module (Eq. 1, 2) + fixed blur + StyleGAN-like decoder (Eq. 3, 4) on a frozen
+    encoder's features. The decoder has one conv + AdaIN + LeakyReLU level at the patch grid, then
+    one per 2x upsampling until the patch_size factor is covered (widths[i] channels at level i, the
+    last repeated), then a 3x3 conv to RGB."""
 
     def __init__(self, embed_dim, num_parts=6, blur=7, patch_size=16, widths=(128, 64, 32, 16, 16)):
         super().__init__()
         C, N = embed_dim, num_parts
-        # Eq. 1: one tanh -> sigmoid channel re-weighting MLP (C -> C -> C, as MA-CNN's channel grouping) per part,
-        # stacked [N, C_out, C_in] so all parts run in one einsum; nn.Linear's default init
+        # Eq. 1: one tanh -> sigmoid channel re-weighting MLP (C -> C -> C, as MA-CNN's channel
+        # grouping) per part, stacked [N, C_out, C_in] so all parts run in one einsum; nn.Linear's
+        # default init
         bound = 1 / math.sqrt(C)
         self.w_c1 = nn.Parameter(torch.empty(N, C, C).uniform_(-bound, bound))
         self.b_c1 = nn.Parameter(torch.empty(N, C).uniform_(-bound, bound))
@@ -418,35 +467,43 @@ class PartLearner(nn.Module):
         self.b_c2 = nn.Parameter(torch.empty(N, C).uniform_(-bound, bound))
         self.w_p = nn.Linear(C, C, bias=False)  # Eq. 2: W_p (part tokens)
         self.w = nn.Linear(C, C, bias=False)  # Eq. 2: W (patch tokens)
-        self.register_buffer("blur_kernel", gaussian_kernel(blur).expand(N, 1, blur, blur).clone(), persistent=False)
+        self.register_buffer("blur_kernel", gaussian_kernel(blur).expand(N, 1, blur, blur).clone(),
+                             persistent=False)
 
-        levels = 1 + max(0, math.ceil(math.log2(patch_size)))  # the grid, then one per 2x up to the image size
+        # the grid, then one per 2x up to the image size
+        levels = 1 + max(0, math.ceil(math.log2(patch_size)))
         chans = [N] + [widths[min(i, len(widths) - 1)] for i in range(levels)]
-        self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:])])
+        self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1)
+                                    for a, b in zip(chans[:-1], chans[1:])])
         self.adains = nn.ModuleList([AdaIN(C, b) for b in chans[1:]])
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, padding=1)
 
     def part_maps(self, cls_feat, patch_feat):
-        """cls_feat [B, C] (F_c), patch_feat [B, C, h, w] (F) -> M [B, N, h, w], softmax over the h*w positions."""
+        """cls_feat [B, C] (F_c), patch_feat [B, C, h, w] (F) -> M [B, N, h, w], softmax over the
+        h*w positions."""
         B, C, h, w = patch_feat.shape
         g = torch.tanh(torch.einsum("noc,bc->bno", self.w_c1, cls_feat) + self.b_c1)  # [B, N, C]
         g = torch.sigmoid(torch.einsum("noc,bnc->bno", self.w_c2, g) + self.b_c2)
         parts = cls_feat[:, None, :] * g  # [B, N, C]  Eq. 1: F_p
         q = self.w_p(parts)  # [B, N, C]
         k = self.w(patch_feat.flatten(2).transpose(1, 2))  # [B, h*w, C]
-        # Eq. 2, scaled by 1/sqrt(C) like dot-product attention (the paper has no temperature): unscaled logits of
-        # C-dim features saturate the softmax into one-hot maps at the start
+        # Eq. 2, scaled by 1/sqrt(C) like dot-product attention (the paper has no temperature):
+        # unscaled logits of C-dim features saturate the softmax into one-hot maps at the start
         logits = q @ k.transpose(1, 2) / math.sqrt(C)  # [B, N, h*w]
         return torch.softmax(logits, dim=-1).view(B, -1, h, w)
 
-    def blur(self, maps):  # fixed (a buffer, not learned) depthwise Gaussian: removes texture from the maps
+    # fixed (a buffer, not learned) depthwise Gaussian: removes texture from the maps
+    def blur(self, maps):
         pad = self.blur_kernel.shape[-1] // 2
-        return F.conv2d(F.pad(maps, [pad] * 4, mode="replicate"), self.blur_kernel, groups=maps.shape[1])
+        padded = F.pad(maps, [pad] * 4, mode="replicate")
+        return F.conv2d(padded, self.blur_kernel, groups=maps.shape[1])
 
     def decode(self, maps, cls_feat, out_size):
-        """Eq. 3, 4: blurred maps (space) + class token (texture, via AdaIN) -> image [B, 3, *out_size]."""
+        """Eq. 3, 4: blurred maps (space) + class token (texture, via AdaIN) -> image [B, 3,
+        *out_size]."""
         h, w = maps.shape[-2:]
-        x = self.blur(maps * (h * w))  # each map then averages 1: softmax values ~1/(h*w) sit below AdaIN's eps
+        # each map then averages 1: softmax values ~1/(h*w) sit below AdaIN's eps
+        x = self.blur(maps * (h * w))
         for i, (conv, adain) in enumerate(zip(self.convs, self.adains)):
             if i > 0:
                 x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
@@ -464,7 +521,8 @@ class PartLearner(nn.Module):
 
 
 def diversity_loss(maps):
-    """Eq. 6: (1/N^2) sum_ij (I_ij - cos(m_i, m_j))^2 over the N maps [B, N, h*w] (or [B, N, h, w]), batch mean."""
+    """Eq. 6: (1/N^2) sum_ij (I_ij - cos(m_i, m_j))^2 over the N maps [B, N, h*w] (or [B, N, h, w]),
+    batch mean."""
     m = F.normalize(maps.flatten(2), dim=-1)  # [B, N, h*w]
     sim = m @ m.transpose(1, 2)  # [B, N, N] cosine similarities
     eye = torch.eye(m.shape[1], dtype=sim.dtype, device=sim.device)
@@ -473,7 +531,8 @@ def diversity_loss(maps):
 
 # ----------------------------------------------------------------------------- released checkpoints
 
-WRAPPERS = ("module.", "backbone.", "_orig_mod.")  # DDP, DINO/iBOT's MultiCropWrapper, torch.compile
+# DDP, DINO/iBOT's MultiCropWrapper, torch.compile
+WRAPPERS = ("module.", "backbone.", "_orig_mod.")
 ENCODER_PARTS = ("patch_embed.", "blocks.", "norm.", "fc_norm.")
 
 
@@ -481,42 +540,52 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist; check the path")
     try:
-        # MAE/SemMAE training checkpoints carry an argparse Namespace: allow that plain container, nothing else
+        # MAE/SemMAE training checkpoints carry an argparse Namespace: allow that plain container,
+        # nothing else
         with torch.serialization.safe_globals([Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: say which, not a pickle traceback
         with open(path, "rb") as f:
             head = f.read(40)
-        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip (or a pickle)
-            raise ValueError(f"{path} is not a checkpoint (it starts with {head[:20]!r}, not the bytes torch.save "
-                             "writes); pass the .pth file itself") from None
-        if isinstance(e, pickle.UnpicklingError):  # e.g. numpy scalars in a released file's extra entries
-            raise ValueError(f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) does "
-                             "not run; if you trust the file, keep only its weights: python -c \"import torch; "
-                             f"c = torch.load('{path}', weights_only=False); torch.save({{'model': c['model']}}, "
-                             f"'{path}.weights.pth')\" and pass that file") from None
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        # torch.save writes a zip (or a pickle)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+            raise ValueError(f"{path} is not a checkpoint (it starts with {head[:20]!r}, not the bytes "
+                             "torch.save writes); pass the .pth file itself") from None
+        # e.g. numpy scalars in a released file's extra entries
+        if isinstance(e, pickle.UnpicklingError):
+            raise ValueError(f"{path} holds Python objects besides tensors, which "
+                             "torch.load(weights_only=True) does not run; if you trust the file, keep "
+                             "only its weights: python -c \"import torch; "
+                             f"c = torch.load('{path}', weights_only=False); "
+                             f"torch.save({{'model': c['model']}}, '{path}.weights.pth')\" and pass that "
+                             "file") from None
+        first = str(e).splitlines()[0]
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {first})") from None
 
 
 def encoder_state_dict(obj):
-    """Find the ViT weights in a loaded checkpoint -> (layout, {timm name: tensor}); empty when there are none."""
+    """Find the ViT weights in a loaded checkpoint -> (layout, {timm name: tensor}); empty when
+    there are none."""
     if not isinstance(obj, dict):
         return type(obj).__name__, {}
-    layout = next((k for k in ("teacher", "student", "state_dict", "model") if isinstance(obj.get(k), dict)), "plain")
+    layout = next((k for k in ("teacher", "student", "state_dict", "model")
+                   if isinstance(obj.get(k), dict)), "plain")
     weights = {}
     for key, value in (obj if layout == "plain" else obj[layout]).items():
         if not isinstance(key, str) or not torch.is_tensor(value):
             continue
         while key.startswith(WRAPPERS):
             key = key.split(".", 1)[1]
-        if key in ("cls_token", "pos_embed") or key.startswith(ENCODER_PARTS):  # drops heads, decoder, mask_token
+        # drops heads, decoder, mask_token
+        if key in ("cls_token", "pos_embed") or key.startswith(ENCODER_PARTS):
             weights[key] = value
     return layout, weights
 
 
 def checkpoint_num_heads(obj, embed_dim):
-    """Heads are not visible in the tensors: 'model_args'.num_heads, or 'args'.model when it names one of MODELS/VITS
-    of this width (our checkpoints, MAE's), else embed_dim // 64 (right for ViT-S/B/L, so DINO, iBOT, MAE)."""
+    """Heads are not visible in the tensors: 'model_args'.num_heads, or 'args'.model when it names
+    one of MODELS/VITS of this width (our checkpoints, MAE's), else embed_dim // 64 (right for
+    ViT-S/B/L, so DINO, iBOT, MAE)."""
     model_args = obj.get("model_args")
     if isinstance(model_args, dict) and model_args.get("num_heads"):
         return int(model_args["num_heads"])
@@ -531,45 +600,51 @@ def checkpoint_num_heads(obj, embed_dim):
 
 def load_encoder_checkpoint(path):
     """Encoder weights with timm names from any of the released layouts, and what they describe:
-      plain state dict (DINO's dino_deitsmall8_pretrain.pth, timm), {'state_dict'} (iBOT's released ViT-S/16),
-      {'teacher', 'student'} with 'module.'/'backbone.' prefixes (DINO/iBOT training; the teacher is used),
-      {'model'} (official MAE/SemMAE, encoder only or encoder + decoder, fine-tuned with fc_norm; this project's).
+      plain state dict (DINO's dino_deitsmall8_pretrain.pth, timm), {'state_dict'} (iBOT's released
+      ViT-S/16), {'teacher', 'student'} with 'module.'/'backbone.' prefixes (DINO/iBOT training; the
+      teacher is used), {'model'} (official MAE/SemMAE, encoder only or encoder + decoder,
+      fine-tuned with fc_norm; this project's).
     Heads, the MAE decoder and mask token are dropped; sizes come from the tensors, num_heads as
-    checkpoint_num_heads says. -> (state_dict, info {embed_dim, depth, num_heads, patch_size, img_size (None for a
-    non-square grid), layout, in_chans, mlp_ratio, qkv_bias, global_pool})."""
+    checkpoint_num_heads says. -> (state_dict, info {embed_dim, depth, num_heads, patch_size,
+    img_size (None for a non-square grid), layout, in_chans, mlp_ratio, qkv_bias, global_pool})."""
     obj = read_checkpoint(path)
     layout, sd = encoder_state_dict(obj)
     if "patch_embed.proj.weight" not in sd:
         top = list(obj)[:8] if isinstance(obj, dict) else layout
-        raise ValueError(f"checkpoint {path} has an unknown layout (top level: {top}); expected a ViT state dict "
-                         "(DINO, timm), {'state_dict'} (iBOT), {'teacher'/'student'} (DINO/iBOT training) or "
-                         "{'model'} (MAE, SemMAE, this project)")
+        raise ValueError(f"checkpoint {path} has an unknown layout (top level: {top}); expected a ViT "
+                         "state dict (DINO, timm), {'state_dict'} (iBOT), {'teacher'/'student'} "
+                         "(DINO/iBOT training) or {'model'} (MAE, SemMAE, this project)")
     embed_dim, in_chans, patch_size = sd["patch_embed.proj.weight"].shape[:3]
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=0)
     fc1 = sd.get("blocks.0.mlp.fc1.weight")
     num_patches = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else 0
     side = math.isqrt(num_patches)
     info = dict(embed_dim=embed_dim, depth=depth, num_heads=checkpoint_num_heads(obj, embed_dim),
-                patch_size=patch_size, img_size=side * patch_size if side * side == num_patches else None,
-                layout=layout, in_chans=in_chans, mlp_ratio=4.0 if fc1 is None else fc1.shape[0] / embed_dim,
+                patch_size=patch_size,
+                img_size=side * patch_size if side * side == num_patches else None,
+                layout=layout, in_chans=in_chans,
+                mlp_ratio=4.0 if fc1 is None else fc1.shape[0] / embed_dim,
                 qkv_bias="blocks.0.attn.qkv.bias" in sd,
                 global_pool="fc_norm.weight" in sd and "norm.weight" not in sd)
 
     # every key the encoder has must be there, or a random layer would train or probe silently
     with torch.device("meta"):  # names only: no memory, no init cost
-        ref = VisionTransformer(patch_size, patch_size, in_chans, 0, embed_dim, depth, info["num_heads"],
-                                info["mlp_ratio"], info["qkv_bias"], global_pool=info["global_pool"])
-    missing, extra = sorted(set(ref.state_dict()) - set(sd)), sorted(set(sd) - set(ref.state_dict()))
+        ref = VisionTransformer(patch_size, patch_size, in_chans, 0, embed_dim, depth,
+                                info["num_heads"], info["mlp_ratio"], info["qkv_bias"],
+                                global_pool=info["global_pool"])
+    names = set(ref.state_dict())
+    missing, extra = sorted(names - set(sd)), sorted(set(sd) - names)
     if missing or extra:
-        raise ValueError(f"checkpoint {path} ({layout} layout) is not a complete ViT encoder: missing {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}, unexpected {extra[:6]}")
+        raise ValueError(f"checkpoint {path} ({layout} layout) is not a complete ViT encoder: missing "
+                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected {extra[:6]}")
     return sd, info
 
 
 def build_encoder_from_checkpoint(path, img_size=None, **kwargs):
-    """VisionTransformer with a checkpoint's encoder weights; pos_embed resized to img_size's grid (default: the
-    checkpoint's). kwargs go to VisionTransformer (num_classes, drop_path_rate, global_pool: default as the
-    checkpoint; global_pool on an encoder with `norm` starts fc_norm fresh, as MAE's fine-tuning). The head is new."""
+    """VisionTransformer with a checkpoint's encoder weights; pos_embed resized to img_size's grid
+    (default: the checkpoint's). kwargs go to VisionTransformer (num_classes, drop_path_rate,
+    global_pool: default as the checkpoint; global_pool on an encoder with `norm` starts fc_norm
+    fresh, as MAE's fine-tuning). The head is new."""
     sd, info = load_encoder_checkpoint(path)
     img_size = img_size or info["img_size"]
     if img_size is None:
@@ -577,8 +652,9 @@ def build_encoder_from_checkpoint(path, img_size=None, **kwargs):
     global_pool = kwargs.pop("global_pool", info["global_pool"])
     if global_pool and not info["global_pool"]:
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
-    model = VisionTransformer(img_size, info["patch_size"], info["in_chans"], embed_dim=info["embed_dim"],
-                              depth=info["depth"], num_heads=info["num_heads"], mlp_ratio=info["mlp_ratio"],
+    model = VisionTransformer(img_size, info["patch_size"], info["in_chans"],
+                              embed_dim=info["embed_dim"], depth=info["depth"],
+                              num_heads=info["num_heads"], mlp_ratio=info["mlp_ratio"],
                               qkv_bias=info["qkv_bias"], global_pool=global_pool, **kwargs)
     if sd["pos_embed"].shape[1] != model.pos_embed.shape[1]:
         sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], model.grid)
@@ -586,7 +662,8 @@ def build_encoder_from_checkpoint(path, img_size=None, **kwargs):
     fresh = ("head.", "fc_norm.") if global_pool and not info["global_pool"] else ("head.",)
     missing = [k for k in missing if not k.startswith(fresh)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the encoder: missing {missing[:6]}, unexpected "
-                         f"{unexpected[:6]} (a fine-tuned checkpoint with fc_norm needs global_pool=True)")
+        raise ValueError(f"checkpoint {path} does not fit the encoder: missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]} (a fine-tuned checkpoint with fc_norm needs "
+                         "global_pool=True)")
     return model
 

@@ -15,7 +15,7 @@ import finetune
 import region_file
 import study
 import study_measures
-from conftest import ENV, HERE, TINY, run_cli
+from conftest import ENV, HERE, TINY, run_cli, run_here
 
 
 def run_study(*argv):
@@ -235,12 +235,12 @@ def test_summary_lists_each_run_with_its_result(quick):
 
 def test_data_seed_picks_the_scenes_and_seed_only_the_training(tmp_path):
     regions = str(tmp_path / "parts")
-    code, text = run_cli("part_learn.py", "--method", "segmentation", "--input_size", "32", "--num_images", "16",
+    code, text = run_here("part_learn.py", "--method", "segmentation", "--input_size", "32", "--num_images", "16",
                          "--seed", "3", "--data_seed", "1", "--cell_size", "8", "--num_workers", "0", "--output_dir", regions)
     assert code == 0, text
     assert torch.load(os.path.join(regions, "regions.pt"), weights_only=True)["files"][0] == "shapes-train-1/000000.png"
     # another training seed on the same scenes reads the regions file
-    code, text = run_cli("pretrain.py", *TINY, "--epochs", "1", "--mask", "semmae", "--seed", "5", "--data_seed", "1",
+    code, text = run_here("pretrain.py", *TINY, "--epochs", "1", "--mask", "semmae", "--seed", "5", "--data_seed", "1",
                          "--regions", os.path.join(regions, "regions.pt"), "--output_dir", str(tmp_path / "p"))
     assert code == 0, text
     # other scenes: one line that names the flag to fix

@@ -22,7 +22,7 @@ import utils
 from utils import UsageError
 
 from conftest import (ENV, FT, HERE, PRE, SIGNAL_AFTER, as_in_a_terminal, assert_same_tensors, cli, error_lines,
-                      load, read_log, run_cli, run_signalled, stop_when, torchrun)
+                      load, read_log, run_cli, run_here, run_signalled, stop_when, torchrun)
 
 STOP_RUN = PRE[:5] + ["34", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--mask", "objmae",
                       "--log_every", "3", "--num_workers", "2"]          # 32 with an object (ObjMAE §4.1): 4 steps
@@ -49,7 +49,7 @@ def test_preemption_signal_stops_after_the_step_and_resumes_bit_identically(tmp_
     argv = STOP_RUNS[stage] + (["--encoder_weights", encoder_ckpt] if stage == "part_learn.py" else [])
     argv += ["--num_images", "32", "--num_val_images", "8"] if stage == "finetune.py" else []
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    code, output = run_cli(stage, *argv, "--output_dir", full)
+    code, output = run_here(stage, *argv, "--output_dir", full)                 # the reference run
     assert code == 0, output
     code, output = run_signalled(stage, *argv, "--output_dir", stopped, after="set_lr", calls=6, sig=sig)
     ckpt = stopped / "checkpoint-last.pth"
@@ -92,7 +92,7 @@ def test_preemption_under_torchrun_stops_every_rank_at_one_step(tmp_path):
     assert_same_tensors(a["model"], b["model"], "model")
     assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
     assert without_time(read_log(full)) == without_time(read_log(stopped))
-    code, output = run_cli("pretrain.py", *argv, "--output_dir", tmp_path / "one", "--resume", partial)
+    code, output = run_here("pretrain.py", *argv, "--output_dir", tmp_path / "one", "--resume", partial)
     lines = error_lines(output)                                     # one process would get other data shards
     assert code == 2 and len(lines) == 1 and "written mid-epoch by 2 processes; resume it with 2" in lines[0], output
 
@@ -125,7 +125,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken
     finally:
         os.killpg(first.pid, signal.SIGKILL)                          # dies holding the lock
         first.communicate()
-    code, output = run_cli("pretrain.py", *argv, "--resume", "auto")
+    code, output = run_here("pretrain.py", *argv, "--resume", "auto")         # another process takes over
     assert code == 0, output
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
 
@@ -185,7 +185,7 @@ def test_log_has_every_epoch_once_after_a_kill_and_resume(tmp_path, after, calls
     at epoch 1: the resumed run's log.txt is the uninterrupted run's, each epoch once."""
     argv = LOG_RUN + ["--ckpt_every", ckpt_every]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    code, output = run_cli("pretrain.py", *argv, "--output_dir", full)
+    code, output = run_here("pretrain.py", *argv, "--output_dir", full)         # the reference run
     assert code == 0, output
     code, output = run_signalled("pretrain.py", *argv, "--output_dir", killed, after=after, calls=calls)
     assert code == -signal.SIGKILL, output
@@ -382,7 +382,7 @@ def bad_input_case(case, tmp_path, one_epoch):
 def test_bad_input_that_gave_a_traceback_is_one_line(tmp_path, one_epoch, case):
     stage, argv, words = bad_input_case(case, tmp_path, one_epoch)
     before = open(os.path.join(one_epoch, "checkpoint-last.pth"), "rb").read()
-    code, output = run_cli(stage, *argv)
+    code, output = run_here(stage, *argv)                   # the command line's entry point, in this process
     lines = error_lines(output)
     assert code == 2 and len(lines) == 1 and "Traceback" not in output and "\x1b[" not in output, output
     assert words in lines[0], lines[0]
