@@ -50,9 +50,11 @@ FULL = dict(input_size=64, num_images=1000, val_images=500, batch_size=64,
 # The primary contrasts (study_contrasts.py) on the parts scenes: thousands of held-out scenes, all
 # drawn once into <out>/scenes and read by every run (data.Drawn).
 PARTS = dict(input_size=64, num_images=2000, val_images=2000, batch_size=64,
-             pre_epochs=20, pre_warmup=2, pre_blr=1.5e-3, dataset="parts")
+             pre_epochs=20, pre_warmup=2, pre_blr=1.5e-3, part_epochs=3, eval_images=200,
+             dataset="parts")
 PARTS_QUICK = dict(input_size=32, num_images=64, val_images=64, batch_size=16,
-                   pre_epochs=1, pre_warmup=0, pre_blr=1.5e-3, dataset="parts")
+                   pre_epochs=1, pre_warmup=0, pre_blr=1.5e-3, part_epochs=1, eval_images=8,
+                   dataset="parts")
 QUICK = dict(input_size=32, num_images=32, val_images=16, batch_size=16,
              pre_epochs=1, pre_warmup=0, pre_blr=1.5e-3,
              part_epochs=1, eval_images=8,
@@ -70,9 +72,9 @@ def pretrain_flags(b):
 
 
 def scene_flags(b):
-    """The parts scenes, read from the study's scene cache (the shapes: drawn by each run)."""
-    return (["--scenes", "parts", "--scene_cache", b["scene_cache"]]
-            if b.get("dataset") == "parts" else [])
+    """The scenes of --primary, read from the study's scene cache (the tables: shapes, drawn by
+    each run)."""
+    return ["--scenes", b["dataset"], "--scene_cache", b["scene_cache"]] if "dataset" in b else []
 
 
 # Each paper's own pre-training recipe (PAPERS.md has the full-scale commands). Every
@@ -90,7 +92,7 @@ def part_flags(b):
     """part_learn.py flags shared by the learned and the attention parts."""
     return ["--input_size", b["input_size"], "--num_images", b["num_images"], "--data_seed", 0,
             "--batch_size", b["batch_size"], "--eval_iou", "--eval_images", b["eval_images"],
-            "--num_workers", 0, "--seed", 0]
+            "--num_workers", 0, "--seed", 0] + scene_flags(b)
 
 
 def probe_flags(b):
@@ -360,7 +362,8 @@ def summary(folder):
 def run_primary(args):
     """The pilot gate (MAE vs none, every seed), then, if it passes or --force, every primary
     contrast; writes <out>/primary.md."""
-    budget = dict(PARTS_QUICK if args.quick else PARTS, scene_cache=os.path.join(args.out, "scenes"))
+    budget = dict(PARTS_QUICK if args.quick else PARTS, scene_cache=os.path.join(args.out, "scenes"),
+                  dataset=args.scenes)
     if args.epochs:
         budget["pre_epochs"] = args.epochs
     study = Study(budget, args.seeds, args.out)
@@ -391,6 +394,9 @@ def get_args(argv=None):
                    help="which table to run (or only --report)")
     p.add_argument("--primary", action="store_true",
                    help="the primary contrasts on the parts scenes, after the pilot gate")
+    p.add_argument("--scenes", default="parts", choices=["parts", "shapes"],
+                   help="--primary: the built-in scenes (SemMAE's arms: oracle parts on parts, "
+                        "learned parts on shapes)")
     p.add_argument("--force", action="store_true",
                    help="--primary: run the contrasts even when the pilot gate fails")
     p.add_argument("--report", action="store_true",

@@ -27,8 +27,10 @@ def primary(study):
     """The primary contrasts, in the order they are reported."""
     none = lambda s, k: s.readout(None, k)                                      # noqa: E731
     mae = lambda s, k: s.readout(s.mae(k), k)                                   # noqa: E731
+    parts = lambda s: (s.oracle_parts() if s.b["dataset"] == "parts"          # noqa: E731
+                       else s.parts("learned"))
     semmae = lambda g: lambda s, k: s.readout(                                  # noqa: E731
-        s.pretrain(k, mask="semmae", gamma=g, regions=s.oracle_parts()), k)
+        s.pretrain(k, mask="semmae", gamma=g, regions=parts(s)), k)
     objmae = lambda r: lambda s, k: s.readout(s.objmae(k, seq_ratio=r), k)     # noqa: E731
     return [
         Contrast("pre-training vs none", "the premise of both papers (no table of its own)", mae, none),
@@ -79,7 +81,7 @@ def gate(study, out):
 def render(contrasts, study, out):
     """The contrasts as markdown: per measurement, the paired difference, its CI, p, Holm's p, the
     smallest difference these seeds detect (80% power), the arms' means and per-seed values."""
-    lines = ["### primary contrasts (parts scenes, paired seeds)", ""]
+    lines = [f"### primary contrasts ({study.b['dataset']} scenes, paired seeds)", ""]
     for key in (METRIC,) + ALSO:
         results = [compare(c, study, out, key) for c in contrasts]
         adjusted = probe.holm([r["p"] for r in results])
