@@ -44,7 +44,7 @@ def commands(text):
     return out
 
 
-PAGES = ("README.md", "PAPERS.md", "RESULTS.md", "SPEED.md")
+PAGES = ("README.md", "PAPERS.md", "RESULTS.md", "TABLES.md", "SPEED.md")
 
 
 def documented():
