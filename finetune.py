@@ -31,6 +31,7 @@ import model as models
 import probe
 import randaugment
 import region_file
+import released
 import runs
 import utils
 from utils import UsageError
@@ -64,14 +65,14 @@ def build_model(args, num_classes):
 
 
 def load_pretrained(net, path, verbose=True):
-    """Encoder weights from any layout model.load_encoder_checkpoint reads, position embedding
+    """Encoder weights from any layout released.load_encoder_checkpoint reads, position embedding
     interpolated to net's grid. Missing and unexpected keys are printed; anything missing but the
     head (and fc_norm, which global pooling starts fresh, as MAE) stops the run. -> (missing,
     unexpected)."""
     try:
-        sd, info = models.load_encoder_checkpoint(path)
+        sd, info = released.load_encoder_checkpoint(path)
     except ValueError:
-        obj = models.read_checkpoint(path)
+        obj = released.read_checkpoint(path)
         # part_learn.py trains a part learner on a frozen encoder
         if isinstance(obj, dict) and "learner" in obj:
             encoder = obj.get("args", {}).get("encoder_weights")

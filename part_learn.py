@@ -34,6 +34,7 @@ import data
 import image_cache
 import model as models
 import region_file
+import released
 import runs
 import utils
 from utils import UsageError
@@ -628,7 +629,7 @@ def main(args):
         # sizes and patch size from the checkpoint; any missing encoder key is an error, never a
         # random encoder
         with utils.user_input():
-            encoder = models.build_encoder_from_checkpoint(args.encoder_weights,
+            encoder = released.build_encoder_from_checkpoint(args.encoder_weights,
                                                            img_size=args.input_size)
         encoder = encoder.to(d.device).eval().requires_grad_(False)
         utils.print0(d, f"encoder {args.encoder_weights}: width {encoder.cls_token.shape[-1]}, "

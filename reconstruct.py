@@ -29,6 +29,7 @@ import torch
 import data
 import model as models
 import pretrain
+import released
 import runs
 import shapes
 import utils
@@ -72,7 +73,7 @@ def state_and_args(obj):
     weights = {}
     for key, value in sd.items():
         if isinstance(key, str) and torch.is_tensor(value):
-            while key.startswith(models.WRAPPERS):
+            while key.startswith(released.WRAPPERS):
                 key = key.split(".", 1)[1]
             weights[key] = value
     saved = obj.get("args") if isinstance(obj, dict) else None
@@ -82,7 +83,7 @@ def state_and_args(obj):
 
 def load_mae(path, name=None, norm_pix_loss=None):
     """-> (MaskedAutoencoderViT with the checkpoint's weights, its model name, the norm_pix_loss used)."""
-    sd, saved = state_and_args(models.read_checkpoint(path))
+    sd, saved = state_and_args(released.read_checkpoint(path))
     if "decoder_pred.weight" not in sd or "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
         raise ValueError(f"{path} holds no MAE encoder + decoder (no decoder_pred/pos_embed); encoder-only weights "
                          "(MAE's mae_pretrain_vit_*.pth, finetune.py's) cannot reconstruct: pass a pretrain.py "
