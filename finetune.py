@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import data
+import launch
 import masking
 import model as models
 import probe
@@ -480,7 +481,7 @@ def main(args):
     # Check the flags, set up DDP and the output folder (nothing is written before every check
     # passed):
     check_args(args)
-    d = utils.init_distributed(args.device, args.dist_timeout)
+    d = launch.init_distributed(args.device, args.dist_timeout)
     # auto -> what this device does
     args.precision = utils.resolve_precision(args.precision, d.device)
     summary_writer = runs.summary_writer_class(args.tensorboard)  # optional: installed, or one line

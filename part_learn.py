@@ -32,6 +32,7 @@ from PIL import Image
 
 import data
 import image_cache
+import launch
 import model as models
 import region_file
 import released
@@ -614,7 +615,7 @@ def main(args):
     # Check the flags, set up DDP and the output folder (nothing is written before every check
     # passed):
     check_args(args)
-    d = utils.init_distributed(args.device, args.dist_timeout)
+    d = launch.init_distributed(args.device, args.dist_timeout)
     runs.prepare_output_dir(args, d)                                       # resolves --resume auto
     check_resume(args)
 

@@ -23,6 +23,7 @@ import torch
 
 import data
 import image_cache
+import launch
 import masking
 import model as models
 import region_file
@@ -256,7 +257,7 @@ def main(args):
     # Check the flags, set up DDP and the output folder (nothing is written before every check
     # passed):
     check_args(args)
-    d = utils.init_distributed(args.device, args.dist_timeout)
+    d = launch.init_distributed(args.device, args.dist_timeout)
     # auto -> what this device does
     args.precision = utils.resolve_precision(args.precision, d.device)
     summary_writer = runs.summary_writer_class(args.tensorboard)  # optional: installed, or one line

@@ -27,6 +27,7 @@ from argparse import Namespace
 import torch
 
 import data
+import launch
 import model as models
 import pretrain
 import released
@@ -212,7 +213,7 @@ def masker_args(args, name, size):
 def main(args):
     """-> (normalised images [B, 3, S, S], the masks drawn: src_ids, tgt_ids, src_valid, tgt_valid)"""
     utils.check_ranges(args, {**utils.RANGES, "num_images": "[1, 10000]"})   # the picture's rows
-    device = utils.init_distributed(args.device).device
+    device = launch.init_distributed(args.device).device
     with utils.user_input():                                              # a bad file or flag: one line, exit 2
         net, name, norm_pix = load_mae(args.checkpoint, args.model, args.norm_pix_loss)
         size = net.grid[0] * net.patch_size
