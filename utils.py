@@ -67,7 +67,6 @@ def say(line):
     sys.stderr.flush()
 
 
-
 # ---------------------------------------------------------------------------- flags: one range each
 
 # Every numeric flag of the stages and the values it takes, once: [ ] a closed end, ( ) an open one.
@@ -211,8 +210,7 @@ class Lookahead:
 
     def state_dict(self):
         return {"inner": self.optimizer.state_dict(), "slow": [s.clone() for s in self.slow],
-                "steps": self.steps,
-                "k": self.k, "alpha": self.alpha}
+                "steps": self.steps, "k": self.k, "alpha": self.alpha}
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["inner"])
@@ -227,16 +225,13 @@ def load_optimizer(optimizer, state, path):
     saved = isinstance(state, dict) and "slow" in state
     if saved != isinstance(optimizer, Lookahead):
         raise UsageError(f"{path} was saved {'with' if saved else 'without'} --lookahead; resume "
-                         "it "
-                         f"{'with' if saved else 'without'} --lookahead")
+                         f"it {'with' if saved else 'without'} --lookahead")
     try:
         optimizer.load_state_dict(state)
     except ValueError as e:  # other parameter groups: e.g. another weight-decay rule
         raise UsageError(f"{path}: its optimizer state does not fit this run's parameter groups "
-                         f"({e}); it was written "
-                         "by another version of this code: resume it with that version, or start a "
-                         "new "
-                         "--output_dir") from None
+                         f"({e}); it was written by another version of this code: resume it with "
+                         "that version, or start a new --output_dir") from None
 
 
 def no_weight_decay(name, param):
@@ -337,8 +332,7 @@ def resolve_precision(precision, device):
         return precision
     if device.type == "cuda" and precision == "bf16" and not native_bf16(device):
         raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
-                         "bf16; use "
-                         "--precision fp16 (with a loss scaler) or fp32")
+                         "bf16; use --precision fp16 (with a loss scaler) or fp32")
     try:                                                       # a matmul is what autocast must cast
         with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
             x = torch.ones(2, 2, device=device)
@@ -347,8 +341,7 @@ def resolve_precision(precision, device):
         ok = False
     if not ok:
         raise UsageError(f"--precision {precision}: autocast to {precision} does not work on "
-                         f"{device.type} with this "
-                         f"torch {torch.__version__}; use --precision fp32")
+                         f"{device.type} with this torch {torch.__version__}; use --precision fp32")
     return precision
 
 
@@ -393,9 +386,8 @@ def make_loader(dataset, batch_size, num_workers, train, seed, d):
     else:
         sampler = EpochSampler(dataset, shuffle=train, seed=seed)
     return torch.utils.data.DataLoader(
-        SeededSamples(dataset,
-                      seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        pin_memory=d.device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
+        SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler,
+        num_workers=num_workers, pin_memory=d.device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed))
 
 
@@ -411,8 +403,8 @@ def check_accum(loader, num_images, args):
     nothing."""
     if len(loader) < args.accum_iter:
         raise UsageError(f"{num_images} images give {len(loader)} batches of {args.batch_size} per "
-                         "rank, "
-                         f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
+                         f"rank, fewer than --accum_iter {args.accum_iter}; use a smaller "
+                         "--batch_size")
 
 
 def scaled_lr(args, d):
