@@ -387,7 +387,8 @@ def make_loader(dataset, batch_size, num_workers, train, seed, d):
         sampler = EpochSampler(dataset, shuffle=train, seed=seed)
     return torch.utils.data.DataLoader(
         SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler,
-        num_workers=num_workers, pin_memory=d.device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
+        num_workers=num_workers, pin_memory=d.device.type == "cuda", drop_last=train,
+        persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed))
 
 
