@@ -311,12 +311,12 @@ def bench_end_to_end(device, args):
 def export_rank(rank, world, port, n, queue):
     """One rank of a synthetic regions export through part_learn's export + merge_shards; rank 0 reports
     (resident memory before, peak resident memory, seconds)."""
+    import launch
     import part_learn
-    import utils
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    d = utils.init_distributed("cpu")
+    d = launch.init_distributed("cpu")
     out = os.path.join(os.environ["BENCH_EXPORT_DIR"], "regions.pt")
     grid = (28, 28)
     files = [f"synthetic/{i:07d}.JPEG" for i in range(n)]
@@ -334,7 +334,7 @@ def export_rank(rank, world, port, n, queue):
     seconds = time.perf_counter() - start
     if rank == 0:
         queue.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seconds))
-    utils.cleanup_distributed()
+    launch.cleanup_distributed()
 
 
 def rss_mib():

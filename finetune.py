@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import data
+import launch
 import masking
 import model as models
 import probe
 import randaugment
 import region_file
+import released
 import runs
 import utils
 from utils import UsageError
@@ -64,14 +66,14 @@ def build_model(args, num_classes):
 
 
 def load_pretrained(net, path, verbose=True):
-    """Encoder weights from any layout model.load_encoder_checkpoint reads, position embedding
+    """Encoder weights from any layout released.load_encoder_checkpoint reads, position embedding
     interpolated to net's grid. Missing and unexpected keys are printed; anything missing but the
     head (and fc_norm, which global pooling starts fresh, as MAE) stops the run. -> (missing,
     unexpected)."""
     try:
-        sd, info = models.load_encoder_checkpoint(path)
+        sd, info = released.load_encoder_checkpoint(path)
     except ValueError:
-        obj = models.read_checkpoint(path)
+        obj = released.read_checkpoint(path)
         # part_learn.py trains a part learner on a frozen encoder
         if isinstance(obj, dict) and "learner" in obj:
             encoder = obj.get("args", {}).get("encoder_weights")
@@ -479,7 +481,7 @@ def main(args):
     # Check the flags, set up DDP and the output folder (nothing is written before every check
     # passed):
     check_args(args)
-    d = utils.init_distributed(args.device, args.dist_timeout)
+    d = launch.init_distributed(args.device, args.dist_timeout)
     # auto -> what this device does
     args.precision = utils.resolve_precision(args.precision, d.device)
     summary_writer = runs.summary_writer_class(args.tensorboard)  # optional: installed, or one line

@@ -48,8 +48,8 @@ def masked_count(num_patches, mask_ratio):
     keep int(L * (1 - mask_ratio)) and mask the rest, M = L - int(L * (1 - mask_ratio)). Every mask
     in this file has exactly M masked patches per row (196 patches at 0.75: M = 147; SemMAE §3.2
     keeps MAE's 75%). Plain Python ints and floats in, an int out: no tensor, no device sync."""
-    _check_count(num_patches, "num_patches", 1)
-    _check_ratio(mask_ratio, "mask_ratio")
+    _check_number(num_patches, "num_patches", "[1, inf)", int)
+    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
     return _masked_count(num_patches, mask_ratio)
 
 
@@ -63,9 +63,9 @@ def random_masking(batch_size, num_patches, mask_ratio, *, device=None, generato
     Returns a bool mask [B, L], True = masked, with exactly M = L - int(L * (1 - mask_ratio)) masked
     patches in every row. Each row is an independent uniformly random M-subset.
     """
-    _check_count(batch_size, "batch_size", 1)
-    _check_count(num_patches, "num_patches", 1)
-    _check_ratio(mask_ratio, "mask_ratio")
+    _check_number(batch_size, "batch_size", "[1, inf)", int)
+    _check_number(num_patches, "num_patches", "[1, inf)", int)
+    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
     return _random_masking(batch_size, num_patches, mask_ratio, device, generator)
 
 
@@ -93,8 +93,8 @@ def alpha_schedule(progress, gamma, reverse=False):
     1 - progress ** gamma, the "1 -> 0" row of Table 3. Note 0 ** 0 = 1: gamma = 0 is a constant
     alpha = 1.
     """
-    _check_ratio(progress, "progress", high_inclusive=True)
-    _check_number(gamma, "gamma", ">= 0", lambda g: g >= 0)
+    _check_number(progress, "progress", "[0, 1]")
+    _check_number(gamma, "gamma", "[0, inf]")
     alpha = float(progress) ** gamma
     return 1.0 - alpha if reverse else alpha
 
@@ -115,10 +115,9 @@ def part_mask_counts(part_sizes, mask_ratio, alpha, *, generator=None):
     float64); a second draw breaks rounding ties (tests replay the first to check against a
     reference).
     """
-    _check_labels(part_sizes, "part_sizes", dims="[B, K]")
-    _check_ratio(mask_ratio, "mask_ratio")
-    _check_ratio(alpha, "alpha", high_inclusive=True)
-    _check_range_on_cpu(part_sizes, 0, torch.iinfo(torch.int64).max, "part_sizes")
+    _check_labels(part_sizes, "part_sizes", dims="[B, K]", high=torch.iinfo(torch.int64).max)
+    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
+    _check_number(alpha, "alpha", "[0, 1]")
     return _part_mask_counts(part_sizes.long(), mask_ratio, alpha, generator)
 
 
@@ -176,7 +175,7 @@ def semantic_guided_masking(part_labels, mask_ratio, alpha, *, num_parts=None, i
     Returns a bool mask [B, L], True = masked, exactly M = L - int(L * (1 - mask_ratio)) per row.
     """
     _check_labels(part_labels, "part_labels")
-    _check_ratio(mask_ratio, "mask_ratio")
+    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
     num_parts = _check_parts(part_labels, alpha, num_parts, ignore_label)
     return _semantic_guided_masking(part_labels, mask_ratio, alpha, num_parts, ignore_label,
                                     generator)
@@ -213,7 +212,7 @@ def keep_foreground(scores, keep_ratio, *, generator=None):
     (its labels gathered with these indices), then map back with keep.gather(1, ids).
     """
     _check_scores(scores)
-    _check_keep_ratio(keep_ratio)
+    _check_number(keep_ratio, "keep_ratio", "(0, 1]")
     return _keep_foreground(scores, keep_ratio, generator)
 
 
@@ -233,19 +232,13 @@ def mask_to_ids(mask, *, num_masked=None):
     num_masked: M. Pass it on the training path; when None it is read from the mask, which costs one
     device sync (and checks that every row has the same count).
     """
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor [B, L], got "
-                         f"{getattr(mask, 'dtype', type(mask).__name__)} "
-                         f"{tuple(getattr(mask, 'shape', ()))}")
+    ok = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype == torch.bool
+    _check(ok, "mask", "a bool tensor [B, L]", _what(mask))
     if num_masked is None:
         lo, hi = (int(v) for v in torch.aminmax(mask.sum(1)))            # the documented sync
-        if lo != hi:
-            raise ValueError(f"mask must mask the same number of patches in every row, got {lo} "
-                             f"to {hi}")
+        _check(lo == hi, "mask", "the same number of masked patches in every row", f"{lo} to {hi}")
         num_masked = lo
-    _check_count(num_masked, "num_masked", 0)
-    if num_masked > mask.shape[1]:
-        raise ValueError(f"num_masked must be <= L = {mask.shape[1]}, got {num_masked}")
+    _check_number(num_masked, "num_masked", f"[0, {mask.shape[1]}]", int)
     return _mask_to_ids(mask, num_masked)
 
 
@@ -274,12 +267,11 @@ def source_target_ids(part_labels, mask_ratio, alpha=None, *, num_parts=None, ig
     keep_foreground, then the masking. No device sync when num_parts is given (or alpha is None).
     """
     _check_labels(part_labels, "part_labels")
-    _check_ratio(mask_ratio, "mask_ratio")
-    _check_keep_ratio(keep_ratio)
+    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
+    _check_number(keep_ratio, "keep_ratio", "(0, 1]")
     labels, keep = part_labels, None
     if keep_ratio < 1:
-        if scores is None:
-            raise ValueError("scores [B, L] are needed to keep the foreground (keep_ratio < 1)")
+        _check(scores is not None, "scores", "given to keep the foreground (keep_ratio < 1)", None)
         _check_scores(scores)
         keep = _keep_foreground(scores, keep_ratio, generator)            # [B, L_k] ascending ids
         labels = labels.gather(1, keep)                                   # [B, L_k] their parts
@@ -355,7 +347,12 @@ def object_wise_masking(object_labels, seq_ratio, padding="zero", relation="intr
     Returns ObjectMasks(src_ids, tgt_ids, src_valid, tgt_valid), each [B, n]. Source and target
     never share a patch; valid slots within a set are distinct except with "replicate".
     """
-    _check_objects(object_labels, seq_ratio, padding, relation, scores)
+    _check_labels(object_labels, "object_labels", min_patches=2, high=_NUM_LABELS - 1)
+    _check_number(seq_ratio, "seq_ratio", "[0, 1)")
+    _check(padding in _PADDINGS, "padding", f"one of {', '.join(_PADDINGS)}", repr(padding))
+    _check(relation in _RELATIONS, "relation", f"one of {', '.join(_RELATIONS)}", repr(relation))
+    if scores is not None:
+        _check_scores(scores, like=object_labels)
     labels = object_labels.long()                                         # [B, L]
     L = labels.shape[1]
 
@@ -499,91 +496,72 @@ def _slots(start, length, slot, padding, pool, pool_offset):
 
 
 # ----------------------------------------------------------------------------- argument checks
+# One helper per kind of argument, one line per rule; a broken rule is a ValueError naming the
+# argument and what it must be.
 
-def _check_number(value, name, interval, inside):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not inside(value):
-        raise ValueError(f"{name} must be a number {interval}, got {value!r}")
-
-
-def _check_ratio(value, name, high_inclusive=False):
-    if high_inclusive:
-        _check_number(value, name, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
-    else:
-        _check_number(value, name, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
+def _check(ok, name, must, got):
+    if not ok:
+        raise ValueError(f"{name} must be {must}, got {got}")
 
 
-def _check_keep_ratio(keep_ratio):
-    _check_number(keep_ratio, "keep_ratio", "in (0, 1]", lambda v: 0 < v <= 1)
+def _what(x):
+    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _check_count(value, name, minimum):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def _check_number(value, name, interval, kind=(int, float)):
+    """A number of `kind` (a bool is not one) in `interval`: "[0, 1)" has a closed end [ ] and an
+    open one ( ); NaN is in none."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = ok and (low < value if interval[0] == "(" else low <= value)
+    ok = ok and (value < high if interval[-1] == ")" else value <= high)
+    _check(ok, name, f"{'an int' if kind is int else 'a number'} in {interval}", repr(value))
 
 
-def _check_labels(labels, name, min_patches=1, dims="[B, L]"):
-    """An integer tensor [B, L]. Floats and bools are refused: a float label map is almost always a
-    score map passed in the wrong place."""
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor {dims}, got {type(labels).__name__}")
-    if labels.dim() != 2 or labels.shape[1] < min_patches:
-        raise ValueError(f"{name} must have shape {dims} with {dims[-2]} >= {min_patches}, got "
-                         f"{tuple(labels.shape)}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"{name} must be an integer tensor (e.g. torch.long or torch.uint8), got "
-                         f"{labels.dtype}")
+def _check_labels(labels, name, dims="[B, L]", min_patches=1, high=None):
+    """An integer tensor [B, L] with at least min_patches columns and values in [0, high]. Floats
+    and bools are refused: a float label map is almost always a score map passed in the wrong
+    place."""
+    _check(isinstance(labels, torch.Tensor), name, f"a torch.Tensor {dims}", type(labels).__name__)
+    _check(labels.dim() == 2 and labels.shape[1] >= min_patches, name,
+           f"of shape {dims} with {dims[-2]} >= {min_patches}", tuple(labels.shape))
+    _check(not (labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex()),
+           name, "an integer tensor (e.g. torch.long or torch.uint8)", labels.dtype)
+    if high is not None:
+        _check_values(labels, name, high)
 
 
-def _check_range_on_cpu(values, low, high, name):
-    """Range check that costs no device sync: done on CPU tensors only. On an accelerator an
-    out-of-range value is the caller's bug (it would need a host round trip on every step to
-    catch)."""
-    if values.device.type == "cpu" and values.numel():
-        lo, hi = (int(v) for v in torch.aminmax(values))
-        if lo < low or hi > high:
-            raise ValueError(f"{name} values must be in [{low}, {high}], got values in "
-                             f"[{lo}, {hi}]")
+def _check_values(labels, name, high):
+    """Values in [0, high], read on CPU tensors only: on an accelerator the read would be a device
+    sync every step, so there an out-of-range value is the caller's bug."""
+    if labels.device.type == "cpu" and labels.numel():
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        _check(lo >= 0 and hi <= high, f"{name} values", f"in [0, {high}]",
+               f"values in [{lo}, {hi}]")
 
 
-def _check_scores(scores):
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] < 1:
-        raise ValueError(f"scores must be a float tensor [B, L], got "
-                         f"{getattr(scores, 'shape', type(scores).__name__)}")
-    if not scores.is_floating_point():
-        raise ValueError(f"scores must be a floating-point tensor, got {scores.dtype}")
+def _check_scores(scores, like=None):
+    """A float tensor [B, L]; given `like` (the labels), of its shape and on its device."""
+    ok = isinstance(scores, torch.Tensor) and scores.is_floating_point() and scores.dim() == 2
+    _check(ok and scores.shape[1] >= 1, "scores", "a float tensor [B, L]", _what(scores))
+    if like is not None:
+        _check(scores.shape == like.shape and scores.device == like.device, "scores",
+               f"of the labels' shape and device {tuple(like.shape)} {like.device}",
+               f"{tuple(scores.shape)} {scores.device}")
 
 
 def _check_parts(part_labels, alpha, num_parts, ignore_label):
     """SemMAE's alpha, ignore_label and num_parts, and the labels against num_parts. Returns
     num_parts, read from the labels when None (the documented sync)."""
-    _check_ratio(alpha, "alpha", high_inclusive=True)
+    _check_number(alpha, "alpha", "[0, 1]")
     labels = part_labels.long()
     if ignore_label is not None:
-        _check_count(ignore_label, "ignore_label", 0)
+        _check_number(ignore_label, "ignore_label", "[0, inf)", int)
         labels = torch.where(labels == ignore_label, 0, labels)           # checked as a part id
     if num_parts is None:
         lo, hi = (int(v) for v in torch.aminmax(labels))
-        if lo < 0:
-            raise ValueError(f"part_labels must be >= 0, got a minimum of {lo}")
+        _check(lo >= 0, "part_labels", ">= 0", f"a minimum of {lo}")
         return hi + 1
-    _check_count(num_parts, "num_parts", 1)
-    _check_range_on_cpu(labels, 0, num_parts - 1, "part_labels")
+    _check_number(num_parts, "num_parts", "[1, inf)", int)
+    _check_values(labels, "part_labels", num_parts - 1)
     return num_parts
-
-
-def _check_objects(object_labels, seq_ratio, padding, relation, scores):
-    _check_labels(object_labels, "object_labels", min_patches=2)
-    _check_ratio(seq_ratio, "seq_ratio")
-    if padding not in _PADDINGS:
-        raise ValueError(f"padding must be one of {', '.join(_PADDINGS)}, got {padding!r}")
-    if relation not in _RELATIONS:
-        raise ValueError(f"relation must be one of {', '.join(_RELATIONS)}, got {relation!r}")
-    if scores is not None:
-        if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
-            raise ValueError(f"scores must be a float tensor [B, L] or None, got "
-                             f"{getattr(scores, 'dtype', type(scores).__name__)}")
-        if scores.shape != object_labels.shape or scores.device != object_labels.device:
-            raise ValueError(f"scores must have the shape and device of object_labels "
-                             f"{tuple(object_labels.shape)} {object_labels.device}, got "
-                             f"{tuple(scores.shape)} {scores.device}")
-    _check_range_on_cpu(object_labels, 0, _NUM_LABELS - 1, "object_labels")

@@ -32,8 +32,10 @@ from PIL import Image
 
 import data
 import image_cache
+import launch
 import model as models
 import region_file
+import released
 import runs
 import utils
 from utils import UsageError
@@ -613,7 +615,7 @@ def main(args):
     # Check the flags, set up DDP and the output folder (nothing is written before every check
     # passed):
     check_args(args)
-    d = utils.init_distributed(args.device, args.dist_timeout)
+    d = launch.init_distributed(args.device, args.dist_timeout)
     runs.prepare_output_dir(args, d)                                       # resolves --resume auto
     check_resume(args)
 
@@ -628,7 +630,7 @@ def main(args):
         # sizes and patch size from the checkpoint; any missing encoder key is an error, never a
         # random encoder
         with utils.user_input():
-            encoder = models.build_encoder_from_checkpoint(args.encoder_weights,
+            encoder = released.build_encoder_from_checkpoint(args.encoder_weights,
                                                            img_size=args.input_size)
         encoder = encoder.to(d.device).eval().requires_grad_(False)
         utils.print0(d, f"encoder {args.encoder_weights}: width {encoder.cls_token.shape[-1]}, "

@@ -23,6 +23,7 @@ import torch
 
 import data
 import image_cache
+import launch
 import masking
 import model as models
 import region_file
@@ -79,21 +80,17 @@ def region_cell_size(args, regions, patch_size):
     cell_size = regions["meta"]["cell_size"]
     if patch_size % cell_size:
         raise UsageError(f"{args.regions} has {cell_size}-px cells, coarser than the "
-                         f"{patch_size}-px patches of "
-                         f"{args.model}; remake it with part_learn.py --cell_size {patch_size}")
+                         f"{patch_size}-px patches of {args.model}; remake it with part_learn.py "
+                         f"--cell_size {patch_size}")
     if regions["meta"].get("kind") == "objects" and cell_size != patch_size:
         raise UsageError(f"{args.regions} holds objects on {cell_size}-px cells, but the 20% rule "
-                         "(ObjMAE §3.2) "
-                         f"must see each {patch_size}-px patch's own pixels; remake it with "
-                         "part_learn.py "
-                         f"--cell_size {patch_size}")
+                         f"(ObjMAE §3.2) must see each {patch_size}-px patch's own pixels; remake "
+                         f"it with part_learn.py --cell_size {patch_size}")
     if (regions["meta"].get("kind") == "objects" and args.crop_scale is not None and cell_size > 1
             and regions.get("masks") is None):
         raise UsageError(f"{args.regions} holds objects without their pixel masks, so --crop_scale "
-                         "cannot re-apply "
-                         "the 20% rule to the cropped patches (ObjMAE §3.2); remake it with "
-                         "part_learn.py, which "
-                         "stores them")
+                         "cannot re-apply the 20% rule to the cropped patches (ObjMAE §3.2); "
+                         "remake it with part_learn.py, which stores them")
     return cell_size
 
 
@@ -130,20 +127,18 @@ def check_args(args):
         if pair is not None and not 0 < pair[0] <= pair[1] <= top:
             raise UsageError(f"--{name} {pair[0]} {pair[1]} must be 0 < MIN <= MAX <= {top}")
     # A crop mixes with --keep_ratio: the foreground scores are cropped with the image (by area), so
-    # the
-    # kept patches are still the crop's most foreground ones (SemMAE §4.2's rule, on what the model
-    # sees).
-    if args.mask == "semmae" and args.regions is None:
-        raise UsageError("--mask semmae needs part labels: run part_learn.py first, then pass "
-                         "--regions "
-                         "<output_dir>/regions.pt")
-    if args.mask == "objmae" and args.regions is None and args.data_path is not None:
-        raise UsageError("--mask objmae on an image folder needs objects: run part_learn.py "
-                         "--method cam "
-                         "(or segmentation), then pass --regions <output_dir>/regions.pt")
-    if args.keep_ratio < 1.0 and args.regions is None:
-        raise UsageError("--keep_ratio < 1 needs foreground scores: pass --regions from "
-                         "part_learn.py")
+    # the kept patches are still the crop's most foreground ones (SemMAE §4.2's rule, on what the
+    # model sees).
+    needs_regions = {  # what a regions file from part_learn.py gives
+        "--mask semmae needs part labels: run part_learn.py first, then pass --regions "
+        "<output_dir>/regions.pt": args.mask == "semmae",
+        "--mask objmae on an image folder needs objects: run part_learn.py --method cam (or "
+        "segmentation), then pass --regions <output_dir>/regions.pt":
+            args.mask == "objmae" and args.data_path is not None,
+        "--keep_ratio < 1 needs foreground scores: pass --regions from part_learn.py":
+            args.keep_ratio < 1.0}
+    for message in (m for m, needed in needs_regions.items() if needed and args.regions is None):
+        raise UsageError(message)
     if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
         raise UsageError(f"--compile {args.compile} is not a torch.compile backend; choose from "
                          f"{', '.join(torch.compiler.list_backends())}")
@@ -174,8 +169,7 @@ def check_mask_count(args, num_patches):
         larger = "--input_size" + (" or --keep_ratio" if args.keep_ratio < 1.0 else "")
         raise UsageError(f"--mask_ratio {args.mask_ratio} masks {num_masked} of the {L} patches "
                          f"{'kept' if args.keep_ratio < 1.0 else 'of an image'}; it must mask at "
-                         "least "
-                         f"one and leave one (or pass a larger {larger})")
+                         f"least one and leave one (or pass a larger {larger})")
 
 
 # ----------------------------------------------------------------------------- data and resume
@@ -188,18 +182,16 @@ def build_dataset(args, d):
         base = (data.builtin(args.scenes, args.num_images, args.input_size, args.data_seed,
                              scene_cache=args.scene_cache)
                 if args.data_path is None else data.FolderDataset(args.data_path, classes=False))
-        regions = region_file.load_regions(args.regions, base.files,
-                                    args.input_size) if args.regions else None
+        regions = (region_file.load_regions(args.regions, base.files, args.input_size)
+                   if args.regions else None)
         patch_size = models.MODELS[args.model].keywords["patch_size"]
         cell_size = region_cell_size(args, regions, patch_size)
         augment = dict(regions=regions, hflip=args.hflip, cell_size=cell_size,
-                       crop_scale=args.crop_scale,
-                       crop_ratio=tuple(args.crop_ratio))
+                       crop_scale=args.crop_scale, crop_ratio=tuple(args.crop_ratio))
         # fast path: uint8 images from the cache, crop/flip/normalise on the device
         if args.image_cache:
-            cache = image_cache.open_image_cache(args.image_cache, base, args.input_size, args.num_workers,
-                                          d.rank,
-                                          d.world)
+            cache = image_cache.open_image_cache(args.image_cache, base, args.input_size,
+                                                 args.num_workers, d.rank, d.world)
             dataset = image_cache.CachedPretrainDataset(base, cache, args.input_size, **augment)
         else:
             dataset = data.PretrainDataset(base, args.input_size, **augment)
@@ -207,12 +199,10 @@ def build_dataset(args, d):
         keep = images_with_objects(base, regions, args.input_size, cell_size,
                                    d).nonzero().flatten().tolist()
         utils.print0(d, f"--mask objmae: dropped {len(base) - len(keep)} of {len(base)} images "
-                        "with no "
-                        f"object (ObjMAE §4.1), training on {len(keep)}")
+                        f"with no object (ObjMAE §4.1), training on {len(keep)}")
         if not keep:
             raise UsageError(f"--mask objmae: none of the {len(base)} images has an object; pass "
-                             "--regions "
-                             "with objects (part_learn.py --method cam or segmentation)")
+                             "--regions with objects (part_learn.py --method cam or segmentation)")
         dataset = torch.utils.data.Subset(dataset, keep)
     return base, regions, cell_size, dataset
 
@@ -224,18 +214,14 @@ def resume(args, net, optimizer, scaler, d):
     # e.g. an official MAE/SemMAE file
     if not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt:
         raise UsageError(f"{args.resume} is not a checkpoint of pretrain.py (no args and optimizer "
-                         "state; "
-                         "released MAE/SemMAE weights?); --resume continues a pretrain.py run from "
-                         "its "
-                         "checkpoint-last.pth; to fine-tune released weights: finetune.py "
-                         "--finetune "
-                         f"{args.resume}")
+                         "state; released MAE/SemMAE weights?); --resume continues a pretrain.py "
+                         "run from its checkpoint-last.pth; to fine-tune released weights: "
+                         f"finetune.py --finetune {args.resume}")
     other = ("part_learn.py" if "learner" in ckpt else
              "finetune.py" if "linprobe" in ckpt["args"] else None)
     if other:  # another stage's run: no --model of this one fits it
         raise UsageError(f"{args.resume} is a checkpoint of {other}, not of pretrain.py; --resume "
-                         "continues "
-                         "a pretrain.py run from its checkpoint-last.pth")
+                         "continues a pretrain.py run from its checkpoint-last.pth")
     if ckpt["args"].get("model") != args.model:
         raise UsageError(f"{args.resume} holds a {ckpt['args'].get('model')} model, not --model "
                          f"{args.model}; resume with --model {ckpt['args'].get('model')}")
@@ -243,8 +229,8 @@ def resume(args, net, optimizer, scaler, d):
         net.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # another --input_size (pos_embed), or an edited tensor
         raise UsageError(f"{args.resume} does not fit this run's model: "
-                         f"{str(e).splitlines()[1].strip()}; "
-                         "resume with the flags the run started with (its args.json)") from None
+                         f"{str(e).splitlines()[1].strip()}; resume with the flags the run started "
+                         "with (its args.json)") from None
     utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
     utils.load_scaler(scaler, ckpt.get("scaler"))
     return (ckpt["epoch"] + 1, *runs.resume_partial(ckpt, d, args.resume))
@@ -256,7 +242,7 @@ def main(args):
     # Check the flags, set up DDP and the output folder (nothing is written before every check
     # passed):
     check_args(args)
-    d = utils.init_distributed(args.device, args.dist_timeout)
+    d = launch.init_distributed(args.device, args.dist_timeout)
     # auto -> what this device does
     args.precision = utils.resolve_precision(args.precision, d.device)
     summary_writer = runs.summary_writer_class(args.tensorboard)  # optional: installed, or one line
@@ -465,30 +451,24 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="mae_vit_base_patch16", choices=sorted(models.MODELS),
-                   help="MAE's and SemMAE Table 1 left's; SemMAE's main is ViT-B/8, ObjMAE's "
-                        "ViT-S/16")
+                   help="MAE's, SemMAE Table 1 left's; SemMAE's main: ViT-B/8, ObjMAE's: ViT-S/16")
     g.add_argument("--input_size", type=int, default=224, help="all three papers: 224")
     g.add_argument("--data_path", default=None,
                    help="folder of images at any depth (no labels read); omitted = built-in shapes")
-    g.add_argument("--num_images", type=int, default=2000,
-                   help="size of the built-in shapes dataset")
+    g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes")
     g.add_argument("--data_seed", type=int, default=0, help="which shapes scenes (not --seed)")
     data.add_scene_flags(g)
     g.add_argument("--regions", default=None,
                    help="regions.pt from part_learn.py (parts or objects per cell)")
     g = p.add_argument_group("masking (all masks)")
     g.add_argument("--mask", default="random", choices=["random", "semmae", "objmae"])
-    g.add_argument("--mask_ratio", type=float, default=0.75,
-                   help="random and semmae (MAE, SemMAE: 0.75)")
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="random, semmae (MAE: 0.75)")
     g.add_argument("--keep_ratio", type=float, default=1.0,
                    help="keep this share of most-foreground patches, then mask (SemMAE 8x8: 0.25)")
     g = p.add_argument_group("--mask semmae only")
-    g.add_argument("--gamma", type=float, default=2.0,
-                   help="alpha = progress ** gamma (§3.2, Table 3)")
-    g.add_argument("--alpha", type=float, default=None,
-                   help="a fixed alpha instead of the schedule")
-    g.add_argument("--reverse", action="store_true",
-                   help="alpha goes 1 -> 0 (Table 3, row '1 -> 0')")
+    g.add_argument("--gamma", type=float, default=2.0, help="alpha = progress**gamma (Table 3)")
+    g.add_argument("--alpha", type=float, default=None, help="fixed, instead of the schedule")
+    g.add_argument("--reverse", action="store_true", help="alpha goes 1 -> 0 (Table 3)")
     g = p.add_argument_group("--mask objmae only")
     g.add_argument("--seq_ratio", type=float, default=0.25,
                    help="source and target length / L (§3.3; Table 4: 1/4; Table 5, COCO: 0.34)")
@@ -516,17 +496,13 @@ def get_args(argv=None):
     g.add_argument("--accum_iter", type=int, default=1)
     g.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256")
     g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    g.add_argument("--min_lr", type=float, default=0.0,
-                   help="end of the cosine (ObjMAE Table 2: 1e-5)")
-    g.add_argument("--weight_decay", type=float, default=0.05,
-                   help="MAE, SemMAE, ObjMAE Table 2: 0.05")
+    g.add_argument("--min_lr", type=float, default=0.0, help="cosine's end (ObjMAE Table 2: 1e-5)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="all three papers: 0.05")
     g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
                    help="AdamW betas: MAE's, which SemMAE follows (§4.1); ObjMAE Table 2: 0.9 "
                         "0.999")
-    g.add_argument("--opt_eps", type=float, default=1e-8,
-                   help="AdamW epsilon (MAE, ObjMAE Table 2)")
-    g.add_argument("--lookahead", action="store_true",
-                   help="wrap AdamW in Lookahead (ObjMAE Table 2)")
+    g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW eps (MAE, ObjMAE Table 2)")
+    g.add_argument("--lookahead", action="store_true", help="AdamW in Lookahead (ObjMAE Table 2)")
     g.add_argument("--lookahead_k", type=int, default=5, help="Zhang et al. 2019: 5")
     g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Zhang et al. 2019: 0.5")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,

@@ -27,8 +27,10 @@ from argparse import Namespace
 import torch
 
 import data
+import launch
 import model as models
 import pretrain
+import released
 import runs
 import shapes
 import utils
@@ -72,7 +74,7 @@ def state_and_args(obj):
     weights = {}
     for key, value in sd.items():
         if isinstance(key, str) and torch.is_tensor(value):
-            while key.startswith(models.WRAPPERS):
+            while key.startswith(released.WRAPPERS):
                 key = key.split(".", 1)[1]
             weights[key] = value
     saved = obj.get("args") if isinstance(obj, dict) else None
@@ -82,7 +84,7 @@ def state_and_args(obj):
 
 def load_mae(path, name=None, norm_pix_loss=None):
     """-> (MaskedAutoencoderViT with the checkpoint's weights, its model name, the norm_pix_loss used)."""
-    sd, saved = state_and_args(models.read_checkpoint(path))
+    sd, saved = state_and_args(released.read_checkpoint(path))
     if "decoder_pred.weight" not in sd or "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
         raise ValueError(f"{path} holds no MAE encoder + decoder (no decoder_pred/pos_embed); encoder-only weights "
                          "(MAE's mae_pretrain_vit_*.pth, finetune.py's) cannot reconstruct: pass a pretrain.py "
@@ -211,7 +213,7 @@ def masker_args(args, name, size):
 def main(args):
     """-> (normalised images [B, 3, S, S], the masks drawn: src_ids, tgt_ids, src_valid, tgt_valid)"""
     utils.check_ranges(args, {**utils.RANGES, "num_images": "[1, 10000]"})   # the picture's rows
-    device = utils.init_distributed(args.device).device
+    device = launch.init_distributed(args.device).device
     with utils.user_input():                                              # a bad file or flag: one line, exit 2
         net, name, norm_pix = load_mae(args.checkpoint, args.model, args.norm_pix_loss)
         size = net.grid[0] * net.patch_size

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from utils import (DIST_TIMEOUT, EXIT_INTERRUPTED, EXIT_NOT_FINITE, EXIT_STOPPED, PRECISIONS,
-                   UsageError, cleanup_distributed, die, lost_peer, print0, say)
+from launch import DIST_TIMEOUT, cleanup_distributed, lost_peer
+from utils import (EXIT_INTERRUPTED, EXIT_NOT_FINITE, EXIT_STOPPED, PRECISIONS, UsageError, die,
+                   print0, say)
 
 
 # ------------------------------------------------------------------------ the flags of every run

@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import data
+import launch
 import shapes
 import utils
 
@@ -314,7 +315,7 @@ def test_samples_are_a_function_of_seed_epoch_index():
     when the (persistent) workers started, and iterating the loader leaves the training process's
     RNG alone."""
     ds = data.PretrainDataset(shapes.ShapesDataset(16, img_size=32), 32)
-    d = utils.Dist(0, 1, 0, torch.device("cpu"), True)
+    d = launch.Dist(0, 1, 0, torch.device("cpu"), True)
 
     def epochs(num_workers, which):
         loader = utils.make_loader(ds, 4, num_workers, True, 0, d)

@@ -1,4 +1,5 @@
-"""Tests for model.py: tiny models on the CPU, big ones on the meta device (shapes only, no memory)."""
+"""Tests for model.py and released.py (the checkpoint loaders): tiny models on the CPU, big ones
+on the meta device (shapes only, no memory)."""
 import argparse
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import model as M
+import released
 
 torch.set_num_threads(1)
 
@@ -292,7 +294,7 @@ def plus(sd, prefix):
 
 
 def check_loads(path, ref_sd, img_size=None, **kw):
-    vit = M.build_encoder_from_checkpoint(path, img_size=img_size, **kw)
+    vit = released.build_encoder_from_checkpoint(path, img_size=img_size, **kw)
     got = vit.state_dict()
     for k in ("cls_token", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias"):
         assert torch.equal(got[k], ref_sd[k]), k
@@ -306,7 +308,7 @@ def test_layout_plain_and_timm(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(vit.forward_features(x), src.forward_features(x), atol=1e-6)
     timm_sd = {**sd, "head.weight": torch.randn(10, 64), "head.bias": torch.zeros(10)}
-    _, info = M.load_encoder_checkpoint(save(tmp_path, timm_sd))
+    _, info = released.load_encoder_checkpoint(save(tmp_path, timm_sd))
     assert info["layout"] == "plain" and info["img_size"] == 32 and info["depth"] == 2 and info["patch_size"] == 8
     assert info["num_heads"] == 1 and not info["global_pool"]  # 64 // 64
 
@@ -338,9 +340,9 @@ def test_layout_official_mae(tmp_path):
     encoder = {k: v for k, v in full.items() if not k.startswith(("decoder", "mask_token"))}
     check_loads(save(tmp_path, {"model": encoder}), full)  # mae_pretrain_vit_*.pth
     mae_args = argparse.Namespace(model="mae_vit_tiny_patch8", input_size=32)  # what MAE's save_model keeps
-    _, info = M.load_encoder_checkpoint(save(tmp_path, {"model": tiny_mae().state_dict(), "args": mae_args}))
+    _, info = released.load_encoder_checkpoint(save(tmp_path, {"model": tiny_mae().state_dict(), "args": mae_args}))
     assert info["layout"] == "model" and info["num_heads"] == 3
-    _, info = M.load_encoder_checkpoint(save(tmp_path, {"model": encoder, "args": mae_args}))
+    _, info = released.load_encoder_checkpoint(save(tmp_path, {"model": encoder, "args": mae_args}))
     assert info["num_heads"] == 1  # the name's sizes do not fit the tensors: embed_dim // 64
     # fine-tuning from it: fc_norm and head start fresh, the unused norm is dropped
     vit = check_loads(save(tmp_path, {"model": encoder}), full, num_classes=7, global_pool=True)
@@ -353,7 +355,7 @@ def test_layout_mae_finetuned(tmp_path):
     vit = check_loads(path, sd)
     assert vit.global_pool and torch.equal(vit.fc_norm.weight, sd["fc_norm.weight"])
     with pytest.raises(ValueError, match="global_pool"):
-        M.build_encoder_from_checkpoint(path, global_pool=False)
+        released.build_encoder_from_checkpoint(path, global_pool=False)
 
 
 def test_layout_semmae_patch8_grid28(tmp_path):
@@ -361,8 +363,8 @@ def test_layout_semmae_patch8_grid28(tmp_path):
     sd = M.VisionTransformer(img_size=224, patch_size=8, embed_dim=32, depth=1, num_heads=1).state_dict()
     assert sd["pos_embed"].shape == (1, 785, 32)
     path = save(tmp_path, {"model": sd})
-    assert M.load_encoder_checkpoint(path)[1]["img_size"] == 224
-    vit = M.build_encoder_from_checkpoint(path, img_size=64)
+    assert released.load_encoder_checkpoint(path)[1]["img_size"] == 224
+    vit = released.build_encoder_from_checkpoint(path, img_size=64)
     assert vit.grid == (8, 8) and vit.pos_embed.shape == (1, 65, 32)
     assert torch.equal(vit.pos_embed[:, 0], sd["pos_embed"][:, 0])
 
@@ -372,7 +374,7 @@ def test_layout_ours(tmp_path):
     opt = torch.optim.AdamW(mae.parameters())
     path = save(tmp_path, {"model": mae.state_dict(), "optimizer": opt.state_dict(), "epoch": 2,
                            "args": {"model": "mae_vit_tiny_patch8", "input_size": 32, "mask": "objmae"}})
-    _, info = M.load_encoder_checkpoint(path)
+    _, info = released.load_encoder_checkpoint(path)
     assert info["num_heads"] == 3 and info["embed_dim"] == 96 and info["depth"] == 4  # heads from args['model']
     vit = check_loads(path, mae.state_dict(), num_classes=4)
     x = torch.randn(1, 3, 32, 32)
@@ -381,19 +383,19 @@ def test_layout_ours(tmp_path):
 
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="nope.pth"):
-        M.load_encoder_checkpoint(str(tmp_path / "nope.pth"))
+        released.load_encoder_checkpoint(str(tmp_path / "nope.pth"))
     with pytest.raises(ValueError, match="unknown layout"):
-        M.load_encoder_checkpoint(save(tmp_path, {"weights": {"a": torch.zeros(1)}}, "odd.pth"))
+        released.load_encoder_checkpoint(save(tmp_path, {"weights": {"a": torch.zeros(1)}}, "odd.pth"))
     with pytest.raises(ValueError, match="unknown layout"):
-        M.load_encoder_checkpoint(save(tmp_path, [torch.zeros(1)], "list.pth"))
+        released.load_encoder_checkpoint(save(tmp_path, [torch.zeros(1)], "list.pth"))
     sd = small_vit().state_dict()
     del sd["blocks.1.mlp.fc2.weight"]
     with pytest.raises(ValueError, match=r"broken\.pth.*blocks\.1\.mlp\.fc2\.weight"):
-        M.build_encoder_from_checkpoint(save(tmp_path, {"model": sd}, "broken.pth"))
+        released.build_encoder_from_checkpoint(save(tmp_path, {"model": sd}, "broken.pth"))
     bad = tmp_path / "garbage.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pth"):
-        M.load_encoder_checkpoint(str(bad))
+        released.load_encoder_checkpoint(str(bad))
 
 
 # ----------------------------------------------------------------------------- part learner

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import finetune
+import launch
 import masking
 import model as models
 import pretrain
@@ -267,27 +268,27 @@ def test_slurm_variables_become_torchruns(monkeypatch):
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[003-005,9],login1")
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
-    assert utils.slurm_to_torchrun() == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu003",
+    assert launch.slurm_to_torchrun() == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu003",
                                          "MASTER_PORT": str(20000 + 123456 % 20000)}
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)                # --gpus-per-task 1: its GPU is 0
-    assert utils.slurm_to_torchrun()["LOCAL_RANK"] == "0"
+    assert launch.slurm_to_torchrun()["LOCAL_RANK"] == "0"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert utils.slurm_to_torchrun()["LOCAL_RANK"] == "1"
+    assert launch.slurm_to_torchrun()["LOCAL_RANK"] == "1"
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[004-005]")                 # a step on part of the job's nodes
     monkeypatch.setenv("MASTER_PORT", "29999")
-    assert utils.slurm_to_torchrun()["MASTER_ADDR"] == "gpu004" and utils.slurm_to_torchrun()["MASTER_PORT"] == "29999"
+    assert launch.slurm_to_torchrun()["MASTER_ADDR"] == "gpu004" and launch.slurm_to_torchrun()["MASTER_PORT"] == "29999"
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
-    assert utils.slurm_to_torchrun()["MASTER_ADDR"] == "10.0.0.7"
+    assert launch.slurm_to_torchrun()["MASTER_ADDR"] == "10.0.0.7"
     for k in ("MASTER_ADDR", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"):
         monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.9")
-    assert utils.slurm_to_torchrun()["MASTER_ADDR"] == "10.0.0.9"
+    assert launch.slurm_to_torchrun()["MASTER_ADDR"] == "10.0.0.9"
     monkeypatch.delenv("SLURM_LAUNCH_NODE_IPADDR")
     with pytest.raises(UsageError, match="no task can find rank 0.*export MASTER_ADDR"):
-        utils.slurm_to_torchrun()
+        launch.slurm_to_torchrun()
     monkeypatch.delenv("SLURM_LOCALID")
     with pytest.raises(UsageError, match="without SLURM_LOCALID"):
-        utils.slurm_to_torchrun()
+        launch.slurm_to_torchrun()
 
 
 def test_tasks_whose_rank_cannot_be_known_are_still_refused(tmp_path):
@@ -317,7 +318,7 @@ def test_outside_a_terminal_progress_is_plain_lines(tmp_path):
 
 
 def test_in_a_terminal_progress_is_tqdms_bar(monkeypatch, capsys):
-    d = utils.Dist(0, 1, 0, torch.device("cpu"), True)
+    d = launch.Dist(0, 1, 0, torch.device("cpu"), True)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert type(runs.progress(range(3), "epoch 0", 3, d, 2)).__name__ == "tqdm"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
@@ -326,7 +327,7 @@ def test_in_a_terminal_progress_is_tqdms_bar(monkeypatch, capsys):
         bar.set_postfix(loss="1.0")
     assert [ln.split(" (")[0] for ln in capsys.readouterr().out.splitlines()] == [
         "epoch 0 step 2/5 loss 1.0", "epoch 0 step 4/5 loss 1.0", "epoch 0 step 5/5 loss 1.0"]
-    other = utils.Dist(1, 2, 1, torch.device("cpu"), False)                  # other ranks print nothing
+    other = launch.Dist(1, 2, 1, torch.device("cpu"), False)                  # other ranks print nothing
     assert runs.progress(range(3), "epoch 0", 3, other, 1).disable
 
 

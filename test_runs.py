@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import finetune
+import launch
 import pretrain
 import runs
 import shapes
@@ -320,15 +321,15 @@ def test_save_checkpoint_fsyncs_before_the_rename(tmp_path, monkeypatch):
                                         ({"SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "4"}, False),
                                         ({"SLURM_NTASKS": "1"}, False)])
 def test_cluster_tasks_without_torchrun(monkeypatch, env, stops):
-    for name in utils.SCHEDULER_TASKS + ("RANK",):
+    for name in launch.SCHEDULER_TASKS + ("RANK",):
         monkeypatch.delenv(name, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     if stops:
         with pytest.raises(UsageError, match="torchrun"):
-            utils.init_distributed("cpu")
+            launch.init_distributed("cpu")
     else:
-        assert utils.init_distributed("cpu").world == 1
+        assert launch.init_distributed("cpu").world == 1
 
 
 def test_cluster_tasks_cli_exit_2_and_checkpoint_untouched(tmp_path):

@@ -1,7 +1,8 @@
-"""What the three stages share: errors and exit codes, the flags' ranges, torchrun/DDP setup,
+"""What the three stages share: errors and exit codes, the flags' ranges, work across ranks (DDP),
 seeding, optimisation (the lr schedule, Lookahead, LARS, parameter groups), precision and the data
 loader.
-What a run owns on disk (checkpoints, the output folder, the log, stop signals) is runs.py's.
+How the processes start (torchrun, srun) is launch.py's; what a run owns on disk (checkpoints, the
+output folder, the log, stop signals) is runs.py's.
 Nothing here knows about a paper.
 
 References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
@@ -11,14 +12,10 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
   MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
 import contextlib
-import datetime
 import hashlib
 import math
-import os
 import random
-import re
 import sys
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,8 +44,8 @@ class UsageError(ValueError):
 @contextlib.contextmanager
 def user_input():
     """Around the calls that read what the user gave (data.py's datasets and regions files,
-    model.py's checkpoints and sizes): the ValueError they raise to refuse it becomes a UsageError.
-    Only there: a ValueError anywhere else is a bug."""
+    released.py's checkpoints, model sizes): the ValueError they raise to refuse it becomes a
+    UsageError. Only there: a ValueError anywhere else is a bug."""
     try:
         yield
     except UsageError:
@@ -68,7 +65,6 @@ def say(line):
     first)."""
     tqdm.write(line, file=sys.stderr)
     sys.stderr.flush()
-
 
 
 # ---------------------------------------------------------------------------- flags: one range each
@@ -132,164 +128,7 @@ def refuse_unused(args, defaults, rules):
             raise UsageError(f"--{name} does nothing here: it acts only {where}; drop it")
 
 
-# ----------------------------------------------------------------------------- distributed
-
-class Dist(NamedTuple):
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    is_main: bool
-
-
-# s: a stalled or lost process ends the others' wait after 10 minutes, not torch's 30
-DIST_TIMEOUT = 600.0
-
-
-def init_distributed(device="auto", timeout=DIST_TIMEOUT):
-    """Single process when launched with `python`, one process per device under `torchrun` or as
-    SLURM's srun tasks (`srun -n 8 python X.py`: slurm_to_torchrun).
-
-    NCCL on CUDA, gloo on the CPU (so `torchrun --nproc_per_node=2` works on a laptop). timeout:
-    seconds a process waits for the others, at the start and in every collective (--dist_timeout).
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not (device in ("cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
-        raise UsageError(f"--device {device} is not one of auto, cpu, cuda, cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} was asked for but CUDA is not available; use --device "
-                         "cpu")
-    if "RANK" not in os.environ and slurm_tasks() > 1 and "SLURM_PROCID" in os.environ:
-        os.environ.update(slurm_to_torchrun())
-    if "RANK" not in os.environ:  # plain `python X.py`
-        check_not_scheduler_tasks()
-        return Dist(0, 1, 0, torch.device(device), True)
-    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        are = "is" if len(missing) == 1 else "are"
-        raise UsageError(f"RANK={os.environ['RANK']} is set but {', '.join(missing)} {are} not: "
-                         "launch with "
-                         "torchrun, which sets them all, or unset RANK to run one process")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    wait = datetime.timedelta(seconds=timeout)
-    # RANK set by hand, not torchrun: say what it waits for
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        say(f"process {rank} of {world}: joining the others at "
-            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-            f"(waits up to --dist_timeout {timeout:g} s)")
-    try:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(local_rank)
-            dev = torch.device("cuda", local_rank)
-            dist.init_process_group("nccl", device_id=dev, timeout=wait)
-        else:
-            dev = torch.device("cpu")
-            dist.init_process_group("gloo", timeout=wait)
-    except dist.DistError as e:  # the others never came (RANK=0 WORLD_SIZE=2 by hand)
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        raise UsageError(f"process {rank} of {world} waited {timeout:g} s for the others at "
-                         f"{where} "
-                         f"({str(e).splitlines()[0]}); start all {world} (torchrun does), or raise "
-                         "--dist_timeout"
-                         ) from None
-    return Dist(rank, world, local_rank, dev, rank == 0)
-
-
-def slurm_tasks():
-    """Tasks of this srun step (SLURM_STEP_NUM_TASKS), else of the job (SLURM_NTASKS); 0 when not
-    under SLURM."""
-    value = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or ""
-    return int(value) if value.isdigit() else 0
-
-
-def first_host(nodelist):
-    """The first host of a SLURM host list: 'gpu[003-005,9],cpu1' -> 'gpu003', 'r[1-2]-n[07-08]' ->
-    'r1-n07'."""
-    depth, end = 0, len(nodelist)
-    for i, c in enumerate(nodelist):
-        depth += (c == "[") - (c == "]")
-        if c == "," and depth == 0:
-            end = i
-            break
-    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist[:end])
-
-
-def slurm_to_torchrun():
-    """srun tasks -> the variables torchrun sets (MAE's code accepts srun the same way): RANK =
-    SLURM_PROCID, WORLD_SIZE = the step's tasks, LOCAL_RANK = SLURM_LOCALID modulo the GPUs this
-    task sees; the rendezvous is rank 0's node, the step's first (SLURM_STEP_NODELIST, else
-    SLURM_JOB_NODELIST: srun puts task 0 there) or SLURM_LAUNCH_NODE_IPADDR, unless MASTER_ADDR is
-    set, and MASTER_PORT or 20000 + the job id mod 20000 (so two jobs sharing a node do not
-    meet)."""
-    env = {"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": str(slurm_tasks())}
-    if not os.environ.get("SLURM_LOCALID", "").isdigit():
-        raise UsageError("launched by srun without SLURM_LOCALID, so a task cannot know its GPU; "
-                         "start it with srun, "
-                         "or with torchrun")
-    # the task's GPU: with --gpus-per-task (or a cgroup per task) each task sees only its own, as
-    # device 0
-    local, gpus = int(os.environ["SLURM_LOCALID"]), torch.cuda.device_count()
-    env["LOCAL_RANK"] = str(local % gpus if gpus else local)
-    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
-    master = os.environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else
-                                               os.environ.get("SLURM_LAUNCH_NODE_IPADDR", ""))
-    if not master:
-        raise UsageError("launched by srun but no task can find rank 0: none of MASTER_ADDR, "
-                         "SLURM_STEP_NODELIST, "
-                         "SLURM_JOB_NODELIST, SLURM_LAUNCH_NODE_IPADDR is set; export "
-                         "MASTER_ADDR=<first node>")
-    job = os.environ.get("SLURM_JOB_ID", "")
-    env["MASTER_ADDR"] = master
-    port = 20000 + (int(job) % 20000 if job.isdigit() else 9500)
-    env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(port)
-    return env
-
-
-def lost_peer(e):
-    """-> 'stalled' or 'gone' when a collective failed because another process stalled past
-    --dist_timeout or ended (gloo reports both as a RuntimeError from its transport, NCCL as a
-    DistError), else None."""
-    if not dist.is_initialized() or not isinstance(e, RuntimeError):
-        return None
-    text = str(e)
-    if isinstance(e, dist.DistError) or "/gloo/" in text:
-        return "stalled" if "timed out" in text.lower() or "timeout" in text.lower() else "gone"
-    return None
-
-
-# a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH /
-# Intel MPI
-SCHEDULER_TASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-
-
-def check_not_scheduler_tasks():
-    """A stage started as several tasks by a cluster launcher (mpirun -np 8, or SLURM tasks with no
-    SLURM_PROCID) but not through torchrun or srun has no rank: every task would train alone on the
-    whole data and overwrite the same checkpoint. Stop."""
-    for name in SCHEDULER_TASKS:
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            if int(value) > 1:
-                raise UsageError(f"launched as {value} tasks ({name}={value}) without torchrun's "
-                                 "RANK/WORLD_SIZE or "
-                                 "srun's SLURM_PROCID, so every task would train alone and "
-                                 "overwrite the same "
-                                 "checkpoint; start the tasks with `srun -n N python X.py ...`, or "
-                                 "one task per node "
-                                 "running `torchrun --nnodes N --nproc_per_node GPUS "
-                                 "--rdzv_backend c10d "
-                                 "--rdzv_endpoint HOST:PORT X.py ...` (or one task in all)")
-            return  # the first variable that is set decides (a step's own count)
-
-
-def cleanup_distributed():
-    """Leave the process group (a stage ends with runs.end_run, which also frees its output
-    folder)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
+# ----------------------------------------------------------------------------- across ranks
 
 def all_reduce_mean(value, d):
     """Mean of a Python float over ranks (for logging only)."""
@@ -371,8 +210,7 @@ class Lookahead:
 
     def state_dict(self):
         return {"inner": self.optimizer.state_dict(), "slow": [s.clone() for s in self.slow],
-                "steps": self.steps,
-                "k": self.k, "alpha": self.alpha}
+                "steps": self.steps, "k": self.k, "alpha": self.alpha}
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["inner"])
@@ -387,16 +225,13 @@ def load_optimizer(optimizer, state, path):
     saved = isinstance(state, dict) and "slow" in state
     if saved != isinstance(optimizer, Lookahead):
         raise UsageError(f"{path} was saved {'with' if saved else 'without'} --lookahead; resume "
-                         "it "
-                         f"{'with' if saved else 'without'} --lookahead")
+                         f"it {'with' if saved else 'without'} --lookahead")
     try:
         optimizer.load_state_dict(state)
     except ValueError as e:  # other parameter groups: e.g. another weight-decay rule
         raise UsageError(f"{path}: its optimizer state does not fit this run's parameter groups "
-                         f"({e}); it was written "
-                         "by another version of this code: resume it with that version, or start a "
-                         "new "
-                         "--output_dir") from None
+                         f"({e}); it was written by another version of this code: resume it with "
+                         "that version, or start a new --output_dir") from None
 
 
 def no_weight_decay(name, param):
@@ -497,8 +332,7 @@ def resolve_precision(precision, device):
         return precision
     if device.type == "cuda" and precision == "bf16" and not native_bf16(device):
         raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
-                         "bf16; use "
-                         "--precision fp16 (with a loss scaler) or fp32")
+                         "bf16; use --precision fp16 (with a loss scaler) or fp32")
     try:                                                       # a matmul is what autocast must cast
         with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
             x = torch.ones(2, 2, device=device)
@@ -507,8 +341,7 @@ def resolve_precision(precision, device):
         ok = False
     if not ok:
         raise UsageError(f"--precision {precision}: autocast to {precision} does not work on "
-                         f"{device.type} with this "
-                         f"torch {torch.__version__}; use --precision fp32")
+                         f"{device.type} with this torch {torch.__version__}; use --precision fp32")
     return precision
 
 
@@ -553,9 +386,9 @@ def make_loader(dataset, batch_size, num_workers, train, seed, d):
     else:
         sampler = EpochSampler(dataset, shuffle=train, seed=seed)
     return torch.utils.data.DataLoader(
-        SeededSamples(dataset,
-                      seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        pin_memory=d.device.type == "cuda", drop_last=train, persistent_workers=num_workers > 0,
+        SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler,
+        num_workers=num_workers, pin_memory=d.device.type == "cuda", drop_last=train,
+        persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed))
 
 
@@ -571,8 +404,8 @@ def check_accum(loader, num_images, args):
     nothing."""
     if len(loader) < args.accum_iter:
         raise UsageError(f"{num_images} images give {len(loader)} batches of {args.batch_size} per "
-                         "rank, "
-                         f"fewer than --accum_iter {args.accum_iter}; use a smaller --batch_size")
+                         f"rank, fewer than --accum_iter {args.accum_iter}; use a smaller "
+                         "--batch_size")
 
 
 def scaled_lr(args, d):
