@@ -19,13 +19,11 @@ References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 
 arXiv:2205.14338).
 """
 import argparse
-import contextlib
 import os
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
@@ -295,124 +293,6 @@ def load_coco(args, base):
     return masks
 
 
-# ---------------------------------------------------------------------- export (sharded over ranks)
-
-def object_counts(labels):
-    """Region cells uint8 [B, gh, gw] -> (cells of all objects, number of objects, largest id other
-    than ignore or -1): the sums behind region_file.object_ratio (ids 1..254 are objects) and the
-    segmentation's region count, integers that add up over batches and ranks in any order, so a
-    sharded export gives the single-process meta."""
-    lab = labels.reshape(labels.shape[0], -1).long()
-    counts = torch.zeros(lab.shape[0], 256, dtype=torch.long).scatter_add_(1, lab,
-                                                                           torch.ones_like(lab))
-    objects = counts[:, 1:region_file.IGNORE]
-    real = lab[lab != region_file.IGNORE]
-    return int(objects.sum()), int((objects > 0).sum()), int(real.max()) if real.numel() else -1
-
-
-def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
-    """Run label_fn over every item, rank r taking the r-th contiguous block of items, and write the
-    rows to this rank's shard <out>.rank<r>.tmp as they come (labels uint8 [rows, gh, gw], then
-    scores float16, then with mask_side > 0 the object masks uint8 [rows, mask_side, mask_side]), so
-    a rank holds one batch, never its whole share. -> (object cells, objects, largest id) summed /
-    maxed over all ranks."""
-    n, cells, pixels = len(items), grid[0] * grid[1], mask_side * mask_side
-    lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(lo, hi)),
-                                         batch_size=args.batch_size, num_workers=args.num_workers,
-                                         pin_memory=d.device.type == "cuda")
-    sums, top, row = torch.zeros(2, dtype=torch.long), -1, 0
-    fd = os.open(f"{out}.rank{d.rank}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for batch in runs.progress(loader, desc, None, d):
-            lab, sc, masks = label_fn(batch)
-            lab = lab.to(torch.uint8).cpu()
-            image_cache.pwrite_all(fd, lab, row * cells)
-            if has_scores:
-                image_cache.pwrite_all(fd, sc.to(torch.float16).cpu(), (hi - lo) * cells + 2 * row * cells)
-            if pixels:
-                image_cache.pwrite_all(fd, masks.to(torch.uint8).cpu(),
-                                (hi - lo) * cells * (1 + 2 * has_scores) + row * pixels)
-            obj_cells, objs, batch_top = object_counts(lab)
-            sums, top, row = sums + torch.tensor([obj_cells, objs]), max(top,
-                                                                         batch_top), row + len(lab)
-        os.fsync(fd)
-    except BaseException:                                # Ctrl-C or a full disk: no stray shard
-        with contextlib.suppress(OSError):
-            os.unlink(f"{out}.rank{d.rank}.tmp")
-        raise
-    finally:
-        os.close(fd)
-    if d.world > 1:                                      # NCCL reduces device tensors only
-        sums, tops = sums.to(d.device), torch.tensor([top], device=d.device)
-        dist.all_reduce(sums)
-        dist.all_reduce(tops, op=dist.ReduceOp.MAX)
-        sums, top = sums.cpu(), int(tops)
-    return int(sums[0]), int(sums[1]), top
-
-
-def merge_shards(out, n, grid, has_scores, files, meta, d, mask_side=0):
-    """The regions file `out` (region_file.save_regions' format, atomic) from the ranks' shards, without
-    any process holding it: rank 0 reserves the final file (image_cache.reserve_tensor_file: torch.save
-    without the tensors' bytes) and copies each shard's bytes to their place in it, 16 MB at a time,
-    then renames it into place and deletes the shards. The shards are next to `out`, so it must be
-    on a filesystem every node sees."""
-    if d.world > 1:
-        dist.barrier()                                   # every shard is on disk
-    if d.is_main:
-        cells, folder = grid[0] * grid[1], os.path.dirname(os.path.abspath(out))
-        obj = {"labels": image_cache.fake_tensor((n, *grid), torch.uint8),
-               "files": [str(f) for f in files],
-               "meta": dict(meta)}                       # the keys in save_regions' order
-        if has_scores:
-            obj["scores"] = image_cache.fake_tensor((n, *grid), torch.float16)
-        if mask_side:
-            obj["masks"] = image_cache.fake_tensor((n, mask_side, mask_side), torch.uint8)
-        tmp_fd, tmp = region_file.temp_file(folder, ".regions-")
-        os.close(tmp_fd)
-        try:
-            offsets = image_cache.reserve_tensor_file(tmp, obj)
-            fd = os.open(tmp, os.O_WRONLY)
-            try:
-                for r in range(d.world):
-                    lo, hi = r * n // d.world, (r + 1) * n // d.world
-                    # labels, scores, masks: in order
-                    with open(f"{out}.rank{r}.tmp", "rb") as shard:
-                        copy_bytes(shard, fd, offsets["labels"] + lo * cells, (hi - lo) * cells)
-                        if has_scores:
-                            copy_bytes(shard, fd, offsets["scores"] + 2 * lo * cells,
-                                       2 * (hi - lo) * cells)
-                        if mask_side:
-                            px = mask_side * mask_side
-                            copy_bytes(shard, fd, offsets["masks"] + lo * px, (hi - lo) * px)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        runs.fsync_dir(folder)
-        for r in range(d.world):
-            os.unlink(f"{out}.rank{r}.tmp")
-    if d.world > 1:
-        dist.barrier()  # the file is in place when every rank returns
-
-
-def copy_bytes(src, fd, offset, nbytes, chunk=16 << 20):
-    """nbytes from the file object src (from where it stands) to offset of the open file fd, a chunk
-    at a time."""
-    while nbytes:
-        buf = memoryview(src.read(min(chunk, nbytes)))
-        if not buf:
-            raise RuntimeError(f"shard {src.name} ended {nbytes} bytes early")
-        nbytes -= len(buf)
-        while buf:                                       # os.pwrite may write less than asked
-            done = os.pwrite(fd, buf, offset)
-            buf, offset = buf[done:], offset + done
-
-
 def make_regions(base, args, d, nets, out, cache=None):
     """The chosen method over `base` in order -> the regions file `out` (written by the ranks
     together) and its meta. `cache`: open_image_cache's, for the fast input path."""
@@ -460,7 +340,7 @@ def make_regions(base, args, d, nets, out, cache=None):
     mask_side = args.input_size if meta["kind"] == "objects" and args.cell_size > 1 else 0
     if meta["kind"] == "objects":
         meta.update(min_share=args.min_share, min_object=args.min_object)
-    obj_cells, objs, top = export(images, label_fn, grid, has_scores, args, d,
+    obj_cells, objs, top = region_file.export(images, label_fn, grid, has_scores, args, d,
                                   f"export {args.method}", out,
                                   mask_side)
     if meta["kind"] == "objects":
@@ -468,7 +348,7 @@ def make_regions(base, args, d, nets, out, cache=None):
         meta["object_ratio"] = obj_cells / (objs * grid[0] * grid[1]) if objs else 0.0
         if args.method == "segmentation":
             meta["num_regions"] = max(top, 0)
-    merge_shards(out, len(base), grid, has_scores, base.files, meta, d, mask_side)
+    region_file.merge_shards(out, len(base), grid, has_scores, base.files, meta, d, mask_side)
     return meta
 
 

@@ -498,14 +498,6 @@ def test_sharded_export_with_image_cache_equals_single_process(tmp_path):
     assert torch.equal(c1["images"], c2["images"]) and torch.equal(c1["masks"], c2["masks"])
 
 
-def test_export_meta_from_integer_sums():
-    labels = torch.tensor([[[0, 1], [1, 255]], [[2, 2], [3, 0]], [[0, 0], [0, 0]]], dtype=torch.uint8)
-    cells, objects, top = part_learn.object_counts(labels)
-    assert (cells, objects, top) == (5, 3, 3)
-    assert cells / (objects * 4) == pytest.approx(region_file.object_ratio(labels))
-    assert part_learn.object_counts(torch.full((1, 2, 2), 255, dtype=torch.uint8)) == (0, 0, -1)
-
-
 # ----------------------------------------------------------------------------- folders without classes
 
 def three_layouts(root, n=8):
