@@ -161,45 +161,6 @@ def timm_state_dict(net):
 
 # ----------------------------------------------------------------------------- data
 
-class Foreground(data.PretrainDataset):
-    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe, with MAE's
-    linear-probe pipeline on the image and its cells together: training, RandomResizedCrop
-    (crop_scale = (--crop_min, 1), cut from the original) + flip, PretrainDataset's joint crop;
-    validation (crop_pct), resize the shorter side to S / crop_pct + centre crop S as torchvision's
-    Resize + CenterCrop, the cells cut to the same box mapped onto the original. Scores come from
-    the regions file, else object cells (id 1..254 of the regions or of the base's instance masks)
-    count 1 and background 0."""
-
-    def __init__(self, base, input_size, crop_pct=None, **kw):
-        super().__init__(base, input_size, **kw)
-        self.crop_pct = crop_pct
-
-    def __getitem__(self, i):
-        train = self.crop_pct is None
-        img, cells, scores, target = super().__getitem__(i) if train else self.centre(i)
-        if self.regions is None or self.regions["scores"] is None:
-            scores = ((cells > 0) & (cells != region_file.IGNORE)).float()
-        return img, target, scores
-
-    def centre(self, i):
-        """MAE's validation view of sample i: (img [3, S, S] normalised, labels, scores, target), no
-        flip."""
-        img, mask, target = self.base.load(i)
-        S, (H, W) = self.size, (img.height, img.width)
-        short = int(S / self.crop_pct)  # torchvision Resize(int): shorter side
-        nh, nw = (int(short * H / W), short) if W <= H else (short, int(short * W / H))
-        top, left = int(round((nh - S) / 2.0)), int(round((nw - S) / 2.0))  # torchvision CenterCrop
-        bicubic = v2.InterpolationMode.BICUBIC
-        x = v2.functional.center_crop(v2.functional.resize(img, [nh, nw], interpolation=bicubic,
-                                                           antialias=True), S)
-        x = v2.functional.to_dtype(v2.functional.to_image(x), torch.float32, scale=True)
-        # the crop, in the original's pixels
-        box = (top * H / nh, left * W / nw, S * H / nh, S * W / nw)
-        labels, scores = self.cells(i, self.square_mask(mask), box, (H, W))
-        return v2.functional.normalize(x, data.IMAGENET_MEAN,
-                                       data.IMAGENET_STD), labels, scores, target
-
-
 def build_transform(args, train):
     """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip +
     RandAugment + random erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip;
@@ -281,7 +242,7 @@ def build_datasets(args):
             raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs "
                              "part_learn.py's scores")
         cell = regions["meta"]["cell_size"] if regions else 8
-        sets.append(Foreground(base, args.input_size, crop_pct=None if train else args.crop_pct,
+        sets.append(data.Foreground(base, args.input_size, crop_pct=None if train else args.crop_pct,
                                regions=regions,
                                hflip=train, cell_size=cell, crop_scale=(args.crop_min,
                                                                         1.0) if train else None))
