@@ -303,64 +303,6 @@ def make_mixup(args, num_classes):
     return v2.RandomChoice(ops) if ops else None
 
 
-# ----------------------------------------------------------------------------- the flags' rules
-
-def check_args(args):
-    """The flags alone, before any work: the mode's recipe into the flags left at None, each range
-    once (utils.RANGES), then the rules between flags."""
-    tuning = (not args.linprobe and not args.knn, "in fine-tuning (without --linprobe or --knn)")
-    regions = (args.keep_ratio < 1.0, "with --keep_ratio < 1 (the probe's foreground scores)")
-    knn, lookahead = (args.knn, "with --knn"), (args.lookahead, "with --lookahead")
-    rules = dict.fromkeys(("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing",
-                           "layer_decay", "opt_betas", "opt_eps", "grad_checkpointing",
-                           "train_crop"), tuning)
-    rules.update(crop_min=(args.linprobe or args.train_crop == "rrc",
-                           "with --train_crop rrc (or --linprobe)"),
-                 opt=(args.linprobe, "with --linprobe"), knn_k=knn, knn_t=knn, regions=regions,
-                 val_regions=regions, keep_ratio=(args.linprobe, "with --linprobe (SemMAE §4.2): "
-                                                                 "fine-tuning sees every patch"),
-                 blr=(args.lr is None, "without --lr (which overrides it)"),
-                 finetune=(not args.eval, "without --eval (which evaluates --resume, a model with "
-                                          "its head)"),
-
-                 lookahead_k=lookahead, lookahead_alpha=lookahead,
-                 download=(args.dataset == "cifar100", "with --dataset cifar100"))
-    utils.refuse_unused(args, get_args([]), rules)          # flags that do nothing in this mode
-    for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.global_pool is None:                       # MAE's probe and DINO's k-NN: class token
-        args.global_pool = not (args.linprobe or args.knn)
-    utils.check_ranges(args)
-    patch = models.VITS[args.model].keywords["patch_size"]
-    if args.input_size % patch:
-        raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size "
-                         f"{patch} of {args.model}; use a multiple of {patch}")
-    if args.eval and not args.resume:
-        raise UsageError("--eval needs the trained model: pass --resume CKPT")
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained "
-                         "checkpoint (pretrain.py's checkpoint-last.pth, MAE's or SemMAE's "
-                         "released .pth, a timm state dict)")
-
-    if args.knn and (args.linprobe or args.eval or args.resume):
-        raise UsageError("--knn measures a frozen --finetune encoder with no training; drop "
-                         "--linprobe, --eval and --resume")
-    if (args.keep_ratio < 1.0 and args.data_path is not None
-            and not (args.val_regions and (args.regions or args.eval))):
-        raise UsageError("--keep_ratio < 1 on real images needs foreground scores: run "
-                         "part_learn.py on train/ and val/, then pass --regions <train regions.pt> "
-                         "--val_regions <val regions.pt>")
-    if args.dataset == "cifar100" and args.data_path is None:
-        raise UsageError("--dataset cifar100 needs --data_path (the folder holding "
-                         "cifar-100-python/)")
-    if args.linprobe and args.batch_size < 2:
-        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a "
-                         "BatchNorm (MAE's linear probe), which needs two images per batch")
-    with utils.user_input():                                   # not timm's RandAugment string
-        randaugment.parse(args.aa)
-
-
 # ----------------------------------------------------------------------------- optimiser and resume
 
 def build_optimizer(args, net, base_lr):
@@ -559,7 +501,63 @@ def main(args):
     return {"max_acc1": max_acc1}
 
 
-# ----------------------------------------------------------------------------- flags
+# ----------------------------------------------------------------------------- flags, their rules
+
+def check_args(args):
+    """The flags alone, before any work: the mode's recipe into the flags left at None, each range
+    once (utils.RANGES), then the rules between flags."""
+    tuning = (not args.linprobe and not args.knn, "in fine-tuning (without --linprobe or --knn)")
+    regions = (args.keep_ratio < 1.0, "with --keep_ratio < 1 (the probe's foreground scores)")
+    knn, lookahead = (args.knn, "with --knn"), (args.lookahead, "with --lookahead")
+    rules = dict.fromkeys(("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing",
+                           "layer_decay", "opt_betas", "opt_eps", "grad_checkpointing",
+                           "train_crop"), tuning)
+    rules.update(crop_min=(args.linprobe or args.train_crop == "rrc",
+                           "with --train_crop rrc (or --linprobe)"),
+                 opt=(args.linprobe, "with --linprobe"), knn_k=knn, knn_t=knn, regions=regions,
+                 val_regions=regions, keep_ratio=(args.linprobe, "with --linprobe (SemMAE §4.2): "
+                                                                 "fine-tuning sees every patch"),
+                 blr=(args.lr is None, "without --lr (which overrides it)"),
+                 finetune=(not args.eval, "without --eval (which evaluates --resume, a model with "
+                                          "its head)"),
+
+                 lookahead_k=lookahead, lookahead_alpha=lookahead,
+                 download=(args.dataset == "cifar100", "with --dataset cifar100"))
+    utils.refuse_unused(args, get_args([]), rules)          # flags that do nothing in this mode
+    for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.global_pool is None:                       # MAE's probe and DINO's k-NN: class token
+        args.global_pool = not (args.linprobe or args.knn)
+    utils.check_ranges(args)
+    patch = models.VITS[args.model].keywords["patch_size"]
+    if args.input_size % patch:
+        raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size "
+                         f"{patch} of {args.model}; use a multiple of {patch}")
+    if args.eval and not args.resume:
+        raise UsageError("--eval needs the trained model: pass --resume CKPT")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained "
+                         "checkpoint (pretrain.py's checkpoint-last.pth, MAE's or SemMAE's "
+                         "released .pth, a timm state dict)")
+
+    if args.knn and (args.linprobe or args.eval or args.resume):
+        raise UsageError("--knn measures a frozen --finetune encoder with no training; drop "
+                         "--linprobe, --eval and --resume")
+    if (args.keep_ratio < 1.0 and args.data_path is not None
+            and not (args.val_regions and (args.regions or args.eval))):
+        raise UsageError("--keep_ratio < 1 on real images needs foreground scores: run "
+                         "part_learn.py on train/ and val/, then pass --regions <train regions.pt> "
+                         "--val_regions <val regions.pt>")
+    if args.dataset == "cifar100" and args.data_path is None:
+        raise UsageError("--dataset cifar100 needs --data_path (the folder holding "
+                         "cifar-100-python/)")
+    if args.linprobe and args.batch_size < 2:
+        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a "
+                         "BatchNorm (MAE's linear probe), which needs two images per batch")
+    with utils.user_input():                                   # not timm's RandAugment string
+        randaugment.parse(args.aa)
+
 
 def get_args(argv=None):
     # The defaults reproduce MAE's fine-tuning recipe (main_finetune), which SemMAE's Table 2

@@ -281,6 +281,8 @@ def load_coco(args, base):
 
 
 
+# ----------------------------------------------------------------------------- export
+
 def make_regions(base, args, d, nets, out, cache=None):
     """The chosen method over `base` in order -> the regions file `out` (written by the ranks
     together) and its meta. `cache`: open_image_cache's, for the fast input path."""
@@ -334,44 +336,6 @@ def make_regions(base, args, d, nets, out, cache=None):
             meta["num_regions"] = max(top, 0)
     region_file.merge_shards(out, len(base), grid, has_scores, base.files, meta, d, mask_side)
     return meta
-
-
-# ----------------------------------------------------------------------------- evaluation on shapes
-
-def foreground_iou(regions, dataset):
-    """How well regions separate objects from background, against the true object cells (mask_cells
-    of the shapes' masks on the regions' grid), mean over the images that have objects:
-      top:    IoU of the k highest-scoring cells (k = the true object cells) with the object cells
-              (needs scores; without, the object cells of an objects file);
-      parts:  IoU of the union of the regions that are mostly object, i.e. whether the parts
-              themselves split objects from background, whatever their scores;
-      chance: IoU of k cells drawn at random (fixed seed), what `top` is worth without information.
-    """
-    S, cell = regions["meta"]["input_size"], regions["meta"]["cell_size"]
-    grid = (S // cell, S // cell)
-    top, parts, chance, g = [], [], [], torch.Generator().manual_seed(0)
-    for i in range(len(dataset)):
-        true = region_file.mask_cells(dataset.load(i)[1], S, grid) > 0
-        true = torch.from_numpy(true).flatten()                            # [gh*gw]
-        k = int(true.sum())
-        if k == 0:
-            continue
-        labels = regions["labels"][i].flatten().long()
-        if regions["scores"] is not None:
-            pred = torch.zeros_like(true)
-            pred[regions["scores"][i].flatten().float().topk(k).indices] = True
-        else:
-            pred = (labels > 0) & (labels != region_file.IGNORE)
-        top.append(float((pred & true).sum() / (pred | true).sum()))
-        drawn = torch.zeros_like(true)
-        drawn[torch.randperm(true.numel(), generator=g)[:k]] = True
-        chance.append(float((drawn & true).sum() / (drawn | true).sum()))
-        hits = torch.zeros(256).index_add_(0, labels, true.float())  # object cells per region id
-        sizes = torch.bincount(labels, minlength=256).float()
-        union = (hits > sizes / 2)[labels]  # the regions that are mostly object
-        parts.append(float((union & true).sum() / (union | true).sum()))
-    return {"iou_top": float(np.mean(top)), "iou_parts": float(np.mean(parts)),
-            "iou_chance": float(np.mean(chance)), "images": len(top)}
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -467,8 +431,10 @@ def main(args):
         out = os.path.join(args.output_dir, "regions-val.pt")
         make_regions(val, args, d, nets, out)  # not in the cache: the default path
         if d.is_main:
-            iou = foreground_iou(region_file.load_regions(out, val.files, args.input_size), val)
-            runs.append_log(os.path.join(args.output_dir, "log.txt"), {"method": args.method, **iou})
+            regions = region_file.load_regions(out, val.files, args.input_size)
+            iou = region_file.foreground_iou(regions, val)
+            runs.append_log(os.path.join(args.output_dir, "log.txt"), {"method": args.method,
+                                                                       **iou})
             print(f"foreground IoU on {iou['images']} held-out shapes images ({args.method}): "
                   f"top-scoring cells {iou['iou_top']:.3f}, mostly-object regions "
                   f"{iou['iou_parts']:.3f} (random cells {iou['iou_chance']:.3f})", flush=True)

@@ -6,6 +6,8 @@ that make them.
 - Cells to patches inside the training loop: `cells_to_patches` (parts), `scores_to_patches`.
 - Objects per cell from an instance mask (ObjMAE §3.2's 20% rule, §4.1's 5% rule):
   `instance_cells`, `mask_cells` (a mask of any size, resized as its image), `object_ratio`.
+- `foreground_iou`: how well regions separate the shapes' objects from the background
+  (part_learn.py --eval_iou).
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
 - `export`, `merge_shards`: the file written by every rank at once (part_learn.py), a batch in
   memory at a time.
@@ -243,6 +245,44 @@ def mask_cells(mask, size, grid, min_share=0.2, min_object=0.05):
     return instance_cells(mask, grid, min_share, min_object)
 
 
+# ---------------------------------------------------------------- evaluation on the shapes' objects
+
+def foreground_iou(regions, dataset):
+    """How well regions separate objects from background, against the true object cells (mask_cells
+    of the shapes' masks on the regions' grid), mean over the images that have objects:
+      top:    IoU of the k highest-scoring cells (k = the true object cells) with the object cells
+              (needs scores; without, the object cells of an objects file);
+      parts:  IoU of the union of the regions that are mostly object, i.e. whether the parts
+              themselves split objects from background, whatever their scores;
+      chance: IoU of k cells drawn at random (fixed seed), what `top` is worth without information.
+    """
+    S, cell = regions["meta"]["input_size"], regions["meta"]["cell_size"]
+    grid = (S // cell, S // cell)
+    top, parts, chance, g = [], [], [], torch.Generator().manual_seed(0)
+    for i in range(len(dataset)):
+        true = mask_cells(dataset.load(i)[1], S, grid) > 0
+        true = torch.from_numpy(true).flatten()                            # [gh*gw]
+        k = int(true.sum())
+        if k == 0:
+            continue
+        labels = regions["labels"][i].flatten().long()
+        if regions["scores"] is not None:
+            pred = torch.zeros_like(true)
+            pred[regions["scores"][i].flatten().float().topk(k).indices] = True
+        else:
+            pred = (labels > 0) & (labels != IGNORE)
+        top.append(float((pred & true).sum() / (pred | true).sum()))
+        drawn = torch.zeros_like(true)
+        drawn[torch.randperm(true.numel(), generator=g)[:k]] = True
+        chance.append(float((drawn & true).sum() / (drawn | true).sum()))
+        hits = torch.zeros(256).index_add_(0, labels, true.float())  # object cells per region id
+        sizes = torch.bincount(labels, minlength=256).float()
+        union = (hits > sizes / 2)[labels]  # the regions that are mostly object
+        parts.append(float((union & true).sum() / (union | true).sum()))
+    return {"iou_top": float(np.mean(top)), "iou_parts": float(np.mean(parts)),
+            "iou_chance": float(np.mean(chance)), "images": len(top)}
+
+
 # ---------------------------------------------------------------- COCO instance masks
 
 def _rle_counts(counts):
@@ -351,7 +391,7 @@ def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
     scores float16, then with mask_side > 0 the object masks uint8 [rows, mask_side, mask_side]), so
     a rank holds one batch, never its whole share. -> (object cells, objects, largest id) summed /
     maxed over all ranks."""
-    import image_cache                      # here: image_cache imports data, which imports this file
+    import image_cache                  # here: image_cache imports data, which imports this file
     n, cells, pixels = len(items), grid[0] * grid[1], mask_side * mask_side
     lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(lo, hi)),
