@@ -309,10 +309,9 @@ def bench_end_to_end(device, args):
 # ----------------------------------------------------------------------------- sharded regions export
 
 def export_rank(rank, world, port, n, queue):
-    """One rank of a synthetic regions export through part_learn's export + merge_shards; rank 0 reports
+    """One rank of a synthetic regions export through region_file's export + merge_shards; rank 0 reports
     (resident memory before, peak resident memory, seconds)."""
     import launch
-    import part_learn
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -323,14 +322,15 @@ def export_rank(rank, world, port, n, queue):
 
     def label_fn(ids):                              # any labels and scores, made from the image index
         cells = torch.arange(grid[0] * grid[1]).reshape(1, *grid)
-        return ((ids[:, None, None] + cells) % 7).to(torch.uint8), (ids[:, None, None] % 5 + 0.5 * cells) / 400
+        return (((ids[:, None, None] + cells) % 7).to(torch.uint8), (ids[:, None, None] % 5 + 0.5 * cells) / 400,
+                None)                               # labels, scores, no pixel masks
     args = argparse.Namespace(batch_size=256, num_workers=0)
     before = rss_mib()
     start = time.perf_counter()
-    obj_cells, objs, top = part_learn.export(range(n), label_fn, grid, True, args, d, "export", out)
+    obj_cells, objs, top = region_file.export(range(n), label_fn, grid, True, args, d, "export", out)
     meta = {"method": "bench", "kind": "objects", "input_size": 224, "cell_size": 8, "num_regions": 6,
             "object_ratio": obj_cells / (objs * grid[0] * grid[1])}
-    part_learn.merge_shards(out, n, grid, True, files, meta, d)
+    region_file.merge_shards(out, n, grid, True, files, meta, d)
     seconds = time.perf_counter() - start
     if rank == 0:
         queue.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seconds))

@@ -6,14 +6,13 @@
   functions on tensors: `crop_box`, `resized_crop` (image), `resized_crop_cells` (region cells and
   scores), `resized_crop_mask`.
 - `FolderDataset`: an image folder in ImageNet layout (root/<class>/<file>), or (classes=False)
-  images at any depth with or without class folders, optionally with instance masks in a parallel
-  folder (same relative path, .png).
+  images at any depth, optionally with instance masks in a parallel folder (same path, .png).
 - `to_rgb`: any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) as the RGB image it shows;
   `unreadable_images`: every image of a folder that cannot be decoded, listed at once.
-- `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class).
-- Pictures: `denormalise`, `save_with_headings`.
-The regions file is region_file.py, the built-in scenes shapes.py and scenes.py, the fast input path
-(--image_cache) image_cache.py.
+- `builtin`, `Drawn`: the built-in scenes (shapes.py, scenes.py), drawn once with --scene_cache.
+- `CIFAR100`, `Classification`: fine-tuning sets, (transformed image, class); `Foreground`: the
+  probe's (image, class, foreground score per cell). Pictures: `denormalise`, `save_with_headings`.
+The regions file is region_file.py, the fast input path (--image_cache) image_cache.py.
 
     python data.py --verify IMAGENET/train IMAGENET/val   # every unreadable image; exit 2 if any
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
+from torchvision.transforms import v2
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -83,8 +83,8 @@ class PretrainDataset(torch.utils.data.Dataset):
             if shape != (len(base), *self.grid):
                 raise ValueError(f"regions labels {shape} do not fit {len(base)} images on a "
                                  f"{self.grid[0]}x{self.grid[1]} grid (input size {input_size} / "
-                                 f"cell size {cell_size}); pass the cell size the regions were "
-                                 "made with (meta cell_size)")
+                                 f"cell size {cell_size}); pass the cell size the regions were made"
+                                 " with (meta cell_size)")
 
     def __len__(self):
         return len(self.base)
@@ -92,9 +92,8 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, mask, target = self.base.load(i)
         S, extent = self.size, (img.height, img.width)
-        box = None
-        if self.crop_scale is not None:
-            box = crop_box(extent, self.crop_scale, self.crop_ratio)
+        box = (None if self.crop_scale is None else
+               crop_box(extent, self.crop_scale, self.crop_ratio))
         if box is None:
             x = TF.to_tensor(resized(img, S))                         # [3, S, S] in [0, 1]
         else:                                                         # MAE: cut from the original
@@ -346,11 +345,9 @@ class FolderDataset:
                   f"images are {' '.join(EXTENSIONS)}" + (" in root/<class>/" if classes else ""),
                   flush=True)
         if not self.files:
-            if classes:
-                raise ValueError(f"image folder {root} has no images in class sub-folders; "
-                                 f"expected root/<class>/<image> with one of "
-                                 f"{', '.join(EXTENSIONS)}")
-            raise ValueError(f"image folder {root} has no images (at any depth) with one of "
+            where = ("in class sub-folders; expected root/<class>/<image>" if classes
+                     else "(at any depth)")
+            raise ValueError(f"image folder {root} has no images {where} with one of "
                              f"{', '.join(EXTENSIONS)}")
 
     def __len__(self):
@@ -361,9 +358,7 @@ class FolderDataset:
         path = os.path.join(self.root, self.files[i])
         try:
             img = read_rgb(path)
-        except IMAGE_ERRORS as e:
-            # read during training: a UsageError here, the stage has no other place to say it
-            # (exit 2)
+        except IMAGE_ERRORS as e:  # read during training: a UsageError (exit 2), said only here
             raise UsageError(f"cannot read image {path} ({e}); delete or replace the file "
                              f"(python data.py --verify {self.root} lists every unreadable image "
                              "at once)") from None
@@ -378,8 +373,8 @@ class FolderDataset:
                                  "(all zeros when it has no objects)") from None
             if mask.ndim != 2 or mask.shape != (img.height, img.width) or mask.max(initial=0) > 255:
                 raise UsageError(f"instance mask {mpath} must be a single-channel 8-bit PNG of "
-                                 f"the image's size {img.height}x{img.width}, "
-                                 f"got shape {mask.shape}")
+                                 f"the image's size {img.height}x{img.width}, got shape "
+                                 f"{mask.shape}")
             mask = mask.astype(np.uint8)
         return img, mask, self.targets[i]
 
@@ -416,7 +411,8 @@ def unreadable_images(folder, num_workers=0):
 def add_scene_flags(group):
     """The stages' flags for the built-in scenes (used without --data_path)."""
     group.add_argument("--scenes", default="shapes", choices=["shapes", "parts"],
-                       help="built-in scenes: shapes.py's, or scenes.py's objects of textured parts")
+                       help="built-in scenes: shapes.py's, or scenes.py's objects of textured "
+                            "parts")
     group.add_argument("--scene_cache", default=None, metavar="DIR",
                        help="draw the built-in scenes once into DIR; later runs read them there")
 
@@ -449,8 +445,8 @@ class Drawn:
             raise UsageError(f"scene cache {self.path} cannot be read ({type(e).__name__}); "
                              "delete it to draw the scenes again") from None
         if self.tensors.get("files") != self.files:
-            raise UsageError(f"scene cache {self.path} holds other scenes; delete it to draw "
-                             "these again")
+            raise UsageError(f"scene cache {self.path} holds other scenes; delete it to draw these"
+                             " again")
 
     def _draw(self, base, folder):
         S, n = base.img_size, base.num_images
@@ -461,7 +457,8 @@ class Drawn:
         for i in tqdm(range(n), desc=f"draw {os.path.basename(self.path)}", leave=False,
                       dynamic_ncols=True, disable=not sys.stdout.isatty()):
             img, mask, _ = base.load(i)
-            out["images"][i], out["masks"][i] = torch.as_tensor(np.array(img)), torch.as_tensor(mask)
+            out["images"][i] = torch.as_tensor(np.array(img))
+            out["masks"][i] = torch.as_tensor(mask)
             if "parts" in out:
                 out["parts"][i] = torch.from_numpy(base.part_mask(i))
         out["files"] = list(self.files)
@@ -469,7 +466,7 @@ class Drawn:
         fd, tmp = region_file.temp_file(folder, os.path.basename(self.path))
         with os.fdopen(fd, "wb") as f:
             torch.save(out, f)
-        os.replace(tmp, self.path)    # another process drawing the same scenes writes the same bytes
+        os.replace(tmp, self.path)  # another process drawing the same scenes writes the same bytes
 
     def __len__(self):
         return self.num_images
@@ -521,6 +518,43 @@ class Classification(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, _, target = self.base.load(i)
         return self.transform(img), target
+
+
+class Foreground(PretrainDataset):
+    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe (SemMAE §4.2),
+    MAE's linear-probe pipeline on the image and its cells together: training, RandomResizedCrop
+    (crop_scale = (--crop_min, 1)) + flip, PretrainDataset's joint crop; validation (crop_pct),
+    torchvision's Resize(S / crop_pct) + CenterCrop(S), the cells cut to the same box mapped onto
+    the original. Scores come from the regions file, else object cells (id 1..254 of the regions or
+    of the base's instance masks) count 1 and background 0."""
+
+    def __init__(self, base, input_size, crop_pct=None, **kw):
+        super().__init__(base, input_size, **kw)
+        self.crop_pct = crop_pct
+
+    def __getitem__(self, i):
+        train = self.crop_pct is None
+        img, cells, scores, target = super().__getitem__(i) if train else self.centre(i)
+        if self.regions is None or self.regions["scores"] is None:
+            scores = ((cells > 0) & (cells != region_file.IGNORE)).float()
+        return img, target, scores
+
+    def centre(self, i):
+        """MAE's validation view of sample i: (img [3, S, S] normalised, labels, scores, target)."""
+
+        img, mask, target = self.base.load(i)
+        S, (H, W) = self.size, (img.height, img.width)
+        short = int(S / self.crop_pct)  # torchvision Resize(int): shorter side
+        nh, nw = (int(short * H / W), short) if W <= H else (short, int(short * W / H))
+        top, left = int(round((nh - S) / 2.0)), int(round((nw - S) / 2.0))  # torchvision CenterCrop
+        x = v2.functional.resize(img, [nh, nw], interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True)
+        x = v2.functional.to_image(v2.functional.center_crop(x, S))
+        x = v2.functional.normalize(v2.functional.to_dtype(x, torch.float32, scale=True),
+                                    IMAGENET_MEAN, IMAGENET_STD)
+        box = (top * H / nh, left * W / nw, S * H / nh, S * W / nw)  # in the original's pixels
+        labels, scores = self.cells(i, self.square_mask(mask), box, (H, W))
+        return x, labels, scores, target
 
 
 # ---------------------------------------------------------------- pictures
@@ -576,4 +610,5 @@ if __name__ == "__main__":
         print(f"{path}: {why}")
     print(f"{len(bad)} of {total} images cannot be read"
           + ("; delete or replace them" if bad else ""))
+
     raise SystemExit(2 if bad else 0)

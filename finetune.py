@@ -16,7 +16,6 @@ arXiv:2205.14338), MAE (He et al., CVPR 2022, arXiv:2111.06377).
 """
 import argparse
 import os
-import re
 import time
 
 import torch
@@ -74,12 +73,11 @@ def load_pretrained(net, path, verbose=True):
         sd, info = released.load_encoder_checkpoint(path)
     except ValueError:
         obj = released.read_checkpoint(path)
-        # part_learn.py trains a part learner on a frozen encoder
-        if isinstance(obj, dict) and "learner" in obj:
+        if isinstance(obj, dict) and "learner" in obj:  # a part learner on a frozen encoder
             encoder = obj.get("args", {}).get("encoder_weights")
             raise UsageError(f"{path} is a part_learn.py checkpoint: it holds the part learner, "
-                             "not an encoder; "
-                             f"pass the encoder it ran on, --finetune {encoder}") from None
+                             f"not an encoder; pass the encoder it ran on, --finetune {encoder}"
+                             ) from None
         raise
     want = (net.patch_embed.proj.out_channels, len(net.blocks), net.patch_size)
     have = (info["embed_dim"], info["depth"], info["patch_size"])
@@ -89,8 +87,7 @@ def load_pretrained(net, path, verbose=True):
                f"no --model has these sizes (choices: {', '.join(sorted(models.VITS))})")
         raise UsageError(f"{path} holds a ViT with embed_dim, depth, patch size {have}, but "
                          f"--model has {want}; {fix}")
-    # e.g. 14x14 -> 28x28, cls kept
-    sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
+    sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)  # 14x14 -> 28x28
     try:
         missing, unexpected = net.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # a tensor of another shape (an edited or foreign file)
@@ -99,11 +96,10 @@ def load_pretrained(net, path, verbose=True):
         print(f"loaded {path} ({info['layout']} layout): missing {missing}, "
               f"unexpected {unexpected}", flush=True)
     fresh = ("head.", "fc_norm.") if net.global_pool else ("head.",)
-    if any(not k.startswith(fresh) for k in missing):
-        raise UsageError(f"{path} lacks encoder weights "
-                         f"{[k for k in missing if not k.startswith(fresh)][:6]}; "
-                         "it is not a complete encoder for --model (or pass --global_pool for a "
-                         "fc_norm checkpoint)")
+    lacks = [k for k in missing if not k.startswith(fresh)]
+    if lacks:
+        raise UsageError(f"{path} lacks encoder weights {lacks[:6]}; it is not a complete encoder "
+                         "for --model (or pass --global_pool for a fc_norm checkpoint)")
     return missing, unexpected
 
 
@@ -111,17 +107,15 @@ def load_trained(net, ckpt, args, path):
     """A checkpoint of this script (or a plain/{'model'} state dict with a head, e.g. MAE's
     fine-tuned ViTs)."""
     old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    weights = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
-    if str(old.get("model",
-                   "")).startswith("mae_") or any(str(k).startswith("decoder") for k in weights):
+    sd = dict(ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
+    if str(old.get("model", "")).startswith("mae_") or any(str(k).startswith("decoder")
+                                                           for k in sd):
         raise UsageError(f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); "
-                         "start fine-tuning "
-                         f"from it with --finetune {path} (--resume continues a finetune.py run, "
-                         "--eval evaluates one)")
+                         f"start fine-tuning from it with --finetune {path} (--resume continues a "
+                         "finetune.py run, --eval evaluates one)")
     if "learner" in ckpt:
         raise UsageError(f"{path} is a part_learn.py checkpoint (a part learner, no classifier); "
-                         "--resume takes the "
-                         "checkpoint-last.pth of a finetune.py run")
+                         "--resume takes the checkpoint-last.pth of a finetune.py run")
     for flag in ("model", "linprobe", "global_pool"):
         if flag in old and old[flag] != getattr(args, flag):
             fix = {"model": f"--model {old[flag]}",
@@ -129,21 +123,16 @@ def load_trained(net, ckpt, args, path):
                    "global_pool": "--global_pool" if old[flag] else "--no-global_pool"}[flag]
             raise UsageError(f"{path} was trained with {flag}={old[flag]} but this run has {flag}="
                              f"{getattr(args, flag)}; pass {fix}")
-    sd = dict(ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
     if not any(str(k).startswith("head.") for k in sd):
         raise UsageError(f"{path} holds an encoder without a classifier (released pre-trained "
-                         "weights?); start "
-                         f"fine-tuning from it with --finetune {path}")
+                         f"weights?); start fine-tuning from it with --finetune {path}")
     if "pos_embed" in sd and sd["pos_embed"].shape != net.pos_embed.shape:
         sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
     try:
-        missing, unexpected = net.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # a size mismatch: other --model or number of classes
+        net.load_state_dict(sd)
+    except RuntimeError as e:  # a missing key or a size mismatch: other --model or classes
         raise UsageError(f"{path} does not fit --model {args.model} with this dataset's classes: "
                          f"{str(e).splitlines()[-1].strip()}") from None
-    if missing or unexpected:
-        raise UsageError(f"{path} does not fit the model: missing {missing[:6]}, unexpected "
-                         f"{unexpected[:6]}")
 
 
 def timm_state_dict(net):
@@ -163,45 +152,6 @@ def timm_state_dict(net):
 
 # ----------------------------------------------------------------------------- data
 
-class Foreground(data.PretrainDataset):
-    """(image, class, foreground score per cell [gh, gw]) for the keep_ratio probe, with MAE's
-    linear-probe pipeline on the image and its cells together: training, RandomResizedCrop
-    (crop_scale = (--crop_min, 1), cut from the original) + flip, PretrainDataset's joint crop;
-    validation (crop_pct), resize the shorter side to S / crop_pct + centre crop S as torchvision's
-    Resize + CenterCrop, the cells cut to the same box mapped onto the original. Scores come from
-    the regions file, else object cells (id 1..254 of the regions or of the base's instance masks)
-    count 1 and background 0."""
-
-    def __init__(self, base, input_size, crop_pct=None, **kw):
-        super().__init__(base, input_size, **kw)
-        self.crop_pct = crop_pct
-
-    def __getitem__(self, i):
-        train = self.crop_pct is None
-        img, cells, scores, target = super().__getitem__(i) if train else self.centre(i)
-        if self.regions is None or self.regions["scores"] is None:
-            scores = ((cells > 0) & (cells != region_file.IGNORE)).float()
-        return img, target, scores
-
-    def centre(self, i):
-        """MAE's validation view of sample i: (img [3, S, S] normalised, labels, scores, target), no
-        flip."""
-        img, mask, target = self.base.load(i)
-        S, (H, W) = self.size, (img.height, img.width)
-        short = int(S / self.crop_pct)  # torchvision Resize(int): shorter side
-        nh, nw = (int(short * H / W), short) if W <= H else (short, int(short * W / H))
-        top, left = int(round((nh - S) / 2.0)), int(round((nw - S) / 2.0))  # torchvision CenterCrop
-        bicubic = v2.InterpolationMode.BICUBIC
-        x = v2.functional.center_crop(v2.functional.resize(img, [nh, nw], interpolation=bicubic,
-                                                           antialias=True), S)
-        x = v2.functional.to_dtype(v2.functional.to_image(x), torch.float32, scale=True)
-        # the crop, in the original's pixels
-        box = (top * H / nh, left * W / nw, S * H / nh, S * W / nw)
-        labels, scores = self.cells(i, self.square_mask(mask), box, (H, W))
-        return v2.functional.normalize(x, data.IMAGENET_MEAN,
-                                       data.IMAGENET_STD), labels, scores, target
-
-
 def build_transform(args, train):
     """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip +
     RandAugment + random erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip;
@@ -218,42 +168,19 @@ def build_transform(args, train):
                 v2.RandomHorizontalFlip()]
         if args.train_crop == "bit" and not args.linprobe:
             head[0:1] = [v2.Resize((round(size * 7 / 6),) * 2, antialias=True), v2.RandomCrop(size)]
-        if not args.linprobe and randaug(args.aa):
-            head.append(randaugment.RandAugment(**randaug(args.aa),
-                                                # timm: the mean colour
-                                                fill=[round(255 * m) for m in mean]))
+        policy = None if args.linprobe else randaugment.parse(args.aa)
+        if policy:                                                  # fill: the mean colour (timm)
+            head.append(randaugment.RandAugment(**policy, fill=[round(255 * m) for m in mean]))
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if train and not args.linprobe and args.reprob > 0:
         tail.append(v2.RandomErasing(args.reprob, value="random"))
     return v2.Compose(head + tail)
 
 
-def randaug(aa):
-    """timm's RandAugment string -> randaugment.RandAugment's arguments, 'none' -> None.
-    'rand-m9-mstd0.5-inc1' (MAE) -> magnitude 9, 2 ops, magnitude noise 0.5, the increasing ops;
-    sections in any order, timm's defaults for those left out (m10, n2, mstd0, inc0)."""
-    if aa == "none":
-        return None
-    parts = aa.split("-")
-    out = dict(magnitude=10, num_ops=2, mstd=0.0, increasing=False)
-    keys = {"m": ("magnitude", int), "n": ("num_ops", int), "mstd": ("mstd", float),
-            "inc": ("increasing", int)}
-    sections = [re.fullmatch(r"(mstd|inc|m|n)(\d+(?:\.\d+)?)", part) for part in parts[1:]]
-    if parts[0] != "rand" or not all(m and (m[1] == "mstd" or "." not in m[2]) for m in sections):
-        raise UsageError(f"--aa {aa} is not timm's 'rand-m<magnitude>-n<ops>-mstd<noise>-inc<0|1>' "
-                         "(e.g. rand-m9-mstd0.5-inc1) or 'none'")
-    for m in sections:
-        name, kind = keys[m[1]]
-        out[name] = kind(m[2])
-    out["increasing"] = bool(out["increasing"])
-    return out
-
-
 def build_datasets(args):
     """-> (train set (None with --eval), validation set, class names). Items are (img, class) or,
     with keep_ratio < 1, (img, class, cell scores)."""
-    # is it the training split; --eval never scans train/
-    splits = [False] if args.eval else [True, False]
+    splits = [False] if args.eval else [True, False]  # is it the training split (--eval: val only)
     if args.data_path is None:
         bases = [data.builtin(args.scenes, args.num_images if train else args.num_val_images,
                               args.input_size, args.data_seed, "train" if train else "val",
@@ -265,16 +192,14 @@ def build_datasets(args):
         for folder in dirs:
             if not os.path.isdir(folder):
                 raise UsageError(f"{folder} does not exist; --data_path needs train/ and val/ in "
-                                 "ImageNet layout "
-                                 "(<split>/<class>/<image>)")
+                                 "ImageNet layout (<split>/<class>/<image>)")
         bases = [data.FolderDataset(folder) for folder in dirs]
     if bases[0].classes != bases[-1].classes:
         raise UsageError(f"train and val have different classes ({len(bases[0].classes)} vs "
                          f"{len(bases[-1].classes)}); both need the same class folders")
     sets = []
     for base, train in zip(bases, splits):
-        if args.keep_ratio == 1.0:
-            # k-NN: as val
+        if args.keep_ratio == 1.0:                               # k-NN: both sets as val
             sets.append(data.Classification(base, build_transform(args, train and not args.knn)))
             continue
         path = args.regions if train else args.val_regions
@@ -283,10 +208,10 @@ def build_datasets(args):
             raise UsageError(f"{path} has parts but no foreground scores; --keep_ratio needs "
                              "part_learn.py's scores")
         cell = regions["meta"]["cell_size"] if regions else 8
-        sets.append(Foreground(base, args.input_size, crop_pct=None if train else args.crop_pct,
-                               regions=regions,
-                               hflip=train, cell_size=cell, crop_scale=(args.crop_min,
-                                                                        1.0) if train else None))
+        sets.append(data.Foreground(base, args.input_size, regions=regions, hflip=train,
+                                    cell_size=cell, crop_pct=None if train else args.crop_pct,
+                                    crop_scale=(args.crop_min, 1.0) if train else None))
+
     return (None if args.eval else sets[0]), sets[-1], bases[0].classes
 
 
@@ -306,9 +231,14 @@ def forward(net, trainable, imgs, ids, linprobe):
     if not linprobe:
         return trainable(imgs)
     with torch.no_grad():
-        x = net.forward_features(imgs, ids)  # [B, 1+n, D]
-        feats = net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]  # [B, D]
+        feats = pool(net, net.forward_features(imgs, ids))                # [B, 1+n, D] -> [B, D]
     return trainable(feats)
+
+
+def pool(net, x):
+    """Tokens [B, 1+n, D] -> the feature [B, D]: the class token, or with global_pool the mean of
+    the patch tokens + fc_norm (MAE)."""
+    return net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]
 
 
 @torch.no_grad()
@@ -317,14 +247,12 @@ def evaluate(net, loader, d, args):
     counts are summed."""
     net.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=d.device)  # top-1 hits, top-5 hits, images
-    # ties in keep_foreground: same every epoch
-    g = torch.Generator(d.device).manual_seed(args.seed + d.rank)
+    g = torch.Generator(d.device).manual_seed(args.seed + d.rank)  # keep_foreground's ties: fixed
     for imgs, target, *scores in loader:
         imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device, non_blocking=True)
         ids = keep_ids(scores[0].to(d.device), net, args, g) if scores else None
         with utils.autocast(d.device, args.precision):
             logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
-        # [B, k]
         hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]
         batch = torch.tensor(len(target), device=d.device)
         counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), batch]).to(counts)
@@ -336,8 +264,8 @@ def evaluate(net, loader, d, args):
 
 @torch.no_grad()
 def features(net, dataset, d, args):
-    """The frozen encoder's feature of every image [N, D] (class token, or the mean of the patch
-    tokens + fc_norm with --global_pool) and its class [N], in dataset order."""
+    """The frozen encoder's feature of every image [N, D] (`pool`) and its class [N], in dataset
+    order."""
     net.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
                                          num_workers=args.num_workers)
@@ -345,8 +273,7 @@ def features(net, dataset, d, args):
     for imgs, target in runs.progress(loader, "features", None, d):
         with utils.autocast(d.device, args.precision):
             x = net.forward_features(imgs.to(d.device, non_blocking=True))   # [B, 1+L, D]
-        feats.append((net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:,
-                                                                                  0]).float().cpu())
+        feats.append(pool(net, x).float().cpu())
         targets.append(target)
     return torch.cat(feats), torch.cat(targets)
 
@@ -359,6 +286,7 @@ def knn_accuracy(net, train_set, val_set, num_classes, d, args):
     votes = probe.knn_votes(train_feats, train_labels, val_feats, num_classes, args.knn_k,
                             args.knn_t)
     hits = votes.topk(min(5, num_classes), dim=1).indices == val_labels[:, None]            # [M, 5]
+
     return {"acc1": hits[:, 0].double().mean().item(), "acc5": hits.any(1).double().mean().item(),
             "n": len(val_labels)}
 
@@ -375,69 +303,6 @@ def make_mixup(args, num_classes):
     ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
           ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
     return v2.RandomChoice(ops) if ops else None
-
-
-# ----------------------------------------------------------------------------- the flags' rules
-
-def check_args(args):
-    """The flags alone, before any work: the mode's recipe into the flags left at None, each range
-    once (utils.RANGES), then the rules between flags."""
-    tuning = (not args.linprobe and not args.knn, "in fine-tuning (without --linprobe or --knn)")
-    probing, knn = (args.linprobe, "with --linprobe"), (args.knn, "with --knn")
-    regions = (args.keep_ratio < 1.0, "with --keep_ratio < 1 (the probe's foreground scores)")
-    # flags that do nothing in the chosen mode (get_args' groups)
-    utils.refuse_unused(args, get_args([]), {
-        **{f: tuning for f in ("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing",
-                               "layer_decay",
-                               "opt_betas", "opt_eps", "grad_checkpointing", "train_crop")},
-        "crop_min": (args.linprobe or args.train_crop == "rrc", "with --train_crop rrc (or "
-                                                                "--linprobe)"),
-        "opt": probing, "knn_k": knn, "knn_t": knn, "regions": regions, "val_regions": regions,
-        "keep_ratio": (args.linprobe,
-                       "with --linprobe (SemMAE §4.2): fine-tuning sees every patch"),
-        "blr": (args.lr is None, "without --lr (which overrides it)"),
-        "lookahead_k": (args.lookahead, "with --lookahead"),
-        "lookahead_alpha": (args.lookahead, "with --lookahead"),
-        "download": (args.dataset == "cifar100", "with --dataset cifar100")})
-    for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.global_pool is None:
-        # MAE's probe and DINO's k-NN: class token
-        args.global_pool = not (args.linprobe or args.knn)
-    utils.check_ranges(args)
-    patch = models.VITS[args.model].keywords["patch_size"]
-    if args.input_size % patch:
-        raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size "
-                         f"{patch} of "
-                         f"{args.model}; use a multiple of {patch}")
-    if args.eval and not args.resume:
-        raise UsageError("--eval needs the trained model: pass --resume CKPT")
-    if args.eval and args.finetune:
-        raise UsageError("--eval evaluates --resume (a model with its head); drop --finetune")
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained "
-                         "checkpoint "
-                         "(pretrain.py's checkpoint-last.pth, MAE's or SemMAE's released .pth, a "
-                         "timm state dict)")
-    if args.knn and (args.linprobe or args.eval or args.resume):
-        raise UsageError("--knn measures a frozen --finetune encoder with no training; drop "
-                         "--linprobe, --eval "
-                         "and --resume")
-    if args.keep_ratio < 1.0 and args.data_path is not None and not (args.val_regions and
-                                                                     (args.regions or args.eval)):
-        raise UsageError("--keep_ratio < 1 on real images needs foreground scores: run "
-                         "part_learn.py on train/ "
-                         "and val/, then pass --regions <train regions.pt> --val_regions <val "
-                         "regions.pt>")
-    if args.dataset == "cifar100" and args.data_path is None:
-        raise UsageError("--dataset cifar100 needs --data_path (the folder holding "
-                         "cifar-100-python/)")
-    if args.linprobe and args.batch_size < 2:
-        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a "
-                         "BatchNorm (MAE's "
-                         "linear probe), which needs two images per batch")
-    randaug(args.aa)
 
 
 # ----------------------------------------------------------------------------- optimiser and resume
@@ -471,19 +336,18 @@ def resume(args, net, optimizer, scaler, d):
                          "script")
     utils.load_optimizer(optimizer, ckpt["optimizer"], args.resume)
     utils.load_scaler(scaler, ckpt.get("scaler"))
-    return (ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0), *runs.resume_partial(ckpt, d,
-                                                                               args.resume))
+    partial = runs.resume_partial(ckpt, d, args.resume)
+    return (ckpt["epoch"] + 1, ckpt.get("max_acc1", 0.0), *partial)
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    # Check the flags, set up DDP and the output folder (nothing is written before every check
-    # passed):
+    # Check the flags, set up DDP and the output folder (nothing is written before every check):
     check_args(args)
     d = launch.init_distributed(args.device, args.dist_timeout)
-    # auto -> what this device does
-    args.precision = utils.resolve_precision(args.precision, d.device)
+    args.precision = utils.resolve_precision(args.precision, d.device)  # auto: what the device does
+
     summary_writer = runs.summary_writer_class(args.tensorboard)  # optional: installed, or one line
     if args.knn and d.world > 1:
         raise UsageError("--knn runs in one process: python finetune.py --knn ...")
@@ -499,8 +363,7 @@ def main(args):
             load_pretrained(net, args.finetune, verbose=d.is_main)
     net.to(d.device)
     net.grad_checkpointing = args.grad_checkpointing
-    # every world-th image
-    mine = torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world))
+    mine = torch.utils.data.Subset(val_set, range(d.rank, len(val_set), d.world))  # every world-th
     val_loader = torch.utils.data.DataLoader(mine, batch_size=args.batch_size,
                                              num_workers=args.num_workers,
                                              pin_memory=d.device.type == "cuda")
@@ -509,10 +372,8 @@ def main(args):
     if args.knn:
         stats = knn_accuracy(net, train_set, val_set, len(classes), d, args)
         print(f"{args.finetune or 'a random encoder'}: k-NN (k {args.knn_k}, T {args.knn_t:g}) "
-              "top-1 "
-              f"{100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% on {stats['n']} "
-              "validation images "
-              f"({len(train_set)} training images)", flush=True)
+              f"top-1 {100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% on "
+              f"{stats['n']} validation images ({len(train_set)} training images)", flush=True)
         return stats
     if args.eval:
         if args.resume == "auto":  # evaluate this --output_dir's last checkpoint
@@ -520,8 +381,7 @@ def main(args):
         load_trained(net, runs.load_checkpoint(args.resume), args, args.resume)
         stats = evaluate(net, val_loader, d, args)
         utils.print0(d, f"{args.resume}: top-1 {100 * stats['acc1']:.2f}% top-5 "
-                        f"{100 * stats['acc5']:.2f}% "
-                        f"on {stats['n']} validation images")
+                        f"{100 * stats['acc5']:.2f}% on {stats['n']} validation images")
         runs.end_run()
         return stats
 
@@ -531,14 +391,12 @@ def main(args):
     base_lr, eff_batch = utils.scaled_lr(args, d)
     optimizer = build_optimizer(args, net, base_lr)
     scaler = utils.grad_scaler(d.device, args.precision)  # fp16 only; a no-op otherwise
-    start_epoch, max_acc1, start_step, carry = (resume(args, net, optimizer, scaler,
-                                                       d) if args.resume
-                                                else (0, 0.0, 0, None))
+    start_epoch, max_acc1, start_step, carry = (resume(args, net, optimizer, scaler, d)
+                                                if args.resume else (0, 0.0, 0, None))
     module = net.head if args.linprobe else net
     trainable = utils.wrap_ddp(module, d)
     mixup = make_mixup(args, len(classes))
     smoothing = 0.0 if args.linprobe else args.smoothing
-
 
     # Start the run (the folder, its lock, args.json):
     runs.start_run(args, d, start_epoch)
@@ -546,11 +404,9 @@ def main(args):
     tb = summary_writer(args.tensorboard) if summary_writer and d.is_main else None
     trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
     utils.print0(d, f"{args.model}{' (linear probe)' if args.linprobe else ''}: "
-                    f"{trained / 1e6:.2f}M trained "
-                    f"params, {len(classes)} classes, {len(train_set)} train / {len(val_set)} val "
-                    "images, "
-                    f"effective batch {eff_batch}, lr {base_lr:.2e}, epochs "
-                    f"{start_epoch}..{args.epochs - 1}")
+                    f"{trained / 1e6:.2f}M trained params, {len(classes)} classes, "
+                    f"{len(train_set)} train / {len(val_set)} val images, effective batch "
+                    f"{eff_batch}, lr {base_lr:.2e}, epochs {start_epoch}..{args.epochs - 1}")
 
     iters = utils.batches_per_epoch(loader, args.accum_iter)  # leftovers < accum_iter are skipped
     total_iters, warmup_iters = args.epochs * iters, args.warmup_epochs * iters
@@ -558,21 +414,19 @@ def main(args):
 
     def run_state(epoch):                   # what a checkpoint holds, epoch = the last finished one
         return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch, "max_acc1": max_acc1, "args": vars(args)}
+                "scaler": scaler.state_dict(), "epoch": epoch, "max_acc1": max_acc1,
+                "args": vars(args)}
     # Train:
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
         skip = start_step if epoch == start_epoch else 0  # micro-batches done before a stop
         loader.sampler.set_epoch(epoch, skip * args.batch_size)
-        # linear probe: the encoder stays in eval mode, only the head trains
-        net.train(not args.linprobe)
-        module.train()
+        net.train(not args.linprobe)   # linear probe: the encoder stays in eval mode, only the
+        module.train()                 # head trains
         t0, loss_sum, n_sum = time.time(), 0.0, 0
         if skip:                                    # where the stop left the RNGs and the sums
             runs.set_rng_state(carry["rng"])
             loss_sum, n_sum = carry["sums"]
-        # plain lines outside a tty
         bar = runs.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)
         for it, (imgs, target, *scores) in enumerate(bar, start=skip):
             if it == iters:  # the leftover micro-batches
@@ -581,15 +435,14 @@ def main(args):
                 lr = utils.cosine_lr(epoch * iters + it, total_iters, warmup_iters, base_lr,
                                      args.min_lr)
                 utils.set_lr(optimizer, lr)
-            imgs, target = imgs.to(d.device, non_blocking=True), target.to(d.device,
-                                                                           non_blocking=True)
+            imgs = imgs.to(d.device, non_blocking=True)
+            target = target.to(d.device, non_blocking=True)
             ids = keep_ids(scores[0].to(d.device), net, args) if scores else None
             if mixup is not None:
                 imgs, soft = mixup(imgs, target)  # [B, C] mixed one-hot targets
             else:
                 soft = F.one_hot(target, len(classes)).float()
-            # smoothing commutes with mixing (timm)
-            soft = soft * (1 - smoothing) + smoothing / len(classes)
+            soft = soft * (1 - smoothing) + smoothing / len(classes)  # commutes with mixing (timm)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(trainable, sync, d):
                 with utils.autocast(d.device, args.precision):
@@ -608,8 +461,7 @@ def main(args):
             if tb and ((it + 1) % args.log_every == 0 or it + 1 == iters):
                 tb.add_scalar("train/loss", loss_value, epoch * iters + it + 1)
                 tb.add_scalar("train/lr", lr, epoch * iters + it + 1)
-            # SIGTERM/SIGUSR1: stop after this step
-            if sync and it + 1 < iters and runs.stop_requested(d, True):
+            if sync and it + 1 < iters and runs.stop_requested(d, True):  # SIGTERM/SIGUSR1
                 bar.close()  # (the loss is read every step here)
                 where = f"after step {it + 1} of {iters} of epoch {epoch}"
                 runs.stop_now(ckpt_path, run_state(epoch - 1), d, where, it + 1, (loss_sum, n_sum))
@@ -633,8 +485,8 @@ def main(args):
             print(f"epoch {epoch}: loss {train_loss:.4f} lr {lr:.2e} val top-1 "
                   f"{100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
                   f"(max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
-        # a stop in the epoch's last step
-        if epoch + 1 < args.epochs and runs.stop_requested(d, True):
+        if epoch + 1 < args.epochs and runs.stop_requested(d, True):  # a stop in its last step
+
             runs.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     if tb:
         tb.close()
@@ -651,7 +503,63 @@ def main(args):
     return {"max_acc1": max_acc1}
 
 
-# ----------------------------------------------------------------------------- flags
+# ----------------------------------------------------------------------------- flags, their rules
+
+def check_args(args):
+    """The flags alone, before any work: the mode's recipe into the flags left at None, each range
+    once (utils.RANGES), then the rules between flags."""
+    tuning = (not args.linprobe and not args.knn, "in fine-tuning (without --linprobe or --knn)")
+    regions = (args.keep_ratio < 1.0, "with --keep_ratio < 1 (the probe's foreground scores)")
+    knn, lookahead = (args.knn, "with --knn"), (args.lookahead, "with --lookahead")
+    rules = dict.fromkeys(("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing",
+                           "layer_decay", "opt_betas", "opt_eps", "grad_checkpointing",
+                           "train_crop"), tuning)
+    rules.update(crop_min=(args.linprobe or args.train_crop == "rrc",
+                           "with --train_crop rrc (or --linprobe)"),
+                 opt=(args.linprobe, "with --linprobe"), knn_k=knn, knn_t=knn, regions=regions,
+                 val_regions=regions, keep_ratio=(args.linprobe, "with --linprobe (SemMAE §4.2): "
+                                                                 "fine-tuning sees every patch"),
+                 blr=(args.lr is None, "without --lr (which overrides it)"),
+                 finetune=(not args.eval, "without --eval (which evaluates --resume, a model with "
+                                          "its head)"),
+
+                 lookahead_k=lookahead, lookahead_alpha=lookahead,
+                 download=(args.dataset == "cifar100", "with --dataset cifar100"))
+    utils.refuse_unused(args, get_args([]), rules)          # flags that do nothing in this mode
+    for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.global_pool is None:                       # MAE's probe and DINO's k-NN: class token
+        args.global_pool = not (args.linprobe or args.knn)
+    utils.check_ranges(args)
+    patch = models.VITS[args.model].keywords["patch_size"]
+    if args.input_size % patch:
+        raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size "
+                         f"{patch} of {args.model}; use a multiple of {patch}")
+    if args.eval and not args.resume:
+        raise UsageError("--eval needs the trained model: pass --resume CKPT")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained "
+                         "checkpoint (pretrain.py's checkpoint-last.pth, MAE's or SemMAE's "
+                         "released .pth, a timm state dict)")
+
+    if args.knn and (args.linprobe or args.eval or args.resume):
+        raise UsageError("--knn measures a frozen --finetune encoder with no training; drop "
+                         "--linprobe, --eval and --resume")
+    if (args.keep_ratio < 1.0 and args.data_path is not None
+            and not (args.val_regions and (args.regions or args.eval))):
+        raise UsageError("--keep_ratio < 1 on real images needs foreground scores: run "
+                         "part_learn.py on train/ and val/, then pass --regions <train regions.pt> "
+                         "--val_regions <val regions.pt>")
+    if args.dataset == "cifar100" and args.data_path is None:
+        raise UsageError("--dataset cifar100 needs --data_path (the folder holding "
+                         "cifar-100-python/)")
+    if args.linprobe and args.batch_size < 2:
+        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a "
+                         "BatchNorm (MAE's linear probe), which needs two images per batch")
+    with utils.user_input():                                   # not timm's RandAugment string
+        randaugment.parse(args.aa)
+
 
 def get_args(argv=None):
     # The defaults reproduce MAE's fine-tuning recipe (main_finetune), which SemMAE's Table 2

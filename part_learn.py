@@ -19,13 +19,11 @@ References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 
 arXiv:2205.14338).
 """
 import argparse
-import contextlib
 import os
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
@@ -55,15 +53,13 @@ def load_learner(args, d, encoder):
     ckpt = runs.load_checkpoint(args.resume)
     if "learner" not in ckpt:
         raise UsageError(f"{args.resume} is not a part_learn.py checkpoint; --resume takes this "
-                         "stage's "
-                         "checkpoint-last.pth (the encoder goes in --encoder_weights)")
+                         "stage's checkpoint-last.pth (the encoder goes in --encoder_weights)")
     try:
         learner.load_state_dict(ckpt["learner"])
     except RuntimeError:
-        raise UsageError(f"{args.resume} was trained with --num_parts "
-                         f"{ckpt['args'].get('num_parts')} on "
-                         f"{ckpt['args'].get('encoder_weights')}; pass the same --num_parts and an "
-                         "encoder "
+        old = ckpt["args"]
+        raise UsageError(f"{args.resume} was trained with --num_parts {old.get('num_parts')} on "
+                         f"{old.get('encoder_weights')}; pass the same --num_parts and an encoder "
                          "of the same width") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     return (learner, optimizer, ckpt["epoch"] + 1, *runs.resume_partial(ckpt, d, args.resume))
@@ -79,7 +75,7 @@ def train_learner(args, d, base, encoder, cache=None):
     dataset = (data.PretrainDataset(base, args.input_size, hflip=True, cell_size=args.cell_size)
                if cache is None else
                image_cache.CachedPretrainDataset(base, cache, args.input_size, hflip=True,
-                                          cell_size=args.cell_size))
+                                                 cell_size=args.cell_size))
     loader = utils.make_loader(dataset, args.batch_size, args.num_workers, True, args.seed, d)
     if len(loader) == 0:
         raise UsageError(f"{len(dataset)} images give no full batch of {args.batch_size} per rank; "
@@ -107,7 +103,6 @@ def train_learner(args, d, base, encoder, cache=None):
         if skip:                                    # where the stop left the RNGs and the sums
             runs.set_rng_state(carry["rng"])
             sums, n = carry["sums"][0].to(d.device), carry["sums"][1]
-        # plain lines outside a tty
         bar = runs.progress(loader, f"epoch {epoch}", iters, d, args.log_every, skip)
         for it, batch in enumerate(bar, start=skip):
             lr = utils.cosine_lr(epoch * iters + it, args.epochs * iters,
@@ -124,16 +119,13 @@ def train_learner(args, d, base, encoder, cache=None):
             optimizer.step()
             sums += torch.stack([loss, rec, div]).detach()
             n += 1
-            # always at the epoch's last step
-            log_now = (it + 1) % args.log_every == 0 or it + 1 == iters
+            log_now = (it + 1) % args.log_every == 0 or it + 1 == iters  # and the epoch's last
             if log_now:
                 means = (sums / n).tolist()  # the sync: the epoch's means so far
-                runs.stop_if_not_finite(means[0], f"epoch {epoch}, one of steps "
-                                                  f"{it - it % args.log_every}..{it}",
-                                        ckpt_path, precision)  # before this epoch's checkpoint
+                steps = f"epoch {epoch}, one of steps {it - it % args.log_every}..{it}"
+                runs.stop_if_not_finite(means[0], steps, ckpt_path, precision)  # before its ckpt
                 bar.set_postfix(loss=f"{means[0]:.4f}", div=f"{means[2]:.3f}", lr=f"{lr:.2e}")
-            # SIGTERM/SIGUSR1: stop after this step
-            if it + 1 < iters and runs.stop_requested(d, log_now):
+            if it + 1 < iters and runs.stop_requested(d, log_now):  # SIGTERM/SIGUSR1: stop here
                 bar.close()
                 where = f"after step {it + 1} of {iters} of epoch {epoch}"
                 runs.stop_now(ckpt_path, run_state(epoch - 1), d, where, it + 1, (sums.cpu(), n))
@@ -189,15 +181,15 @@ def parts_from_maps(maps, grid):
 
 def batch_images(batch, device):
     """A DataLoader batch -> its normalised images [B, 3, S, S] on the device. The fast path's
-    batches are uint8 with their flips beside them (image_cache.CachedPretrainDataset): image_cache.device_batch
-    flips and normalises them there."""
+    batches are uint8 with their flips beside them (image_cache.CachedPretrainDataset):
+    image_cache.device_batch flips and normalises them there."""
     imgs = batch[0].to(device, non_blocking=True)
     return image_cache.device_batch(imgs, batch[4]) if imgs.dtype == torch.uint8 else imgs
 
 
 def encoder_features(encoder, imgs):
-    """Frozen encoder -> F_c [B, C] and F [B, C, h, w] (SemMAE §3.1), in fp32. No graph, bf16 on
-    CUDA."""
+    """Frozen encoder -> F_c [B, C], F [B, C, h, w] (SemMAE §3.1), fp32; no graph, bf16 on CUDA."""
+
     with torch.no_grad(), utils.autocast(imgs.device):
         tokens = encoder.forward_features(imgs)                            # [B, 1+L, C]
     tokens = tokens.float()
@@ -207,8 +199,7 @@ def encoder_features(encoder, imgs):
 
 
 def attention_parts(encoder, imgs, grid):
-    """Table 4's baseline: last-layer class-token attention to the patches, one map per head [B,
-    heads, h, w]."""
+    """Table 4's baseline: last-layer class-token attention to the patches, a map per head."""
     with torch.no_grad(), utils.autocast(imgs.device):
         attn = encoder.get_last_selfattention(imgs)                        # [B, heads, 1+L, 1+L]
     h, w = imgs.shape[-2] // encoder.patch_size, imgs.shape[-1] // encoder.patch_size
@@ -225,14 +216,12 @@ def build_cam_net(args):
     if not isinstance(sd, dict) or not torch.is_tensor(sd.get("fc.weight")):
         raise UsageError(f"--cam_weights {args.cam_weights} is not a torchvision ResNet state dict "
                          "(no fc.weight)")
-    net = getattr(torchvision.models, args.cam_arch)(weights=None,
-                                                     num_classes=sd["fc.weight"].shape[0])
+    net = getattr(torchvision.models, args.cam_arch)(weights=None, num_classes=len(sd["fc.weight"]))
     try:
         net.load_state_dict(sd)
     except RuntimeError as e:
-        raise UsageError(f"--cam_weights {args.cam_weights} does not fit --cam_arch "
-                         f"{args.cam_arch}: "
-                         f"{str(e).splitlines()[1].strip()}") from None
+        raise UsageError(f"--cam_weights {args.cam_weights} does not fit --cam_arch {args.cam_arch}"
+                         f": {str(e).splitlines()[1].strip()}") from None
     return net.eval()
 
 
@@ -251,8 +240,8 @@ def cam_objects(net, imgs, cell, threshold, min_share, min_object=0.05):
         w = net.fc.weight.float()[logits.argmax(1)]  # [B, K] w^c of the top class
         cam = torch.einsum("bk,bkhw->bhw", w, f).clamp_min(0)             # Eq. 2
     cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-12)           # range 0-1
-    cam = F.interpolate(cam[:, None], size=imgs.shape[-2:], mode="bilinear", align_corners=False)[:,
-                                                                                                  0]
+    cam = F.interpolate(cam[:, None], size=imgs.shape[-2:], mode="bilinear", align_corners=False)
+    cam = cam[:, 0]                                                        # [B, S, S]
     pixels = cam > threshold                                               # [B, S, S] object pixels
     big = pixels.float().mean((1, 2), keepdim=True) >= min_object - 1e-6   # [B, 1, 1] the 5% rule
     pixels = pixels & big
@@ -274,146 +263,27 @@ class SegmentationCells(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        if self.coco is not None:  # only the annotation: no image read
-            mask = self.coco[os.path.basename(self.base.files[i])]
-        else:
-            mask = self.base.load(i)[1]
         a, S = self.args, self.args.input_size
+        mask = (self.coco[os.path.basename(self.base.files[i])] if self.coco is not None
+                else self.base.load(i)[1])                  # COCO: only the annotation is read
         if mask.shape != (S, S):
             mask = np.asarray(Image.fromarray(mask).resize((S, S), Image.NEAREST))
-        return (torch.from_numpy(region_file.instance_cells(mask, self.grid, a.min_share, a.min_object)),
-                torch.from_numpy(np.array(mask, dtype=np.uint8)))
+        cells = region_file.instance_cells(mask, self.grid, a.min_share, a.min_object)
+        return torch.from_numpy(cells), torch.from_numpy(np.array(mask, dtype=np.uint8))
 
 
 def load_coco(args, base):
     with utils.user_input():                                               # not a COCO JSON: exit 2
         masks = region_file.coco_instance_masks(args.coco)  # decoded lazily, per image
-    # COCO file_name is a bare name
-    missing = [f for f in base.files if os.path.basename(f) not in masks]
+    missing = [f for f in base.files if os.path.basename(f) not in masks]  # COCO: bare names
     if missing:
         raise UsageError(f"{len(missing)} images in --data_path are not in --coco {args.coco} "
-                         f"(first: {missing[0]}); "
-                         "pass the annotations of these images")
+                         f"(first: {missing[0]}); pass the annotations of these images")
     return masks
 
 
-# ---------------------------------------------------------------------- export (sharded over ranks)
 
-def object_counts(labels):
-    """Region cells uint8 [B, gh, gw] -> (cells of all objects, number of objects, largest id other
-    than ignore or -1): the sums behind region_file.object_ratio (ids 1..254 are objects) and the
-    segmentation's region count, integers that add up over batches and ranks in any order, so a
-    sharded export gives the single-process meta."""
-    lab = labels.reshape(labels.shape[0], -1).long()
-    counts = torch.zeros(lab.shape[0], 256, dtype=torch.long).scatter_add_(1, lab,
-                                                                           torch.ones_like(lab))
-    objects = counts[:, 1:region_file.IGNORE]
-    real = lab[lab != region_file.IGNORE]
-    return int(objects.sum()), int((objects > 0).sum()), int(real.max()) if real.numel() else -1
-
-
-def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
-    """Run label_fn over every item, rank r taking the r-th contiguous block of items, and write the
-    rows to this rank's shard <out>.rank<r>.tmp as they come (labels uint8 [rows, gh, gw], then
-    scores float16, then with mask_side > 0 the object masks uint8 [rows, mask_side, mask_side]), so
-    a rank holds one batch, never its whole share. -> (object cells, objects, largest id) summed /
-    maxed over all ranks."""
-    n, cells, pixels = len(items), grid[0] * grid[1], mask_side * mask_side
-    lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(lo, hi)),
-                                         batch_size=args.batch_size, num_workers=args.num_workers,
-                                         pin_memory=d.device.type == "cuda")
-    sums, top, row = torch.zeros(2, dtype=torch.long), -1, 0
-    fd = os.open(f"{out}.rank{d.rank}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for batch in runs.progress(loader, desc, None, d):
-            lab, sc, masks = label_fn(batch)
-            lab = lab.to(torch.uint8).cpu()
-            image_cache.pwrite_all(fd, lab, row * cells)
-            if has_scores:
-                image_cache.pwrite_all(fd, sc.to(torch.float16).cpu(), (hi - lo) * cells + 2 * row * cells)
-            if pixels:
-                image_cache.pwrite_all(fd, masks.to(torch.uint8).cpu(),
-                                (hi - lo) * cells * (1 + 2 * has_scores) + row * pixels)
-            obj_cells, objs, batch_top = object_counts(lab)
-            sums, top, row = sums + torch.tensor([obj_cells, objs]), max(top,
-                                                                         batch_top), row + len(lab)
-        os.fsync(fd)
-    except BaseException:                                # Ctrl-C or a full disk: no stray shard
-        with contextlib.suppress(OSError):
-            os.unlink(f"{out}.rank{d.rank}.tmp")
-        raise
-    finally:
-        os.close(fd)
-    if d.world > 1:                                      # NCCL reduces device tensors only
-        sums, tops = sums.to(d.device), torch.tensor([top], device=d.device)
-        dist.all_reduce(sums)
-        dist.all_reduce(tops, op=dist.ReduceOp.MAX)
-        sums, top = sums.cpu(), int(tops)
-    return int(sums[0]), int(sums[1]), top
-
-
-def merge_shards(out, n, grid, has_scores, files, meta, d, mask_side=0):
-    """The regions file `out` (region_file.save_regions' format, atomic) from the ranks' shards, without
-    any process holding it: rank 0 reserves the final file (image_cache.reserve_tensor_file: torch.save
-    without the tensors' bytes) and copies each shard's bytes to their place in it, 16 MB at a time,
-    then renames it into place and deletes the shards. The shards are next to `out`, so it must be
-    on a filesystem every node sees."""
-    if d.world > 1:
-        dist.barrier()                                   # every shard is on disk
-    if d.is_main:
-        cells, folder = grid[0] * grid[1], os.path.dirname(os.path.abspath(out))
-        obj = {"labels": image_cache.fake_tensor((n, *grid), torch.uint8),
-               "files": [str(f) for f in files],
-               "meta": dict(meta)}                       # the keys in save_regions' order
-        if has_scores:
-            obj["scores"] = image_cache.fake_tensor((n, *grid), torch.float16)
-        if mask_side:
-            obj["masks"] = image_cache.fake_tensor((n, mask_side, mask_side), torch.uint8)
-        tmp_fd, tmp = region_file.temp_file(folder, ".regions-")
-        os.close(tmp_fd)
-        try:
-            offsets = image_cache.reserve_tensor_file(tmp, obj)
-            fd = os.open(tmp, os.O_WRONLY)
-            try:
-                for r in range(d.world):
-                    lo, hi = r * n // d.world, (r + 1) * n // d.world
-                    # labels, scores, masks: in order
-                    with open(f"{out}.rank{r}.tmp", "rb") as shard:
-                        copy_bytes(shard, fd, offsets["labels"] + lo * cells, (hi - lo) * cells)
-                        if has_scores:
-                            copy_bytes(shard, fd, offsets["scores"] + 2 * lo * cells,
-                                       2 * (hi - lo) * cells)
-                        if mask_side:
-                            px = mask_side * mask_side
-                            copy_bytes(shard, fd, offsets["masks"] + lo * px, (hi - lo) * px)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        runs.fsync_dir(folder)
-        for r in range(d.world):
-            os.unlink(f"{out}.rank{r}.tmp")
-    if d.world > 1:
-        dist.barrier()  # the file is in place when every rank returns
-
-
-def copy_bytes(src, fd, offset, nbytes, chunk=16 << 20):
-    """nbytes from the file object src (from where it stands) to offset of the open file fd, a chunk
-    at a time."""
-    while nbytes:
-        buf = memoryview(src.read(min(chunk, nbytes)))
-        if not buf:
-            raise RuntimeError(f"shard {src.name} ended {nbytes} bytes early")
-        nbytes -= len(buf)
-        while buf:                                       # os.pwrite may write less than asked
-            done = os.pwrite(fd, buf, offset)
-            buf, offset = buf[done:], offset + done
-
+# ----------------------------------------------------------------------------- export
 
 def make_regions(base, args, d, nets, out, cache=None):
     """The chosen method over `base` in order -> the regions file `out` (written by the ranks
@@ -448,8 +318,7 @@ def make_regions(base, args, d, nets, out, cache=None):
 
         def label_fn(batch):
             return cam_objects(net, batch_images(batch, d.device), args.cell_size,
-                               args.cam_threshold,
-                               args.min_share, args.min_object)
+                               args.cam_threshold, args.min_share, args.min_object)
         meta.update(kind="objects", num_regions=1, source=f"{args.cam_arch} {args.cam_weights}")
     else:
         def label_fn(batch):
@@ -457,73 +326,28 @@ def make_regions(base, args, d, nets, out, cache=None):
         meta.update(kind="objects", source=args.coco or args.masks or "shapes instance masks")
     has_scores = args.method != "segmentation"
     # objects keep their per-pixel masks (S x S bytes an image), so pretrain.py's crop re-applies
-    # the 20% and 5%
-    # rules to the cropped patch (ObjMAE §3.2, §4.1); 1-px cells are their own mask
+    # the 20% and 5% rules to the cropped patch (ObjMAE §3.2, §4.1); 1-px cells are their own mask
     mask_side = args.input_size if meta["kind"] == "objects" and args.cell_size > 1 else 0
     if meta["kind"] == "objects":
         meta.update(min_share=args.min_share, min_object=args.min_object)
-    obj_cells, objs, top = export(images, label_fn, grid, has_scores, args, d,
-                                  f"export {args.method}", out,
-                                  mask_side)
-    if meta["kind"] == "objects":
-        # = region_file.object_ratio
+    obj_cells, objs, top = region_file.export(images, label_fn, grid, has_scores, args, d,
+                                              f"export {args.method}", out, mask_side)
+    if meta["kind"] == "objects":                                  # = region_file.object_ratio
         meta["object_ratio"] = obj_cells / (objs * grid[0] * grid[1]) if objs else 0.0
         if args.method == "segmentation":
             meta["num_regions"] = max(top, 0)
-    merge_shards(out, len(base), grid, has_scores, base.files, meta, d, mask_side)
+    region_file.merge_shards(out, len(base), grid, has_scores, base.files, meta, d, mask_side)
     return meta
-
-
-# ----------------------------------------------------------------------------- evaluation on shapes
-
-def foreground_iou(regions, dataset):
-    """How well regions separate objects from background, against the true object cells (mask_cells
-      of the
-    shapes' masks on the regions' grid), mean over the images that have objects:
-      top:   IoU of the k highest-scoring cells (k = the true object cells) with the object cells
-        (needs scores;
-             without, the object cells of an objects file);
-      parts: IoU of the union of the regions that are mostly object, i.e. whether the parts
-        themselves split
-             objects from background, whatever their scores;
-      chance: IoU of k cells drawn at random (fixed seed), what `top` is worth without
-        information."""
-    S, cell = regions["meta"]["input_size"], regions["meta"]["cell_size"]
-    grid = (S // cell, S // cell)
-    top, parts, chance, g = [], [], [], torch.Generator().manual_seed(0)
-    for i in range(len(dataset)):
-        # [gh*gw]
-        true = torch.from_numpy(region_file.mask_cells(dataset.load(i)[1], S, grid) > 0).flatten()
-        k = int(true.sum())
-        if k == 0:
-            continue
-        labels = regions["labels"][i].flatten().long()
-        if regions["scores"] is not None:
-            pred = torch.zeros_like(true)
-            pred[regions["scores"][i].flatten().float().topk(k).indices] = True
-        else:
-            pred = (labels > 0) & (labels != region_file.IGNORE)
-        top.append(float((pred & true).sum() / (pred | true).sum()))
-        drawn = torch.zeros_like(true)
-        drawn[torch.randperm(true.numel(), generator=g)[:k]] = True
-        chance.append(float((drawn & true).sum() / (drawn | true).sum()))
-        hits = torch.zeros(256).index_add_(0, labels, true.float())  # object cells per region id
-        sizes = torch.bincount(labels, minlength=256).float()
-        union = (hits > sizes / 2)[labels]  # the regions that are mostly object
-        parts.append(float((union & true).sum() / (union | true).sum()))
-    return {"iou_top": float(np.mean(top)), "iou_parts": float(np.mean(parts)),
-            "iou_chance": float(np.mean(chance)),
-            "images": len(top)}
 
 
 # ----------------------------------------------------------------------------- pictures
 
 PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190,
-                                                                                         212],
-                        [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0,
-                                                                                          0],
-                        [170, 255, 195], [0, 0, 0]]) / 255.0  # 16 colours, then ignore = black
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
+                        [250, 190, 212], [0, 128, 128], [220, 190, 255], [170, 110, 40],
+                        [255, 250, 200], [128, 0, 0], [170, 255, 195],
+                        [0, 0, 0]]) / 255.0                  # 16 colours, then ignore = black
+
 
 
 def save_picture(path, imgs, labels, recon=None, kind="parts"):
@@ -544,76 +368,10 @@ def save_picture(path, imgs, labels, recon=None, kind="parts"):
     data.save_with_headings(path, grid, ["image", kind, "reconstruction"][:len(columns)])
 
 
-# ----------------------------------------------------------------------------- the flags' rules
-
-def check_args(args):
-    """The flags alone, before any work: each range once (utils.RANGES), then the rules between
-    flags."""
-    if args.cell_size is None:
-        args.cell_size = 16 if args.method in ("cam", "segmentation") else 8
-    utils.check_ranges(args)
-    if args.blur % 2 == 0:
-        raise UsageError(f"--blur {args.blur} must be an odd kernel size (SemMAE §4.1: 7)")
-    if args.input_size % args.cell_size:
-        raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size "
-                         f"{args.cell_size}; "
-                         f"use a multiple of {args.cell_size}")
-    needs = {"learned": "encoder_weights", "attention": "encoder_weights",
-             "cam": "cam_weights"}.get(args.method)
-    if needs and not getattr(args, needs):
-        raise UsageError(f"--method {args.method} needs --{needs} <file>")
-    if needs and not os.path.isfile(getattr(args, needs)):
-        raise UsageError(f"--{needs} {getattr(args, needs)} does not exist; check the path")
-    learned = (args.method == "learned", "with --method learned")
-    objects = (args.method in ("cam", "segmentation"), "with --method cam or segmentation")
-    segmentation = (args.method == "segmentation", "with --method segmentation")
-    # flags that do nothing with this --method (get_args' groups)
-    utils.refuse_unused(args, get_args([]), {
-        **{f: learned for f in ("num_parts", "blur", "div_weight", "epochs", "lr", "warmup_epochs",
-                                "log_every")},
-        "encoder_weights": (args.method in ("learned", "attention"), "with --method learned or "
-                                                                     "attention"),
-        **{f: (args.method == "cam", "with --method cam") for f in ("cam_weights", "cam_arch",
-                                                                    "cam_threshold")},
-        "min_share": objects, "min_object": objects, "masks": segmentation, "coco": segmentation,
-        "image_cache": (args.method != "segmentation", "with the methods that read images (not "
-                                                       "segmentation)"),
-        "eval_images": (args.eval_iou, "with --eval_iou")})
-    one_source = (args.masks is None) != (args.coco is None)
-    if args.method == "segmentation" and args.data_path is not None and not one_source:
-        raise UsageError("--method segmentation on an image folder needs exactly one of --masks "
-                         "<folder> or "
-                         "--coco <instances.json>")
-    if args.method == "segmentation" and args.data_path is None and (args.masks or args.coco):
-        raise UsageError("the built-in shapes data brings its own masks; --masks/--coco need "
-                         "--data_path")
-    if args.eval_iou and args.data_path is not None:
-        raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
-
-
-def check_resume(args):
-    """After --resume auto is resolved (runs.prepare_output_dir): a path, or None for a new run."""
-    if args.resume and args.method != "learned":
-        raise UsageError("--resume continues a part learner: it is for --method learned only; "
-                         "--method "
-                         f"{args.method} writes into an --output_dir that holds no "
-                         "checkpoint-last.pth")
-    if args.export_only and not (args.method == "learned" and args.resume):
-        raise UsageError("--export_only re-exports a trained part learner: pass --method learned "
-                         "--resume <ckpt>")
-    regions = os.path.join(args.output_dir, "regions.pt")
-    if os.path.isfile(regions) and not args.resume:   # a finished run: never replaced by a new one
-        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run "
-                         f"({regions}); pass another "
-                         "--output_dir (or, for --method learned, --resume auto to continue or "
-                         "re-export it)")
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    # Check the flags, set up DDP and the output folder (nothing is written before every check
-    # passed):
+    # Check the flags, set up DDP and the output folder (nothing is written before every check):
     check_args(args)
     d = launch.init_distributed(args.device, args.dist_timeout)
     runs.prepare_output_dir(args, d)                                       # resolves --resume auto
@@ -627,29 +385,28 @@ def main(args):
                 data.FolderDataset(args.data_path, masks_root=args.masks, classes=False))
     nets = ()
     if args.method in ("learned", "attention"):
-        # sizes and patch size from the checkpoint; any missing encoder key is an error, never a
+        # sizes and patch size from the checkpoint; a missing encoder key is an error, never a
         # random encoder
         with utils.user_input():
             encoder = released.build_encoder_from_checkpoint(args.encoder_weights,
                                                            img_size=args.input_size)
         encoder = encoder.to(d.device).eval().requires_grad_(False)
         utils.print0(d, f"encoder {args.encoder_weights}: width {encoder.cls_token.shape[-1]}, "
-                        "patch "
-                        f"{encoder.patch_size}, {len(encoder.blocks)} blocks, "
+                        f"patch {encoder.patch_size}, {len(encoder.blocks)} blocks, "
                         f"{encoder.blocks[-1].attn.num_heads} heads")
         nets = (encoder,)
     elif args.method == "cam":
         nets = (build_cam_net(args).to(d.device),)
 
-    # Start the run (the folder, its lock, args.json), then train the part learner:
-    # a learned run starts once its --resume checkpoint is read (train_learner)
+    # Start the run (the folder, its lock, args.json), then train the part learner (a learned run
+    # starts once its --resume checkpoint is read, in train_learner):
     if args.method != "learned":
         runs.start_run(args, d)
     runs.print_args(d, args)
     cache = None  # fast input path: uint8 images decoded once, flipped/normalised on the device
     if args.image_cache:
-        cache = image_cache.open_image_cache(args.image_cache, base, args.input_size, args.num_workers,
-                                      d.rank, d.world)
+        cache = image_cache.open_image_cache(args.image_cache, base, args.input_size,
+                                             args.num_workers, d.rank, d.world)
     if args.method == "learned":
         nets = (nets[0], train_learner(args, d, base, nets[0], cache))
 
@@ -657,18 +414,17 @@ def main(args):
     out = os.path.join(args.output_dir, "regions.pt")
     meta = make_regions(base, args, d, nets, out, cache)
     if d.is_main:
-        labels = region_file.load_regions(out, base.files, args.input_size)["labels"]  # memory-mapped
+        labels = region_file.load_regions(out, base.files, args.input_size)["labels"]  # mmap
         vis = data.PretrainDataset(base, args.input_size, hflip=False, cell_size=args.cell_size)
         n = min(8, len(base))
         save_picture(os.path.join(args.output_dir, "regions.png"),
-                     torch.stack([vis[i][0] for i in range(n)]),
-                     labels[:n], kind=meta["kind"])
+                     torch.stack([vis[i][0] for i in range(n)]), labels[:n], kind=meta["kind"])
         ratio = "" if meta["object_ratio"] is None else (
             f", mean object ratio {meta['object_ratio']:.3f} (ObjMAE's --seq_ratio for a "
             f"patch-{args.cell_size} model)")
         print(f"wrote {out}: {meta['kind']} of {len(base)} images on a "
-              f"{labels.shape[1]}x{labels.shape[2]} grid, "
-              f"{meta['num_regions']} regions{ratio}", flush=True)
+              f"{labels.shape[1]}x{labels.shape[2]} grid, {meta['num_regions']} regions{ratio}",
+              flush=True)
 
     # Shapes only: how well the regions find the true objects of held-out images:
     if args.eval_iou:  # held-out images: another split
@@ -677,23 +433,82 @@ def main(args):
         out = os.path.join(args.output_dir, "regions-val.pt")
         make_regions(val, args, d, nets, out)  # not in the cache: the default path
         if d.is_main:
-            iou = foreground_iou(region_file.load_regions(out, val.files, args.input_size), val)
+            regions = region_file.load_regions(out, val.files, args.input_size)
+            iou = region_file.foreground_iou(regions, val)
             runs.append_log(os.path.join(args.output_dir, "log.txt"), {"method": args.method,
                                                                        **iou})
             print(f"foreground IoU on {iou['images']} held-out shapes images ({args.method}): "
                   f"top-scoring cells {iou['iou_top']:.3f}, mostly-object regions "
-                  f"{iou['iou_parts']:.3f} "
-                  f"(random cells {iou['iou_chance']:.3f})", flush=True)
+                  f"{iou['iou_parts']:.3f} (random cells {iou['iou_chance']:.3f})", flush=True)
     runs.end_run()
 
 
-# ----------------------------------------------------------------------------- flags
+# ----------------------------------------------------------------------------- flags, their rules
+
+# The flags that act with some methods only (get_args' groups): refused with any other --method.
+METHOD_FLAGS = {
+    ("learned",): ("num_parts", "blur", "div_weight", "epochs", "lr", "warmup_epochs", "log_every"),
+    ("learned", "attention"): ("encoder_weights",),
+    ("cam",): ("cam_weights", "cam_arch", "cam_threshold"),
+    ("cam", "segmentation"): ("min_share", "min_object"), ("segmentation",): ("masks", "coco")}
+
+WEIGHTS = {"learned": "encoder_weights", "attention": "encoder_weights", "cam": "cam_weights"}
+
+
+def check_args(args):
+    """The flags alone, before any work: each range once (utils.RANGES), then the rules between
+    flags."""
+    if args.cell_size is None:
+        args.cell_size = 16 if args.method in ("cam", "segmentation") else 8
+    utils.check_ranges(args)
+    if args.blur % 2 == 0:
+        raise UsageError(f"--blur {args.blur} must be an odd kernel size (SemMAE §4.1: 7)")
+    if args.input_size % args.cell_size:
+        raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size "
+                         f"{args.cell_size}; use a multiple of {args.cell_size}")
+    weights = WEIGHTS.get(args.method)
+    if weights and not getattr(args, weights):
+        raise UsageError(f"--method {args.method} needs --{weights} <file>")
+    if weights and not os.path.isfile(getattr(args, weights)):
+        raise UsageError(f"--{weights} {getattr(args, weights)} does not exist; check the path")
+    rules = {flag: (args.method in methods, "with --method " + " or ".join(methods))
+             for methods, flags in METHOD_FLAGS.items() for flag in flags}
+    rules.update(eval_images=(args.eval_iou, "with --eval_iou"),
+                 image_cache=(args.method != "segmentation",
+                              "with the methods that read images (not segmentation)"))
+    utils.refuse_unused(args, get_args([]), rules)
+    if args.method == "segmentation" and args.data_path is not None and not (
+            (args.masks is None) != (args.coco is None)):
+        raise UsageError("--method segmentation on an image folder needs exactly one of --masks "
+                         "<folder> or --coco <instances.json>")
+    if args.method == "segmentation" and args.data_path is None and (args.masks or args.coco):
+        raise UsageError("the built-in shapes data brings its own masks; --masks/--coco need "
+                         "--data_path")
+    if args.eval_iou and args.data_path is not None:
+        raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
+
+
+def check_resume(args):
+    """After --resume auto is resolved (runs.prepare_output_dir): a path, or None for a new run."""
+    if args.resume and args.method != "learned":
+        raise UsageError(f"--resume continues a part learner: it is for --method learned only; "
+                         f"--method {args.method} writes into an --output_dir that holds no "
+                         "checkpoint-last.pth")
+    if args.export_only and not (args.method == "learned" and args.resume):
+        raise UsageError("--export_only re-exports a trained part learner: pass --method learned "
+                         "--resume <ckpt>")
+    regions = os.path.join(args.output_dir, "regions.pt")
+    if os.path.isfile(regions) and not args.resume:   # a finished run: never replaced by a new one
+        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({regions});"
+                         " pass another --output_dir (or, for --method learned, --resume auto to "
+                         "continue or re-export it)")
+
 
 def get_args(argv=None):
     # The defaults reproduce SemMAE §4.1's parts (6 parts, blur 7, lambda 0.03, on 8-px cells) and
     # ObjMAE's object rules (§3.2, §4.1: 20% of a cell, 5% of the image); PAPERS.md: the papers'
-    # commands.
-    # Ranges: utils.RANGES.
+    # commands. Ranges: utils.RANGES.
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="learned",

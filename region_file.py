@@ -6,7 +6,11 @@ that make them.
 - Cells to patches inside the training loop: `cells_to_patches` (parts), `scores_to_patches`.
 - Objects per cell from an instance mask (ObjMAE §3.2's 20% rule, §4.1's 5% rule):
   `instance_cells`, `mask_cells` (a mask of any size, resized as its image), `object_ratio`.
+- `foreground_iou`: how well regions separate the shapes' objects from the background
+  (part_learn.py --eval_iou).
 - `coco_instance_masks`: COCO instance annotations (polygons and RLE) as instance-id masks.
+- `export`, `merge_shards`: the file written by every rank at once (part_learn.py), a batch in
+  memory at a time.
 
 References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "MAE Table 1f"):
   SemMAE  Li et al., SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders. NeurIPS 2022,
@@ -14,6 +18,7 @@ References (cited in the comments as "SemMAE §3.2, Alg. 1", "ObjMAE Table 8", "
   ObjMAE  Wu & Mo, Object-wise Masked Autoencoders for Fast Pre-training. 2022, arXiv:2205.14338
   MAE     He et al., Masked Autoencoders Are Scalable Vision Learners. CVPR 2022, arXiv:2111.06377
 """
+import contextlib
 import json
 import os
 import tempfile
@@ -21,9 +26,11 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import runs
 from utils import UsageError
 
 IGNORE = 255                     # region id of a cell with no label
@@ -238,6 +245,44 @@ def mask_cells(mask, size, grid, min_share=0.2, min_object=0.05):
     return instance_cells(mask, grid, min_share, min_object)
 
 
+# ---------------------------------------------------------------- evaluation on the shapes' objects
+
+def foreground_iou(regions, dataset):
+    """How well regions separate objects from background, against the true object cells (mask_cells
+    of the shapes' masks on the regions' grid), mean over the images that have objects:
+      top:    IoU of the k highest-scoring cells (k = the true object cells) with the object cells
+              (needs scores; without, the object cells of an objects file);
+      parts:  IoU of the union of the regions that are mostly object, i.e. whether the parts
+              themselves split objects from background, whatever their scores;
+      chance: IoU of k cells drawn at random (fixed seed), what `top` is worth without information.
+    """
+    S, cell = regions["meta"]["input_size"], regions["meta"]["cell_size"]
+    grid = (S // cell, S // cell)
+    top, parts, chance, g = [], [], [], torch.Generator().manual_seed(0)
+    for i in range(len(dataset)):
+        true = mask_cells(dataset.load(i)[1], S, grid) > 0
+        true = torch.from_numpy(true).flatten()                            # [gh*gw]
+        k = int(true.sum())
+        if k == 0:
+            continue
+        labels = regions["labels"][i].flatten().long()
+        if regions["scores"] is not None:
+            pred = torch.zeros_like(true)
+            pred[regions["scores"][i].flatten().float().topk(k).indices] = True
+        else:
+            pred = (labels > 0) & (labels != IGNORE)
+        top.append(float((pred & true).sum() / (pred | true).sum()))
+        drawn = torch.zeros_like(true)
+        drawn[torch.randperm(true.numel(), generator=g)[:k]] = True
+        chance.append(float((drawn & true).sum() / (drawn | true).sum()))
+        hits = torch.zeros(256).index_add_(0, labels, true.float())  # object cells per region id
+        sizes = torch.bincount(labels, minlength=256).float()
+        union = (hits > sizes / 2)[labels]  # the regions that are mostly object
+        parts.append(float((union & true).sum() / (union | true).sum()))
+    return {"iou_top": float(np.mean(top)), "iou_parts": float(np.mean(parts)),
+            "iou_chance": float(np.mean(chance)), "images": len(top)}
+
+
 # ---------------------------------------------------------------- COCO instance masks
 
 def _rle_counts(counts):
@@ -320,3 +365,126 @@ def coco_instance_masks(json_path, image_ids=None):
         if a["image_id"] in anns and not a.get("iscrowd", 0):
             anns[a["image_id"]].append(a)
     return CocoMasks(images, anns)
+
+
+# ---------------------------------------------------------------- the export, sharded over ranks
+# part_learn.py writes the regions file with every rank at once: each writes the rows of its block
+# of images to a shard as they come (one batch in memory), then rank 0 copies the shards' bytes into
+# a file laid out as save_regions' (image_cache.reserve_tensor_file), so no process holds it whole.
+
+def object_counts(labels):
+    """Region cells uint8 [B, gh, gw] -> (cells of all objects, number of objects, largest id other
+    than ignore or -1): the sums behind object_ratio (ids 1..254 are objects) and the segmentation's
+    region count, integers that add up over batches and ranks in any order, so a sharded export
+    gives the single-process meta."""
+    lab = labels.reshape(labels.shape[0], -1).long()
+    counts = torch.zeros(lab.shape[0], 256, dtype=torch.long).scatter_add_(1, lab,
+                                                                           torch.ones_like(lab))
+    objects = counts[:, 1:IGNORE]
+    real = lab[lab != IGNORE]
+    return int(objects.sum()), int((objects > 0).sum()), int(real.max()) if real.numel() else -1
+
+
+def export(items, label_fn, grid, has_scores, args, d, desc, out, mask_side=0):
+    """Run label_fn over every item, rank r taking the r-th contiguous block of items, and write the
+    rows to this rank's shard <out>.rank<r>.tmp as they come (labels uint8 [rows, gh, gw], then
+    scores float16, then with mask_side > 0 the object masks uint8 [rows, mask_side, mask_side]), so
+    a rank holds one batch, never its whole share. -> (object cells, objects, largest id) summed /
+    maxed over all ranks."""
+    import image_cache                  # here: image_cache imports data, which imports this file
+    n, cells, pixels = len(items), grid[0] * grid[1], mask_side * mask_side
+    lo, hi = d.rank * n // d.world, (d.rank + 1) * n // d.world
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(lo, hi)),
+                                         batch_size=args.batch_size, num_workers=args.num_workers,
+                                         pin_memory=d.device.type == "cuda")
+    sums, top, row = torch.zeros(2, dtype=torch.long), -1, 0
+    shard = f"{out}.rank{d.rank}.tmp"
+    fd = os.open(shard, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for batch in runs.progress(loader, desc, None, d):
+            lab, sc, masks = label_fn(batch)
+            lab = lab.to(torch.uint8).cpu()
+            image_cache.pwrite_all(fd, lab, row * cells)
+            if has_scores:
+                image_cache.pwrite_all(fd, sc.to(torch.float16).cpu(),
+                                       (hi - lo) * cells + 2 * row * cells)
+            if pixels:
+                image_cache.pwrite_all(fd, masks.to(torch.uint8).cpu(),
+                                       (hi - lo) * cells * (1 + 2 * has_scores) + row * pixels)
+            obj_cells, objs, batch_top = object_counts(lab)
+            sums, top = sums + torch.tensor([obj_cells, objs]), max(top, batch_top)
+            row += len(lab)
+        os.fsync(fd)
+    except BaseException:                                # Ctrl-C or a full disk: no stray shard
+        with contextlib.suppress(OSError):
+            os.unlink(shard)
+        raise
+    finally:
+        os.close(fd)
+    if d.world > 1:                                      # NCCL reduces device tensors only
+        sums, tops = sums.to(d.device), torch.tensor([top], device=d.device)
+        dist.all_reduce(sums)
+        dist.all_reduce(tops, op=dist.ReduceOp.MAX)
+        sums, top = sums.cpu(), int(tops)
+    return int(sums[0]), int(sums[1]), top
+
+
+def merge_shards(out, n, grid, has_scores, files, meta, d, mask_side=0):
+    """The regions file `out` (save_regions' format, atomic) from the ranks' shards, without any
+    process holding it: rank 0 reserves the final file (image_cache.reserve_tensor_file: torch.save
+    without the tensors' bytes) and copies each shard's bytes to their place in it, 16 MB at a time,
+    then renames it into place and deletes the shards. The shards are next to `out`, so it must be
+    on a filesystem every node sees."""
+    import image_cache
+    if d.world > 1:
+        dist.barrier()                                   # every shard is on disk
+    if d.is_main:
+        cells, folder = grid[0] * grid[1], os.path.dirname(os.path.abspath(out))
+        obj = {"labels": image_cache.fake_tensor((n, *grid), torch.uint8),
+               "files": [str(f) for f in files], "meta": dict(meta)}  # in save_regions' order
+        if has_scores:
+            obj["scores"] = image_cache.fake_tensor((n, *grid), torch.float16)
+        if mask_side:
+            obj["masks"] = image_cache.fake_tensor((n, mask_side, mask_side), torch.uint8)
+        tmp_fd, tmp = temp_file(folder, ".regions-")
+        os.close(tmp_fd)
+        try:
+            offsets = image_cache.reserve_tensor_file(tmp, obj)
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                for r in range(d.world):
+                    lo, hi = r * n // d.world, (r + 1) * n // d.world
+                    with open(f"{out}.rank{r}.tmp", "rb") as shard:  # labels, scores, masks
+                        copy_bytes(shard, fd, offsets["labels"] + lo * cells, (hi - lo) * cells)
+                        if has_scores:
+                            copy_bytes(shard, fd, offsets["scores"] + 2 * lo * cells,
+                                       2 * (hi - lo) * cells)
+                        if mask_side:
+                            px = mask_side * mask_side
+                            copy_bytes(shard, fd, offsets["masks"] + lo * px, (hi - lo) * px)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, out)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        runs.fsync_dir(folder)
+        for r in range(d.world):
+            os.unlink(f"{out}.rank{r}.tmp")
+    if d.world > 1:
+        dist.barrier()  # the file is in place when every rank returns
+
+
+def copy_bytes(src, fd, offset, nbytes, chunk=16 << 20):
+    """nbytes from the file object src (from where it stands) to offset of the open file fd, a chunk
+    at a time."""
+    while nbytes:
+        buf = memoryview(src.read(min(chunk, nbytes)))
+        if not buf:
+            raise RuntimeError(f"shard {src.name} ended {nbytes} bytes early")
+        nbytes -= len(buf)
+        while buf:                                       # os.pwrite may write less than asked
+            done = os.pwrite(fd, buf, offset)
+            buf, offset = buf[done:], offset + done

@@ -277,7 +277,7 @@ def test_randaugment_magnitudes_at_m9_are_timms():
         assert randaugment.op_argument(name, 9, negate=True) == pytest.approx(-TIMM_M9[name])
     assert randaugment.op_argument("ContrastIncreasing", 9, negate=True) == pytest.approx(0.19)
     assert randaugment.op_argument("Rotate", 10) == 30.0 and randaugment.INCREASING[3] == "Rotate"
-    assert finetune.randaug("rand-m9-mstd0.5-inc1") == dict(magnitude=9, num_ops=2, mstd=0.5, increasing=True)
+    assert randaugment.parse("rand-m9-mstd0.5-inc1") == dict(magnitude=9, num_ops=2, mstd=0.5, increasing=True)
     ra = [t for t in finetune.build_transform(checked_args(FT_TINY), True).transforms
           if isinstance(t, randaugment.RandAugment)]
     assert len(ra) == 1 and (ra[0].magnitude, ra[0].mstd, ra[0].ops) == (9, 0.5, randaugment.INCREASING)

@@ -123,7 +123,7 @@ def test_attention_regions_and_heldout_iou(tmp_path, encoder_ckpt):
     with open(os.path.join(out, "log.txt")) as f:
         iou = json.loads(f.readlines()[-1])
     # the logged IoU is foreground_iou (tested on hand-made values in test_foreground_iou_values) of the held-out regions
-    again = part_learn.foreground_iou(region_file.load_regions(os.path.join(out, "regions-val.pt"), val.files, 32), val)
+    again = region_file.foreground_iou(region_file.load_regions(os.path.join(out, "regions-val.pt"), val.files, 32), val)
     assert iou == {"method": "attention", **again} and iou["images"] == 6
 
 
@@ -226,7 +226,7 @@ def test_segmentation_shapes_is_the_instance_cells_and_iou_one(tmp_path, capsys)
     assert np.array_equal(r["labels"].numpy(), expected) and r["scores"] is None
     assert r["meta"]["object_ratio"] == pytest.approx(region_file.object_ratio(torch.from_numpy(expected)))
     assert "mean object ratio" in capsys.readouterr().out
-    iou = part_learn.foreground_iou(r, ds)                                 # the truth against itself
+    iou = region_file.foreground_iou(r, ds)                                 # the truth against itself
     assert iou["iou_top"] == 1.0 and iou["iou_parts"] == 1.0
 
 
@@ -450,12 +450,12 @@ def test_foreground_iou_values():
     for r, c in c_obj:
         scores[2, r, c] = 1.0
     meta = {"input_size": 32, "cell_size": 8}
-    iou = part_learn.foreground_iou({"labels": labels, "scores": scores, "meta": meta}, ds)
+    iou = region_file.foreground_iou({"labels": labels, "scores": scores, "meta": meta}, ds)
     assert iou["images"] == 2
     assert iou["iou_top"] == pytest.approx((3 / 5 + 1) / 2)
     assert iou["iou_parts"] == pytest.approx((4 / 6 + 0) / 2)
     # an objects file without scores: the object cells are its labels (region 1 of a: 4 of 6 cells right)
-    iou = part_learn.foreground_iou({"labels": labels, "scores": None, "meta": meta}, ds)
+    iou = region_file.foreground_iou({"labels": labels, "scores": None, "meta": meta}, ds)
     assert iou["iou_top"] == pytest.approx((4 / 6 + 2 / 4) / 2)
 
 
@@ -466,7 +466,7 @@ def test_foreground_iou_chance_is_the_iou_of_random_cells():
     regions = {"labels": torch.zeros(300, 4, 4, dtype=torch.uint8), "scores": torch.rand(300, 4, 4),
                "meta": {"input_size": 32, "cell_size": 8}}
     expected = sum(math.comb(8, x) * math.comb(8, 8 - x) / math.comb(16, 8) * x / (16 - x) for x in range(9))
-    assert part_learn.foreground_iou(regions, ds)["iou_chance"] == pytest.approx(expected, abs=0.03)
+    assert region_file.foreground_iou(regions, ds)["iou_chance"] == pytest.approx(expected, abs=0.03)
 
 
 # ============================================================================= sharded regions export
@@ -496,14 +496,6 @@ def test_sharded_export_with_image_cache_equals_single_process(tmp_path):
     c1 = image_cache.open_image_cache(one, shapes.ShapesDataset(9, img_size=32), 32, num_workers=0)
     c2 = image_cache.load_image_cache(cache, files, 32)
     assert torch.equal(c1["images"], c2["images"]) and torch.equal(c1["masks"], c2["masks"])
-
-
-def test_export_meta_from_integer_sums():
-    labels = torch.tensor([[[0, 1], [1, 255]], [[2, 2], [3, 0]], [[0, 0], [0, 0]]], dtype=torch.uint8)
-    cells, objects, top = part_learn.object_counts(labels)
-    assert (cells, objects, top) == (5, 3, 3)
-    assert cells / (objects * 4) == pytest.approx(region_file.object_ratio(labels))
-    assert part_learn.object_counts(torch.full((1, 2, 2), 255, dtype=torch.uint8)) == (0, 0, -1)
 
 
 # ----------------------------------------------------------------------------- folders without classes

@@ -196,3 +196,13 @@ def test_coco_polygon_and_rle(tmp_path):
     assert region_file._rle_counts(rle_string([5, 40, 3, 1000, 2, 7])) == [5, 40, 3, 1000, 2, 7]
     with pytest.raises(ValueError, match="instances"):
         region_file.coco_instance_masks(str(tmp_path / "missing.json"))
+
+
+# ---------------------------------------------------------------- the sharded export
+
+def test_export_meta_from_integer_sums():
+    labels = torch.tensor([[[0, 1], [1, 255]], [[2, 2], [3, 0]], [[0, 0], [0, 0]]], dtype=torch.uint8)
+    cells, objects, top = region_file.object_counts(labels)
+    assert (cells, objects, top) == (5, 3, 3)
+    assert cells / (objects * 4) == pytest.approx(region_file.object_ratio(labels))
+    assert region_file.object_counts(torch.full((1, 2, 2), 255, dtype=torch.uint8)) == (0, 0, -1)
