@@ -33,6 +33,7 @@ import randaugment
 import region_file
 import released
 import runs
+import scenes
 import utils
 from utils import UsageError
 
@@ -135,21 +136,6 @@ def load_trained(net, ckpt, args, path):
                          f"{str(e).splitlines()[-1].strip()}") from None
 
 
-def timm_state_dict(net):
-    """The weights under timm's names. A linear probe's BatchNorm (no affine, eval statistics) is
-    folded into the linear layer, so timm's VisionTransformer loads the result as a plain head: W' =
-    W / sqrt(var + eps), b' = b - W' mean."""
-    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
-    head = net.head
-    if isinstance(head, nn.Sequential):
-        bn, lin = head
-        w = lin.weight / (bn.running_var + bn.eps).sqrt()  # [C, D]
-        sd["head.weight"], sd["head.bias"] = w, lin.bias - w @ bn.running_mean
-    else:
-        sd["head.weight"], sd["head.bias"] = head.weight, head.bias
-    return {k: v.detach().clone() for k, v in sd.items()}
-
-
 # ----------------------------------------------------------------------------- data
 
 def build_transform(args, train):
@@ -182,7 +168,7 @@ def build_datasets(args):
     with keep_ratio < 1, (img, class, cell scores)."""
     splits = [False] if args.eval else [True, False]  # is it the training split (--eval: val only)
     if args.data_path is None:
-        bases = [data.builtin(args.scenes, args.num_images if train else args.num_val_images,
+        bases = [scenes.builtin(args.scenes, args.num_images if train else args.num_val_images,
                               args.input_size, args.data_seed, "train" if train else "val",
                               args.scene_cache) for train in splits]
     elif args.dataset == "cifar100":
@@ -492,7 +478,7 @@ def main(args):
         tb.close()
     if d.is_main:  # timm's names, a probe's BatchNorm folded into its head
         path = os.path.join(args.output_dir, "model-timm.pth")
-        runs.save_checkpoint(path, timm_state_dict(net))
+        runs.save_checkpoint(path, released.timm_state_dict(net))
         print(f"{path} loads into "
               f"timm.models.vision_transformer.VisionTransformer(img_size={args.input_size}, "
               f"patch_size={net.patch_size}, embed_dim={net.cls_token.shape[-1]}, "
@@ -592,7 +578,7 @@ def get_args(argv=None):
     g.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
     g.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images")
     g.add_argument("--data_seed", type=int, default=0, help="shapes: which scenes")
-    data.add_scene_flags(g)
+    scenes.add_scene_flags(g)
     g.add_argument("--regions", default=None,
                    help="regions.pt of the training images (foreground scores)")
     g.add_argument("--val_regions", default=None, help="regions.pt of the validation images")

@@ -35,6 +35,7 @@ import model as models
 import region_file
 import released
 import runs
+import scenes
 import utils
 from utils import UsageError
 
@@ -379,7 +380,7 @@ def main(args):
 
     # Data and the frozen networks (the encoder for parts, the ResNet for CAM):
     with utils.user_input():  # a bad folder or checkpoint: exit 2
-        base = (data.builtin(args.scenes, args.num_images, args.input_size, args.data_seed,
+        base = (scenes.builtin(args.scenes, args.num_images, args.input_size, args.data_seed,
                              scene_cache=args.scene_cache)
                 if args.data_path is None else
                 data.FolderDataset(args.data_path, masks_root=args.masks, classes=False))
@@ -428,7 +429,7 @@ def main(args):
 
     # Shapes only: how well the regions find the true objects of held-out images:
     if args.eval_iou:  # held-out images: another split
-        val = data.builtin(args.scenes, args.eval_images, args.input_size, args.data_seed, "val",
+        val = scenes.builtin(args.scenes, args.eval_images, args.input_size, args.data_seed, "val",
                            args.scene_cache)
         out = os.path.join(args.output_dir, "regions-val.pt")
         make_regions(val, args, d, nets, out)  # not in the cache: the default path
@@ -520,7 +521,7 @@ def get_args(argv=None):
                    help="size of the built-in shapes dataset")
     g.add_argument("--data_seed", type=int, default=0,
                    help="which shapes scenes (--seed changes only the training randomness)")
-    data.add_scene_flags(g)
+    scenes.add_scene_flags(g)
     g.add_argument("--input_size", type=int, default=224,
                    help="images are resized to this (no crop)")
     g.add_argument("--cell_size", type=int, default=None,

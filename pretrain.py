@@ -28,6 +28,7 @@ import masking
 import model as models
 import region_file
 import runs
+import scenes
 import utils
 from utils import UsageError
 
@@ -179,7 +180,7 @@ def build_dataset(args, d):
     instance masks; a folder needs a regions file. ObjMAE §4.1: images without an object are
     dropped."""
     with utils.user_input():  # a bad folder, file or size: exit 2
-        base = (data.builtin(args.scenes, args.num_images, args.input_size, args.data_seed,
+        base = (scenes.builtin(args.scenes, args.num_images, args.input_size, args.data_seed,
                              scene_cache=args.scene_cache)
                 if args.data_path is None else data.FolderDataset(args.data_path, classes=False))
         regions = (region_file.load_regions(args.regions, base.files, args.input_size)
@@ -457,7 +458,7 @@ def get_args(argv=None):
                    help="folder of images at any depth (no labels read); omitted = built-in shapes")
     g.add_argument("--num_images", type=int, default=2000, help="size of the built-in shapes")
     g.add_argument("--data_seed", type=int, default=0, help="which shapes scenes (not --seed)")
-    data.add_scene_flags(g)
+    scenes.add_scene_flags(g)
     g.add_argument("--regions", default=None,
                    help="regions.pt from part_learn.py (parts or objects per cell)")
     g = p.add_argument_group("masking (all masks)")

@@ -3,7 +3,7 @@ state dicts, each read with torch.load(weights_only=True) into a model.VisionTra
 
 Parameter names follow timm/MAE/DINO (patch_embed.proj, cls_token, pos_embed, blocks.{i}.attn.qkv,
 norm, ...), so these layouts load after prefix stripping; a file that is not one of them fails with
-one line naming it.
+one line naming it. `timm_state_dict` writes a fine-tuned model the other way: a file timm loads.
 """
 import math
 import os
@@ -12,6 +12,7 @@ import pickle
 from argparse import Namespace
 
 import torch
+import torch.nn as nn
 
 from model import MODELS, VITS, VisionTransformer, interpolate_pos_embed
 
@@ -150,3 +151,18 @@ def build_encoder_from_checkpoint(path, img_size=None, **kwargs):
                          f"unexpected {unexpected[:6]} (a fine-tuned checkpoint with fc_norm needs "
                          "global_pool=True)")
     return model
+
+
+def timm_state_dict(net):
+    """The weights under timm's names. A linear probe's BatchNorm (no affine, eval statistics) is
+    folded into the linear layer, so timm's VisionTransformer loads the result as a plain head: W' =
+    W / sqrt(var + eps), b' = b - W' mean."""
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
+    head = net.head
+    if isinstance(head, nn.Sequential):
+        bn, lin = head
+        w = lin.weight / (bn.running_var + bn.eps).sqrt()  # [C, D]
+        sd["head.weight"], sd["head.bias"] = w, lin.bias - w @ bn.running_mean
+    else:
+        sd["head.weight"], sd["head.bias"] = head.weight, head.bias
+    return {k: v.detach().clone() for k, v in sd.items()}

@@ -17,15 +17,25 @@ These scenes are built so that SemMAE's parts (SemMAE §3.1) and ObjMAE's object
 class), plus `part_mask(i)` (0 = background, 1..3 = the object's squares). Every scene is a pure
 function of (seed, split, index).
 
+`builtin` makes the stages' built-in scenes (--scenes shapes | parts); with --scene_cache DIR they
+are drawn once into a file there (`Drawn`) and every later run reads them from it.
+
     python scenes.py --write OUT --num_images 200 --img_size 64   # as an image folder + instance masks
 
 References: SemMAE Li et al., NeurIPS 2022, arXiv:2206.10207; ObjMAE Wu & Mo 2022, arXiv:2205.14338.
 """
 import argparse
 import itertools
+import os
+import sys
 
 import numpy as np
+import torch
 from PIL import Image
+from tqdm import tqdm
+
+import region_file
+from utils import UsageError
 
 TEXTURES = ("stripes-0", "stripes-45", "stripes-90", "stripes-135", "checks", "dots")
 CLASSES = sorted("+".join(TEXTURES[t] for t in c) for c in itertools.combinations(range(len(TEXTURES)), 3))
@@ -160,6 +170,81 @@ def write_parts(dataset, out_dir):
     """Save a PartsDataset as out_dir/images/<class>/<name>.png and out_dir/masks/... (shapes.write_shapes)."""
     import shapes
     return shapes.write_shapes(dataset, out_dir)
+
+
+# ----------------------------------------------------------------------------- the built-in scenes, drawn once
+
+def add_scene_flags(group):
+    """The stages' flags for the built-in scenes (used without --data_path)."""
+    group.add_argument("--scenes", default="shapes", choices=["shapes", "parts"],
+                       help="built-in scenes: shapes.py's, or scenes.py's objects of textured "
+                            "parts")
+    group.add_argument("--scene_cache", default=None, metavar="DIR",
+                       help="draw the built-in scenes once into DIR; later runs read them there")
+
+
+def builtin(name, num_images, img_size, seed, split="train", scene_cache=None):
+    """The built-in scenes `name` ('shapes': shapes.py, 'parts': scenes.py); with scene_cache (a
+    folder) they are drawn once into a file there and read from it by every later run."""
+    import shapes
+    kinds = {"shapes": shapes.ShapesDataset, "parts": PartsDataset}
+    base = kinds[name](num_images, img_size=img_size, seed=seed, split=split)
+    return Drawn(base, scene_cache) if scene_cache else base
+
+
+class Drawn:
+    """A built-in scene set drawn once: every image, instance mask (and the parts scenes' part
+    masks) as uint8 tensors in `folder/<names>.pt`, written atomically by the first run that
+    names the folder and memory-mapped by every other. Same interface as the scenes it holds."""
+
+    def __init__(self, base, folder):
+        self.files, self.classes, self.targets = base.files, base.classes, base.targets
+        self.num_images, self.img_size = base.num_images, base.img_size
+        name = f"{base.files[0].split('/')[0]}-{base.num_images}x{base.img_size}.pt"
+        self.path = os.path.join(folder, name)
+        if not os.path.isfile(self.path):
+            self._draw(base, folder)
+        try:
+            self.tensors = torch.load(self.path, mmap=True, weights_only=True)
+        except Exception as e:      # any unpickling or zip error: the file is not what we wrote
+            raise UsageError(f"scene cache {self.path} cannot be read ({type(e).__name__}); "
+                             "delete it to draw the scenes again") from None
+        if self.tensors.get("files") != self.files:
+            raise UsageError(f"scene cache {self.path} holds other scenes; delete it to draw these"
+                             " again")
+
+    def _draw(self, base, folder):
+        S, n = base.img_size, base.num_images
+        out = {"images": torch.empty(n, S, S, 3, dtype=torch.uint8),
+               "masks": torch.empty(n, S, S, dtype=torch.uint8)}
+        if hasattr(base, "part_mask"):
+            out["parts"] = torch.empty(n, S, S, dtype=torch.uint8)
+        for i in tqdm(range(n), desc=f"draw {os.path.basename(self.path)}", leave=False,
+                      dynamic_ncols=True, disable=not sys.stdout.isatty()):
+            img, mask, _ = base.load(i)
+            out["images"][i] = torch.as_tensor(np.array(img))
+            out["masks"][i] = torch.as_tensor(mask)
+            if "parts" in out:
+                out["parts"][i] = torch.from_numpy(base.part_mask(i))
+        out["files"] = list(self.files)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = region_file.temp_file(folder, os.path.basename(self.path))
+        with os.fdopen(fd, "wb") as f:
+            torch.save(out, f)
+        os.replace(tmp, self.path)  # another process drawing the same scenes writes the same bytes
+
+    def __len__(self):
+        return self.num_images
+
+    def load(self, i):
+        """-> (PIL RGB image, instance mask np.uint8 [H, W], class int), as the scenes' own load."""
+        if not 0 <= i < self.num_images:
+            raise IndexError(i)
+        image = Image.fromarray(self.tensors["images"][i].numpy(), "RGB")
+        return image, self.tensors["masks"][i].numpy(), self.targets[i]
+
+    def part_mask(self, i):
+        return self.tensors["parts"][i].numpy()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ FULL = dict(input_size=64, num_images=1000, val_images=500, batch_size=64,
             probe_epochs=10, ft_epochs=5, ft_blr=5e-3,    # finetune.py
             unseen_images=200, timing_repeats=10)        # unseen-object, objmae-speed's timing
 # The primary contrasts (study_contrasts.py) on the parts scenes: thousands of held-out scenes, all
-# drawn once into <out>/scenes and read by every run (data.Drawn).
+# drawn once into <out>/scenes and read by every run (scenes.Drawn).
 PARTS = dict(input_size=64, num_images=2000, val_images=2000, batch_size=64,
              pre_epochs=20, pre_warmup=2, pre_blr=1.5e-3, part_epochs=3, eval_images=200,
              dataset="parts")

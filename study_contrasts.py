@@ -4,7 +4,10 @@ seeds (every arm of seed s starts from the same weights and sees the same data o
 Holm's correction across the family (probe.py); and the pilot gate that runs first.
 
 The measurement of an arm is study_measures.measure_probe: a converged logistic regression on the
-mean token of the class object's patches (METRIC), with DINO's k-NN beside it."""
+mean token of the class object's patches (METRIC), with DINO's k-NN beside it.
+
+References: SemMAE Li et al., NeurIPS 2022, arXiv:2206.10207; ObjMAE Wu & Mo 2022, arXiv:2205.14338.
+"""
 import os
 from typing import Callable, NamedTuple
 

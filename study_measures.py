@@ -1,6 +1,12 @@
 """What study.py measures itself, as runs with no stage script (Run.stage None): the model step's
 time (objmae-speed), the hidden-object error and attention rollout (unseen-object), and the colour
-floor of the probe (semmae-masking). Each writes its numbers to its run's log.txt, ending "done"."""
+floor of the probe (semmae-masking), the fixed-feature readout of an encoder and the oracle parts
+(--primary). Each writes its numbers to its run's log.txt, ending "done".
+
+    python study_measures.py KIND OUT NAME FLAGS...      # as study.py runs them (Run.command)
+
+References: SemMAE Li et al., NeurIPS 2022, arXiv:2206.10207; ObjMAE Wu & Mo 2022, arXiv:2205.14338.
+"""
 import math
 import os
 import sys
@@ -14,6 +20,7 @@ import masking
 import model as models
 import region_file
 import runs
+import scenes
 import shapes
 import utils
 
@@ -262,7 +269,7 @@ def measure_probe(run, out):
         net = load_mae(path, size)
     torch.set_num_threads(1)                       # two study jobs share the machine's cores
     record = {}
-    sets = [data.builtin(kind, k, size, 0, split, cache) for k, split in ((n, "train"), (n_val, "val"))]
+    sets = [scenes.builtin(kind, k, size, 0, split, cache) for k, split in ((n, "train"), (n_val, "val"))]
     (y, y_val) = (torch.tensor(s.targets) for s in sets)
     feats = [encoder_features(net, s, object_patches(s, size, net.patch_size)) for s in sets]
     for j, pool in enumerate(("all", "obj")):
@@ -279,7 +286,7 @@ def measure_oracle_parts(run, out):
     the object's parts, 0..3) on 8-px cells, each cell its most common part (SemMAE §4.2 learns
     parts at 8x8). The learned parts of part_learn.py are measured against the same scenes."""
     size, n = int(flag(run, out, "input_size")), int(flag(run, out, "num_images"))
-    base = data.builtin("parts", n, size, 0, "train", flag(run, out, "scene_cache"))
+    base = scenes.builtin("parts", n, size, 0, "train", flag(run, out, "scene_cache"))
     cell = 8
     grid = size // cell
     parts = torch.stack([torch.from_numpy(base.part_mask(i)).long() for i in range(n)])  # [N, S, S]

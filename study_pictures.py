@@ -1,6 +1,9 @@
 """The study's pictures: SemMAE's masks during training, ObjMAE's source / target / dropped
 patches (python study.py --pictures), and MAE's and ObjMAE's rebuilding of an unseen object (the
-unseen-object table)."""
+unseen-object table).
+
+References: SemMAE Li et al., NeurIPS 2022, arXiv:2206.10207; ObjMAE Wu & Mo 2022, arXiv:2205.14338.
+"""
 import os
 
 import torch

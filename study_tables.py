@@ -18,6 +18,8 @@ the flags that the paper's table varies):
                    patches they see: error on the hidden object relative to each patch's mean,
                    attention rollout.
 A cell is mean +- std over seeds (sample std) with the number of seeds, beside the paper's number.
+
+References: SemMAE Li et al., NeurIPS 2022, arXiv:2206.10207; ObjMAE Wu & Mo 2022, arXiv:2205.14338.
 """
 import json
 import os

@@ -13,6 +13,7 @@ from PIL import Image
 
 import finetune
 import region_file
+import scenes
 import study
 import study_measures
 from conftest import ENV, HERE, TINY, run_cli, run_here
@@ -319,7 +320,7 @@ def test_the_readout_of_the_random_encoder_is_the_one_pretrain_starts_from(tmp_p
 
 def test_a_scene_cache_of_other_scenes_is_one_line(tmp_path):
     import data
-    data.builtin("parts", 4, 32, 0, "train", str(tmp_path))
+    scenes.builtin("parts", 4, 32, 0, "train", str(tmp_path))
     os.replace(tmp_path / "parts-train-0-4x32.pt", tmp_path / "parts-train-1-4x32.pt")
     with pytest.raises(data.UsageError, match="holds other scenes; delete it"):
-        data.builtin("parts", 4, 32, 1, "train", str(tmp_path))
+        scenes.builtin("parts", 4, 32, 1, "train", str(tmp_path))
