@@ -166,6 +166,31 @@ def texture_features(image, region):
     return np.array(out) / spread
 
 
+def colour_features(ds):
+    """What colour alone says: the mean RGB of the whole image and of the object's pixels, 6 numbers
+    a scene. -> (features float64 [N, 6], classes [N])"""
+    feats, ys = [], []
+    for i in range(len(ds)):
+        img, inst, cls = ds.load(i)
+        img = np.asarray(img, np.float64)
+        feats.append(np.concatenate([img.mean((0, 1)), img[inst == 1].mean(0)]))
+        ys.append(cls)
+    return torch.tensor(np.array(feats)), torch.tensor(ys)
+
+
+def part_texture_features(ds, which=None):
+    """texture_features of one part (which = 0..2, in drawing order) or their mean over the three
+    parts (None: the whole object). -> (features float64 [N, 8], classes [N])"""
+    feats, ys = [], []
+    for i in range(len(ds)):
+        img, _, cls = ds.load(i)
+        parts = ds.part_mask(i)
+        per_part = [texture_features(np.asarray(img), parts == p) for p in (1, 2, 3)]
+        feats.append(np.mean(per_part, 0) if which is None else per_part[which])
+        ys.append(cls)
+    return torch.tensor(np.array(feats)), torch.tensor(ys)
+
+
 def write_parts(dataset, out_dir):
     """Save a PartsDataset as out_dir/images/<class>/<name>.png and out_dir/masks/... (shapes.write_shapes)."""
     import shapes

@@ -199,6 +199,12 @@ class Study:
                  "--scene_cache", self.b["scene_cache"]]
         return Run("oracle", None, flags, "parts")
 
+    def scenes_check(self):
+        """What the parts scenes' classes depend on (study_measures.measure_scenes)."""
+        flags = ["--input_size", self.b["input_size"], "--num_images", self.b["num_images"],
+                 "--val_images", self.b["val_images"], "--scene_cache", self.b["scene_cache"]]
+        return Run("scenes", None, flags, "check")
+
     def timing(self, settings):
         """One measurement of the model step for every (name, masks) setting, interleaved
         (bench.timed_ms)."""
@@ -370,13 +376,15 @@ def run_primary(args):
     contrasts = study_contrasts.primary(study)
     steps = [("pilot gate", contrasts[:1]), ("primary contrasts", contrasts)]
     for step, family in steps:
-        runs = []
+        runs = [study.scenes_check()] if args.scenes == "parts" else []
         for r in study_contrasts.runs_of(family, study):
             runs += [x for x in table_runs_of(r) if x not in runs]
         elapsed = execute(runs, args.out, args.jobs, args.in_process)
         print(f"{step}: {len(runs)} runs complete ({elapsed / 60:.1f} min this time)", flush=True)
         if step == "pilot gate":
             seen, gate_line = study_contrasts.gate(study, args.out)
+            if args.scenes == "parts":
+                gate_line = study_contrasts.scenes_line(study.scenes_check(), args.out) + "\n\n" + gate_line
         text = gate_line + "\n\n" + study_contrasts.render(family, study, args.out)
         if not (seen or args.force):
             break

@@ -81,6 +81,14 @@ def gate(study, out):
     return seen, line
 
 
+def scenes_line(run, out):
+    """One line on what the parts scenes' classes depend on (study_measures.measure_scenes)."""
+    got = {k: value(run, out, k) for k in ("colour", "one_part", "whole_object")}
+    return (f"the scenes (logistic regression, chance 5.0%): mean colour {got['colour']:.1f}%, one "
+            f"part's texture statistics {got['one_part']:.1f}%, the whole object's "
+            f"{got['whole_object']:.1f}%")
+
+
 def render(contrasts, study, out):
     """The contrasts as markdown: per measurement, the paired difference, its CI, p, Holm's p, the
     smallest difference these seeds detect (80% power), the arms' means and per-seed values."""

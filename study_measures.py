@@ -299,8 +299,25 @@ def measure_oracle_parts(run, out):
     runs.append_log(os.path.join(folder, "log.txt"), {"done": True})
 
 
+def measure_scenes(run, out):
+    """What the parts scenes' classes depend on, at the study's size (test_scenes.py checks the same
+    at a small one): a logistic regression (probe.logistic_probe) on the mean colour (chance is
+    1/20), on one part's texture statistics, and on the whole object's."""
+    import probe
+    size, n, n_val = (int(flag(run, out, k)) for k in ("input_size", "num_images", "val_images"))
+    sets = [scenes.builtin("parts", k, size, 0, split, flag(run, out, "scene_cache"))
+            for k, split in ((n, "train"), (n_val, "val"))]
+    record = {}
+    for key, fn in (("colour", scenes.colour_features),
+                    ("one_part", lambda ds: scenes.part_texture_features(ds, 1)),
+                    ("whole_object", scenes.part_texture_features)):
+        (x, y), (x_val, y_val) = fn(sets[0]), fn(sets[1])
+        record[key] = 100 * probe.logistic_probe(x, y, x_val, y_val, len(sets[0].classes))["acc"]
+    runs.append_log(os.path.join(out, run.name, "log.txt"), {**record, "done": True})
+
+
 MEASURES = {"timing": measure_timing, "unseen": measure_unseen, "colour": measure_colour,
-            "readout": measure_probe, "oracle": measure_oracle_parts}
+            "readout": measure_probe, "oracle": measure_oracle_parts, "scenes": measure_scenes}
 
 
 class Given:

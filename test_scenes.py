@@ -3,7 +3,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 
 import probe
 import region_file
@@ -46,39 +45,16 @@ def test_the_object_has_three_parts_of_equal_area_and_tens_of_patches():
     assert 18 <= np.mean(patches) <= 32 and min(patches) >= 12
 
 
-def colour_features(ds):
-    """Mean RGB of the whole image and of the object's pixels: 6 numbers a scene."""
-    feats, ys = [], []
-    for i in range(len(ds)):
-        img, inst, cls = ds.load(i)
-        img = np.asarray(img, np.float64)
-        feats.append(np.concatenate([img.mean((0, 1)), img[inst == 1].mean(0)]))
-        ys.append(cls)
-    return torch.tensor(np.array(feats)), torch.tensor(ys)
-
-
 def test_a_classifier_on_colour_alone_is_at_chance():
-    (x, y), (x_val, y_val) = (colour_features(scenes.PartsDataset(1500, 32, split=s)) for s in ("train", "val"))
+    (x, y), (x_val, y_val) = (scenes.colour_features(scenes.PartsDataset(1500, 32, split=s)) for s in ("train", "val"))
     acc = probe.logistic_probe(x, y, x_val, y_val, 20)["acc"]
     assert acc <= 0.05 + 0.02, acc                  # chance is 1/20
 
 
-def texture_features(ds, which):
-    """texture_features of one part (which = 0..2 along the axis), or the mean over the three (which = None)."""
-    feats, ys = [], []
-    for i in range(len(ds)):
-        img, _, cls = ds.load(i)
-        parts = ds.part_mask(i)
-        per_part = [scenes.texture_features(np.asarray(img), parts == p) for p in (1, 2, 3)]
-        feats.append(np.mean(per_part, 0) if which is None else per_part[which])
-        ys.append(cls)
-    return torch.tensor(np.array(feats)), torch.tensor(ys)
-
-
 def test_one_part_tells_far_less_of_the_class_than_the_whole_object():
     train, val = scenes.PartsDataset(800, 32), scenes.PartsDataset(800, 32, split="val")
-    whole = probe.logistic_probe(*texture_features(train, None), *texture_features(val, None), 20)["acc"]
-    single = probe.logistic_probe(*texture_features(train, 1), *texture_features(val, 1), 20)["acc"]
+    whole = probe.logistic_probe(*scenes.part_texture_features(train), *scenes.part_texture_features(val), 20)["acc"]
+    single = probe.logistic_probe(*scenes.part_texture_features(train, 1), *scenes.part_texture_features(val, 1), 20)["acc"]
     assert whole >= 0.9, whole                      # the textures are legible at 32 px and decide the class
     assert single <= 0.1 + 0.03, single             # one texture leaves 10 classes: at most 1/10 on average
 

@@ -295,7 +295,8 @@ def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(t
     contrasts = study_contrasts.primary(s)
     assert len(study_contrasts.runs_of(contrasts, s)) == 2 * 6            # 6 arms, 2 seeds each
     text = open(os.path.join(out, "primary.md")).read()
-    assert text.startswith("pilot gate: MAE - random encoder = ")
+    assert text.startswith("the scenes (logistic regression, chance 5.0%): mean colour ")
+    assert "\n\npilot gate: MAE - random encoder = " in text
     for c in contrasts:
         r = study_contrasts.compare(c, s, out)
         assert len(r["a"]) == len(r["b"]) == 2 and None not in r["a"] + r["b"]
