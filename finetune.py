@@ -109,24 +109,25 @@ def load_trained(net, ckpt, args, path):
     fine-tuned ViTs)."""
     old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     sd = dict(ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
-    if str(old.get("model", "")).startswith("mae_") or any(str(k).startswith("decoder")
-                                                           for k in sd):
-        raise UsageError(f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); "
-                         f"start fine-tuning from it with --finetune {path} (--resume continues a "
-                         "finetune.py run, --eval evaluates one)")
-    if "learner" in ckpt:
-        raise UsageError(f"{path} is a part_learn.py checkpoint (a part learner, no classifier); "
-                         "--resume takes the checkpoint-last.pth of a finetune.py run")
-    for flag in ("model", "linprobe", "global_pool"):
-        if flag in old and old[flag] != getattr(args, flag):
-            fix = {"model": f"--model {old[flag]}",
-                   "linprobe": "--linprobe" if old[flag] else "no --linprobe",
-                   "global_pool": "--global_pool" if old[flag] else "--no-global_pool"}[flag]
-            raise UsageError(f"{path} was trained with {flag}={old[flag]} but this run has {flag}="
-                             f"{getattr(args, flag)}; pass {fix}")
-    if not any(str(k).startswith("head.") for k in sd):
-        raise UsageError(f"{path} holds an encoder without a classifier (released pre-trained "
-                         f"weights?); start fine-tuning from it with --finetune {path}")
+    fixes = {"model": f"--model {old.get('model')}",
+             "linprobe": "--linprobe" if old.get("linprobe") else "no --linprobe",
+             "global_pool": "--global_pool" if old.get("global_pool") else "--no-global_pool"}
+    for broken, message in (
+            (str(old.get("model", "")).startswith("mae_") or any(str(k).startswith("decoder")
+                                                                 for k in sd),
+             f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); start "
+             f"fine-tuning from it with --finetune {path} (--resume continues a finetune.py run, "
+             "--eval evaluates one)"),
+            ("learner" in ckpt, f"{path} is a part_learn.py checkpoint (a part learner, no "
+             "classifier); --resume takes the checkpoint-last.pth of a finetune.py run"),
+            *((flag in old and old[flag] != getattr(args, flag), f"{path} was trained with "
+               f"{flag}={old.get(flag)} but this run has {flag}={getattr(args, flag)}; pass {fix}")
+              for flag, fix in fixes.items()),
+            (not any(str(k).startswith("head.") for k in sd), f"{path} holds an encoder without "
+             "a classifier (released pre-trained weights?); start fine-tuning from it with "
+             f"--finetune {path}")):
+        if broken:
+            raise UsageError(message)
     if "pos_embed" in sd and sd["pos_embed"].shape != net.pos_embed.shape:
         sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
     try:
@@ -272,7 +273,6 @@ def knn_accuracy(net, train_set, val_set, num_classes, d, args):
     votes = probe.knn_votes(train_feats, train_labels, val_feats, num_classes, args.knn_k,
                             args.knn_t)
     hits = votes.topk(min(5, num_classes), dim=1).indices == val_labels[:, None]            # [M, 5]
-
     return {"acc1": hits[:, 0].double().mean().item(), "acc5": hits.any(1).double().mean().item(),
             "n": len(val_labels)}
 
@@ -472,77 +472,80 @@ def main(args):
                   f"{100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
                   f"(max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
         if epoch + 1 < args.epochs and runs.stop_requested(d, True):  # a stop in its last step
-
             runs.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     if tb:
         tb.close()
     if d.is_main:  # timm's names, a probe's BatchNorm folded into its head
         path = os.path.join(args.output_dir, "model-timm.pth")
         runs.save_checkpoint(path, released.timm_state_dict(net))
-        print(f"{path} loads into "
-              f"timm.models.vision_transformer.VisionTransformer(img_size={args.input_size}, "
-              f"patch_size={net.patch_size}, embed_dim={net.cls_token.shape[-1]}, "
-              f"depth={len(net.blocks)}, "
-              f"num_heads={net.blocks[0].attn.num_heads}, num_classes={len(classes)}, "
-              f"global_pool='{'avg' if args.global_pool else 'token'}')", flush=True)
+        print(f"{path} loads into timm.models.vision_transformer.VisionTransformer(img_size="
+              f"{args.input_size}, patch_size={net.patch_size}, embed_dim="
+              f"{net.cls_token.shape[-1]}, depth={len(net.blocks)}, num_heads="
+              f"{net.blocks[0].attn.num_heads}, num_classes={len(classes)}, global_pool="
+              f"'{'avg' if args.global_pool else 'token'}')", flush=True)
     runs.end_run()
     return {"max_acc1": max_acc1}
 
 
 # ----------------------------------------------------------------------------- flags, their rules
 
-def check_args(args):
-    """The flags alone, before any work: the mode's recipe into the flags left at None, each range
-    once (utils.RANGES), then the rules between flags."""
-    tuning = (not args.linprobe and not args.knn, "in fine-tuning (without --linprobe or --knn)")
-    regions = (args.keep_ratio < 1.0, "with --keep_ratio < 1 (the probe's foreground scores)")
-    knn, lookahead = (args.knn, "with --knn"), (args.lookahead, "with --lookahead")
-    rules = dict.fromkeys(("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing",
+# The flags that do nothing in a mode (get_args' groups): {flag: (acts when, where it acts)}.
+TUNING = (lambda a: not a.linprobe and not a.knn, "in fine-tuning (without --linprobe or --knn)")
+REGIONS = (lambda a: a.keep_ratio < 1.0, "with --keep_ratio < 1 (the probe's foreground scores)")
+KNN, LOOKAHEAD = (lambda a: a.knn, "with --knn"), (lambda a: a.lookahead, "with --lookahead")
+UNUSED = {**dict.fromkeys(("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing",
                            "layer_decay", "opt_betas", "opt_eps", "grad_checkpointing",
-                           "train_crop"), tuning)
-    rules.update(crop_min=(args.linprobe or args.train_crop == "rrc",
-                           "with --train_crop rrc (or --linprobe)"),
-                 opt=(args.linprobe, "with --linprobe"), knn_k=knn, knn_t=knn, regions=regions,
-                 val_regions=regions, keep_ratio=(args.linprobe, "with --linprobe (SemMAE §4.2): "
-                                                                 "fine-tuning sees every patch"),
-                 blr=(args.lr is None, "without --lr (which overrides it)"),
-                 finetune=(not args.eval, "without --eval (which evaluates --resume, a model with "
-                                          "its head)"),
+                           "train_crop"), TUNING),
+          "crop_min": (lambda a: a.linprobe or a.train_crop == "rrc",
+                       "with --train_crop rrc (or --linprobe)"),
+          "opt": (lambda a: a.linprobe, "with --linprobe"), "knn_k": KNN, "knn_t": KNN,
+          "keep_ratio": (lambda a: a.linprobe,
+                         "with --linprobe (SemMAE §4.2): fine-tuning sees every patch"),
+          "regions": REGIONS, "val_regions": REGIONS, "lookahead_k": LOOKAHEAD,
+          "lookahead_alpha": LOOKAHEAD, "blr": (lambda a: a.lr is None,
+                                                "without --lr (which overrides it)"),
+          "finetune": (lambda a: not a.eval,
+                       "without --eval (which evaluates --resume, a model with its head)"),
+          "download": (lambda a: a.dataset == "cifar100", "with --dataset cifar100")}
+# Each rule between flags once: (broken when, the one line saying so and the fix); {a.x} is a flag.
+RULES = [
+    (lambda a: a.input_size % models.VITS[a.model].keywords["patch_size"],
+     "--input_size {a.input_size} is not divisible by the patch size {patch} of {a.model}; use a "
+     "multiple of {patch}"),
+    (lambda a: a.eval and not a.resume, "--eval needs the trained model: pass --resume CKPT"),
+    (lambda a: a.finetune and not os.path.isfile(a.finetune),
+     "--finetune {a.finetune} does not exist; pass a pre-trained checkpoint (pretrain.py's "
+     "checkpoint-last.pth, MAE's or SemMAE's released .pth, a timm state dict)"),
+    (lambda a: a.knn and (a.linprobe or a.eval or a.resume),
+     "--knn measures a frozen --finetune encoder with no training; drop --linprobe, --eval and "
+     "--resume"),
+    (lambda a: (a.keep_ratio < 1.0 and a.data_path is not None
+                and not (a.val_regions and (a.regions or a.eval))),
+     "--keep_ratio < 1 on real images needs foreground scores: run part_learn.py on train/ and "
+     "val/, then pass --regions <train regions.pt> --val_regions <val regions.pt>"),
+    (lambda a: a.dataset == "cifar100" and a.data_path is None,
+     "--dataset cifar100 needs --data_path (the folder holding cifar-100-python/)"),
+    (lambda a: a.linprobe and a.batch_size < 2,
+     "--linprobe needs --batch_size >= 2: the probe's head starts with a BatchNorm (MAE's linear "
+     "probe), which needs two images per batch"),
+]
 
-                 lookahead_k=lookahead, lookahead_alpha=lookahead,
-                 download=(args.dataset == "cifar100", "with --dataset cifar100"))
-    utils.refuse_unused(args, get_args([]), rules)          # flags that do nothing in this mode
+
+def check_args(args):
+    """The flags alone, before any work: the flags that do nothing in the chosen mode, the mode's
+    recipe into the flags left at None, each range once (utils.RANGES), the rules between flags."""
+    utils.refuse_unused(args, get_args([]), {k: (acts(args), where)
+                                             for k, (acts, where) in UNUSED.items()})
     for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.global_pool is None:                       # MAE's probe and DINO's k-NN: class token
         args.global_pool = not (args.linprobe or args.knn)
     utils.check_ranges(args)
-    patch = models.VITS[args.model].keywords["patch_size"]
-    if args.input_size % patch:
-        raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size "
-                         f"{patch} of {args.model}; use a multiple of {patch}")
-    if args.eval and not args.resume:
-        raise UsageError("--eval needs the trained model: pass --resume CKPT")
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained "
-                         "checkpoint (pretrain.py's checkpoint-last.pth, MAE's or SemMAE's "
-                         "released .pth, a timm state dict)")
-
-    if args.knn and (args.linprobe or args.eval or args.resume):
-        raise UsageError("--knn measures a frozen --finetune encoder with no training; drop "
-                         "--linprobe, --eval and --resume")
-    if (args.keep_ratio < 1.0 and args.data_path is not None
-            and not (args.val_regions and (args.regions or args.eval))):
-        raise UsageError("--keep_ratio < 1 on real images needs foreground scores: run "
-                         "part_learn.py on train/ and val/, then pass --regions <train regions.pt> "
-                         "--val_regions <val regions.pt>")
-    if args.dataset == "cifar100" and args.data_path is None:
-        raise UsageError("--dataset cifar100 needs --data_path (the folder holding "
-                         "cifar-100-python/)")
-    if args.linprobe and args.batch_size < 2:
-        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a "
-                         "BatchNorm (MAE's linear probe), which needs two images per batch")
+    for broken, message in RULES:
+        if broken(args):
+            raise UsageError(message.format(a=args, patch=models.VITS[args.model].keywords[
+                "patch_size"]))
     with utils.user_input():                                   # not timm's RandAugment string
         randaugment.parse(args.aa)
 
