@@ -227,10 +227,10 @@ def resume(args, net, optimizer, scaler, d):
     for broken, message in (
             # e.g. an official MAE/SemMAE file
             (not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt,
-             f"{args.resume} is not a checkpoint of "
-             "pretrain.py (no args and optimizer state; released MAE/SemMAE weights?); --resume "
-             "continues a pretrain.py run from its checkpoint-last.pth; to fine-tune released "
-             f"weights: finetune.py --finetune {args.resume}"),
+             f"{args.resume} is not a checkpoint of pretrain.py (no args and optimizer state; "
+             "released MAE/SemMAE weights?); --resume continues a pretrain.py run from its "
+             "checkpoint-last.pth; to fine-tune released weights: finetune.py --finetune "
+             f"{args.resume}"),
             # another stage's run: no --model of this one fits it
             (other, f"{args.resume} is a checkpoint of {other}, not of pretrain.py; --resume "
              "continues a pretrain.py run from its checkpoint-last.pth"),
