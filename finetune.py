@@ -1,6 +1,7 @@
 """Stage 3: fine-tuning, linear probing (--linprobe), k-NN (--knn) and evaluation (--eval) of a
 pre-trained ViT encoder. Flags left at None take the mode's recipe (RECIPES: MAE's main_finetune or
-main_linprobe). The papers' commands, and what each paper reports: PAPERS.md.
+main_linprobe). The papers' commands, and what each paper reports: PAPERS.md. The saved
+model-timm.pth loads into timm's VisionTransformer unchanged.
 
 On a laptop, after pretrain.py's laptop run (the built-in shapes data, a few minutes on a CPU):
     python finetune.py --model vit_tiny_patch8 --input_size 64 --epochs 15 --warmup_epochs 2 \
@@ -10,7 +11,6 @@ SemMAE ViT-B/16 fine-tuned on 8 GPUs (batch 8 x 32 x 4 = 1024):
     torchrun --nproc_per_node=8 finetune.py --model vit_base_patch16 \
         --finetune semmae16/checkpoint-last.pth --data_path IMAGENET --accum_iter 4
 
-The saved model-timm.pth loads into timm's VisionTransformer unchanged.
 References: SemMAE (Li et al., NeurIPS 2022, arXiv:2206.10207), ObjMAE (Wu & Mo 2022,
 arXiv:2205.14338), MAE (He et al., CVPR 2022, arXiv:2111.06377).
 """
@@ -38,8 +38,7 @@ import utils
 from utils import UsageError
 
 
-# MAE's main_finetune and main_linprobe; batch_size per device (MAE: 32 x 32 GPUs = 1024, 512 x 32
-# GPUs = 16384)
+# MAE's main_finetune and main_linprobe; batch_size per device (MAE: 32 x 32 GPUs, 512 x 32 GPUs)
 RECIPES = {"finetune": dict(batch_size=32, epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6,
                             weight_decay=0.05),
            "linprobe": dict(batch_size=512, epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.0,
@@ -50,8 +49,7 @@ RECIPES = {"finetune": dict(batch_size=32, epochs=100, warmup_epochs=5, blr=5e-4
 
 def build_model(args, num_classes):
     """The --model ViT with a new head: Linear (trunc-normal std 2e-5, MAE fine-tuning) or, for
-    --linprobe, BatchNorm without affine + Linear (std 0.01) on a frozen encoder (MAE's linear
-    probe)."""
+    --linprobe, BatchNorm without affine + Linear (std 0.01) on a frozen encoder (MAE's probe)."""
     net = models.VITS[args.model](img_size=args.input_size, num_classes=num_classes,
                                   global_pool=args.global_pool,
                                   drop_path_rate=0.0 if args.linprobe else args.drop_path)
@@ -67,9 +65,8 @@ def build_model(args, num_classes):
 
 def load_pretrained(net, path, verbose=True):
     """Encoder weights from any layout released.load_encoder_checkpoint reads, position embedding
-    interpolated to net's grid. Missing and unexpected keys are printed; anything missing but the
-    head (and fc_norm, which global pooling starts fresh, as MAE) stops the run. -> (missing,
-    unexpected)."""
+    interpolated to net's grid -> (missing, unexpected) keys, printed; anything missing but the
+    head (and fc_norm, which global pooling starts fresh, as MAE) stops the run."""
     try:
         sd, info = released.load_encoder_checkpoint(path)
     except ValueError:
@@ -105,28 +102,28 @@ def load_pretrained(net, path, verbose=True):
 
 
 def load_trained(net, ckpt, args, path):
-    """A checkpoint of this script (or a plain/{'model'} state dict with a head, e.g. MAE's
-    fine-tuned ViTs)."""
+    """A checkpoint of this script (or a plain/{'model'} state dict with a head: MAE's ViTs)."""
     old = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     sd = dict(ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
-    if str(old.get("model", "")).startswith("mae_") or any(str(k).startswith("decoder")
-                                                           for k in sd):
-        raise UsageError(f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); "
-                         f"start fine-tuning from it with --finetune {path} (--resume continues a "
-                         "finetune.py run, --eval evaluates one)")
-    if "learner" in ckpt:
-        raise UsageError(f"{path} is a part_learn.py checkpoint (a part learner, no classifier); "
-                         "--resume takes the checkpoint-last.pth of a finetune.py run")
-    for flag in ("model", "linprobe", "global_pool"):
-        if flag in old and old[flag] != getattr(args, flag):
-            fix = {"model": f"--model {old[flag]}",
-                   "linprobe": "--linprobe" if old[flag] else "no --linprobe",
-                   "global_pool": "--global_pool" if old[flag] else "--no-global_pool"}[flag]
-            raise UsageError(f"{path} was trained with {flag}={old[flag]} but this run has {flag}="
-                             f"{getattr(args, flag)}; pass {fix}")
-    if not any(str(k).startswith("head.") for k in sd):
-        raise UsageError(f"{path} holds an encoder without a classifier (released pre-trained "
-                         f"weights?); start fine-tuning from it with --finetune {path}")
+    fixes = {"model": f"--model {old.get('model')}",
+             "linprobe": "--linprobe" if old.get("linprobe") else "no --linprobe",
+             "global_pool": "--global_pool" if old.get("global_pool") else "--no-global_pool"}
+    for broken, message in (
+            (str(old.get("model")).startswith("mae_") or any(str(k).startswith("decoder")
+                                                             for k in sd),
+             f"{path} is a pre-training checkpoint (encoder + decoder, no classifier); start "
+             f"fine-tuning from it with --finetune {path} (--resume continues a finetune.py run, "
+             "--eval evaluates one)"),
+            ("learner" in ckpt, f"{path} is a part_learn.py checkpoint (a part learner, no "
+             "classifier); --resume takes the checkpoint-last.pth of a finetune.py run"),
+            *((flag in old and old[flag] != getattr(args, flag), f"{path} was trained with "
+               f"{flag}={old.get(flag)} but this run has {flag}={getattr(args, flag)}; pass {fix}")
+              for flag, fix in fixes.items()),
+            (not any(str(k).startswith("head.") for k in sd), f"{path} holds an encoder without "
+             "a classifier (released pre-trained weights?); start fine-tuning from it with "
+             f"--finetune {path}")):
+        if broken:
+            raise UsageError(message)
     if "pos_embed" in sd and sd["pos_embed"].shape != net.pos_embed.shape:
         sd["pos_embed"] = models.interpolate_pos_embed(sd["pos_embed"], net.grid)
     try:
@@ -139,10 +136,9 @@ def load_trained(net, ckpt, args, path):
 # ----------------------------------------------------------------------------- data
 
 def build_transform(args, train):
-    """MAE's pipelines, with torchvision's transforms: fine-tuning RandomResizedCrop + flip +
-    RandAugment + random erasing (per-pixel noise, timm's mode 'pixel'); linear probing crop + flip;
-    validation resize + centre crop. --train_crop bit: BiT's resize to a square of 7/6 the size +
-    random crop (bilinear, torchvision's default, as BiT's code) in place of RandomResizedCrop."""
+    """MAE's pipelines in torchvision's transforms: fine-tuning RandomResizedCrop + flip +
+    RandAugment + random erasing (per-pixel noise, timm's 'pixel'); linear probing crop + flip;
+    validation resize + centre crop. --train_crop bit: BiT's (bilinear) 7/6 resize + random crop."""
     bicubic = v2.InterpolationMode.BICUBIC
     size, mean, std = args.input_size, data.IMAGENET_MEAN, data.IMAGENET_STD
     if not train:
@@ -197,7 +193,6 @@ def build_datasets(args):
         sets.append(data.Foreground(base, args.input_size, regions=regions, hflip=train,
                                     cell_size=cell, crop_pct=None if train else args.crop_pct,
                                     crop_scale=(args.crop_min, 1.0) if train else None))
-
     return (None if args.eval else sets[0]), sets[-1], bases[0].classes
 
 
@@ -211,9 +206,8 @@ def keep_ids(scores, net, args, generator=None):
 
 
 def forward(net, trainable, imgs, ids, linprobe):
-    """Logits [B, C]. Fine-tuning: the whole (DDP) model. Linear probe: features of the frozen
-    encoder under no_grad (class token, or the mean of the kept patch tokens with global_pool), then
-    the (DDP) head, so DDP syncs only the head's gradients."""
+    """Logits [B, C]: the whole (DDP) model, or for a linear probe the frozen encoder's features
+    (`pool` of the kept tokens) under no_grad, then the (DDP) head: DDP syncs only its gradients."""
     if not linprobe:
         return trainable(imgs)
     with torch.no_grad():
@@ -222,15 +216,13 @@ def forward(net, trainable, imgs, ids, linprobe):
 
 
 def pool(net, x):
-    """Tokens [B, 1+n, D] -> the feature [B, D]: the class token, or with global_pool the mean of
-    the patch tokens + fc_norm (MAE)."""
+    """Tokens [B, 1+n, D] -> [B, D]: the class token, or global_pool's patch mean + fc_norm."""
     return net.fc_norm(x[:, 1:].mean(dim=1)) if net.global_pool else x[:, 0]
 
 
 @torch.no_grad()
 def evaluate(net, loader, d, args):
-    """Top-1 and top-5 accuracy over the validation set; each rank takes every world-th image,
-    counts are summed."""
+    """Top-1 and top-5 accuracy over the validation set (each rank's share, counts summed)."""
     net.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=d.device)  # top-1 hits, top-5 hits, images
     g = torch.Generator(d.device).manual_seed(args.seed + d.rank)  # keep_foreground's ties: fixed
@@ -240,8 +232,7 @@ def evaluate(net, loader, d, args):
         with utils.autocast(d.device, args.precision):
             logits = forward(net, net.head if args.linprobe else net, imgs, ids, args.linprobe)
         hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]
-        batch = torch.tensor(len(target), device=d.device)
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), batch]).to(counts)
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), target.new_tensor(len(target))])
     if d.world > 1:
         dist.all_reduce(counts)
     return {"acc1": (counts[0] / counts[2]).item(), "acc5": (counts[1] / counts[2]).item(),
@@ -250,8 +241,7 @@ def evaluate(net, loader, d, args):
 
 @torch.no_grad()
 def features(net, dataset, d, args):
-    """The frozen encoder's feature of every image [N, D] (`pool`) and its class [N], in dataset
-    order."""
+    """The frozen encoder's feature of every image [N, D] (`pool`) and its class [N], in order."""
     net.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
                                          num_workers=args.num_workers)
@@ -265,14 +255,12 @@ def features(net, dataset, d, args):
 
 
 def knn_accuracy(net, train_set, val_set, num_classes, d, args):
-    """DINO's weighted k-NN (probe.knn_votes) of the validation features among the training ones:
-    top-1, top-5."""
+    """Top-1, top-5 of DINO's weighted k-NN (probe.knn_votes) of val features among train ones."""
     train_feats, train_labels = features(net, train_set, d, args)
     val_feats, val_labels = features(net, val_set, d, args)
     votes = probe.knn_votes(train_feats, train_labels, val_feats, num_classes, args.knn_k,
                             args.knn_t)
     hits = votes.topk(min(5, num_classes), dim=1).indices == val_labels[:, None]            # [M, 5]
-
     return {"acc1": hits[:, 0].double().mean().item(), "acc5": hits.any(1).double().mean().item(),
             "n": len(val_labels)}
 
@@ -282,8 +270,7 @@ def soft_cross_entropy(logits, target):
 
 
 def make_mixup(args, num_classes):
-    """MixUp or CutMix on the batch, chosen 50/50 when both are on (timm's switch_prob 0.5); None
-    when off."""
+    """MixUp or CutMix on the batch, 50/50 when both are on (timm's switch_prob 0.5); None: off."""
     if args.linprobe:
         return None
     ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
@@ -296,12 +283,11 @@ def make_mixup(args, num_classes):
 def build_optimizer(args, net, base_lr):
     """Fine-tuning: AdamW with layer-wise lr decay (MAE's main_finetune; ObjMAE Table 2). Linear
     probing: LARS (MAE's, for batch 16384: a step moves w by ~lr * trust * |w|, too little at batch
-    64) or SGD with momentum for small batches (DINO, MoCo v3). ObjMAE Table 2 wraps it in
-    Lookahead."""
+    64) or SGD with momentum for small batches (DINO, MoCo v3); ObjMAE Table 2 adds Lookahead."""
     if not args.linprobe:
-        optimizer = torch.optim.AdamW(utils.param_groups_lrd(net, args.weight_decay,
-                                                             args.layer_decay),
-                                      lr=base_lr, betas=tuple(args.opt_betas), eps=args.opt_eps)
+        groups = utils.param_groups_lrd(net, args.weight_decay, args.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(args.opt_betas),
+                                      eps=args.opt_eps)
     elif args.opt == "lars":
         optimizer = utils.LARS(net.head.parameters(), lr=base_lr, weight_decay=args.weight_decay)
     else:
@@ -313,8 +299,7 @@ def build_optimizer(args, net, base_lr):
 
 
 def resume(args, net, optimizer, scaler, d):
-    """--resume: a finetune.py run -> (first epoch, best top-1 so far, micro-batches of the epoch
-    done, what the rest of it needs) (runs.resume_partial)."""
+    """--resume a finetune.py run -> (first epoch, best top-1 so far, *runs.resume_partial)."""
     ckpt = runs.load_checkpoint(args.resume)
     load_trained(net, ckpt, args, args.resume)
     if "optimizer" not in ckpt:
@@ -333,7 +318,6 @@ def main(args):
     check_args(args)
     d = launch.init_distributed(args.device, args.dist_timeout)
     args.precision = utils.resolve_precision(args.precision, d.device)  # auto: what the device does
-
     summary_writer = runs.summary_writer_class(args.tensorboard)  # optional: installed, or one line
     if args.knn and d.world > 1:
         raise UsageError("--knn runs in one process: python finetune.py --knn ...")
@@ -399,9 +383,8 @@ def main(args):
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
 
     def run_state(epoch):                   # what a checkpoint holds, epoch = the last finished one
-        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "max_acc1": max_acc1,
-                "args": vars(args)}
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "scaler": scaler.state_dict(), "max_acc1": max_acc1, "args": vars(args)}
     # Train:
     for epoch in range(start_epoch, args.epochs):
         utils.seed_epoch(args.seed, epoch, d)  # resume = same crops, mixes and drop paths
@@ -424,10 +407,9 @@ def main(args):
             imgs = imgs.to(d.device, non_blocking=True)
             target = target.to(d.device, non_blocking=True)
             ids = keep_ids(scores[0].to(d.device), net, args) if scores else None
+            soft = F.one_hot(target, len(classes)).float()                      # [B, C]
             if mixup is not None:
-                imgs, soft = mixup(imgs, target)  # [B, C] mixed one-hot targets
-            else:
-                soft = F.one_hot(target, len(classes)).float()
+                imgs, soft = mixup(imgs, target)  # mixed one-hot targets
             soft = soft * (1 - smoothing) + smoothing / len(classes)  # commutes with mixing (timm)
             sync = (it + 1) % args.accum_iter == 0
             with utils.no_sync_unless(trainable, sync, d):
@@ -472,46 +454,67 @@ def main(args):
                   f"{100 * stats['acc1']:.2f}% top-5 {100 * stats['acc5']:.2f}% "
                   f"(max {100 * max_acc1:.2f}%, {record['time_s']}s)", flush=True)
         if epoch + 1 < args.epochs and runs.stop_requested(d, True):  # a stop in its last step
-
             runs.stop_now(ckpt_path, state, d, f"after epoch {epoch}")
     if tb:
         tb.close()
     if d.is_main:  # timm's names, a probe's BatchNorm folded into its head
         path = os.path.join(args.output_dir, "model-timm.pth")
         runs.save_checkpoint(path, released.timm_state_dict(net))
-        print(f"{path} loads into "
-              f"timm.models.vision_transformer.VisionTransformer(img_size={args.input_size}, "
-              f"patch_size={net.patch_size}, embed_dim={net.cls_token.shape[-1]}, "
-              f"depth={len(net.blocks)}, "
-              f"num_heads={net.blocks[0].attn.num_heads}, num_classes={len(classes)}, "
-              f"global_pool='{'avg' if args.global_pool else 'token'}')", flush=True)
+        print(f"{path} loads into timm.models.vision_transformer.VisionTransformer(img_size="
+              f"{args.input_size}, patch_size={net.patch_size}, embed_dim="
+              f"{net.cls_token.shape[-1]}, depth={len(net.blocks)}, num_heads="
+              f"{net.blocks[0].attn.num_heads}, num_classes={len(classes)}, global_pool="
+              f"'{'avg' if args.global_pool else 'token'}')", flush=True)
     runs.end_run()
     return {"max_acc1": max_acc1}
 
 
 # ----------------------------------------------------------------------------- flags, their rules
 
-def check_args(args):
-    """The flags alone, before any work: the mode's recipe into the flags left at None, each range
-    once (utils.RANGES), then the rules between flags."""
-    tuning = (not args.linprobe and not args.knn, "in fine-tuning (without --linprobe or --knn)")
-    regions = (args.keep_ratio < 1.0, "with --keep_ratio < 1 (the probe's foreground scores)")
-    knn, lookahead = (args.knn, "with --knn"), (args.lookahead, "with --lookahead")
-    rules = dict.fromkeys(("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing",
-                           "layer_decay", "opt_betas", "opt_eps", "grad_checkpointing",
-                           "train_crop"), tuning)
-    rules.update(crop_min=(args.linprobe or args.train_crop == "rrc",
-                           "with --train_crop rrc (or --linprobe)"),
-                 opt=(args.linprobe, "with --linprobe"), knn_k=knn, knn_t=knn, regions=regions,
-                 val_regions=regions, keep_ratio=(args.linprobe, "with --linprobe (SemMAE §4.2): "
-                                                                 "fine-tuning sees every patch"),
-                 blr=(args.lr is None, "without --lr (which overrides it)"),
-                 finetune=(not args.eval, "without --eval (which evaluates --resume, a model with "
-                                          "its head)"),
+# The flags that do nothing in a mode (get_args' groups): {flag: (acts when, where it acts)}.
+TUNING = (lambda a: not a.linprobe and not a.knn, "in fine-tuning (without --linprobe or --knn)")
+REGIONS = (lambda a: a.keep_ratio < 1.0, "with --keep_ratio < 1 (the probe's foreground scores)")
+KNN, LOOKAHEAD = (lambda a: a.knn, "with --knn"), (lambda a: a.lookahead, "with --lookahead")
+UNUSED = {**dict.fromkeys(("drop_path", "aa", "reprob", "mixup", "cutmix", "smoothing", "opt_eps",
+                           "layer_decay", "opt_betas", "grad_checkpointing", "train_crop"), TUNING),
+          "crop_min": (lambda a: a.linprobe or a.train_crop == "rrc",
+                       "with --train_crop rrc (or --linprobe)"),
+          "opt": (lambda a: a.linprobe, "with --linprobe"), "knn_k": KNN, "knn_t": KNN,
+          "keep_ratio": (lambda a: a.linprobe, "with --linprobe (SemMAE §4.2): fine-tuning sees "
+                                               "every patch"),
+          "regions": REGIONS, "val_regions": REGIONS, "lookahead_k": LOOKAHEAD,
+          "lookahead_alpha": LOOKAHEAD, "blr": (lambda a: a.lr is None, "without --lr (which "
+                                                                        "overrides it)"),
+          "finetune": (lambda a: not a.eval, "without --eval (which evaluates --resume, a model "
+                                             "with its head)"),
+          "download": (lambda a: a.dataset == "cifar100", "with --dataset cifar100")}
+# Each rule between flags once: (broken when, the one line saying so and the fix); {a.x} is a flag.
+RULES = [
+    (lambda a: a.input_size % models.VITS[a.model].keywords["patch_size"],
+     "--input_size {a.input_size} is not divisible by the patch size {patch} of {a.model}; use a "
+     "multiple of {patch}"),
+    (lambda a: a.eval and not a.resume, "--eval needs the trained model: pass --resume CKPT"),
+    (lambda a: a.finetune and not os.path.isfile(a.finetune),
+     "--finetune {a.finetune} does not exist; pass a pre-trained checkpoint (pretrain.py's "
+     "checkpoint-last.pth, MAE's or SemMAE's released .pth, a timm state dict)"),
+    (lambda a: a.knn and (a.linprobe or a.eval or a.resume), "--knn measures a frozen --finetune "
+     "encoder with no training; drop --linprobe, --eval and --resume"),
+    (lambda a: (a.keep_ratio < 1.0 and a.data_path is not None
+                and not (a.val_regions and (a.regions or a.eval))),
+     "--keep_ratio < 1 on real images needs foreground scores: run part_learn.py on train/ and "
+     "val/, then pass --regions <train regions.pt> --val_regions <val regions.pt>"),
+    (lambda a: a.dataset == "cifar100" and a.data_path is None, "--dataset cifar100 needs "
+     "--data_path (the folder holding cifar-100-python/)"),
+    (lambda a: a.linprobe and a.batch_size < 2,
+     "--linprobe needs --batch_size >= 2: the probe's head starts with a BatchNorm (MAE's linear "
+     "probe), which needs two images per batch"),
+]
 
-                 lookahead_k=lookahead, lookahead_alpha=lookahead,
-                 download=(args.dataset == "cifar100", "with --dataset cifar100"))
-    utils.refuse_unused(args, get_args([]), rules)          # flags that do nothing in this mode
+
+def check_args(args):
+    """The flags alone, before any work: UNUSED, the mode's recipe, utils.RANGES, then RULES."""
+    utils.refuse_unused(args, get_args([]), {k: (acts(args), where)
+                                             for k, (acts, where) in UNUSED.items()})
     for k, v in RECIPES["linprobe" if args.linprobe else "finetune"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -519,78 +522,47 @@ def check_args(args):
         args.global_pool = not (args.linprobe or args.knn)
     utils.check_ranges(args)
     patch = models.VITS[args.model].keywords["patch_size"]
-    if args.input_size % patch:
-        raise UsageError(f"--input_size {args.input_size} is not divisible by the patch size "
-                         f"{patch} of {args.model}; use a multiple of {patch}")
-    if args.eval and not args.resume:
-        raise UsageError("--eval needs the trained model: pass --resume CKPT")
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise UsageError(f"--finetune {args.finetune} does not exist; pass a pre-trained "
-                         "checkpoint (pretrain.py's checkpoint-last.pth, MAE's or SemMAE's "
-                         "released .pth, a timm state dict)")
-
-    if args.knn and (args.linprobe or args.eval or args.resume):
-        raise UsageError("--knn measures a frozen --finetune encoder with no training; drop "
-                         "--linprobe, --eval and --resume")
-    if (args.keep_ratio < 1.0 and args.data_path is not None
-            and not (args.val_regions and (args.regions or args.eval))):
-        raise UsageError("--keep_ratio < 1 on real images needs foreground scores: run "
-                         "part_learn.py on train/ and val/, then pass --regions <train regions.pt> "
-                         "--val_regions <val regions.pt>")
-    if args.dataset == "cifar100" and args.data_path is None:
-        raise UsageError("--dataset cifar100 needs --data_path (the folder holding "
-                         "cifar-100-python/)")
-    if args.linprobe and args.batch_size < 2:
-        raise UsageError("--linprobe needs --batch_size >= 2: the probe's head starts with a "
-                         "BatchNorm (MAE's linear probe), which needs two images per batch")
+    for broken, message in RULES:
+        if broken(args):
+            raise UsageError(message.format(a=args, patch=patch))
     with utils.user_input():                                   # not timm's RandAugment string
         randaugment.parse(args.aa)
 
 
 def get_args(argv=None):
-    # The defaults reproduce MAE's fine-tuning recipe (main_finetune), which SemMAE's Table 2
-    # uses; the optimisation flags left at None take the mode's recipe (RECIPES); the other
-    # papers' flags are in PAPERS.md. Ranges: utils.RANGES.
+    # The defaults reproduce MAE's fine-tuning recipe (main_finetune), which SemMAE's Table 2 uses;
+    # flags left at None take the mode's recipe (RECIPES). Other papers: PAPERS.md. utils.RANGES.
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and mode")
     g.add_argument("--model", default="vit_base_patch16", choices=sorted(models.VITS))
     g.add_argument("--input_size", type=int, default=224)
-    g.add_argument("--finetune", default=None,
-                   help="pre-trained encoder: ours, MAE's, SemMAE's or timm's")
-    g.add_argument("--linprobe", action="store_true",
-                   help="train only a linear head on the frozen encoder")
-    g.add_argument("--eval", action="store_true",
-                   help="top-1/top-5 of --resume on the validation set")
+    g.add_argument("--finetune", help="pre-trained encoder: ours, MAE's, SemMAE's or timm's")
+    g.add_argument("--linprobe", action="store_true", help="a linear head on the frozen encoder")
+    g.add_argument("--eval", action="store_true", help="top-1/top-5 of --resume on the val set")
     g.add_argument("--knn", action="store_true",
-                   help="top-1/top-5 of DINO's weighted k-NN on the frozen --finetune encoder's "
-                        "features")
+                   help="top-1/top-5 of DINO's weighted k-NN on the frozen --finetune features")
     g.add_argument("--global_pool", action=argparse.BooleanOptionalAction, default=None,
-                   help="mean of the patch tokens + fc_norm (fine-tuning's default) or the class "
-                        "token")
+                   help="mean patch token + fc_norm (fine-tuning's default) or the class token")
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth (fine-tuning)")
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None,
-                   help="folder with train/ and val/ (ImageNet layout), or CIFAR-100's; omitted = "
-                        "shapes")
+                   help="train/ and val/ in ImageNet layout, or CIFAR-100's; omitted = shapes")
     g.add_argument("--dataset", default="folder", choices=["folder", "cifar100"])
     g.add_argument("--download", action="store_true", help="cifar100: download into --data_path")
     g.add_argument("--num_images", type=int, default=2000, help="shapes: training images")
     g.add_argument("--num_val_images", type=int, default=500, help="shapes: validation images")
     g.add_argument("--data_seed", type=int, default=0, help="shapes: which scenes")
     scenes.add_scene_flags(g)
-    g.add_argument("--regions", default=None,
-                   help="regions.pt of the training images (foreground scores)")
-    g.add_argument("--val_regions", default=None, help="regions.pt of the validation images")
+    g.add_argument("--regions", help="regions.pt of the training images (foreground scores)")
+    g.add_argument("--val_regions", help="regions.pt of the validation images")
     g.add_argument("--keep_ratio", type=float, default=1.0,
                    help="probe the most foreground fraction of patches (SemMAE 8x8: 0.25)")
     g = p.add_argument_group("augmentation (MAE's; fine-tuning only but --crop_min, --crop_pct)")
     g.add_argument("--train_crop", default="rrc", choices=["rrc", "bit"],
-                   help="rrc: RandomResizedCrop(--crop_min, 1) (MAE); bit: resize to 7/6 the size,"
-                        " random crop (BiT, Kolesnikov et al. 2020), as ObjMAE §4.2")
+                   help="rrc: RandomResizedCrop (MAE); bit: BiT's 7/6 resize + crop (ObjMAE §4.2)")
     g.add_argument("--crop_min", type=float, default=0.08, help="RandomResizedCrop's smallest area")
-    g.add_argument("--crop_pct", type=float, default=0.875,
-                   help="validation: resize to size/crop_pct, crop")
+    g.add_argument("--crop_pct", type=float, default=0.875, help="val: resize to size/crop_pct")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
                    help="timm's RandAugment string (MAE's; randaugment.py) or 'none'")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
@@ -598,32 +570,27 @@ def get_args(argv=None):
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g = p.add_argument_group("optimisation (None = the mode's recipe, RECIPES)")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--warmup_epochs", type=int, default=None)
-    g.add_argument("--batch_size", type=int, default=None,
-                   help="per device; effective = batch * accum * world")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--warmup_epochs", type=int)
+    g.add_argument("--batch_size", type=int, help="per device; effective = batch * accum * world")
     g.add_argument("--accum_iter", type=int, default=1)
-    g.add_argument("--blr", type=float, default=None, help="lr = blr * effective batch / 256")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    g.add_argument("--min_lr", type=float, default=None)
-    g.add_argument("--weight_decay", type=float, default=None)
+    g.add_argument("--blr", type=float, help="lr = blr * effective batch / 256")
+    g.add_argument("--lr", type=float, help="absolute lr; overrides --blr")
+    g.add_argument("--min_lr", type=float)
+    g.add_argument("--weight_decay", type=float)
     g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (1 = off)")
     g.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
                    help="fine-tuning AdamW betas (MAE's main_finetune, ObjMAE Table 2)")
-    g.add_argument("--opt_eps", type=float, default=1e-8,
-                   help="AdamW epsilon (MAE, ObjMAE Table 2)")
-    g.add_argument("--lookahead", action="store_true",
-                   help="wrap the optimizer in Lookahead (ObjMAE Table 2)")
-    g.add_argument("--lookahead_k", type=int, default=5,
-                   help="not given by ObjMAE (Zhang et al. 2019: 5)")
+    g.add_argument("--opt_eps", type=float, default=1e-8, help="AdamW eps (MAE, ObjMAE Table 2)")
+    g.add_argument("--lookahead", action="store_true", help="Lookahead around it (ObjMAE Table 2)")
+    g.add_argument("--lookahead_k", type=int, default=5, help="not in ObjMAE; Zhang et al.: 5")
     g.add_argument("--lookahead_alpha", type=float, default=0.5, help="Zhang et al. 2019: 0.5")
     g = p.add_argument_group("linear probing only (--linprobe)")
     g.add_argument("--opt", default="lars", choices=["lars", "sgd"],
                    help="LARS (MAE, for batches of thousands) or SGD with momentum (small batches)")
     g = p.add_argument_group("k-NN only (--knn; DINO, Caron et al. 2021, §4.1: k 20, T 0.07)")
     g.add_argument("--knn_k", type=int, default=20, help="neighbours that vote")
-    g.add_argument("--knn_t", type=float, default=0.07,
-                   help="temperature of the votes exp(similarity / T)")
+    g.add_argument("--knn_t", type=float, default=0.07, help="votes exp(similarity / T)")
     runs.add_run_flags(p, "output/finetune")
     return p.parse_args(argv)
 

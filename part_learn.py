@@ -376,7 +376,7 @@ def main(args):
     check_args(args)
     d = launch.init_distributed(args.device, args.dist_timeout)
     runs.prepare_output_dir(args, d)                                       # resolves --resume auto
-    check_resume(args)
+    check_rules(args, RESUME_RULES)
 
     # Data and the frozen networks (the encoder for parts, the ResNet for CAM):
     with utils.user_input():  # a bad folder or checkpoint: exit 2
@@ -452,57 +452,66 @@ METHOD_FLAGS = {
     ("learned", "attention"): ("encoder_weights",),
     ("cam",): ("cam_weights", "cam_arch", "cam_threshold"),
     ("cam", "segmentation"): ("min_share", "min_object"), ("segmentation",): ("masks", "coco")}
+# {flag: (acts when, where it acts)}, for utils.refuse_unused (methods=methods: each lambda keeps
+# its own tuple)
+UNUSED = {flag: (lambda a, methods=methods: a.method in methods,
+                 "with --method " + " or ".join(methods))
+          for methods, flags in METHOD_FLAGS.items() for flag in flags}
+UNUSED.update(eval_images=(lambda a: a.eval_iou, "with --eval_iou"),
+              image_cache=(lambda a: a.method != "segmentation",
+                           "with the methods that read images (not segmentation)"))
 
 WEIGHTS = {"learned": "encoder_weights", "attention": "encoder_weights", "cam": "cam_weights"}
+# Each rule between flags once: (broken when, the one line saying so and the fix); {a.x} is a flag,
+# {w} the method's weights flag, {path} its value.
+RULES = [
+    (lambda a: a.blur % 2 == 0, "--blur {a.blur} must be an odd kernel size (SemMAE §4.1: 7)"),
+    (lambda a: a.input_size % a.cell_size, "--input_size {a.input_size} is not a multiple of "
+     "--cell_size {a.cell_size}; use a multiple of {a.cell_size}"),
+    (lambda a: a.method in WEIGHTS and not getattr(a, WEIGHTS[a.method]),
+     "--method {a.method} needs --{w} <file>"),
+    (lambda a: a.method in WEIGHTS and not os.path.isfile(getattr(a, WEIGHTS[a.method])),
+     "--{w} {path} does not exist; check the path"),
+    (lambda a: (a.method == "segmentation" and a.data_path is not None
+                and (a.masks is None) == (a.coco is None)),
+     "--method segmentation on an image folder needs exactly one of --masks <folder> or --coco "
+     "<instances.json>"),
+    (lambda a: a.method == "segmentation" and a.data_path is None and (a.masks or a.coco),
+     "the built-in shapes data brings its own masks; --masks/--coco need --data_path"),
+    (lambda a: a.eval_iou and a.data_path is not None,
+     "--eval_iou measures against the shapes' true objects; omit --data_path"),
+]
+# After --resume auto is resolved (runs.prepare_output_dir): a path, or None for a new run.
+RESUME_RULES = [
+    (lambda a: a.resume and a.method != "learned", "--resume continues a part learner: it is for "
+     "--method learned only; --method {a.method} writes into an --output_dir that holds no "
+     "checkpoint-last.pth"),
+    (lambda a: a.export_only and not (a.method == "learned" and a.resume), "--export_only "
+     "re-exports a trained part learner: pass --method learned --resume <ckpt>"),
+    # a finished run: never replaced by a new one
+    (lambda a: os.path.isfile(os.path.join(a.output_dir, "regions.pt")) and not a.resume,
+     "--output_dir {a.output_dir} already holds a finished run ({a.output_dir}/regions.pt); pass "
+     "another --output_dir (or, for --method learned, --resume auto to continue or re-export it)"),
+]
+
+
+def check_rules(args, rules):
+    """The first of `rules` that args break is bad input, its message naming the flags."""
+    w = WEIGHTS.get(args.method)
+    for broken, message in rules:
+        if broken(args):
+            raise UsageError(message.format(a=args, w=w, path=getattr(args, w) if w else None))
 
 
 def check_args(args):
-    """The flags alone, before any work: each range once (utils.RANGES), then the rules between
-    flags."""
+    """The flags alone, before any work: each range once (utils.RANGES), the rules between flags,
+    the flags that do nothing with this --method."""
     if args.cell_size is None:
         args.cell_size = 16 if args.method in ("cam", "segmentation") else 8
     utils.check_ranges(args)
-    if args.blur % 2 == 0:
-        raise UsageError(f"--blur {args.blur} must be an odd kernel size (SemMAE §4.1: 7)")
-    if args.input_size % args.cell_size:
-        raise UsageError(f"--input_size {args.input_size} is not a multiple of --cell_size "
-                         f"{args.cell_size}; use a multiple of {args.cell_size}")
-    weights = WEIGHTS.get(args.method)
-    if weights and not getattr(args, weights):
-        raise UsageError(f"--method {args.method} needs --{weights} <file>")
-    if weights and not os.path.isfile(getattr(args, weights)):
-        raise UsageError(f"--{weights} {getattr(args, weights)} does not exist; check the path")
-    rules = {flag: (args.method in methods, "with --method " + " or ".join(methods))
-             for methods, flags in METHOD_FLAGS.items() for flag in flags}
-    rules.update(eval_images=(args.eval_iou, "with --eval_iou"),
-                 image_cache=(args.method != "segmentation",
-                              "with the methods that read images (not segmentation)"))
-    utils.refuse_unused(args, get_args([]), rules)
-    if args.method == "segmentation" and args.data_path is not None and not (
-            (args.masks is None) != (args.coco is None)):
-        raise UsageError("--method segmentation on an image folder needs exactly one of --masks "
-                         "<folder> or --coco <instances.json>")
-    if args.method == "segmentation" and args.data_path is None and (args.masks or args.coco):
-        raise UsageError("the built-in shapes data brings its own masks; --masks/--coco need "
-                         "--data_path")
-    if args.eval_iou and args.data_path is not None:
-        raise UsageError("--eval_iou measures against the shapes' true objects; omit --data_path")
-
-
-def check_resume(args):
-    """After --resume auto is resolved (runs.prepare_output_dir): a path, or None for a new run."""
-    if args.resume and args.method != "learned":
-        raise UsageError(f"--resume continues a part learner: it is for --method learned only; "
-                         f"--method {args.method} writes into an --output_dir that holds no "
-                         "checkpoint-last.pth")
-    if args.export_only and not (args.method == "learned" and args.resume):
-        raise UsageError("--export_only re-exports a trained part learner: pass --method learned "
-                         "--resume <ckpt>")
-    regions = os.path.join(args.output_dir, "regions.pt")
-    if os.path.isfile(regions) and not args.resume:   # a finished run: never replaced by a new one
-        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({regions});"
-                         " pass another --output_dir (or, for --method learned, --resume auto to "
-                         "continue or re-export it)")
+    check_rules(args, RULES)
+    utils.refuse_unused(args, get_args([]), {k: (acts(args), where)
+                                             for k, (acts, where) in UNUSED.items()})
 
 
 def get_args(argv=None):

@@ -78,20 +78,20 @@ def region_cell_size(args, regions, patch_size):
     --cell_size)."""
     if regions is None:
         return patch_size
-    cell_size = regions["meta"]["cell_size"]
-    if patch_size % cell_size:
-        raise UsageError(f"{args.regions} has {cell_size}-px cells, coarser than the "
-                         f"{patch_size}-px patches of {args.model}; remake it with part_learn.py "
-                         f"--cell_size {patch_size}")
-    if regions["meta"].get("kind") == "objects" and cell_size != patch_size:
-        raise UsageError(f"{args.regions} holds objects on {cell_size}-px cells, but the 20% rule "
-                         f"(ObjMAE §3.2) must see each {patch_size}-px patch's own pixels; remake "
-                         f"it with part_learn.py --cell_size {patch_size}")
-    if (regions["meta"].get("kind") == "objects" and args.crop_scale is not None and cell_size > 1
-            and regions.get("masks") is None):
-        raise UsageError(f"{args.regions} holds objects without their pixel masks, so --crop_scale "
-                         "cannot re-apply the 20% rule to the cropped patches (ObjMAE §3.2); "
-                         "remake it with part_learn.py, which stores them")
+    cell_size, objects = regions["meta"]["cell_size"], regions["meta"].get("kind") == "objects"
+    for broken, message in (
+            (patch_size % cell_size, f"{args.regions} has {cell_size}-px cells, coarser than the "
+             f"{patch_size}-px patches of {args.model}; remake it with part_learn.py "
+             f"--cell_size {patch_size}"),
+            (objects and cell_size != patch_size, f"{args.regions} holds objects on {cell_size}-px "
+             f"cells, but the 20% rule (ObjMAE §3.2) must see each {patch_size}-px patch's own "
+             f"pixels; remake it with part_learn.py --cell_size {patch_size}"),
+            (objects and args.crop_scale and cell_size > 1 and regions.get("masks") is None,
+             f"{args.regions} holds objects without their pixel masks, so --crop_scale cannot "
+             "re-apply the 20% rule to the cropped patches (ObjMAE §3.2); remake it with "
+             "part_learn.py, which stores them")):
+        if broken:
+            raise UsageError(message)
     return cell_size
 
 
@@ -119,46 +119,56 @@ def images_with_objects(base, regions, input_size, cell_size, d, chunk=4096):
 
 # ----------------------------------------------------------------------------- the flags' rules
 
+# Each rule between flags once: (broken when, the one line saying so and the fix); {a.x} is a flag.
+RULES = [
+    (lambda a: a.crop_scale is not None and not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+     "--crop_scale {a.crop_scale[0]} {a.crop_scale[1]} must be 0 < MIN <= MAX <= 1"),
+    (lambda a: not 0 < a.crop_ratio[0] <= a.crop_ratio[1] <= 100,
+     "--crop_ratio {a.crop_ratio[0]} {a.crop_ratio[1]} must be 0 < MIN <= MAX <= 100"),
+    # what a regions file from part_learn.py gives
+    (lambda a: a.mask == "semmae" and a.regions is None,
+     "--mask semmae needs part labels: run part_learn.py first, then pass --regions "
+     "<output_dir>/regions.pt"),
+    (lambda a: a.mask == "objmae" and a.data_path is not None and a.regions is None,
+     "--mask objmae on an image folder needs objects: run part_learn.py --method cam (or "
+     "segmentation), then pass --regions <output_dir>/regions.pt"),
+    # a crop mixes with --keep_ratio: the scores are cropped with the image (by area), so the
+    # kept patches are still the crop's most foreground ones (SemMAE §4.2's rule, on what the
+    # model sees)
+    (lambda a: a.keep_ratio < 1.0 and a.regions is None,
+     "--keep_ratio < 1 needs foreground scores: pass --regions from part_learn.py"),
+    (lambda a: a.compile and a.compile not in torch.compiler.list_backends(exclude_tags=()),
+     lambda a: f"--compile {a.compile} is not a torch.compile backend; choose from "
+               f"{', '.join(torch.compiler.list_backends())}"),
+]
+SCHEDULE = (lambda a: a.mask == "semmae" and a.alpha is None,
+            "with --mask semmae and no --alpha (the schedule alpha = progress ** gamma)")
+OBJMAE = (lambda a: a.mask == "objmae", "with --mask objmae")
+LOOKAHEAD = (lambda a: a.lookahead, "with --lookahead")
+# The flags that do nothing in a mode (get_args' groups): {flag: (acts when, where it acts)}.
+UNUSED = {
+    "gamma": SCHEDULE, "reverse": SCHEDULE,
+    "alpha": (lambda a: a.mask == "semmae", "with --mask semmae"),
+    "mask_ratio": (lambda a: a.mask != "objmae",
+                   "with --mask random or semmae (objmae's lengths: --seq_ratio)"),
+    "keep_ratio": (lambda a: a.mask != "objmae",
+                   "with --mask random or semmae (objmae already drops non-object patches)"),
+    "seq_ratio": OBJMAE, "padding": OBJMAE, "relation": OBJMAE,
+    "crop_ratio": (lambda a: a.crop_scale is not None,
+                   "with --crop_scale (the crop's aspect ratio)"),
+    "blr": (lambda a: a.lr is None, "without --lr (which overrides it)"),
+    "lookahead_k": LOOKAHEAD, "lookahead_alpha": LOOKAHEAD}
+
+
 def check_args(args):
-    """The flags alone, before any work: each range once (utils.RANGES), then the rules between
-    flags."""
+    """The flags alone, before any work: each range once (utils.RANGES), the rules between flags,
+    the flags that do nothing in the chosen mode."""
     utils.check_ranges(args)
-    for name, top in (("crop_scale", 1), ("crop_ratio", 100)):            # ordered pairs: MIN MAX
-        pair = getattr(args, name)
-        if pair is not None and not 0 < pair[0] <= pair[1] <= top:
-            raise UsageError(f"--{name} {pair[0]} {pair[1]} must be 0 < MIN <= MAX <= {top}")
-    # A crop mixes with --keep_ratio: the foreground scores are cropped with the image (by area), so
-    # the kept patches are still the crop's most foreground ones (SemMAE §4.2's rule, on what the
-    # model sees).
-    needs_regions = {  # what a regions file from part_learn.py gives
-        "--mask semmae needs part labels: run part_learn.py first, then pass --regions "
-        "<output_dir>/regions.pt": args.mask == "semmae",
-        "--mask objmae on an image folder needs objects: run part_learn.py --method cam (or "
-        "segmentation), then pass --regions <output_dir>/regions.pt":
-            args.mask == "objmae" and args.data_path is not None,
-        "--keep_ratio < 1 needs foreground scores: pass --regions from part_learn.py":
-            args.keep_ratio < 1.0}
-    for message in (m for m, needed in needs_regions.items() if needed and args.regions is None):
-        raise UsageError(message)
-    if args.compile and args.compile not in torch.compiler.list_backends(exclude_tags=()):
-        raise UsageError(f"--compile {args.compile} is not a torch.compile backend; choose from "
-                         f"{', '.join(torch.compiler.list_backends())}")
-    semmae_schedule = args.mask == "semmae" and args.alpha is None
-    schedule = "with --mask semmae and no --alpha (the schedule alpha = progress ** gamma)"
-    objmae = (args.mask == "objmae", "with --mask objmae")
-    # flags that do nothing in the chosen mode (get_args' groups)
-    utils.refuse_unused(args, get_args([]), {
-        "gamma": (semmae_schedule, schedule), "reverse": (semmae_schedule, schedule),
-        "alpha": (args.mask == "semmae", "with --mask semmae"),
-        "mask_ratio": (args.mask != "objmae", "with --mask random or semmae (objmae's lengths: "
-                                              "--seq_ratio)"),
-        "keep_ratio": (args.mask != "objmae",
-                       "with --mask random or semmae (objmae already drops non-object patches)"),
-        "seq_ratio": objmae, "padding": objmae, "relation": objmae,
-        "crop_ratio": (args.crop_scale is not None, "with --crop_scale (the crop's aspect ratio)"),
-        "blr": (args.lr is None, "without --lr (which overrides it)"),
-        "lookahead_k": (args.lookahead, "with --lookahead"),
-        "lookahead_alpha": (args.lookahead, "with --lookahead")})
+    for broken, message in RULES:
+        if broken(args):
+            raise UsageError(message(args) if callable(message) else message.format(a=args))
+    utils.refuse_unused(args, get_args([]), {k: (acts(args), where)
+                                             for k, (acts, where) in UNUSED.items()})
 
 
 def check_mask_count(args, num_patches):
@@ -212,20 +222,22 @@ def resume(args, net, optimizer, scaler, d):
     """--resume: the weights, optimizer and loss scale of a pretrain.py run -> (first epoch,
     micro-batches of it already done, what the rest of it needs) (runs.resume_partial)."""
     ckpt = runs.load_checkpoint(args.resume)
-    # e.g. an official MAE/SemMAE file
-    if not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt:
-        raise UsageError(f"{args.resume} is not a checkpoint of pretrain.py (no args and optimizer "
-                         "state; released MAE/SemMAE weights?); --resume continues a pretrain.py "
-                         "run from its checkpoint-last.pth; to fine-tune released weights: "
-                         f"finetune.py --finetune {args.resume}")
-    other = ("part_learn.py" if "learner" in ckpt else
-             "finetune.py" if "linprobe" in ckpt["args"] else None)
-    if other:  # another stage's run: no --model of this one fits it
-        raise UsageError(f"{args.resume} is a checkpoint of {other}, not of pretrain.py; --resume "
-                         "continues a pretrain.py run from its checkpoint-last.pth")
-    if ckpt["args"].get("model") != args.model:
-        raise UsageError(f"{args.resume} holds a {ckpt['args'].get('model')} model, not --model "
-                         f"{args.model}; resume with --model {ckpt['args'].get('model')}")
+    old = ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
+    other = "part_learn.py" if "learner" in ckpt else "finetune.py" if "linprobe" in old else None
+    for broken, message in (
+            # e.g. an official MAE/SemMAE file
+            (not isinstance(ckpt.get("args"), dict) or "optimizer" not in ckpt,
+             f"{args.resume} is not a checkpoint of pretrain.py (no args and optimizer state; "
+             "released MAE/SemMAE weights?); --resume continues a pretrain.py run from its "
+             "checkpoint-last.pth; to fine-tune released weights: finetune.py --finetune "
+             f"{args.resume}"),
+            # another stage's run: no --model of this one fits it
+            (other, f"{args.resume} is a checkpoint of {other}, not of pretrain.py; --resume "
+             "continues a pretrain.py run from its checkpoint-last.pth"),
+            (old.get("model") != args.model, f"{args.resume} holds a {old.get('model')} model, "
+             f"not --model {args.model}; resume with --model {old.get('model')}")):
+        if broken:
+            raise UsageError(message)
     try:
         net.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # another --input_size (pos_embed), or an edited tensor
