@@ -206,7 +206,7 @@ def load_image_cache(path, files, size):
         raise ValueError(f"{path} is not an image cache ({type(e).__name__}); pass another "
                          "--image_cache path, or delete it to write a new one") from None
     meta = c.get("meta") if isinstance(c, dict) else None
-    if not isinstance(meta, dict) or meta.get("kind") != "image_cache":
+    if not (isinstance(meta, dict) and meta.get("kind") == "image_cache" and "sizes" in c):
         raise ValueError(f"{path} is not an image cache; pass another --image_cache path, "
                          "or delete it to write one")
     if len(c["files"]) != len(files):
@@ -218,9 +218,6 @@ def load_image_cache(path, files, size):
             raise ValueError(f"image cache {path} does not match the dataset: image {i} is '{a}' "
                              f"there but '{b}' in the dataset; pass the --image_cache of this "
                              "--data_path (or delete it to write a new one)")
-    if "sizes" not in c:
-        raise ValueError(f"image cache {path} does not hold the images' original sizes (written "
-                         "by an older version); delete it to write a new one")
     if meta.get("input_size") != size or tuple(c["images"].shape) != (len(files), 3, size, size):
         raise ValueError(f"image cache {path} holds images of {meta.get('input_size')} px but "
                          f"--input_size is {size}; pass --input_size {meta.get('input_size')} or "

@@ -40,8 +40,17 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
                          "--device cpu")
     if "RANK" not in os.environ and slurm_tasks() > 1 and "SLURM_PROCID" in os.environ:
         os.environ.update(slurm_to_torchrun())
-    if "RANK" not in os.environ:  # plain `python X.py`
-        check_not_scheduler_tasks()
+    if "RANK" not in os.environ:  # plain `python X.py`, unless a cluster launcher started tasks
+        name, tasks = launcher_tasks(SCHEDULER_TASKS)
+        # several tasks with no rank would each train alone on the whole data and overwrite the
+        # same checkpoint
+        if tasks > 1:
+            raise UsageError(f"launched as {tasks} tasks ({name}={tasks}) without torchrun's "
+                             "RANK/WORLD_SIZE or srun's SLURM_PROCID, so every task would train "
+                             "alone and overwrite the same checkpoint; start the tasks with `srun "
+                             "-n N python X.py ...`, or one task per node running `torchrun "
+                             "--nnodes N --nproc_per_node GPUS --rdzv_backend c10d --rdzv_endpoint "
+                             "HOST:PORT X.py ...` (or one task in all)")
         return Dist(0, 1, 0, torch.device(device), True)
     missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -73,11 +82,24 @@ def init_distributed(device="auto", timeout=DIST_TIMEOUT):
     return Dist(rank, world, local_rank, dev, rank == 0)
 
 
+# a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH /
+# Intel MPI
+SCHEDULER_TASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def launcher_tasks(names):
+    """(name, count) of the first of these variables that holds a number (a step's own count before
+    the job's), else (None, 0)."""
+    for name in names:
+        if os.environ.get(name, "").isdigit():
+            return name, int(os.environ[name])
+    return None, 0
+
+
 def slurm_tasks():
     """Tasks of this srun step (SLURM_STEP_NUM_TASKS), else of the job (SLURM_NTASKS); 0 when not
     under SLURM."""
-    value = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or ""
-    return int(value) if value.isdigit() else 0
+    return launcher_tasks(SCHEDULER_TASKS[:2])[1]
 
 
 def first_host(nodelist):
@@ -131,28 +153,6 @@ def lost_peer(e):
     if isinstance(e, dist.DistError) or "/gloo/" in text:
         return "stalled" if "timed out" in text.lower() or "timeout" in text.lower() else "gone"
     return None
-
-
-# a cluster launcher's task count: srun's (this job step, then the job), Open MPI's mpirun, MPICH /
-# Intel MPI
-SCHEDULER_TASKS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-
-
-def check_not_scheduler_tasks():
-    """A stage started as several tasks by a cluster launcher (mpirun -np 8, or SLURM tasks with no
-    SLURM_PROCID) but not through torchrun or srun has no rank: every task would train alone on the
-    whole data and overwrite the same checkpoint. Stop."""
-    for name in SCHEDULER_TASKS:
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            if int(value) > 1:
-                raise UsageError(f"launched as {value} tasks ({name}={value}) without torchrun's "
-                                 "RANK/WORLD_SIZE or srun's SLURM_PROCID, so every task would "
-                                 "train alone and overwrite the same checkpoint; start the tasks "
-                                 "with `srun -n N python X.py ...`, or one task per node running "
-                                 "`torchrun --nnodes N --nproc_per_node GPUS --rdzv_backend c10d "
-                                 "--rdzv_endpoint HOST:PORT X.py ...` (or one task in all)")
-            return  # the first variable that is set decides (a step's own count)
 
 
 def cleanup_distributed():

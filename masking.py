@@ -48,8 +48,7 @@ def masked_count(num_patches, mask_ratio):
     keep int(L * (1 - mask_ratio)) and mask the rest, M = L - int(L * (1 - mask_ratio)). Every mask
     in this file has exactly M masked patches per row (196 patches at 0.75: M = 147; SemMAE §3.2
     keeps MAE's 75%). Plain Python ints and floats in, an int out: no tensor, no device sync."""
-    _check_number(num_patches, "num_patches", "[1, inf)", int)
-    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
+    _check_numbers(num_patches=num_patches, mask_ratio=mask_ratio)
     return _masked_count(num_patches, mask_ratio)
 
 
@@ -63,9 +62,7 @@ def random_masking(batch_size, num_patches, mask_ratio, *, device=None, generato
     Returns a bool mask [B, L], True = masked, with exactly M = L - int(L * (1 - mask_ratio)) masked
     patches in every row. Each row is an independent uniformly random M-subset.
     """
-    _check_number(batch_size, "batch_size", "[1, inf)", int)
-    _check_number(num_patches, "num_patches", "[1, inf)", int)
-    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
+    _check_numbers(batch_size=batch_size, num_patches=num_patches, mask_ratio=mask_ratio)
     return _random_masking(batch_size, num_patches, mask_ratio, device, generator)
 
 
@@ -93,8 +90,7 @@ def alpha_schedule(progress, gamma, reverse=False):
     1 - progress ** gamma, the "1 -> 0" row of Table 3. Note 0 ** 0 = 1: gamma = 0 is a constant
     alpha = 1.
     """
-    _check_number(progress, "progress", "[0, 1]")
-    _check_number(gamma, "gamma", "[0, inf]")
+    _check_numbers(progress=progress, gamma=gamma)
     alpha = float(progress) ** gamma
     return 1.0 - alpha if reverse else alpha
 
@@ -115,9 +111,8 @@ def part_mask_counts(part_sizes, mask_ratio, alpha, *, generator=None):
     float64); a second draw breaks rounding ties (tests replay the first to check against a
     reference).
     """
-    _check_labels(part_sizes, "part_sizes", dims="[B, K]", high=torch.iinfo(torch.int64).max)
-    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
-    _check_number(alpha, "alpha", "[0, 1]")
+    _check_tensor(part_sizes, "part_sizes", "int", dims="[B, K]", high=torch.iinfo(torch.int64).max)
+    _check_numbers(mask_ratio=mask_ratio, alpha=alpha)
     return _part_mask_counts(part_sizes.long(), mask_ratio, alpha, generator)
 
 
@@ -174,9 +169,9 @@ def semantic_guided_masking(part_labels, mask_ratio, alpha, *, num_parts=None, i
         that part).
     Returns a bool mask [B, L], True = masked, exactly M = L - int(L * (1 - mask_ratio)) per row.
     """
-    _check_labels(part_labels, "part_labels")
-    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
-    num_parts = _check_parts(part_labels, alpha, num_parts, ignore_label)
+    _check_tensor(part_labels, "part_labels", "int")
+    _check_numbers(mask_ratio=mask_ratio, alpha=alpha)
+    num_parts = _check_parts(part_labels, num_parts, ignore_label)
     return _semantic_guided_masking(part_labels, mask_ratio, alpha, num_parts, ignore_label,
                                     generator)
 
@@ -211,8 +206,8 @@ def keep_foreground(scores, keep_ratio, *, generator=None):
     highest-scoring patches, ascending. Equal scores are broken at random. Mask inside the kept set
     (its labels gathered with these indices), then map back with keep.gather(1, ids).
     """
-    _check_scores(scores)
-    _check_number(keep_ratio, "keep_ratio", "(0, 1]")
+    _check_tensor(scores, "scores", "float")
+    _check_numbers(keep_ratio=keep_ratio)
     return _keep_foreground(scores, keep_ratio, generator)
 
 
@@ -232,13 +227,12 @@ def mask_to_ids(mask, *, num_masked=None):
     num_masked: M. Pass it on the training path; when None it is read from the mask, which costs one
     device sync (and checks that every row has the same count).
     """
-    ok = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype == torch.bool
-    _check(ok, "mask", "a bool tensor [B, L]", _what(mask))
+    _check_tensor(mask, "mask", "bool")
     if num_masked is None:
         lo, hi = (int(v) for v in torch.aminmax(mask.sum(1)))            # the documented sync
         _check(lo == hi, "mask", "the same number of masked patches in every row", f"{lo} to {hi}")
         num_masked = lo
-    _check_number(num_masked, "num_masked", f"[0, {mask.shape[1]}]", int)
+    _check_numbers({"num_masked": (int, f"[0, {mask.shape[1]}]")}, num_masked=num_masked)
     return _mask_to_ids(mask, num_masked)
 
 
@@ -266,20 +260,19 @@ def source_target_ids(part_labels, mask_ratio, alpha=None, *, num_parts=None, ig
     [0, L), ascending, disjoint, together the kept set. Draws from the generator in this order:
     keep_foreground, then the masking. No device sync when num_parts is given (or alpha is None).
     """
-    _check_labels(part_labels, "part_labels")
-    _check_number(mask_ratio, "mask_ratio", "[0, 1)")
-    _check_number(keep_ratio, "keep_ratio", "(0, 1]")
+    _check_tensor(part_labels, "part_labels", "int")
+    _check_numbers(mask_ratio=mask_ratio, keep_ratio=keep_ratio)
     labels, keep = part_labels, None
     if keep_ratio < 1:
-        _check(scores is not None, "scores", "given to keep the foreground (keep_ratio < 1)", None)
-        _check_scores(scores)
+        _check_tensor(scores, "scores", "float", like=part_labels)
         keep = _keep_foreground(scores, keep_ratio, generator)            # [B, L_k] ascending ids
         labels = labels.gather(1, keep)                                   # [B, L_k] their parts
     B, L = labels.shape
     if alpha is None:
         mask = _random_masking(B, L, mask_ratio, labels.device, generator)
     else:
-        num_parts = _check_parts(labels, alpha, num_parts, ignore_label)
+        _check_numbers(alpha=alpha)
+        num_parts = _check_parts(labels, num_parts, ignore_label)
         mask = _semantic_guided_masking(labels, mask_ratio, alpha, num_parts, ignore_label,
                                         generator)
     src_ids, tgt_ids = _mask_to_ids(mask, _masked_count(L, mask_ratio))   # ids in the kept set
@@ -347,12 +340,12 @@ def object_wise_masking(object_labels, seq_ratio, padding="zero", relation="intr
     Returns ObjectMasks(src_ids, tgt_ids, src_valid, tgt_valid), each [B, n]. Source and target
     never share a patch; valid slots within a set are distinct except with "replicate".
     """
-    _check_labels(object_labels, "object_labels", min_patches=2, high=_NUM_LABELS - 1)
-    _check_number(seq_ratio, "seq_ratio", "[0, 1)")
+    _check_tensor(object_labels, "object_labels", "int", min_patches=2, high=_NUM_LABELS - 1)
+    _check_numbers(seq_ratio=seq_ratio)
     _check(padding in _PADDINGS, "padding", f"one of {', '.join(_PADDINGS)}", repr(padding))
     _check(relation in _RELATIONS, "relation", f"one of {', '.join(_RELATIONS)}", repr(relation))
     if scores is not None:
-        _check_scores(scores, like=object_labels)
+        _check_tensor(scores, "scores", "float", like=object_labels)
     labels = object_labels.long()                                         # [B, L]
     L = labels.shape[1]
 
@@ -496,39 +489,51 @@ def _slots(start, length, slot, padding, pool, pool_offset):
 
 
 # ----------------------------------------------------------------------------- argument checks
-# One helper per kind of argument, one line per rule; a broken rule is a ValueError naming the
-# argument and what it must be.
+# One table of the number arguments, one helper per kind of argument; a broken rule is a
+# ValueError naming the argument and what it must be.
+
+# Each number's kind and interval: "[0, 1)" is closed at 0 and open at 1; a bool is not a number
+# and NaN is in no interval.
+_NUMBERS = {"batch_size": (int, "[1, inf)"), "num_patches": (int, "[1, inf)"),
+            "num_parts": (int, "[1, inf)"), "ignore_label": (int, "[0, inf)"),
+            "mask_ratio": (float, "[0, 1)"), "seq_ratio": (float, "[0, 1)"),
+            "alpha": (float, "[0, 1]"), "progress": (float, "[0, 1]"),
+            "gamma": (float, "[0, inf]"), "keep_ratio": (float, "(0, 1]")}
+# Each tensor kind: what it is called, and the dtype test. A float label map is almost always a
+# score map passed in the wrong place, so labels refuse floats (and bools).
+_TENSORS = {"int": ("an integer tensor",
+            lambda x: not (x.dtype == torch.bool or x.is_floating_point() or x.is_complex())),
+            "float": ("a float tensor", lambda x: x.is_floating_point()),
+            "bool": ("a bool tensor", lambda x: x.dtype == torch.bool)}
+
 
 def _check(ok, name, must, got):
     if not ok:
         raise ValueError(f"{name} must be {must}, got {got}")
 
 
-def _what(x):
-    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+def _check_numbers(rules=_NUMBERS, **values):
+    for name, value in values.items():
+        kind, interval = rules[name]
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        ok = isinstance(value, (int, kind)) and not isinstance(value, bool)
+        ok = ok and (low < value if interval[0] == "(" else low <= value)
+        ok = ok and (value < high if interval[-1] == ")" else value <= high)
+        _check(ok, name, f"{'an int' if kind is int else 'a number'} in {interval}", repr(value))
 
 
-def _check_number(value, name, interval, kind=(int, float)):
-    """A number of `kind` (a bool is not one) in `interval`: "[0, 1)" has a closed end [ ] and an
-    open one ( ); NaN is in none."""
-    low, high = (float(x) for x in interval[1:-1].split(","))
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    ok = ok and (low < value if interval[0] == "(" else low <= value)
-    ok = ok and (value < high if interval[-1] == ")" else value <= high)
-    _check(ok, name, f"{'an int' if kind is int else 'a number'} in {interval}", repr(value))
-
-
-def _check_labels(labels, name, dims="[B, L]", min_patches=1, high=None):
-    """An integer tensor [B, L] with at least min_patches columns and values in [0, high]. Floats
-    and bools are refused: a float label map is almost always a score map passed in the wrong
-    place."""
-    _check(isinstance(labels, torch.Tensor), name, f"a torch.Tensor {dims}", type(labels).__name__)
-    _check(labels.dim() == 2 and labels.shape[1] >= min_patches, name,
-           f"of shape {dims} with {dims[-2]} >= {min_patches}", tuple(labels.shape))
-    _check(not (labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex()),
-           name, "an integer tensor (e.g. torch.long or torch.uint8)", labels.dtype)
+def _check_tensor(x, name, kind, dims="[B, L]", min_patches=1, high=None, like=None):
+    """A 2-d tensor of `kind` with at least min_patches columns; given `high`, values in [0, high];
+    given `like` (the labels), of its shape and on its device."""
+    what, is_kind = _TENSORS[kind]
+    ok = isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] >= min_patches and is_kind(x)
+    got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+    _check(ok, name, f"{what} {dims} with {dims[-2]} >= {min_patches}", got)
+    if like is not None:
+        _check(x.shape == like.shape and x.device == like.device, name, "of the labels' shape and "
+               f"device {tuple(like.shape)} {like.device}", f"{got} {x.device}")
     if high is not None:
-        _check_values(labels, name, high)
+        _check_values(x, name, high)
 
 
 def _check_values(labels, name, high):
@@ -540,28 +545,17 @@ def _check_values(labels, name, high):
                f"values in [{lo}, {hi}]")
 
 
-def _check_scores(scores, like=None):
-    """A float tensor [B, L]; given `like` (the labels), of its shape and on its device."""
-    ok = isinstance(scores, torch.Tensor) and scores.is_floating_point() and scores.dim() == 2
-    _check(ok and scores.shape[1] >= 1, "scores", "a float tensor [B, L]", _what(scores))
-    if like is not None:
-        _check(scores.shape == like.shape and scores.device == like.device, "scores",
-               f"of the labels' shape and device {tuple(like.shape)} {like.device}",
-               f"{tuple(scores.shape)} {scores.device}")
-
-
-def _check_parts(part_labels, alpha, num_parts, ignore_label):
-    """SemMAE's alpha, ignore_label and num_parts, and the labels against num_parts. Returns
-    num_parts, read from the labels when None (the documented sync)."""
-    _check_number(alpha, "alpha", "[0, 1]")
+def _check_parts(part_labels, num_parts, ignore_label):
+    """SemMAE's labels against num_parts, ignore_label set aside. Returns num_parts, read from the
+    labels when None (the documented sync)."""
     labels = part_labels.long()
     if ignore_label is not None:
-        _check_number(ignore_label, "ignore_label", "[0, inf)", int)
+        _check_numbers(ignore_label=ignore_label)
         labels = torch.where(labels == ignore_label, 0, labels)           # checked as a part id
     if num_parts is None:
         lo, hi = (int(v) for v in torch.aminmax(labels))
         _check(lo >= 0, "part_labels", ">= 0", f"a minimum of {lo}")
         return hi + 1
-    _check_number(num_parts, "num_parts", "[1, inf)", int)
+    _check_numbers(num_parts=num_parts)
     _check_values(labels, "part_labels", num_parts - 1)
     return num_parts

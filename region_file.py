@@ -46,23 +46,13 @@ def save_regions(path, labels, scores, files, meta, masks=None):
     only, uint8 [N, S, S] or None: the per-pixel object ids the labels were made from (instance ids,
     or 1 = CAM object), on the image resized to S x S, so that a crop can re-apply the 20% and 5%
     rules to its own patches (ObjMAE §3.2, §4.1); S x S bytes an image."""
+    # The shapes are checked where they matter, by load_regions on every read.
     labels = torch.as_tensor(labels).to(torch.uint8).contiguous()
-    if labels.dim() != 3 or labels.shape[0] != len(files):
-        raise ValueError(f"labels must be [N, gh, gw] with N = {len(files)} files, "
-                         f"got {tuple(labels.shape)}")
     obj = {"labels": labels, "files": [str(f) for f in files], "meta": dict(meta)}
     if masks is not None:
-        masks = torch.as_tensor(masks).to(torch.uint8).contiguous()
-        if masks.dim() != 3 or masks.shape[0] != len(files):
-            raise ValueError(f"masks must be [N, S, S] with N = {len(files)} files, "
-                             f"got {tuple(masks.shape)}")
-        obj["masks"] = masks
+        obj["masks"] = torch.as_tensor(masks).to(torch.uint8).contiguous()
     if scores is not None:
-        scores = torch.as_tensor(scores).to(torch.float16).contiguous()
-        if scores.shape != labels.shape:
-            raise ValueError(f"scores shape {tuple(scores.shape)} differs from labels "
-                             f"{tuple(labels.shape)}")
-        obj["scores"] = scores
+        obj["scores"] = torch.as_tensor(scores).to(torch.float16).contiguous()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = temp_file(folder, ".regions-")
@@ -94,20 +84,17 @@ def load_regions(path, files, input_size):
     or None, 'files', 'meta'} (memory-mapped: DataLoader workers share the pages)."""
     if not os.path.isfile(path):
         raise ValueError(f"regions file {path} does not exist; make it with part_learn.py first")
-    try:
+    try:                                  # a torch.save file holding a dict of these three
         r = torch.load(path, weights_only=True, mmap=True)
+        labels, scores, meta, names = r["labels"], r.get("scores"), r["meta"], r["files"]
     except Exception as e:
         raise ValueError(f"{path} is not a regions file ({type(e).__name__}); "
                          "make it with part_learn.py") from None
-    if not isinstance(r, dict) or not {"labels", "files", "meta"} <= r.keys():
-        raise ValueError(f"{path} is not a regions file (no labels/files/meta); "
-                         "make it with part_learn.py")
-    labels, scores, meta = r["labels"], r.get("scores"), r["meta"]
-    if len(r["files"]) != len(files):
-        raise ValueError(f"{path} has regions for {len(r['files'])} images but the dataset has "
+    if len(names) != len(files):
+        raise ValueError(f"{path} has regions for {len(names)} images but the dataset has "
                          f"{len(files)}; make it with part_learn.py on the same data "
                          "(--data_path / --num_images)")
-    for i, (a, b) in enumerate(zip(r["files"], files)):
+    for i, (a, b) in enumerate(zip(names, files)):
         if a != b:
             # built-in scenes are named shapes-<split>-<data seed>/...: the fix is the seed, not a
             # path
@@ -146,7 +133,7 @@ def load_regions(path, files, input_size):
                          f"{tuple(getattr(masks, 'shape', ()))}, expected uint8 "
                          f"[{len(files)}, {input_size}, {input_size}]; "
                          "remake it with part_learn.py")
-    return {"labels": labels, "scores": scores, "masks": masks, "files": r["files"], "meta": meta}
+    return {"labels": labels, "scores": scores, "masks": masks, "files": names, "meta": meta}
 
 
 # ---------------------------------------------------------------- cells -> patches

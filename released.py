@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from model import MODELS, VITS, VisionTransformer, interpolate_pos_embed
+from runs import not_a_checkpoint
 
 # DDP, DINO/iBOT's MultiCropWrapper, torch.compile
 WRAPPERS = ("module.", "backbone.", "_orig_mod.")
@@ -24,18 +25,15 @@ ENCODER_PARTS = ("patch_embed.", "blocks.", "norm.", "fc_norm.")
 def read_checkpoint(path):
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist; check the path")
+    why = not_a_checkpoint(path)          # not a torch.save zip (or pickle), or a damaged one
+    if why:
+        raise ValueError(f"{path} is not a checkpoint ({why}); pass the .pth file itself")
     try:
         # MAE/SemMAE training checkpoints carry an argparse Namespace: allow that plain container,
         # nothing else
         with torch.serialization.safe_globals([Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: say which, not a pickle traceback
-        with open(path, "rb") as f:
-            head = f.read(40)
-        # torch.save writes a zip (or a pickle)
-        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-            raise ValueError(f"{path} is not a checkpoint (it starts with {head[:20]!r}, not the bytes "
-                             "torch.save writes); pass the .pth file itself") from None
         # e.g. numpy scalars in a released file's extra entries
         if isinstance(e, pickle.UnpicklingError):
             raise ValueError(f"{path} holds Python objects besides tensors, which "

@@ -292,13 +292,11 @@ def load_checkpoint(path):
     why = not_a_checkpoint(path)
     if why and why.startswith("it is damaged"):
         raise UsageError(f"checkpoint {path} cannot be used ({why}); it changed after it was "
-                         "written (disk or "
-                         "copy fault): resume from a copy (--save_every keeps "
+                         "written (disk or copy fault): resume from a copy (--save_every keeps "
                          "checkpoint-<epoch>.pth) or start anew")
     if why:
         raise UsageError(f"{path} is not a checkpoint ({why}); --resume takes the "
-                         "checkpoint-last.pth "
-                         "a run of this stage wrote")
+                         "checkpoint-last.pth a run of this stage wrote")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -331,17 +329,23 @@ def prepare_output_dir(args, d):
             pass
     except OSError as e:
         raise UsageError(f"--output_dir {out}: cannot write in {existing} ({e.strerror}); pass a "
-                         "folder you can "
-                         "write to") from None
+                         "folder you can write to") from None
     last = os.path.join(out, "checkpoint-last.pth")
     if args.resume == "auto":
         args.resume = last if os.path.isfile(last) else None
         print0(d, f"--resume auto: continuing from {last}" if args.resume else
                   f"--resume auto: {out} holds no checkpoint-last.pth, starting a new run")
-    elif args.resume is None and os.path.isfile(last):
+    elif args.resume is None:
+        refuse_finished_run(out)
+
+
+def refuse_finished_run(out):
+    """A new run never overwrites a finished or killed one: a folder that holds
+    checkpoint-last.pth needs --resume."""
+    last = os.path.join(out, "checkpoint-last.pth")
+    if os.path.isfile(last):
         raise UsageError(f"--output_dir {out} already holds a run ({last}); continue it with "
-                         "--resume auto, or "
-                         "pass another --output_dir")
+                         "--resume auto, or pass another --output_dir")
 
 
 def start_run(args, d, first_epoch=0):
@@ -353,12 +357,8 @@ def start_run(args, d, first_epoch=0):
     if not d.is_main:
         return
     lock_output_dir(args.output_dir)
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    # written by another run since prepare_output_dir looked
-    if args.resume is None and os.path.isfile(last):
-        raise UsageError(f"--output_dir {args.output_dir} already holds a run ({last}); continue "
-                         "it with "
-                         "--resume auto, or pass another --output_dir")
+    if args.resume is None:  # again, under the lock: another run may have written one since
+        refuse_finished_run(args.output_dir)
     path = os.path.join(args.output_dir, "args.json")
     if not args.resume or not os.path.isfile(path):
         save_args(path, args)

@@ -64,7 +64,7 @@ def test_messages_name_the_fix(tmp_path, encoder_ckpt):
     out = str(tmp_path / "out")
     with pytest.raises(UsageError, match=r"is not a checkpoint \(it starts with 'hello"):
         pretrain.main(pretrain.get_args(PRE + ["--resume", str(text), "--output_dir", out]))
-    with pytest.raises(ValueError, match=r"is not a checkpoint \(it starts with b'hello"):
+    with pytest.raises(ValueError, match=r"is not a checkpoint \(it starts with 'hello"):
         finetune.main(finetune.get_args(FT + ["--finetune", str(text), "--output_dir", out]))
     # official MAE files given to --resume: the released encoder, and a training checkpoint with a Namespace
     full = models.MODELS["mae_vit_tiny_patch8"](img_size=32).state_dict()

@@ -103,13 +103,10 @@ def check_ranges(args, ranges=RANGES):
     or infinite is bad input naming the flag. nargs flags: every number."""
     for name, interval in ranges.items():
         value = getattr(args, name, None)
-        if value is None:
-            continue
-        values = value if isinstance(value, (tuple, list)) else [value]
+        values = [] if value is None else value if isinstance(value, (tuple, list)) else [value]
         low, high = (float(x) for x in interval[1:-1].split(","))
-        above = (lambda v: v > low) if interval[0] == "(" else (lambda v: v >= low)
-        below = (lambda v: v < high) if interval[-1] == ")" else (lambda v: v <= high)
-        if not all(math.isfinite(v) and above(v) and below(v) for v in values):
+        if not all(math.isfinite(v) and (low < v if interval[0] == "(" else low <= v)
+                   and (v < high if interval[-1] == ")" else v <= high) for v in values):
             shown = " ".join(str(v) for v in values)
             raise UsageError(f"--{name} {shown} is out of range: it must be in {interval}")
 
