@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on the built-in shapes data, sized for a CPU (30 CPU-minutes in all, measured on 2 cores).
+# The whole pipeline on the built-in shapes data, sized for a CPU (22 CPU-minutes in all, measured on 2 cores).
 #   bash demo.sh [OUTPUT_DIR]
 # 1. MAE pre-training with random masking gives an encoder for part learning (SemMAE uses iBOT's).
 # 2. part_learn.py learns 6 parts per image with that encoder (SemMAE §3.1) and scores them on held-out scenes.
