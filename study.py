@@ -68,7 +68,8 @@ def pretrain_flags(b):
     return ["--model", "mae_vit_tiny_patch8", "--input_size", b["input_size"],
             "--num_images", b["num_images"], "--data_seed", 0, "--epochs", b["pre_epochs"],
             "--warmup_epochs", b["pre_warmup"], "--batch_size", b["batch_size"],
-            "--blr", b["pre_blr"], "--num_workers", 0, "--vis_every", b["pre_epochs"]] + scene_flags(b)
+            "--blr", b["pre_blr"], "--num_workers", 0,
+            "--vis_every", b["pre_epochs"]] + scene_flags(b)
 
 
 def scene_flags(b):
@@ -368,23 +369,26 @@ def summary(folder):
 def run_primary(args):
     """The pilot gate (MAE vs none, every seed), then, if it passes or --force, every primary
     contrast; writes <out>/primary.md."""
-    budget = dict(PARTS_QUICK if args.quick else PARTS, scene_cache=os.path.join(args.out, "scenes"),
-                  dataset=args.scenes)
+    budget = dict(PARTS_QUICK if args.quick else PARTS, dataset=args.scenes,
+                  scene_cache=os.path.join(args.out, "scenes"))
     if args.epochs:
         budget["pre_epochs"] = args.epochs
     study = Study(budget, args.seeds, args.out)
     contrasts = study_contrasts.primary(study)
     steps = [("pilot gate", contrasts[:1]), ("primary contrasts", contrasts)]
     for step, family in steps:
-        runs = [study.scenes_check()] if args.scenes == "parts" else []
-        for r in study_contrasts.runs_of(family, study):
-            runs += [x for x in table_runs_of(r) if x not in runs]
+        runs = {}                                      # by name: each run once, dependencies first
+        for r in ([study.scenes_check()] if args.scenes == "parts" else []) + \
+                [x for c in study_contrasts.runs_of(family, study) for x in table_runs_of(c)]:
+            runs.setdefault(r.name, r)
+        runs = list(runs.values())
         elapsed = execute(runs, args.out, args.jobs, args.in_process)
         print(f"{step}: {len(runs)} runs complete ({elapsed / 60:.1f} min this time)", flush=True)
         if step == "pilot gate":
             seen, gate_line = study_contrasts.gate(study, args.out)
             if args.scenes == "parts":
-                gate_line = study_contrasts.scenes_line(study.scenes_check(), args.out) + "\n\n" + gate_line
+                scenes_line = study_contrasts.scenes_line(study.scenes_check(), args.out)
+                gate_line = scenes_line + "\n\n" + gate_line
         text = gate_line + "\n\n" + study_contrasts.render(family, study, args.out)
         if not (seen or args.force):
             break

@@ -278,7 +278,8 @@ def test_every_documented_study_command_parses():
 
 # ============================================================================= the primary contrasts
 
-def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(tmp_path, monkeypatch):
+def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(tmp_path, monkeypatch,
+                                                                              capsys):
     import scenes
     import study_contrasts
     drawn = []
@@ -287,6 +288,10 @@ def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(t
                         or real(self, i))
     out = str(tmp_path / "study")
     study.main(["--primary", "--quick", "--in_process", "--seeds", "2", "--force", "--out", out])
+    # the scenes check, the oracle parts, and for each of 2 seeds 5 pre-trainings and 6 readouts: each
+    # made once (a run two arms share, like the oracle parts or MAE, is not made again)
+    started = re.findall(r"^\[\d+/\d+\] (\S+)$", capsys.readouterr().out, re.M)
+    assert len(started) == len(set(started)) == 2 + 2 * (5 + 6), started
     n, n_val = study.PARTS_QUICK["num_images"], study.PARTS_QUICK["val_images"]
     # every run (pre-training, oracle parts, readouts, ObjMAE's object masks) read the one cache
     assert sorted(drawn) == sorted([("train", i) for i in range(n)] + [("val", i) for i in range(n_val)])
