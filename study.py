@@ -190,8 +190,8 @@ class Study:
         flags = ["--checkpoint", Ref(pre, "checkpoint-last.pth") if pre else "none",
                  "--seed", seed, "--model", "mae_vit_tiny_patch8", "--input_size",
                  self.b["input_size"], "--num_images", self.b["num_images"],
-                 "--val_images", self.b["val_images"], "--scenes", self.b.get("dataset", "shapes"),
-                 "--scene_cache", self.b.get("scene_cache", "none")]
+                 "--val_images", self.b["val_images"], "--scenes", self.b["dataset"],
+                 "--scene_cache", self.b["scene_cache"]]
         return Run("readout", None, flags, pre.name.split("-", 1)[1] if pre else f"none_s{seed}")
 
     def oracle_parts(self):

@@ -18,6 +18,7 @@ import bench
 import data
 import masking
 import model as models
+import probe
 import region_file
 import runs
 import scenes
@@ -257,17 +258,14 @@ def measure_probe(run, out):
     (all patches; the class object's). The encoder is a pre-training run's checkpoint, or with
     --checkpoint none the random one pretrain.py starts from at --seed (torch.manual_seed, then
     the model). Writes lin_all, lin_obj, knn_all, knn_obj (top-1 %) and the chosen weight decays."""
-    import probe
     size, n, n_val, seed = (int(flag(run, out, k)) for k in
                             ("input_size", "num_images", "val_images", "seed"))
     kind, cache, path = (flag(run, out, k) for k in ("scenes", "scene_cache", "checkpoint"))
-    cache = None if cache == "none" else cache
     if path == "none":
         torch.manual_seed(seed)
         net = models.MODELS[flag(run, out, "model")](img_size=size, norm_pix_loss=True).eval()
     else:
         net = load_mae(path, size)
-    torch.set_num_threads(1)                       # two study jobs share the machine's cores
     record = {}
     sets = [scenes.builtin(kind, k, size, 0, split, cache) for k, split in ((n, "train"), (n_val, "val"))]
     (y, y_val) = (torch.tensor(s.targets) for s in sets)
@@ -303,7 +301,6 @@ def measure_scenes(run, out):
     """What the parts scenes' classes depend on, at the study's size (test_scenes.py checks the same
     at a small one): a logistic regression (probe.logistic_probe) on the mean colour (chance is
     1/20), on one part's texture statistics, and on the whole object's."""
-    import probe
     size, n, n_val = (int(flag(run, out, k)) for k in ("input_size", "num_images", "val_images"))
     sets = [scenes.builtin("parts", k, size, 0, split, flag(run, out, "scene_cache"))
             for k, split in ((n, "train"), (n_val, "val"))]
