@@ -522,9 +522,7 @@ def check_args(args):
         args.global_pool = not (args.linprobe or args.knn)
     utils.check_ranges(args)
     patch = models.VITS[args.model].keywords["patch_size"]
-    for broken, message in RULES:
-        if broken(args):
-            raise UsageError(message.format(a=args, patch=patch))
+    utils.check_rules(args, RULES, patch=patch)
     with utils.user_input():                                   # not timm's RandAugment string
         randaugment.parse(args.aa)
 

@@ -496,11 +496,9 @@ RESUME_RULES = [
 
 
 def check_rules(args, rules):
-    """The first of `rules` that args break is bad input, its message naming the flags."""
+    """utils.check_rules with the weights flag of the method ({w}) and its path ({path})."""
     w = WEIGHTS.get(args.method)
-    for broken, message in rules:
-        if broken(args):
-            raise UsageError(message.format(a=args, w=w, path=getattr(args, w) if w else None))
+    utils.check_rules(args, rules, w=w, path=getattr(args, w) if w else None)
 
 
 def check_args(args):

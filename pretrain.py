@@ -164,9 +164,7 @@ def check_args(args):
     """The flags alone, before any work: each range once (utils.RANGES), the rules between flags,
     the flags that do nothing in the chosen mode."""
     utils.check_ranges(args)
-    for broken, message in RULES:
-        if broken(args):
-            raise UsageError(message(args) if callable(message) else message.format(a=args))
+    utils.check_rules(args, RULES)
     utils.refuse_unused(args, get_args([]), {k: (acts(args), where)
                                              for k, (acts, where) in UNUSED.items()})
 

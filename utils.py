@@ -111,6 +111,14 @@ def check_ranges(args, ranges=RANGES):
             raise UsageError(f"--{name} {shown} is out of range: it must be in {interval}")
 
 
+def check_rules(args, rules, **names):
+    """The first of `rules` ((broken(args), message)) that args break is bad input: its message, a
+    function of args or a format string of a=args and `names`."""
+    for broken, message in rules:
+        if broken(args):
+            raise UsageError(message(args) if callable(message) else message.format(a=args, **names))
+
+
 def refuse_unused(args, defaults, rules):
     """Flags that do nothing in the chosen mode are refused, one way in every stage. defaults: the
     parser's defaults (the stage's get_args([])); rules: {flag name: (acts, where)}, acts True when
