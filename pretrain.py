@@ -197,10 +197,15 @@ def build_dataset(args, d):
         cell_size = region_cell_size(args, regions, patch_size)
         augment = dict(regions=regions, hflip=args.hflip, cell_size=cell_size,
                        crop_scale=args.crop_scale, crop_ratio=tuple(args.crop_ratio))
-        # fast path: uint8 images from the cache, crop/flip/normalise on the device
+        # fast path: uint8 images from the cache, crop/flip/normalise on the device; built-in
+        # scenes drawn once (--scene_cache) are such a cache already
+        cache = None
         if args.image_cache:
             cache = image_cache.open_image_cache(args.image_cache, base, args.input_size,
                                                  args.num_workers, d.rank, d.world)
+        elif isinstance(base, scenes.Drawn):
+            cache = image_cache.load_image_cache(base.path, base.files, args.input_size)
+        if cache:
             dataset = image_cache.CachedPretrainDataset(base, cache, args.input_size, **augment)
         else:
             dataset = data.PretrainDataset(base, args.input_size, **augment)
@@ -343,7 +348,7 @@ def main(args):
             # 1 at the last step whatever --epochs is (Algorithm 1, line 7, per step not per epoch)
             progress = i / max(1, total_iters - 1)
             imgs, cells, scores = (x.to(d.device, non_blocking=True) for x in (imgs, cells, scores))
-            if args.image_cache:  # uint8 -> the default path's tensors; the boxes stay on the CPU
+            if imgs.dtype == torch.uint8:  # the fast path -> the default path's tensors (boxes: CPU)
                 flips, boxes = choices
                 imgs = image_cache.device_batch(imgs, flips, boxes if args.crop_scale else None)
             src_ids, tgt_ids, src_valid, tgt_valid = masker(cells, scores, progress)

@@ -220,7 +220,10 @@ def builtin(name, num_images, img_size, seed, split="train", scene_cache=None):
 class Drawn:
     """A built-in scene set drawn once: every image, instance mask (and the parts scenes' part
     masks) as uint8 tensors in `folder/<names>.pt`, written atomically by the first run that
-    names the folder and memory-mapped by every other. Same interface as the scenes it holds."""
+    names the folder and memory-mapped by every other. Same interface as the scenes it holds.
+    The file is also an image cache (image_cache.load_image_cache's layout: images uint8
+    [N, 3, S, S], sizes, masks, files, meta), so pretrain.py takes the fast input path on it with
+    no second copy."""
 
     def __init__(self, base, folder):
         self.files, self.classes, self.targets = base.files, base.classes, base.targets
@@ -237,17 +240,22 @@ class Drawn:
         if self.tensors.get("files") != self.files:
             raise UsageError(f"scene cache {self.path} holds other scenes; delete it to draw these"
                              " again")
+        if self.tensors.get("meta", {}).get("kind") != "image_cache":
+            raise UsageError(f"scene cache {self.path} was written by an older version; delete it"
+                             " to draw the scenes again")
 
     def _draw(self, base, folder):
         S, n = base.img_size, base.num_images
-        out = {"images": torch.empty(n, S, S, 3, dtype=torch.uint8),
-               "masks": torch.empty(n, S, S, dtype=torch.uint8)}
+        out = {"images": torch.empty(n, 3, S, S, dtype=torch.uint8),
+               "sizes": torch.full((n, 2), S, dtype=torch.int32),
+               "masks": torch.empty(n, S, S, dtype=torch.uint8),
+               "meta": {"kind": "image_cache", "input_size": S, "resize": "none: drawn at S"}}
         if hasattr(base, "part_mask"):
             out["parts"] = torch.empty(n, S, S, dtype=torch.uint8)
         for i in tqdm(range(n), desc=f"draw {os.path.basename(self.path)}", leave=False,
                       dynamic_ncols=True, disable=not sys.stdout.isatty()):
             img, mask, _ = base.load(i)
-            out["images"][i] = torch.as_tensor(np.array(img))
+            out["images"][i] = torch.as_tensor(np.array(img)).permute(2, 0, 1)
             out["masks"][i] = torch.as_tensor(mask)
             if "parts" in out:
                 out["parts"][i] = torch.from_numpy(base.part_mask(i))
@@ -265,7 +273,7 @@ class Drawn:
         """-> (PIL RGB image, instance mask np.uint8 [H, W], class int), as the scenes' own load."""
         if not 0 <= i < self.num_images:
             raise IndexError(i)
-        image = Image.fromarray(self.tensors["images"][i].numpy(), "RGB")
+        image = Image.fromarray(self.tensors["images"][i].permute(1, 2, 0).numpy(), "RGB")
         return image, self.tensors["masks"][i].numpy(), self.targets[i]
 
     def part_mask(self, i):

@@ -10,12 +10,13 @@ from PIL import Image
 import data
 import image_cache
 import region_file
+import scenes
 import shapes
 
-from conftest import jpeg_folder
+from conftest import PRE, jpeg_folder
 
 
-@pytest.mark.parametrize("source", ["folder", "shapes", "shapes-40"])
+@pytest.mark.parametrize("source", ["folder", "shapes", "shapes-40", "shapes-drawn", "parts-drawn"])
 def test_fast_path_gives_the_default_tensors(tmp_path, source):
     """Same image, same seed -> same crop box and coin: the cells and scores are identical (the box
     is drawn on the original's size, stored in the cache). Without a crop, or when the originals are
@@ -23,14 +24,22 @@ def test_fast_path_gives_the_default_tensors(tmp_path, source):
     equals PretrainDataset's tensor (far inside uint8 rounding, 1/255/std = 0.017). With a crop of a
     larger original the default path cuts the box from the original and the cache from its S x S
     copy (the box rounded to its pixels): close, not equal. Shapes also checks the instance-mask
-    cells (cropped at the pixel level)."""
-    base = {"folder": lambda: jpeg_folder(str(tmp_path / "imgs")),
-            "shapes": lambda: shapes.ShapesDataset(5, img_size=32),
-            "shapes-40": lambda: shapes.ShapesDataset(5, img_size=40)}[source]()
-    cache = image_cache.open_image_cache(str(tmp_path / "cache.pt"), base, 32, num_workers=0)
+    cells (cropped at the pixel level). Built-in scenes drawn once (--scene_cache) are their own
+    cache: pretrain.py reads their file as one, against the scenes drawn afresh."""
+    if source.endswith("-drawn"):
+        kind = source.split("-")[0]
+        base = scenes.builtin(kind, 5, 32, 0)
+        drawn = scenes.builtin(kind, 5, 32, 0, scene_cache=str(tmp_path / "scenes"))
+        cache = image_cache.load_image_cache(drawn.path, drawn.files, 32)
+    else:
+        base = {"folder": lambda: jpeg_folder(str(tmp_path / "imgs")),
+                "shapes": lambda: shapes.ShapesDataset(5, img_size=32),
+                "shapes-40": lambda: shapes.ShapesDataset(5, img_size=40)}[source]()
+        drawn = base
+        cache = image_cache.open_image_cache(str(tmp_path / "cache.pt"), base, 32, num_workers=0)
     for crop in (None, (0.2, 1.0)):
         slow = data.PretrainDataset(base, 32, crop_scale=crop)
-        fast = image_cache.CachedPretrainDataset(base, cache, 32, crop_scale=crop)
+        fast = image_cache.CachedPretrainDataset(drawn, cache, 32, crop_scale=crop)
         expected, samples, flips = [], [], set()
         for i in range(len(base)):
             for seed in range(3):
@@ -46,7 +55,7 @@ def test_fast_path_gives_the_default_tensors(tmp_path, source):
         x = image_cache.device_batch(imgs, flip, boxes if crop else None)  # the whole batch at once
         std = torch.tensor(data.IMAGENET_STD)[:, None, None]
         for k, (img, lab, sc, target) in enumerate(expected):
-            if crop is None or source == "shapes":
+            if crop is None or source in ("shapes", "shapes-drawn", "parts-drawn"):
                 assert (x[k] - img).abs().max() < 1e-5, (crop, k)
             else:                                          # mean error in [0, 1] pixel units
                 assert ((x[k] - img) * std).abs().mean() < 0.05, (crop, k)
@@ -100,3 +109,23 @@ def test_reserve_tensor_file_offsets(tmp_path):
     for mmap in (False, True):
         r = torch.load(path, weights_only=True, mmap=mmap)
         assert torch.equal(r["a"], a) and torch.equal(r["b"], b) and r["names"] == ["x", "y"]
+
+
+def test_pretraining_on_scenes_drawn_once_takes_the_fast_path_to_the_same_weights(tmp_path, monkeypatch):
+    """pretrain.py --scene_cache reads the drawn scenes as an image cache (device_batch on every batch)
+    and ends at the weights of the run that draws every scene afresh (the tensors agree to float
+    rounding, the random choices are the same)."""
+    import pretrain
+    calls = []
+    real = image_cache.device_batch
+    monkeypatch.setattr(image_cache, "device_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    flags = PRE + ["--scenes", "parts", "--epochs", "2", "--blr", "1e-3", "--seed", "1"]
+    weights = {}
+    for name, extra in (("fresh", []), ("drawn", ["--scene_cache", str(tmp_path / "scenes")])):
+        calls.clear()
+        out = str(tmp_path / name)
+        pretrain.main(pretrain.get_args(flags + extra + ["--output_dir", out]))
+        weights[name] = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=False)["model"]
+        assert len(calls) == (2 if name == "drawn" else 0)               # 8 images, batch 8, 2 epochs
+    for key, w in weights["fresh"].items():
+        assert torch.allclose(w, weights["drawn"][key], atol=1e-5), key

@@ -3,6 +3,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 import probe
 import region_file
@@ -66,3 +67,12 @@ def test_bad_sizes_and_splits_are_refused():
         scenes.PartsDataset(4, 32, split="test")
     with pytest.raises(IndexError):
         scenes.PartsDataset(4, 32).load(4)
+
+
+def test_a_scene_cache_of_an_older_layout_is_refused_in_one_line(tmp_path):
+    drawn = scenes.builtin("parts", 4, 32, 0, "train", str(tmp_path))
+    old = dict(torch.load(drawn.path, weights_only=True))
+    del old["meta"]                                        # written before the cache was an image cache
+    torch.save(old, drawn.path)
+    with pytest.raises(scenes.UsageError, match="written by an older version; delete it"):
+        scenes.builtin("parts", 4, 32, 0, "train", str(tmp_path))
