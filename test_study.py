@@ -309,6 +309,21 @@ def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(t
         assert f"| {c.name} | {r['diff']:+.1f} |" in text
 
 
+def test_the_unseen_object_of_a_parts_scene_is_its_object_patches(tmp_path):
+    """measure_unseen on the study's scenes hides exactly the patches that are >= 20% object
+    (ObjMAE §3.2) by the scene's own instance mask, and shows every other patch."""
+    size, patch = 32, 8
+    ds = scenes.builtin("parts", 6, size, 0, "train", str(tmp_path))
+    imgs, labels = study_measures.scene_objects(ds, 6, size, patch)
+    net = study_measures.models.MODELS["mae_vit_tiny_patch8"](img_size=size, norm_pix_loss=True)
+    for i in range(6):
+        mask = torch.from_numpy(ds.load(i)[1]).float()                     # [S, S] 0/1
+        share = mask.view(size // patch, patch, size // patch, patch).mean((1, 3)).flatten()
+        tgt, pixels, heat, _ = study_measures.hide_object(net.eval(), imgs[i], labels[i])
+        assert tgt[0].tolist() == (share >= 0.2).nonzero().flatten().tolist()
+        assert pixels.shape == (1, tgt.shape[1], patch * patch * 3)
+
+
 def test_the_readout_of_the_random_encoder_is_the_one_pretrain_starts_from(tmp_path):
     """Arms of a seed are paired: the 'none' arm is pretrain.py's initial weights at that seed."""
     import pretrain
