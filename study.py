@@ -51,10 +51,10 @@ FULL = dict(input_size=64, num_images=1000, val_images=500, batch_size=64,
 # drawn once into <out>/scenes and read by every run (scenes.Drawn).
 PARTS = dict(input_size=64, num_images=2000, val_images=2000, batch_size=64,
              pre_epochs=20, pre_warmup=2, pre_blr=1.5e-3, part_epochs=3, eval_images=200,
-             dataset="parts")
+             unseen_images=500, dataset="parts")
 PARTS_QUICK = dict(input_size=32, num_images=64, val_images=64, batch_size=16,
                    pre_epochs=1, pre_warmup=0, pre_blr=1.5e-3, part_epochs=1, eval_images=8,
-                   dataset="parts")
+                   unseen_images=4, dataset="parts")
 QUICK = dict(input_size=32, num_images=32, val_images=16, batch_size=16,
              pre_epochs=1, pre_warmup=0, pre_blr=1.5e-3,
              part_epochs=1, eval_images=8,
@@ -221,9 +221,13 @@ class Study:
         return Run("colour", None, flags, "mean-rgb")
 
     def unseen(self, pre):
+        """The hidden-object error of a pre-training run (study_measures.measure_unseen) on the
+        study's scenes (--primary), else on the shapes scenes."""
         flags = ["--checkpoint", Ref(pre, "checkpoint-last.pth"),
                  "--images", self.b["unseen_images"], "--input_size", self.b["input_size"],
                  "--num_images", self.b["num_images"]]
+        if "dataset" in self.b:
+            flags += ["--val_images", self.b["val_images"]] + scene_flags(self.b)
         return Run("unseen", None, flags, pre.name.split("-", 1)[1])
 
 

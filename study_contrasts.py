@@ -1,10 +1,16 @@
 """The study's primary contrasts on the parts scenes (scenes.py): named before the runs, paired over
 seeds (every arm of seed s starts from the same weights and sees the same data order: pretrain.py
 --seed s), each reported as the paired difference with its 95% t-interval, the per-seed values and
-Holm's correction across the family (probe.py); and the pilot gate that runs first.
+Holm's correction across the family (probe.py); and the pilot gate that runs first. The family:
+pre-training vs none; SemMAE gamma 2 vs random masking; alpha 1 vs gamma 2; ObjMAE seq_ratio 1/16 vs
+1/4; ObjMAE vs MAE with the same alpha (0.17); intra- vs inter-object; MAE vs ObjMAE rebuilding an
+object none of whose patches they see.
 
-The measurement of an arm is study_measures.measure_probe: a converged logistic regression on the
-mean token of the class object's patches (METRIC), with DINO's k-NN beside it.
+Each contrast names its own measurement (Contrast.metric, read from the log record Contrast.where
+selects): the readouts' is study_measures.measure_probe's converged logistic regression on the mean
+token of the class object's patches (METRIC), with DINO's k-NN and both on all patches beside it
+(ALSO); the unseen object's is study_measures.measure_unseen's rel_error on the training scenes
+(the paper's claim is memorisation of them), with the held-out scenes' beside it.
 
 References: SemMAE Li et al., NeurIPS 2022, arXiv:2206.10207; ObjMAE Wu & Mo 2022, arXiv:2205.14338.
 """
@@ -14,16 +20,21 @@ from typing import Callable, NamedTuple
 import probe
 from study_runs import read_log
 
-METRIC = "lin_obj"                       # named before the runs: the primary measurement
-ALSO = ("knn_obj", "lin_all", "knn_all")  # reported beside it
+METRIC = "lin_obj"                       # named before the runs: the readouts' primary measurement
+DONE = {"done": True}                    # the readout's one record, with every number
+ALSO = tuple((k, DONE) for k in ("knn_obj", "lin_all", "knn_all"))  # reported beside it
 GATE = 10.0                              # points: below this, MAE vs none is not seen, stop
+DIGITS = {"rel_error": 3}                # decimals of a measurement (default 1: top-1 %)
 
 
 class Contrast(NamedTuple):
     name: str
     paper: str                           # what the paper reports for the same contrast
-    a: Callable                          # (study, seed) -> the readout run of arm a
+    a: Callable                          # (study, seed) -> the measurement run of arm a
     b: Callable                          # ... of arm b; the difference is a - b
+    metric: str = METRIC                 # the log key of the primary measurement
+    where: dict = DONE                   # the log record it is read from
+    also: tuple = ALSO                   # (key, where) measurements reported beside it
 
 
 def primary(study):
@@ -34,20 +45,36 @@ def primary(study):
                        else s.parts("learned"))
     semmae = lambda g: lambda s, k: s.readout(                                  # noqa: E731
         s.pretrain(k, mask="semmae", gamma=g, regions=parts(s)), k)
-    objmae = lambda r: lambda s, k: s.readout(s.objmae(k, seq_ratio=r), k)     # noqa: E731
+    objmae = lambda **key: lambda s, k: s.readout(s.objmae(k, **key), k)       # noqa: E731
+    unseen = lambda pre: lambda s, k: s.unseen(pre(s, k))                      # noqa: E731
     return [
-        Contrast("pre-training vs none", "the premise of both papers (no table of its own)", mae, none),
-        Contrast("SemMAE gamma 2 vs random masking", "SemMAE Table 3: +1.9 linear probe (68.7 vs 66.8)",
-                 semmae(2.0), mae),
-        Contrast("alpha 1 (whole parts) vs gamma 2", "SemMAE Table 3: -15.8 linear probe (52.9 vs 68.7)",
-                 semmae(0.0), semmae(2.0)),
-        Contrast("ObjMAE seq_ratio 1/16 vs 1/4", "ObjMAE Table 4: -4.1 fine-tune top-1 (84.58 vs 88.69)",
-                 objmae(0.0625), objmae(0.25)),
+        Contrast("pre-training vs none", "the premise of both papers (no table of its own)",
+                 mae, none),
+        Contrast("SemMAE gamma 2 vs random masking",
+                 "SemMAE Table 3: +1.9 linear probe (68.7 vs 66.8)", semmae(2.0), mae),
+        Contrast("alpha 1 (whole parts) vs gamma 2",
+                 "SemMAE Table 3: -15.8 linear probe (52.9 vs 68.7)", semmae(0.0), semmae(2.0)),
+        Contrast("ObjMAE seq_ratio 1/16 vs 1/4",
+                 "ObjMAE Table 4: -4.1 fine-tune top-1 (84.58 vs 88.69)",
+                 objmae(seq_ratio=0.0625), objmae(seq_ratio=0.25)),
+        # MAE with alpha: source and target alpha * L random patches each (--relation image)
+        Contrast("ObjMAE vs MAE with alpha 0.17",
+                 "ObjMAE Table 9: +0.02 fine-tune top-1 (88.40 vs 88.38)",
+                 objmae(seq_ratio=0.17), objmae(seq_ratio=0.17, relation="image")),
+        # inter on the parts scenes: the object and the background (ObjMAE §4.5, Fig. 6)
+        Contrast("intra- vs inter-object", "ObjMAE Table 6: +2.06 fine-tune top-1 (88.4 vs 86.34)",
+                 objmae(), objmae(relation="inter")),
+        # MAE of ObjMAE's recipe (the unseen-object table's); lower rel_error = rebuilds better
+        Contrast("MAE vs ObjMAE on an unseen object",
+                 "ObjMAE Fig. 2 / 7, §4.6: MAE rebuilds it, ObjMAE cannot (a - b < 0)",
+                 unseen(lambda s, k: s.objmae_mae(k)), unseen(lambda s, k: s.objmae(k)),
+                 metric="rel_error", where={"split": "train"},
+                 also=(("rel_error", {"split": "val"}),)),
     ]
 
 
 def runs_of(contrasts, study):
-    """Every readout run the contrasts read, each once, in order."""
+    """Every measurement run the contrasts read (readouts, unseen objects), each once, in order."""
     runs = {}
     for c in contrasts:
         for seed in study.seeds:
@@ -56,16 +83,20 @@ def runs_of(contrasts, study):
     return list(runs.values())
 
 
-def value(run, out, key):
-    """The readout's number `key` (top-1 %), or None while the run is not done."""
-    done = [r for r in read_log(os.path.join(out, run.name)) if r.get("done")]
-    return done[-1][key] if done else None
+def value(run, out, key, where=DONE):
+    """The number `key` of the run's last log record that matches where (top-1 % of a readout), or
+    None while the run is not done."""
+    log = read_log(os.path.join(out, run.name))
+    hits = [r for r in log if key in r and all(r.get(k) == v for k, v in where.items())]
+    return hits[-1][key] if hits and any(r.get("done") for r in log) else None
 
 
-def compare(contrast, study, out, key=METRIC):
-    """probe.paired_ci of arm a - arm b over the study's seeds, with each arm's per-seed values."""
-    a = [value(contrast.a(study, s), out, key) for s in study.seeds]
-    b = [value(contrast.b(study, s), out, key) for s in study.seeds]
+def compare(contrast, study, out, key=None, where=None):
+    """probe.paired_ci of arm a - arm b over the study's seeds on `key` read from the record `where`
+    (default: the contrast's own metric), with each arm's per-seed values."""
+    key, where = key or contrast.metric, where or contrast.where
+    a = [value(contrast.a(study, s), out, key, where) for s in study.seeds]
+    b = [value(contrast.b(study, s), out, key, where) for s in study.seeds]
     return dict(probe.paired_ci(a, b), a=a, b=b)
 
 
@@ -89,23 +120,41 @@ def scenes_line(run, out):
             f"{got['whole_object']:.1f}%")
 
 
+def label(key, where):
+    """A measurement's name: its key and the record it is read from ('rel_error (split val)')."""
+    return key + "".join(f" ({k} {v})" for k, v in where.items() if k != "done")
+
+
+def table(rows, study, out):
+    """Markdown rows of (contrast, key, where) measurements, Holm's correction across them."""
+    results = [compare(c, study, out, key, where) for c, key, where in rows]
+    adjusted = probe.holm([r["p"] for r in results])
+    lines = ["| contrast | measure | a - b | 95% CI | p | Holm p | detectable | a | b | per seed "
+             "(a - b) | paper |", "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
+    for (c, key, where), r, p_holm in zip(rows, results, adjusted):
+        d = DIGITS.get(key, 1)
+        sd = (sum((x - r["diff"]) ** 2 for x in r["diffs"]) / max(1, r["n"] - 1)) ** 0.5
+        det = f"{probe.detectable(sd, r['n']):.{d}f}" if r["n"] > 1 else ""
+        a, b = sum(r["a"]) / r["n"], sum(r["b"]) / r["n"]
+        seeds = ", ".join(f"{x:+.{d}f}" for x in r["diffs"])
+        lines.append(f"| {c.name} | {label(key, where)} | {r['diff']:+.{d}f} | "
+                     f"{r['low']:+.{d}f} to {r['high']:+.{d}f} | {r['p']:.3f} | {p_holm:.3f} | "
+                     f"{det} | {a:.{d}f} | {b:.{d}f} | {seeds} | {c.paper} |")
+    return lines + [""]
+
+
 def render(contrasts, study, out):
     """The contrasts as markdown: per measurement, the paired difference, its CI, p, Holm's p, the
-    smallest difference these seeds detect (80% power), the arms' means and per-seed values."""
-    lines = [f"### primary contrasts ({study.b['dataset']} scenes, paired seeds)", ""]
-    for key in (METRIC,) + ALSO:
-        results = [compare(c, study, out, key) for c in contrasts]
-        adjusted = probe.holm([r["p"] for r in results])
-        lines += [f"**{key}**" + (" (primary: Holm across the family)" if key == METRIC else ""),
-                  "", "| contrast | a - b | 95% CI | p | Holm p | detectable | a | b | per seed "
-                  "(a - b) | paper |", "|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
-        for c, r, p_holm in zip(contrasts, results, adjusted):
-            sd = (sum((d - r["diff"]) ** 2 for d in r["diffs"]) / max(1, r["n"] - 1)) ** 0.5
-            det = f"{probe.detectable(sd, r['n']):.1f}" if r["n"] > 1 else ""
-            mean = lambda v: sum(v) / len(v)                                    # noqa: E731
-            seeds = ", ".join(f"{d:+.1f}" for d in r["diffs"])
-            lines.append(f"| {c.name} | {r['diff']:+.1f} | {r['low']:+.1f} to {r['high']:+.1f} | "
-                         f"{r['p']:.3f} | {p_holm:.3f} | {det} | {mean(r['a']):.1f} | "
-                         f"{mean(r['b']):.1f} | {seeds} | {c.paper} |")
-        lines.append("")
+    smallest difference these seeds detect (80% power), the arms' means and per-seed values. First
+    each contrast's own metric, Holm across the whole family; then each measurement reported beside
+    one (Contrast.also), for the contrasts that have it."""
+    lines = [f"### primary contrasts ({study.b['dataset']} scenes, paired seeds)", "",
+             "**primary** (each contrast's own measure; Holm across the family)", ""]
+    lines += table([(c, c.metric, c.where) for c in contrasts], study, out)
+    also = []                                    # in the order the contrasts first name them
+    for c in contrasts:
+        also += [m for m in c.also if m not in also]
+    for key, where in also:
+        lines += [f"**{label(key, where)}**", ""]
+        lines += table([(c, key, where) for c in contrasts if (key, where) in c.also], study, out)
     return "\n".join(lines)

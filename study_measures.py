@@ -33,10 +33,10 @@ def flag(run, out, name):
     return argv[argv.index(f"--{name}") + 1]
 
 
-def shapes_objects(n, size, patch, split="train"):
-    """(normalised images [n, 3, S, S], object id per patch [n, L]) of the first n built-in scenes
-    (data seed 0), objects by ObjMAE's 20% rule on each patch's pixels (§3.2)."""
-    base = shapes.ShapesDataset(n, img_size=size, seed=0, split=split)
+def scene_objects(base, n, size, patch):
+    """(normalised images [n, 3, S, S], object id per patch [n, L]) of the first n scenes of base,
+    objects by ObjMAE's 20% rule on each patch's pixels (§3.2) of the scene's instance mask (the
+    parts scenes: 0 background, 1 their one object)."""
     pixels = data.PretrainDataset(base, size, hflip=False)
     grid = (size // patch, size // patch)
     imgs, labels = [], []
@@ -45,6 +45,12 @@ def shapes_objects(n, size, patch, split="train"):
         imgs.append(pixels[i][0])
         labels.append(torch.from_numpy(region_file.mask_cells(mask, size, grid)).long().flatten())
     return torch.stack(imgs), torch.stack(labels)
+
+
+def shapes_objects(n, size, patch, split="train"):
+    """scene_objects of the first n built-in shapes scenes (data seed 0)."""
+    base = shapes.ShapesDataset(n, img_size=size, seed=0, split=split)
+    return scene_objects(base, n, size, patch)
 
 
 def measure_timing(run, out):
@@ -151,11 +157,21 @@ def hide_object(net, img, labels):
 def measure_unseen(run, out):
     """ObjMAE Fig. 2 / 7 on the first --images training and held-out scenes: rel_error = sum of
     squared errors of the reconstruction of the hidden object / that of each hidden patch's own
-    mean; rollout_visible = the mean share of the hidden patches' rollout on the visible ones."""
+    mean; rollout_visible = the mean share of the hidden patches' rollout on the visible ones.
+    The scenes: with --scenes, the study's (--num_images training and --val_images held-out ones,
+    read from --scene_cache); without, the built-in shapes scenes. The hidden object is each
+    scene's largest (hide_object): the parts scenes' one object."""
     size, n = int(flag(run, out, "input_size")), int(flag(run, out, "images"))
     net = load_mae(flag(run, out, "checkpoint"), size)
     for split in ("train", "val"):
-        imgs, labels = shapes_objects(n, size, net.patch_size, split)
+        if "--scenes" in run.argv(out):
+            # the whole split, so the cache's file is the one every other run of the study reads
+            total = int(flag(run, out, "num_images" if split == "train" else "val_images"))
+            ds = scenes.builtin(flag(run, out, "scenes"), total, size, 0, split,
+                                flag(run, out, "scene_cache"))
+            imgs, labels = scene_objects(ds, n, size, net.patch_size)
+        else:
+            imgs, labels = shapes_objects(n, size, net.patch_size, split)
         err = base = 0.0
         shares = []
         for img, lab in zip(imgs, labels):

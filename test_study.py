@@ -280,6 +280,7 @@ def test_every_documented_study_command_parses():
 
 def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(tmp_path, monkeypatch,
                                                                               capsys):
+    import probe
     import scenes
     import study_contrasts
     drawn = []
@@ -288,25 +289,61 @@ def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(t
                         or real(self, i))
     out = str(tmp_path / "study")
     study.main(["--primary", "--quick", "--in_process", "--seeds", "2", "--force", "--out", out])
-    # the scenes check, the oracle parts, and for each of 2 seeds 5 pre-trainings and 6 readouts: each
-    # made once (a run two arms share, like the oracle parts or MAE, is not made again)
+    # the scenes check, the oracle parts, and for each of 2 seeds 9 pre-trainings (MAE, ObjMAE's
+    # MAE, SemMAE gamma 2 and alpha 1, ObjMAE seq_ratio 1/16, 1/4 and 0.17, MAE with alpha 0.17,
+    # inter-object), 9 readouts (none and 8 of those) and 2 unseen objects (ObjMAE's MAE, ObjMAE 1/4):
+    # each made once (a run two arms share, like the oracle parts, MAE or ObjMAE, is not made again)
     started = re.findall(r"^\[\d+/\d+\] (\S+)$", capsys.readouterr().out, re.M)
-    assert len(started) == len(set(started)) == 2 + 2 * (5 + 6), started
+    assert len(started) == len(set(started)) == 2 + 2 * (9 + 9 + 2), started
     n, n_val = study.PARTS_QUICK["num_images"], study.PARTS_QUICK["val_images"]
-    # every run (pre-training, oracle parts, readouts, ObjMAE's object masks) read the one cache
+    # every run (pre-training, oracle parts, readouts, unseen objects, ObjMAE's object masks) read
+    # the one cache
     assert sorted(drawn) == sorted([("train", i) for i in range(n)] + [("val", i) for i in range(n_val)])
     budget = dict(study.PARTS_QUICK, scene_cache=os.path.join(out, "scenes"))
     s = study.Study(budget, 2, out)
     contrasts = study_contrasts.primary(s)
-    assert len(study_contrasts.runs_of(contrasts, s)) == 2 * 6            # 6 arms, 2 seeds each
+    assert len(contrasts) == 7
+    measured = study_contrasts.runs_of(contrasts, s)
+    assert len(measured) == 2 * (9 + 2)                        # 9 readout arms and 2 unseen, 2 seeds
+    for run in (r for r in measured if r.kind == "unseen"):
+        assert "--scenes parts" in run.command(out)
+        log = study.read_log(os.path.join(out, run.name))
+        assert [r["images"] for r in log if "split" in r] == [study.PARTS_QUICK["unseen_images"]] * 2
     text = open(os.path.join(out, "primary.md")).read()
     assert text.startswith("the scenes (logistic regression, chance 5.0%): mean colour ")
     assert "\n\npilot gate: MAE - random encoder = " in text
-    for c in contrasts:
-        r = study_contrasts.compare(c, s, out)
+    results = [study_contrasts.compare(c, s, out) for c in contrasts]
+    # the primary table: each contrast on its own measure, Holm across all seven
+    primary = text.split("**primary**")[1].split("\n**")[0]
+    for c, r, p_holm in zip(contrasts, results, probe.holm([r["p"] for r in results])):
         assert len(r["a"]) == len(r["b"]) == 2 and None not in r["a"] + r["b"]
         assert r["diffs"] == [x - y for x, y in zip(r["a"], r["b"])]
-        assert f"| {c.name} | {r['diff']:+.1f} |" in text
+        d = study_contrasts.DIGITS.get(c.metric, 1)
+        row = f"| {c.name} | {study_contrasts.label(c.metric, c.where)} | {r['diff']:+.{d}f} | "
+        assert row in primary and f"| {r['p']:.3f} | {p_holm:.3f} |" in primary.split(row)[1]
+    unseen = contrasts[-1]
+    assert unseen.metric == "rel_error"
+    train = [next(r["rel_error"] for r in study.read_log(os.path.join(out, unseen.a(s, k).name))
+                  if r.get("split") == "train") for k in s.seeds]
+    assert results[-1]["a"] == train
+    # beside it: the held-out scenes' rel_error, in a table of its own; not in the readouts' tables
+    assert "**rel_error (split val)**" in text
+    assert f"| {unseen.name} |" not in text.split("**knn_obj**")[1].split("**rel_error")[0]
+
+
+def test_the_unseen_object_of_a_parts_scene_is_its_object_patches(tmp_path):
+    """measure_unseen on the study's scenes hides exactly the patches that are >= 20% object
+    (ObjMAE §3.2) by the scene's own instance mask, and shows every other patch."""
+    size, patch = 32, 8
+    ds = scenes.builtin("parts", 6, size, 0, "train", str(tmp_path))
+    imgs, labels = study_measures.scene_objects(ds, 6, size, patch)
+    net = study_measures.models.MODELS["mae_vit_tiny_patch8"](img_size=size, norm_pix_loss=True)
+    for i in range(6):
+        mask = torch.from_numpy(ds.load(i)[1]).float()                     # [S, S] 0/1
+        share = mask.view(size // patch, patch, size // patch, patch).mean((1, 3)).flatten()
+        tgt, pixels, heat, _ = study_measures.hide_object(net.eval(), imgs[i], labels[i])
+        assert tgt[0].tolist() == (share >= 0.2).nonzero().flatten().tolist()
+        assert pixels.shape == (1, tgt.shape[1], patch * patch * 3)
 
 
 def test_the_readout_of_the_random_encoder_is_the_one_pretrain_starts_from(tmp_path):
