@@ -26,22 +26,27 @@ def standardise(x, x_val):
     return (x - mu) / sd, (x_val - mu) / sd
 
 
-def fit_logistic(x, y, num_classes, weight_decay, max_iter=1000):
-    """Multinomial logistic regression: argmin CE(x W + b, y) + weight_decay * |W|^2 by L-BFGS from zeros.
+def fit_logistic(x, y, num_classes, weight_decay, start=None, max_iter=1000, tolerance=1e-5):
+    """Multinomial logistic regression: argmin CE(x W + b, y) + weight_decay * |W|^2 by L-BFGS from zeros,
+    or from start = (W, b) (a nearby problem's solution: the objective is strictly convex, so the minimum is
+    the same), until no gradient entry exceeds `tolerance` (1e-5: the loss then agrees with a 1e-9 fit to
+    1e-6). The gradient is written out (softmax - one-hot), not taken by autograd: a third of the time.
     x float [N, D] (standardised), y long [N] -> (W [D, C], b [C])."""
     x = x.double()
-    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+    w, b = start if start is not None else (torch.zeros(x.shape[1], num_classes, dtype=torch.float64),
+                                            torch.zeros(num_classes, dtype=torch.float64))
+    w, b = w.clone(), b.clone()
+    onehot = F.one_hot(y, num_classes).double()                             # [N, C]
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def loss():
-        opt.zero_grad()
-        value = F.cross_entropy(x @ w + b, y) + weight_decay * w.square().sum()
-        value.backward()
-        return value
+        logp = (x @ w + b).log_softmax(1)                                  # [N, C]
+        g = (logp.exp() - onehot) / len(x)                                  # d CE / d logits
+        w.grad, b.grad = x.T @ g + 2 * weight_decay * w, g.sum(0)
+        return -(logp * onehot).sum() / len(x) + weight_decay * w.square().sum()
     opt.step(loss)
-    return w.detach(), b.detach()
+    return w, b
 
 
 def accuracy(w, b, x, y):
@@ -54,13 +59,18 @@ WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 def logistic_probe(x, y, x_val, y_val, num_classes, weight_decays=WEIGHT_DECAYS, split=0.8):
     """Top-1 of a converged logistic regression on held-out features. The weight decay is chosen on the last
     (1 - split) of the training set (the first one of the best, ties to the strongest), then the classifier is
-    refitted on the whole training set. -> dict(acc, weight_decay)"""
+    refitted on the whole training set. Each fit starts from the solution of the one before it (weight decays
+    from the strongest; the refit from the chosen one's): the same minima, in about half the time.
+    -> dict(acc, weight_decay)"""
     x, x_val = standardise(x.float(), x_val.float())
     n = int(len(x) * split)
-    scores = [accuracy(*fit_logistic(x[:n], y[:n], num_classes, wd), x[n:], y[n:]) for wd in weight_decays]
-    best = max(range(len(weight_decays)), key=lambda i: (scores[i], weight_decays[i]))
-    w, b = fit_logistic(x, y, num_classes, weight_decays[best])
-    return dict(acc=accuracy(w, b, x_val, y_val), weight_decay=weight_decays[best])
+    fits, scores, start = {}, {}, None
+    for wd in sorted(weight_decays, reverse=True):
+        fits[wd] = start = fit_logistic(x[:n], y[:n], num_classes, wd, start)
+        scores[wd] = accuracy(*start, x[n:], y[n:])
+    best = max(weight_decays, key=lambda wd: (scores[wd], wd))
+    w, b = fit_logistic(x, y, num_classes, best, fits[best])
+    return dict(acc=accuracy(w, b, x_val, y_val), weight_decay=best)
 
 
 def knn_votes(train_feats, train_labels, feats, num_classes, k=20, temperature=0.07, chunk=1024):
