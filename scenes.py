@@ -121,6 +121,10 @@ class PartsDataset:
         """True part ids per pixel, np.uint8 [S, S] (0 = background, 1..3 = the object's parts)."""
         return self._parts(self._scene(i)[1])
 
+    def part_kinds(self, i):
+        """The texture (index into TEXTURES) of parts 1..3 of scene i. -> list of 3 ints"""
+        return self._scene(i)[1]["kinds"]
+
     def load(self, i):
         """-> (PIL RGB image, instance mask np.uint8 [H, W] (0 = background, 1 = the object), class int)"""
         if not 0 <= i < self.num_images:

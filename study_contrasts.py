@@ -120,6 +120,20 @@ def scenes_line(run, out):
             f"{got['whole_object']:.1f}%")
 
 
+def texture_line(mae, none, out):
+    """One line on what seed 0's MAE and random encoder hold of the textures
+    (study_measures.measure_texture)."""
+    got = {(name, k): value(run, out, k) for name, run in (("mae", mae), ("none", none))
+           for k in ("patch_lin", "patch_knn", "loss_texture", "loss_background", "loss_border")}
+    return (f"what the encoders hold (seed 0, held-out patches; chance 16.7%): a part's texture from "
+            f"the token of a patch inside it, logistic {got['mae', 'patch_lin']:.1f}% (MAE) vs "
+            f"{got['none', 'patch_lin']:.1f}% (random encoder), k-NN {got['mae', 'patch_knn']:.1f}% "
+            f"vs {got['none', 'patch_knn']:.1f}%; MAE's reconstruction loss on hidden patches inside "
+            f"one part {got['mae', 'loss_texture']:.2f}, on the background "
+            f"{got['mae', 'loss_background']:.2f}, across a border {got['mae', 'loss_border']:.2f} "
+            "(a patch's own mean scores 1.00)")
+
+
 def label(key, where):
     """A measurement's name: its key and the record it is read from ('rel_error (split val)')."""
     return key + "".join(f" ({k} {v})" for k, v in where.items() if k != "done")

@@ -268,6 +268,16 @@ def encoder_features(net, base, on_object, batch=256):
     return torch.cat(every), torch.cat(obj)
 
 
+def encoder(run, out, size, seed):
+    """The run's --checkpoint, or with --checkpoint none the random MAE pretrain.py starts from at
+    --seed (torch.manual_seed, then the model)."""
+    path = flag(run, out, "checkpoint")
+    if path != "none":
+        return load_mae(path, size)
+    torch.manual_seed(seed)
+    return models.MODELS[flag(run, out, "model")](img_size=size, norm_pix_loss=True).eval()
+
+
 def measure_probe(run, out):
     """One encoder measured by two deterministic classifiers on fixed features (probe.py): a
     converged L2 logistic regression and DINO's k-NN, each on two poolings of the patch tokens
@@ -276,12 +286,8 @@ def measure_probe(run, out):
     the model). Writes lin_all, lin_obj, knn_all, knn_obj (top-1 %) and the chosen weight decays."""
     size, n, n_val, seed = (int(flag(run, out, k)) for k in
                             ("input_size", "num_images", "val_images", "seed"))
-    kind, cache, path = (flag(run, out, k) for k in ("scenes", "scene_cache", "checkpoint"))
-    if path == "none":
-        torch.manual_seed(seed)
-        net = models.MODELS[flag(run, out, "model")](img_size=size, norm_pix_loss=True).eval()
-    else:
-        net = load_mae(path, size)
+    kind, cache = flag(run, out, "scenes"), flag(run, out, "scene_cache")
+    net = encoder(run, out, size, seed)
     record = {}
     sets = [scenes.builtin(kind, k, size, 0, split, cache) for k, split in ((n, "train"), (n_val, "val"))]
     (y, y_val) = (torch.tensor(s.targets) for s in sets)
@@ -329,8 +335,59 @@ def measure_scenes(run, out):
     runs.append_log(os.path.join(out, run.name, "log.txt"), {**record, "done": True})
 
 
+def patch_places(base, i, patch):
+    """Where each patch of parts scene i lies: 0 background, 1 wholly inside one part, 2 across a
+    border; and the texture kind there (-1 where not inside one part). -> (long [L], long [L])"""
+    parts = torch.from_numpy(base.part_mask(i)).long()                               # [S, S]
+    g = parts.shape[0] // patch
+    cells = parts.view(g, patch, g, patch).permute(0, 2, 1, 3).reshape(g * g, -1)   # [L, p*p]
+    one = (cells == cells[:, :1]).all(1)
+    place = torch.where(one, (cells[:, 0] > 0).long(), 2)
+    kinds = torch.tensor([-1] + base.part_kinds(i))[cells[:, 0]]
+    return place, torch.where(place == 1, kinds, -1)
+
+
+@torch.no_grad()
+def measure_texture(run, out):
+    """What an encoder holds of the parts scenes' textures, beside the pilot gate: (1) per patch
+    wholly inside one part, how well its token tells that part's texture (6 kinds): the logistic
+    regression and k-NN of measure_probe, fitted on the training scenes' patches, scored on the
+    held-out ones; (2) the MAE's reconstruction loss (norm_pix_loss, a random 75% of the patches
+    hidden) on the held-out scenes, by where the hidden patch lies: inside one part, background,
+    across a border. A prediction of zero (each patch's own mean) scores 1.0 there."""
+    size, n, seed = (int(flag(run, out, k)) for k in ("input_size", "images", "seed"))
+    net, cache = encoder(run, out, size, seed), flag(run, out, "scene_cache")
+    L, gen = net.grid[0] * net.grid[1], torch.Generator().manual_seed(0)
+    feats, record = {}, {}
+    for split in ("train", "val"):
+        base = scenes.builtin("parts", n, size, 0, split, cache)
+        plain = scenes.PartsDataset(n, size, 0, split)     # part masks and kinds, no image drawn
+        pixels = data.PretrainDataset(base, size, hflip=False)
+        imgs = torch.stack([pixels[i][0] for i in range(n)])                 # [n, 3, S, S]
+        places, kinds = (torch.stack(t) for t in
+                         zip(*(patch_places(plain, i, net.patch_size) for i in range(n))))  # [n, L]
+        tokens = net.forward_features(imgs, torch.arange(L).expand(n, L))[:, 1:]   # [n, L, D]
+        feats[split] = tokens[kinds >= 0], kinds[kinds >= 0]
+        if split == "val":
+            ids = torch.rand(n, L, generator=gen).argsort(1)
+            src, tgt = ids[:, :L // 4], ids[:, L // 4:]                      # [n, L/4], [n, 3L/4]
+            pred = net.forward_decoder(net.forward_features(imgs, src), src, tgt)
+            target = models.gather_tokens(models.patchify(imgs, net.patch_size), tgt)
+            mean, std = models.patch_stats(target)
+            loss = ((pred - (target - mean) / std) ** 2).mean(-1)             # [n, 3L/4]
+            where = places.gather(1, tgt)
+            for k, name in enumerate(("background", "texture", "border")):
+                record[f"loss_{name}"] = loss[where == k].mean().item()
+                record[f"share_{name}"] = (where == k).float().mean().item()
+    (x, y), (x_val, y_val) = feats["train"], feats["val"]
+    record["patch_lin"] = 100 * probe.logistic_probe(x, y, x_val, y_val, 6)["acc"]
+    record["patch_knn"] = 100 * (probe.knn_predict(x, y, x_val, 6) == y_val).float().mean().item()
+    runs.append_log(os.path.join(out, run.name, "log.txt"), {**record, "done": True})
+
+
 MEASURES = {"timing": measure_timing, "unseen": measure_unseen, "colour": measure_colour,
-            "readout": measure_probe, "oracle": measure_oracle_parts, "scenes": measure_scenes}
+            "readout": measure_probe, "oracle": measure_oracle_parts, "scenes": measure_scenes,
+            "texture": measure_texture}
 
 
 class Given:

@@ -289,12 +289,13 @@ def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(t
                         or real(self, i))
     out = str(tmp_path / "study")
     study.main(["--primary", "--quick", "--in_process", "--seeds", "2", "--force", "--out", out])
-    # the scenes check, the oracle parts, and for each of 2 seeds 9 pre-trainings (MAE, ObjMAE's
+    # the scenes check, seed 0's two texture measurements (MAE, random encoder), the oracle parts, and
+    # for each of 2 seeds 9 pre-trainings (MAE, ObjMAE's
     # MAE, SemMAE gamma 2 and alpha 1, ObjMAE seq_ratio 1/16, 1/4 and 0.17, MAE with alpha 0.17,
     # inter-object), 9 readouts (none and 8 of those) and 2 unseen objects (ObjMAE's MAE, ObjMAE 1/4):
     # each made once (a run two arms share, like the oracle parts, MAE or ObjMAE, is not made again)
     started = re.findall(r"^\[\d+/\d+\] (\S+)$", capsys.readouterr().out, re.M)
-    assert len(started) == len(set(started)) == 2 + 2 * (9 + 9 + 2), started
+    assert len(started) == len(set(started)) == 4 + 2 * (9 + 9 + 2), started
     n, n_val = study.PARTS_QUICK["num_images"], study.PARTS_QUICK["val_images"]
     # every run (pre-training, oracle parts, readouts, unseen objects, ObjMAE's object masks) read
     # the one cache
@@ -312,6 +313,7 @@ def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(t
     text = open(os.path.join(out, "primary.md")).read()
     assert text.startswith("the scenes (logistic regression, chance 5.0%): mean colour ")
     assert "\n\npilot gate: MAE - random encoder = " in text
+    assert "\n\nwhat the encoders hold (seed 0, held-out patches; chance 16.7%): a part's texture " in text
     results = [study_contrasts.compare(c, s, out) for c in contrasts]
     # the primary table: each contrast on its own measure, Holm across all seven
     primary = text.split("**primary**")[1].split("\n**")[0]
@@ -359,6 +361,22 @@ def test_the_readout_of_the_random_encoder_is_the_one_pretrain_starts_from(tmp_p
     for name, p in net.state_dict().items():
         if not name.startswith("decoder") and name != "mask_token":
             assert torch.equal(p, ckpt["model"][name]), name
+
+
+def test_the_texture_measurement_places_each_patch_as_a_slow_reference_does():
+    """measure_texture's patches: background, wholly inside one part (with that part's texture), or
+    across a border, against a loop over every patch's pixels."""
+    import scenes
+    base = scenes.PartsDataset(4, img_size=64)
+    for i in range(4):
+        place, kind = study_measures.patch_places(base, i, 8)
+        parts = base.part_mask(i)
+        for patch in range(64):
+            ids = set(parts[8 * (patch // 8):8 * (patch // 8) + 8, 8 * (patch % 8):8 * (patch % 8) + 8].flat)
+            expected = 2 if len(ids) > 1 else 0 if ids == {0} else 1
+            assert int(place[patch]) == expected
+            assert int(kind[patch]) == (base.part_kinds(i)[ids.pop() - 1] if expected == 1 else -1)
+        assert (place == 1).sum() >= 3                               # every scene has texture patches
 
 
 def test_a_scene_cache_of_other_scenes_is_one_line(tmp_path):
