@@ -201,7 +201,8 @@ class Study:
         (study_measures.measure_texture); pre None: the random encoder of this seed."""
         flags = ["--checkpoint", Ref(pre, "checkpoint-last.pth") if pre else "none", "--seed", seed,
                  "--model", "mae_vit_tiny_patch8", "--input_size", self.b["input_size"],
-                 "--images", self.b["texture_images"], "--scene_cache", self.b["scene_cache"]]
+                 "--images", self.b["texture_images"], "--num_images", self.b["num_images"],
+                 "--val_images", self.b["val_images"], "--scene_cache", self.b["scene_cache"]]
         return Run("texture", None, flags, pre.name.split("-", 1)[1] if pre else f"none_s{seed}")
 
     def oracle_parts(self):

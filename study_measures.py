@@ -354,14 +354,17 @@ def measure_texture(run, out):
     regression and k-NN of measure_probe, fitted on the training scenes' patches, scored on the
     held-out ones; (2) the MAE's reconstruction loss (norm_pix_loss, a random 75% of the patches
     hidden) on the held-out scenes, by where the hidden patch lies: inside one part, background,
-    across a border. A prediction of zero (each patch's own mean) scores 1.0 there."""
+    across a border. A prediction of zero (each patch's own mean) scores 1.0 there. The first
+    --images scenes of each split (of --num_images, --val_images)."""
     size, n, seed = (int(flag(run, out, k)) for k in ("input_size", "images", "seed"))
     net, cache = encoder(run, out, size, seed), flag(run, out, "scene_cache")
     L, gen = net.grid[0] * net.grid[1], torch.Generator().manual_seed(0)
     feats, record = {}, {}
     for split in ("train", "val"):
-        base = scenes.builtin("parts", n, size, 0, split, cache)
-        plain = scenes.PartsDataset(n, size, 0, split)     # part masks and kinds, no image drawn
+        # the whole split, so the cache's file is the one every other run of the study reads
+        total = int(flag(run, out, "num_images" if split == "train" else "val_images"))
+        base = scenes.builtin("parts", total, size, 0, split, cache)
+        plain = scenes.PartsDataset(total, size, 0, split)  # part masks and kinds, no image drawn
         pixels = data.PretrainDataset(base, size, hflip=False)
         imgs = torch.stack([pixels[i][0] for i in range(n)])                 # [n, 3, S, S]
         places, kinds = (torch.stack(t) for t in
