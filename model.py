@@ -334,14 +334,18 @@ class MaskedAutoencoderViT(VisionTransformer):
         x = self.decoder_norm(x[:, -tgt_ids.shape[1]:])
         return self.decoder_pred(x)
 
-    def forward_loss(self, imgs, tgt_ids, pred, tgt_valid=None):
-        """MSE per target patch (mean over its pixels), then the mean over the valid target
-        patches."""
+    def patch_loss(self, imgs, tgt_ids, pred):
+        """MSE per target patch, the mean over its pixels (of each patch's normalised pixels with
+        norm_pix_loss) -> [B, n_tgt]."""
         target = gather_tokens(patchify(imgs, self.patch_size), tgt_ids)  # [B, n_tgt, p*p*C]
         if self.norm_pix_loss:
             mean, std = patch_stats(target)
             target = (target - mean) / std
-        loss = ((pred - target) ** 2).mean(dim=-1)  # [B, n_tgt]
+        return ((pred - target) ** 2).mean(dim=-1)
+
+    def forward_loss(self, imgs, tgt_ids, pred, tgt_valid=None):
+        """patch_loss, then the mean over the valid target patches."""
+        loss = self.patch_loss(imgs, tgt_ids, pred)  # [B, n_tgt]
         if tgt_valid is None:
             return loss.mean()
         return torch.where(tgt_valid, loss, 0.0).sum() / tgt_valid.sum().clamp(min=1)

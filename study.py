@@ -193,7 +193,7 @@ class Study:
                  "--seed", seed, "--model", "mae_vit_tiny_patch8", "--input_size",
                  self.b["input_size"], "--num_images", self.b["num_images"],
                  "--val_images", self.b["val_images"], "--scenes", self.b["dataset"],
-                 "--scene_cache", self.b["scene_cache"]]
+                 "--scene_cache", self.b["scene_cache"], "--blocks", 4]
         return Run("readout", None, flags, pre.name.split("-", 1)[1] if pre else f"none_s{seed}")
 
     def texture(self, pre, seed):
@@ -397,7 +397,8 @@ def run_primary(args):
               if args.scenes == "parts" else [])
     for step, family in steps:
         runs = {}                                      # by name: each run once, dependencies first
-        for r in [x for e in extras for x in table_runs_of(e)] + \
+        first = extras if step == "pilot gate" else []
+        for r in [x for e in first for x in table_runs_of(e)] + \
                 [x for c in study_contrasts.runs_of(family, study) for x in table_runs_of(c)]:
             runs.setdefault(r.name, r)
         runs = list(runs.values())

@@ -8,7 +8,8 @@ object none of whose patches they see.
 
 Each contrast names its own measurement (Contrast.metric, read from the log record Contrast.where
 selects): the readouts' is study_measures.measure_probe's converged logistic regression on the mean
-token of the class object's patches (METRIC), with DINO's k-NN and both on all patches beside it
+tokens of the class object's patches, the last 4 blocks' side by side (METRIC), with DINO's k-NN
+(on the final tokens) and both on all patches beside it
 (ALSO); the unseen object's is study_measures.measure_unseen's rel_error on the training scenes
 (the paper's claim is memorisation of them), with the held-out scenes' beside it.
 
