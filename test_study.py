@@ -385,3 +385,30 @@ def test_a_scene_cache_of_other_scenes_is_one_line(tmp_path):
     os.replace(tmp_path / "parts-train-0-4x32.pt", tmp_path / "parts-train-1-4x32.pt")
     with pytest.raises(data.UsageError, match="holds other scenes; delete it"):
         scenes.builtin("parts", 4, 32, 1, "train", str(tmp_path))
+
+
+def test_the_readout_features_are_the_final_tokens_and_the_last_blocks_side_by_side():
+    """encoder_features against a slow reference: k-NN's final tokens are forward_features', the logistic
+    regression's are the last 2 blocks' outputs (before the final norm) one after the other, each pooled over
+    all patches and over the object's patches only."""
+    import model as models
+    import data
+    torch.manual_seed(0)
+    net = models.MODELS["mae_vit_tiny_patch8"](img_size=32, norm_pix_loss=True).eval()
+    base = scenes.PartsDataset(3, 32, 0, "train")
+    on_object = study_measures.object_patches(base, 32, 8)                       # [3, 16]
+    feats = study_measures.encoder_features(net, base, on_object, blocks=2, batch=2)
+    imgs = torch.stack([data.PretrainDataset(base, 32, hflip=False)[i][0] for i in range(3)])
+    with torch.no_grad():
+        final = net.forward_features(imgs, torch.arange(16).expand(3, 16))[:, 1:]    # [3, 16, D]
+        x, outs = net.embed(imgs, torch.arange(16).expand(3, 16)), []
+        for block in net.blocks:
+            x = block(x)
+            outs.append(x[:, 1:])
+    side = torch.cat(outs[-2:], -1)                                              # [3, 16, 2D]
+    for i in range(3):
+        mine = on_object[i]
+        assert 0 < mine.sum() < 16
+        for pool, rows in (("all", slice(None)), ("obj", mine)):
+            assert torch.allclose(feats[pool][0][i], final[i][rows].mean(0), atol=1e-5)
+            assert torch.allclose(feats[pool][1][i], side[i][rows].mean(0), atol=1e-5)
