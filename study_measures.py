@@ -295,9 +295,9 @@ def encoder(run, out, size, seed):
 def measure_probe(run, out):
     """One encoder measured by two deterministic classifiers on fixed features (probe.py): a
     converged L2 logistic regression (on the last --blocks blocks' tokens) and DINO's k-NN (on the
-    final tokens), each on two poolings of the patch tokens (all patches; the class object's). The encoder is a pre-training run's checkpoint, or with
-    --checkpoint none the random one pretrain.py starts from at --seed (torch.manual_seed, then
-    the model). Writes lin_all, lin_obj, knn_all, knn_obj (top-1 %) and the chosen weight decays."""
+    final tokens), each on two poolings of the patch tokens (all patches; the class object's). The
+    encoder is a pre-training run's checkpoint, or with --checkpoint none the random one
+    pretrain.py starts from at --seed (torch.manual_seed, then the model). Writes lin_all, lin_obj, knn_all, knn_obj (top-1 %) and the chosen weight decays."""
     size, seed = int(flag(run, out, "input_size")), int(flag(run, out, "seed"))
     net = encoder(run, out, size, seed)
     record = {}
