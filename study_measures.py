@@ -270,11 +270,14 @@ def encoder_features(net, base, on_object, blocks=4, batch=256):
     for start in range(0, len(base), batch):
         idx = range(start, min(start + batch, len(base)))
         imgs = torch.stack([pixels[i][0] for i in idx])                       # [B, 3, S, S]
-        x, hidden = net.embed(imgs, torch.arange(L).expand(len(idx), L)), []  # [B, 1+L, D]
-        for block in net.blocks:
-            x = block(x)
-            hidden.append(x[:, 1:])
-        final, last = net.norm(x)[:, 1:], torch.cat(hidden[-blocks:], -1)     # [B, L, D], [B, L, blocks*D]
+        hidden = []                                                          # the last blocks' outputs
+        hooks = [b.register_forward_hook(lambda m, i, o: hidden.append(o[:, 1:])) for b in net.blocks[-blocks:]]
+        try:
+            final = net.forward_features(imgs, torch.arange(L).expand(len(idx), L))[:, 1:]  # [B, L, D]
+        finally:
+            for h in hooks:
+                h.remove()
+        last = torch.cat(hidden, -1)                                          # [B, L, blocks*D]
         weight = on_object[start:start + len(idx)].float().unsqueeze(-1)      # [B, L, 1]
         for tokens, j in ((final, 0), (last, 1)):
             pooled["all"][j].append(tokens.mean(1))
