@@ -67,16 +67,7 @@ def load_pretrained(net, path, verbose=True):
     """Encoder weights from any layout released.load_encoder_checkpoint reads, position embedding
     interpolated to net's grid -> (missing, unexpected) keys, printed; anything missing but the
     head (and fc_norm, which global pooling starts fresh, as MAE) stops the run."""
-    try:
-        sd, info = released.load_encoder_checkpoint(path)
-    except ValueError:
-        obj = released.read_checkpoint(path)
-        if isinstance(obj, dict) and "learner" in obj:  # a part learner on a frozen encoder
-            encoder = obj.get("args", {}).get("encoder_weights")
-            raise UsageError(f"{path} is a part_learn.py checkpoint: it holds the part learner, "
-                             f"not an encoder; pass the encoder it ran on, --finetune {encoder}"
-                             ) from None
-        raise
+    sd, info = released.load_encoder_checkpoint(path)
     want = (net.patch_embed.proj.out_channels, len(net.blocks), net.patch_size)
     have = (info["embed_dim"], info["depth"], info["patch_size"])
     if want != have:
@@ -487,7 +478,8 @@ UNUSED = {**dict.fromkeys(("drop_path", "aa", "reprob", "mixup", "cutmix", "smoo
                                                                         "overrides it)"),
           "finetune": (lambda a: not a.eval, "without --eval (which evaluates --resume, a model "
                                              "with its head)"),
-          "download": (lambda a: a.dataset == "cifar100", "with --dataset cifar100")}
+          "download": (lambda a: a.dataset == "cifar100", "with --dataset cifar100"),
+          "num_val_images": scenes.BUILTIN, **scenes.BUILTIN_FLAGS}
 # Each rule between flags once: (broken when, the one line saying so and the fix); {a.x} is a flag.
 RULES = [
     (lambda a: a.input_size % models.VITS[a.model].keywords["patch_size"],

@@ -459,7 +459,8 @@ UNUSED = {flag: (lambda a, methods=methods: a.method in methods,
           for methods, flags in METHOD_FLAGS.items() for flag in flags}
 UNUSED.update(eval_images=(lambda a: a.eval_iou, "with --eval_iou"),
               image_cache=(lambda a: a.method != "segmentation",
-                           "with the methods that read images (not segmentation)"))
+                           "with the methods that read images (not segmentation)"),
+              **scenes.BUILTIN_FLAGS)
 
 WEIGHTS = {"learned": "encoder_weights", "attention": "encoder_weights", "cam": "cam_weights"}
 # Each rule between flags once: (broken when, the one line saying so and the fix); {a.x} is a flag,

@@ -157,7 +157,7 @@ UNUSED = {
     "crop_ratio": (lambda a: a.crop_scale is not None,
                    "with --crop_scale (the crop's aspect ratio)"),
     "blr": (lambda a: a.lr is None, "without --lr (which overrides it)"),
-    "lookahead_k": LOOKAHEAD, "lookahead_alpha": LOOKAHEAD}
+    "lookahead_k": LOOKAHEAD, "lookahead_alpha": LOOKAHEAD, **scenes.BUILTIN_FLAGS}
 
 
 def check_args(args):

@@ -46,13 +46,16 @@ def save_regions(path, labels, scores, files, meta, masks=None):
     only, uint8 [N, S, S] or None: the per-pixel object ids the labels were made from (instance ids,
     or 1 = CAM object), on the image resized to S x S, so that a crop can re-apply the 20% and 5%
     rules to its own patches (ObjMAE §3.2, §4.1); S x S bytes an image."""
-    # The shapes are checked where they matter, by load_regions on every read.
     labels = torch.as_tensor(labels).to(torch.uint8).contiguous()
     obj = {"labels": labels, "files": [str(f) for f in files], "meta": dict(meta)}
     if masks is not None:
         obj["masks"] = torch.as_tensor(masks).to(torch.uint8).contiguous()
     if scores is not None:
         obj["scores"] = torch.as_tensor(scores).to(torch.float16).contiguous()
+    try:      # what every reader would refuse is the writer's bug: stop it here, with its traceback
+        check_regions(path, obj, obj["files"], meta.get("input_size"))
+    except ValueError as e:
+        raise AssertionError(f"save_regions would write a file load_regions refuses: {e}") from None
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = temp_file(folder, ".regions-")
@@ -86,10 +89,22 @@ def load_regions(path, files, input_size):
         raise ValueError(f"regions file {path} does not exist; make it with part_learn.py first")
     try:                                  # a torch.save file holding a dict of these three
         r = torch.load(path, weights_only=True, mmap=True)
-        labels, scores, meta, names = r["labels"], r.get("scores"), r["meta"], r["files"]
+        missing = {"labels", "meta", "files"} - set(r)
     except Exception as e:
         raise ValueError(f"{path} is not a regions file ({type(e).__name__}); "
                          "make it with part_learn.py") from None
+    if missing:
+        raise ValueError(f"{path} is not a regions file (it has no {', '.join(sorted(missing))}); "
+                         "make it with part_learn.py")
+    check_regions(path, r, files, input_size)
+    return {"labels": r["labels"], "scores": r.get("scores"), "masks": r.get("masks"),
+            "files": r["files"], "meta": r["meta"]}
+
+
+def check_regions(path, r, files, input_size):
+    """A regions file's contents r against the dataset's files and --input_size: ValueError naming
+    what does not match and the fix."""
+    labels, scores, meta, names = r["labels"], r.get("scores"), r["meta"], r["files"]
     if len(names) != len(files):
         raise ValueError(f"{path} has regions for {len(names)} images but the dataset has "
                          f"{len(files)}; make it with part_learn.py on the same data "
@@ -133,7 +148,6 @@ def load_regions(path, files, input_size):
                          f"{tuple(getattr(masks, 'shape', ()))}, expected uint8 "
                          f"[{len(files)}, {input_size}, {input_size}]; "
                          "remake it with part_learn.py")
-    return {"labels": labels, "scores": scores, "masks": masks, "files": names, "meta": meta}
 
 
 # ---------------------------------------------------------------- cells -> patches

@@ -93,6 +93,10 @@ def load_encoder_checkpoint(path):
     obj = read_checkpoint(path)
     layout, sd = encoder_state_dict(obj)
     if "patch_embed.proj.weight" not in sd:
+        if isinstance(obj, dict) and "learner" in obj:  # part_learn.py's, on a frozen encoder
+            encoder = (obj.get("args") or {}).get("encoder_weights")
+            raise ValueError(f"{path} is a part_learn.py checkpoint: it holds the part learner, "
+                             f"not an encoder; pass the encoder it ran on, {encoder}")
         top = list(obj)[:8] if isinstance(obj, dict) else layout
         raise ValueError(f"checkpoint {path} has an unknown layout (top level: {top}); expected a ViT "
                          "state dict (DINO, timm), {'state_dict'} (iBOT), {'teacher'/'student'} "

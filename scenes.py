@@ -203,6 +203,12 @@ def write_parts(dataset, out_dir):
 
 # ----------------------------------------------------------------------------- the built-in scenes, drawn once
 
+# The built-in scenes' flags act only without --data_path; each stage's UNUSED refuses them with it
+# (a user who asks for --num_images 5000 of a folder would otherwise train on all of it).
+BUILTIN = (lambda a: a.data_path is None, "without --data_path (on the built-in scenes)")
+BUILTIN_FLAGS = dict.fromkeys(("num_images", "data_seed", "scenes", "scene_cache"), BUILTIN)
+
+
 def add_scene_flags(group):
     """The stages' flags for the built-in scenes (used without --data_path)."""
     group.add_argument("--scenes", default="shapes", choices=["shapes", "parts"],

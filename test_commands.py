@@ -229,6 +229,13 @@ REFUSED = [  # (stage, argv, the flag named, the mode named)
     ("part_learn", ["--method", "segmentation", "--cam_threshold", "0.5"], "--cam_threshold", "--method cam"),
     ("part_learn", ["--method", "segmentation", "--min_share", "0.3", "--min_object", "0.1", "--eval_images", "9"],
      "--eval_images", "--eval_iou"),
+    # the built-in scenes' flags with an image folder (they would size nothing)
+    ("pretrain", ["--data_path", "imgs", "--num_images", "500"], "--num_images", "without --data_path"),
+    ("pretrain", ["--data_path", "imgs", "--data_seed", "1"], "--data_seed", "without --data_path"),
+    ("finetune", ["--data_path", "imgs", "--num_val_images", "50"], "--num_val_images", "without --data_path"),
+    ("finetune", ["--data_path", "imgs", "--scenes", "parts"], "--scenes", "without --data_path"),
+    ("part_learn", ["--method", "segmentation", "--data_path", "imgs", "--masks", "m", "--scene_cache", "c"],
+     "--scene_cache", "without --data_path"),
 ]
 
 

@@ -99,7 +99,7 @@ def test_incomplete_or_foreign_checkpoint_stops(tmp_path):
     with pytest.raises(ValueError, match="blocks.1.attn.qkv.weight"):  # never a silent random layer
         finetune.load_pretrained(net, str(tmp_path / "a.pth"))
     torch.save({"learner": {}, "optimizer": {}, "epoch": 0, "args": {"encoder_weights": "pre.pth"}}, tmp_path / "p.pth")
-    with pytest.raises(finetune.UsageError, match="--finetune pre.pth"):  # part_learn.py: points to its encoder
+    with pytest.raises(ValueError, match="the encoder it ran on, pre.pth"):  # part_learn.py: points to its encoder
         finetune.load_pretrained(net, str(tmp_path / "p.pth"))
     big = models.MODELS["mae_vit_small_patch16"](img_size=32).state_dict()
     torch.save({"model": big}, tmp_path / "b.pth")
