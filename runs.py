@@ -26,8 +26,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from launch import DIST_TIMEOUT, cleanup_distributed, lost_peer
-from utils import (EXIT_INTERRUPTED, EXIT_NOT_FINITE, EXIT_STOPPED, PRECISIONS, UsageError, die,
-                   print0, say)
+from utils import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NOT_FINITE, EXIT_STOPPED, PRECISIONS,
+                   UsageError, die, print0, say)
 
 
 # ------------------------------------------------------------------------ the flags of every run
@@ -69,6 +69,12 @@ def run_stage(main, get_args):
     try:
         main(args)
     except UsageError as e:
+        # Before the process group, every process of a launch checks the same flags and files:
+        # the first process on each machine says why, the others only exit (torchrun -n 8: one
+        # line, not 8). After it, each says its own (a corrupt image is in one rank's share).
+        local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        if not dist.is_initialized() and local_rank != "0":
+            sys.exit(EXIT_BAD_INPUT)
         die(str(e))
     except RuntimeError as e:
         why = lost_peer(e)

@@ -261,8 +261,8 @@ def encoder_features(net, base, on_object, blocks=4, batch=256):
     the class object's) and taken two ways: the final tokens (after the last norm; k-NN's, as in
     DINO's eval_knn.py) and the tokens of the last `blocks` blocks side by side (before the final
     norm; the logistic regression's, as DINO's linear evaluation of a ViT-S concatenates its last 4
-    blocks, Caron et al. 2021, arXiv:2104.14294; measured, RESULTS.md: on the parts scenes the last
-    block alone leaves MAE 5.5 points above the random encoder, the last 4 blocks 10.5, seed 0).
+    blocks, Caron et al. 2021, arXiv:2104.14294; chosen by measurement on the parts scenes, against
+    the last block alone: RESULTS.md, the pilot gate).
     Unaugmented, normalised as in training. -> {"all" | "obj": (final [N, D], blocks [N, blocks*D])}"""
     pixels = data.PretrainDataset(base, base.img_size, hflip=False)
     L = net.grid[0] * net.grid[1]

@@ -19,7 +19,7 @@ import shapes
 import utils
 from utils import UsageError
 
-from conftest import FT, PRE, TINY_QUIET, run, run_cli
+from conftest import FT, PRE, TINY_QUIET, error_lines, run, run_cli, run_here
 
 
 # ============================================================================= bad input
@@ -149,3 +149,17 @@ def test_pretrain_new_flags_bad_input(tmp_path, argv, words):
     lines = [ln for ln in output.strip().splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and words in lines[0], output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("env, said", [({}, 1), ({"RANK": "4", "LOCAL_RANK": "0"}, 1),
+                                       ({"RANK": "1", "LOCAL_RANK": "1"}, 0), ({"SLURM_LOCALID": "3"}, 0)])
+def test_bad_flag_is_said_once_a_machine(tmp_path, monkeypatch, env, said):
+    """torchrun -n 8 with a bad flag: the first process on each machine says why, the other 7 only
+    exit 2 (torchrun's or srun's local rank, before the process group exists)."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, output = run_here("pretrain.py", "--mask_ratio", "2", "--output_dir", tmp_path / "out")
+    assert code == 2 and len(error_lines(output)) == said, output
+    assert not (tmp_path / "out").exists()
