@@ -390,7 +390,10 @@ def run_primary(args):
         budget["pre_epochs"] = args.epochs
     study = Study(budget, args.seeds, args.out)
     contrasts = study_contrasts.primary(study)
-    steps = [("pilot gate", contrasts[:1]), ("primary contrasts", contrasts)]
+    # --contrasts: some of the family (the gate's always); Holm's correction stays across all of it
+    chosen = [c for i, c in enumerate(contrasts)
+              if i == 0 or args.contrasts is None or c.key in args.contrasts]
+    steps = [("pilot gate", contrasts[:1]), ("primary contrasts", chosen)]
     # beside the gate on the parts scenes: what the scenes' classes depend on, and what seed 0's MAE
     # and random encoder hold of the textures
     extras = ([study.scenes_check(), study.texture(study.mae(0), 0), study.texture(None, 0)]
@@ -410,7 +413,7 @@ def run_primary(args):
                 gate_line = "\n\n".join([study_contrasts.scenes_line(extras[0], args.out),
                                           gate_line,
                                           study_contrasts.texture_line(*extras[1:], args.out)])
-        text = gate_line + "\n\n" + study_contrasts.render(family, study, args.out)
+        text = gate_line + "\n\n" + study_contrasts.render(family, study, args.out, len(contrasts))
         if args.gate_only or not (seen or args.force):
             break
     with open(os.path.join(args.out, "primary.md"), "w") as f:
@@ -434,6 +437,9 @@ def get_args(argv=None):
                    help="--primary: run the contrasts even when the pilot gate fails")
     p.add_argument("--gate_only", action="store_true",
                    help="--primary: run the pilot gate and stop, whatever it shows")
+    p.add_argument("--contrasts", type=lambda text: text.split(","), default=None,
+                   metavar="KEY,KEY", help="--primary: only these contrasts after the gate, of "
+                   + ", ".join(c.key for c in study_contrasts.primary(None)))
     p.add_argument("--report", action="store_true",
                    help="only aggregate the runs already in --out; run nothing")
     p.add_argument("--pictures", action="store_true",
@@ -464,6 +470,12 @@ def main(argv=None):
     if args.seeds < 1 or args.jobs < 1 or any(v is not None and v < 1
                                               for v in (args.epochs, args.num_images)):
         utils.die("--seeds, --jobs, --epochs and --num_images must be >= 1")
+    keys = [c.key for c in study_contrasts.primary(None)]
+    unknown = [k for k in args.contrasts or [] if k not in keys]
+    if unknown or (args.contrasts and not args.primary):
+        utils.die(f"--contrasts {','.join(args.contrasts)}: " + (
+            f"{', '.join(unknown)} is not a primary contrast; choose from {', '.join(keys)}"
+            if unknown else "it picks --primary's contrasts; add --primary"))
     if args.summary:
         if not os.path.isdir(args.summary):
             utils.die(f"--summary {args.summary} is not a folder; pass the output folder of "

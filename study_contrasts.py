@@ -29,6 +29,7 @@ DIGITS = {"rel_error": 3}                # decimals of a measurement (default 1:
 
 
 class Contrast(NamedTuple):
+    key: str                             # its name on the command line (study.py --contrasts)
     name: str
     paper: str                           # what the paper reports for the same contrast
     a: Callable                          # (study, seed) -> the measurement run of arm a
@@ -49,24 +50,25 @@ def primary(study):
     objmae = lambda **key: lambda s, k: s.readout(s.objmae(k, **key), k)       # noqa: E731
     unseen = lambda pre: lambda s, k: s.unseen(pre(s, k))                      # noqa: E731
     return [
-        Contrast("pre-training vs none", "the premise of both papers (no table of its own)",
-                 mae, none),
-        Contrast("SemMAE gamma 2 vs random masking",
+        Contrast("pretraining", "pre-training vs none",
+                 "the premise of both papers (no table of its own)", mae, none),
+        Contrast("gamma2", "SemMAE gamma 2 vs random masking",
                  "SemMAE Table 3: +1.9 linear probe (68.7 vs 66.8)", semmae(2.0), mae),
-        Contrast("alpha 1 (whole parts) vs gamma 2",
+        Contrast("alpha1", "alpha 1 (whole parts) vs gamma 2",
                  "SemMAE Table 3: -15.8 linear probe (52.9 vs 68.7)", semmae(0.0), semmae(2.0)),
-        Contrast("ObjMAE seq_ratio 1/16 vs 1/4",
+        Contrast("seq_ratio", "ObjMAE seq_ratio 1/16 vs 1/4",
                  "ObjMAE Table 4: -4.1 fine-tune top-1 (84.58 vs 88.69)",
                  objmae(seq_ratio=0.0625), objmae(seq_ratio=0.25)),
         # MAE with alpha: source and target alpha * L random patches each (--relation image)
-        Contrast("ObjMAE vs MAE with alpha 0.17",
+        Contrast("objmae_alpha", "ObjMAE vs MAE with alpha 0.17",
                  "ObjMAE Table 9: +0.02 fine-tune top-1 (88.40 vs 88.38)",
                  objmae(seq_ratio=0.17), objmae(seq_ratio=0.17, relation="image")),
         # inter on the parts scenes: the object and the background (ObjMAE §4.5, Fig. 6)
-        Contrast("intra- vs inter-object", "ObjMAE Table 6: +2.06 fine-tune top-1 (88.4 vs 86.34)",
+        Contrast("relation", "intra- vs inter-object",
+                 "ObjMAE Table 6: +2.06 fine-tune top-1 (88.4 vs 86.34)",
                  objmae(), objmae(relation="inter")),
         # MAE of ObjMAE's recipe (the unseen-object table's); lower rel_error = rebuilds better
-        Contrast("MAE vs ObjMAE on an unseen object",
+        Contrast("unseen", "MAE vs ObjMAE on an unseen object",
                  "ObjMAE Fig. 2 / 7, §4.6: MAE rebuilds it, ObjMAE cannot (a - b < 0)",
                  unseen(lambda s, k: s.objmae_mae(k)), unseen(lambda s, k: s.objmae(k)),
                  metric="rel_error", where={"split": "train"},
@@ -140,10 +142,13 @@ def label(key, where):
     return key + "".join(f" ({k} {v})" for k, v in where.items() if k != "done")
 
 
-def table(rows, study, out):
-    """Markdown rows of (contrast, key, where) measurements, Holm's correction across them."""
+def table(rows, study, out, family=None):
+    """Markdown rows of (contrast, key, where) measurements, Holm's correction across a family of
+    `family` (default: these rows), the ones not run counted as p = 1 (which only makes the rest's
+    adjusted p larger)."""
     results = [compare(c, study, out, key, where) for c, key, where in rows]
-    adjusted = probe.holm([r["p"] for r in results])
+    family = family or len(rows)
+    adjusted = probe.holm([r["p"] for r in results] + [1.0] * (family - len(rows)))[:len(rows)]
     lines = ["| contrast | measure | a - b | 95% CI | p | Holm p | detectable | a | b | per seed "
              "(a - b) | paper |", "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for (c, key, where), r, p_holm in zip(rows, results, adjusted):
@@ -158,14 +163,18 @@ def table(rows, study, out):
     return lines + [""]
 
 
-def render(contrasts, study, out):
+def render(contrasts, study, out, family=None):
     """The contrasts as markdown: per measurement, the paired difference, its CI, p, Holm's p, the
     smallest difference these seeds detect (80% power), the arms' means and per-seed values. First
-    each contrast's own metric, Holm across the whole family; then each measurement reported beside
-    one (Contrast.also), for the contrasts that have it."""
+    each contrast's own metric, Holm across the whole family (`family` contrasts; default: these);
+    then each measurement reported beside one (Contrast.also), for the contrasts that have it."""
+    family = family or len(contrasts)
+    missing = (f", the {family - len(contrasts)} not run counted as p = 1"
+               if family > len(contrasts) else "")
     lines = [f"### primary contrasts ({study.b['dataset']} scenes, paired seeds)", "",
-             "**primary** (each contrast's own measure; Holm across the family)", ""]
-    lines += table([(c, c.metric, c.where) for c in contrasts], study, out)
+             f"**primary** (each contrast's own measure; Holm across the family of {family}"
+             f"{missing})", ""]
+    lines += table([(c, c.metric, c.where) for c in contrasts], study, out, family)
     also = []                                    # in the order the contrasts first name them
     for c in contrasts:
         also += [m for m in c.also if m not in also]

@@ -171,7 +171,9 @@ def test_a_failing_run_stops_the_study_with_its_command(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, says", [([], "nothing to do"), (["--table", "all", "--seeds", "0"], ">= 1"),
                                         (["--table", "all", "--num_images", "0"], "--num_images must be >= 1"),
-                                        (["--summary", "no/such/folder"], "not a folder")])
+                                        (["--summary", "no/such/folder"], "not a folder"),
+                                        (["--primary", "--contrasts", "alpha1,nope"], "nope is not a primary contrast"),
+                                        (["--table", "all", "--contrasts", "alpha1"], "add --primary")])
 def test_bad_input_is_one_line_and_exit_2(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
         study.main(argv)
@@ -331,6 +333,16 @@ def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(t
     # beside it: the held-out scenes' rel_error, in a table of its own; not in the readouts' tables
     assert "**rel_error (split val)**" in text
     assert f"| {unseen.name} |" not in text.split("**knn_obj**")[1].split("**rel_error")[0]
+    # --contrasts: the gate's and the named ones only (nothing new to run), Holm still across all 7
+    study.main(["--primary", "--quick", "--in_process", "--seeds", "2", "--force", "--contrasts", "unseen",
+                "--out", out])
+    assert not re.findall(r"^\[\d+/\d+\] ", capsys.readouterr().out, re.M)
+    primary = open(os.path.join(out, "primary.md")).read().split("**primary**")[1].split("\n**")[0]
+    assert "Holm across the family of 7, the 5 not run counted as p = 1" in primary
+    assert [ln.split(" | ")[0] for ln in primary.splitlines() if ln.startswith("| ") and "---" not in ln][1:] == [
+        f"| {contrasts[0].name}", f"| {unseen.name}"]
+    for r, p_holm in zip((results[0], results[-1]), probe.holm([results[0]["p"], results[-1]["p"]] + [1.0] * 5)):
+        assert f"| {r['p']:.3f} | {p_holm:.3f} |" in primary
 
 
 def test_the_unseen_object_of_a_parts_scene_is_its_object_patches(tmp_path):
