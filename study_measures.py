@@ -29,7 +29,11 @@ import utils
 # --------------------------------------------------------------------- study.py's own measurements
 
 def flag(run, out, name):
+    """The value of --name in the measurement's command."""
     argv = run.argv(out)
+    if f"--{name}" not in argv:    # a command written by an older study.py (study.json's)
+        raise ValueError(f"the command of {run.name} has no --{name}; this study.py makes the run "
+                         "with it: rerun study.py")
     return argv[argv.index(f"--{name}") + 1]
 
 

@@ -424,3 +424,11 @@ def test_the_readout_features_are_the_final_tokens_and_the_last_blocks_side_by_s
         for pool, rows in (("all", slice(None)), ("obj", mine)):
             assert torch.allclose(feats[pool][0][i], final[i][rows].mean(0), atol=1e-5)
             assert torch.allclose(feats[pool][1][i], side[i][rows].mean(0), atol=1e-5)
+
+
+def test_a_measurement_command_without_a_flag_it_reads_says_so():
+    """An older study.py's readout command (no --blocks): one line naming the flag, not an IndexError."""
+    run = study_measures.Given("readout-old", ["--seed", "0"])
+    assert study_measures.flag(run, "out", "seed") == "0"
+    with pytest.raises(ValueError, match="readout-old has no --blocks; .* rerun study.py"):
+        study_measures.flag(run, "out", "blocks")
