@@ -50,6 +50,14 @@ FT = ["--model", "vit_tiny_patch8", "--input_size", "32", "--num_images", "8", "
 STAGES = {"pretrain": pretrain, "finetune": finetune, "part_learn": part_learn}
 
 
+def on_folder(argv):
+    """argv without the built-in scenes' sizes and seed (and their values), which the stages refuse
+    beside --data_path."""
+    drop = [i + j for i, a in enumerate(argv) if a in ("--num_images", "--num_val_images", "--data_seed")
+            for j in (0, 1)]
+    return [a for i, a in enumerate(argv) if i not in drop]
+
+
 def as_in_a_terminal():
     """In the child before it starts: SIGINT does what it does in a terminal. A suite started from a background job
     or nohup ignores SIGINT, and an ignored signal stays ignored across exec, so the stage would never see Ctrl-C."""

@@ -19,7 +19,7 @@ import shapes
 import utils
 from utils import UsageError
 
-from conftest import FT, PRE, TINY_QUIET, error_lines, run, run_cli, run_here
+from conftest import FT, PRE, TINY_QUIET, error_lines, on_folder, run, run_cli, run_here
 
 
 # ============================================================================= bad input
@@ -130,7 +130,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     argv = {"flag": ["--mask_ratio", "1.5"],
             "folder": ["--data_path", str(tmp_path / "missing")],      # a ValueError of data.py, at the boundary
             "image": ["--data_path", str(root), "--batch_size", "1"]}[case]
-    code, output = run_cli("pretrain.py", *TINY_QUIET, "--epochs", "1", "--output_dir", str(tmp_path / "out"), *argv)
+    base = on_folder(TINY_QUIET) if "--data_path" in argv else TINY_QUIET
+    code, output = run_cli("pretrain.py", *base, "--epochs", "1", "--output_dir", str(tmp_path / "out"), *argv)
     lines = output.strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and errors[0] == lines[-1] and "Traceback" not in output, output

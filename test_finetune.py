@@ -19,7 +19,7 @@ import shapes
 import utils
 from utils import UsageError
 
-from conftest import FT, HERE, read_log, run_cli, torchrun
+from conftest import FT, HERE, on_folder, read_log, run_cli, torchrun
 
 
 # ============================================================================= finetune.py
@@ -127,7 +127,7 @@ def test_eval_of_memorised_labels_is_one(tmp_path):
     shutil.copytree(tmp_path / "w" / "images", root / "train")
     shutil.copytree(tmp_path / "w" / "images", root / "val")
     out = str(tmp_path / "out")
-    common = FT_TINY + FT_PLAIN + ["--data_path", str(root), "--output_dir", out]
+    common = on_folder(FT_TINY) + FT_PLAIN + ["--data_path", str(root), "--output_dir", out]
     finetune.main(finetune.get_args(common + ["--epochs", "40", "--blr", "2e-2", "--layer_decay", "1",
                                               "--weight_decay", "0"]))
     stats = finetune.main(finetune.get_args(common + ["--eval", "--resume", os.path.join(out, "checkpoint-last.pth")]))
@@ -187,7 +187,8 @@ def test_finetune_bad_input_exit_2_and_checkpoint_untouched(tmp_path, case):
             "not_divisible": ["--input_size", "36"],
             "cifar_missing": ["--dataset", "cifar100", "--data_path", str(tmp_path / "nothing"),
                               "--resume", "auto"]}[case]  # auto: get past the used-folder check to the data
-    code, output = run_cli("finetune.py", *FT_TINY, "--output_dir", str(out), *argv)
+    base = on_folder(FT_TINY) if "--data_path" in argv else FT_TINY
+    code, output = run_cli("finetune.py", *base, "--output_dir", str(out), *argv)
     lines = [ln for ln in output.strip().splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in output, output
     assert ckpt.read_bytes() == b"a good checkpoint"

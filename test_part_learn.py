@@ -24,7 +24,7 @@ import utils
 from utils import UsageError
 
 from conftest import (as_png, check_band, masker_patch_labels, patchy_images, pixel_rule, read_cells,
-                     run_cli, torchrun)
+                     on_folder, run_cli, torchrun)
 
 
 # ============================================================================= part_learn.py
@@ -37,7 +37,8 @@ FILES = shapes.ShapesDataset(8, img_size=32, seed=0).files
 
 def run_part_learn(*argv):
     learned = "--method" not in argv or argv[argv.index("--method") + 1] == "learned"
-    part_learn.main(part_learn.get_args((PL_TINY if learned else PL_DATA) + list(argv)))
+    base = PL_TINY if learned else PL_DATA
+    part_learn.main(part_learn.get_args((on_folder(base) if "--data_path" in argv else base) + list(argv)))
 
 
 def learned_regions(out, files=FILES, size=32):
