@@ -71,9 +71,10 @@ def run_stage(main, get_args):
     except UsageError as e:
         # Before the process group, every process of a launch checks the same flags and files:
         # the first process on each machine says why, the others only exit (torchrun -n 8: one
-        # line, not 8). After it, each says its own (a corrupt image is in one rank's share).
+        # line, not 8). After it, the same for what they share (e.every_rank: the output folder);
+        # the rest each says its own (a corrupt image is in one rank's share).
         local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-        if not dist.is_initialized() and local_rank != "0":
+        if (e.every_rank or not dist.is_initialized()) and local_rank != "0":
             sys.exit(EXIT_BAD_INPUT)
         die(str(e))
     except RuntimeError as e:
@@ -321,21 +322,21 @@ def prepare_output_dir(args, d):
     args.resume becomes the path."""
     out = args.output_dir
     if not out.strip():
-        raise UsageError("--output_dir is empty; pass a folder")
+        raise UsageError("--output_dir is empty; pass a folder", every_rank=True)
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--output_dir {out} is a file, not a folder; pass a folder")
+        raise UsageError(f"--output_dir {out} is a file, not a folder; pass a folder", every_rank=True)
     existing = os.path.abspath(out)
     # the folder is made later, when the run starts: check its parent
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"--output_dir {out} is inside {existing}, which is a file; pass a folder")
+        raise UsageError(f"--output_dir {out} is inside {existing}, which is a file; pass a folder", every_rank=True)
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as e:
         raise UsageError(f"--output_dir {out}: cannot write in {existing} ({e.strerror}); pass a "
-                         "folder you can write to") from None
+                         "folder you can write to", every_rank=True) from None
     last = os.path.join(out, "checkpoint-last.pth")
     if args.resume == "auto":
         args.resume = last if os.path.isfile(last) else None
@@ -351,7 +352,7 @@ def refuse_finished_run(out):
     last = os.path.join(out, "checkpoint-last.pth")
     if os.path.isfile(last):
         raise UsageError(f"--output_dir {out} already holds a run ({last}); continue it with "
-                         "--resume auto, or pass another --output_dir")
+                         "--resume auto, or pass another --output_dir", every_rank=True)
 
 
 def start_run(args, d, first_epoch=0):

@@ -384,7 +384,7 @@ def summary(folder):
 
 def run_primary(args):
     """The pilot gate (MAE vs none, every seed), then, if it passes or --force, every primary
-    contrast; writes <out>/primary.md."""
+    contrast (--report: of the runs already in --out); writes <out>/primary.md."""
     budget = dict(PARTS_QUICK if args.quick else PARTS, dataset=args.scenes,
                   scene_cache=os.path.join(args.out, "scenes"))
     if args.epochs:
@@ -406,8 +406,16 @@ def run_primary(args):
                 [x for c in study_contrasts.runs_of(family, study) for x in table_runs_of(c)]:
             runs.setdefault(r.name, r)
         runs = list(runs.values())
-        elapsed = execute(runs, args.out, args.jobs, args.in_process)
-        print(f"{step}: {len(runs)} runs complete ({elapsed / 60:.1f} min this time)", flush=True)
+        if args.report:                                # only what --out holds: run nothing
+            missing = [r.name for r in runs if not is_complete(r, args.out)]
+            if missing:
+                utils.die(f"--report: {len(missing)} of the {step}'s {len(runs)} runs are not "
+                          f"complete in --out {args.out} (the first: {missing[0]}); run without "
+                          "--report to make them")
+        else:
+            elapsed = execute(runs, args.out, args.jobs, args.in_process)
+            print(f"{step}: {len(runs)} runs complete ({elapsed / 60:.1f} min this time)",
+                  flush=True)
         if step == "pilot gate":
             seen, gate_line = study_contrasts.gate(study, args.out)
             if args.scenes == "parts":

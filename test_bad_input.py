@@ -19,7 +19,7 @@ import shapes
 import utils
 from utils import UsageError
 
-from conftest import FT, PRE, TINY_QUIET, error_lines, on_folder, run, run_cli, run_here
+from conftest import FT, PRE, TINY_QUIET, error_lines, on_folder, run, run_cli, run_here, torchrun
 
 
 # ============================================================================= bad input
@@ -164,3 +164,19 @@ def test_bad_flag_is_said_once_a_machine(tmp_path, monkeypatch, env, said):
     code, output = run_here("pretrain.py", "--mask_ratio", "2", "--output_dir", tmp_path / "out")
     assert code == 2 and len(error_lines(output)) == said, output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, argv, finished", [
+    ("pretrain.py", PRE, "checkpoint-last.pth"),
+    ("part_learn.py", ["--method", "segmentation", "--input_size", "32", "--num_images", "8",
+                       "--num_workers", "0"], "regions.pt")])
+def test_a_finished_output_dir_is_said_once_under_torchrun(tmp_path, script, argv, finished):
+    """torchrun -n 2 into a folder that holds a finished run: every process finds it after the process
+    group exists, and one line says so (not one a process); the finished run is left as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / finished).write_bytes(b"a finished run")
+    code, output = run_cli(script, *argv, "--device", "cpu", "--output_dir", out, launcher=torchrun())
+    assert code != 0 and len(error_lines(output)) == 1, output
+    assert "already holds" in error_lines(output)[0], output
+    assert (out / finished).read_bytes() == b"a finished run"

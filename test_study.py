@@ -88,6 +88,15 @@ def test_a_changed_log_changes_the_table(quick, tmp_path):
     assert parts["SemMAE on learned parts"][2] == "0.777"
 
 
+def test_report_of_the_primary_study_without_its_runs_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_study("--primary", "--quick", "--report", "--out", str(tmp_path))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--report: 12 of the pilot gate's 12 runs are not complete" in err
+    assert os.listdir(tmp_path) == []                                    # --report runs nothing
+
+
 def test_report_of_missing_runs_says_so(tmp_path):
     run_study("--table", "objmae-padding", "--quick", "--report", "--out", str(tmp_path))
     rows = table_rows(str(tmp_path / "objmae-padding.md"))
@@ -343,6 +352,12 @@ def test_the_primary_study_draws_every_scene_once_and_reports_paired_contrasts(t
         f"| {contrasts[0].name}", f"| {unseen.name}"]
     for r, p_holm in zip((results[0], results[-1]), probe.holm([results[0]["p"], results[-1]["p"]] + [1.0] * 5)):
         assert f"| {r['p']:.3f} | {p_holm:.3f} |" in primary
+    # --report: the same page from the runs in --out, nothing run
+    written = open(os.path.join(out, "primary.md")).read()
+    study.main(["--primary", "--quick", "--seeds", "2", "--force", "--contrasts", "unseen", "--report",
+                "--out", out])
+    assert not re.findall(r"^\[\d+/\d+\] ", capsys.readouterr().out, re.M)
+    assert open(os.path.join(out, "primary.md")).read() == written
 
 
 def test_the_unseen_object_of_a_parts_scene_is_its_object_patches(tmp_path):

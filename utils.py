@@ -38,7 +38,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: the last checkpoint is kept as it was
 class UsageError(ValueError):
     """Bad input from the user (a flag, a file). The stages print it as one line and exit 2. A
     ValueError, so code that checks values (and tests) catch it as one; a plain ValueError is a bug
-    and keeps its traceback."""
+    and keeps its traceback. every_rank: every process of a launch finds the same (the output folder
+    they share), so under torchrun it is said once a machine, not once a process (runs.run_stage)."""
+
+    def __init__(self, msg, every_rank=False):
+        super().__init__(msg)
+        self.every_rank = every_rank
 
 
 @contextlib.contextmanager
@@ -113,10 +118,12 @@ def check_ranges(args, ranges=RANGES):
 
 def check_rules(args, rules, **names):
     """The first of `rules` ((broken(args), message)) that args break is bad input: its message, a
-    function of args or a format string of a=args and `names`."""
+    function of args or a format string of a=args and `names`. The flags are every process's, so
+    is the error (every_rank)."""
     for broken, message in rules:
         if broken(args):
-            raise UsageError(message(args) if callable(message) else message.format(a=args, **names))
+            raise UsageError(message(args) if callable(message) else message.format(a=args, **names),
+                             every_rank=True)
 
 
 def refuse_unused(args, defaults, rules):
