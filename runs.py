@@ -324,13 +324,15 @@ def prepare_output_dir(args, d):
     if not out.strip():
         raise UsageError("--output_dir is empty; pass a folder", every_rank=True)
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--output_dir {out} is a file, not a folder; pass a folder", every_rank=True)
+        raise UsageError(f"--output_dir {out} is a file, not a folder; pass a folder",
+                         every_rank=True)
     existing = os.path.abspath(out)
     # the folder is made later, when the run starts: check its parent
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"--output_dir {out} is inside {existing}, which is a file; pass a folder", every_rank=True)
+        raise UsageError(f"--output_dir {out} is inside {existing}, which is a file; pass a "
+                         "folder", every_rank=True)
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
             pass

@@ -38,8 +38,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: the last checkpoint is kept as it was
 class UsageError(ValueError):
     """Bad input from the user (a flag, a file). The stages print it as one line and exit 2. A
     ValueError, so code that checks values (and tests) catch it as one; a plain ValueError is a bug
-    and keeps its traceback. every_rank: every process of a launch finds the same (the output folder
-    they share), so under torchrun it is said once a machine, not once a process (runs.run_stage)."""
+    and keeps its traceback. every_rank: every process of a launch finds the same (the output
+    folder they share), so under torchrun it is said once a machine, not once a process
+    (runs.run_stage)."""
 
     def __init__(self, msg, every_rank=False):
         super().__init__(msg)
@@ -122,8 +123,8 @@ def check_rules(args, rules, **names):
     is the error (every_rank)."""
     for broken, message in rules:
         if broken(args):
-            raise UsageError(message(args) if callable(message) else message.format(a=args, **names),
-                             every_rank=True)
+            why = message(args) if callable(message) else message.format(a=args, **names)
+            raise UsageError(why, every_rank=True)
 
 
 def refuse_unused(args, defaults, rules):
