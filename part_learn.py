@@ -438,8 +438,10 @@ def main(args):
             iou = region_file.foreground_iou(regions, val)
             runs.append_log(os.path.join(args.output_dir, "log.txt"), {"method": args.method,
                                                                        **iou})
+            bottom = ("" if iou["iou_bottom"] is None else
+                      f" (lowest-scoring {iou['iou_bottom']:.3f})")
             print(f"foreground IoU on {iou['images']} held-out shapes images ({args.method}): "
-                  f"top-scoring cells {iou['iou_top']:.3f}, mostly-object regions "
+                  f"top-scoring cells {iou['iou_top']:.3f}{bottom}, mostly-object regions "
                   f"{iou['iou_parts']:.3f} (random cells {iou['iou_chance']:.3f})", flush=True)
     runs.end_run()
 

@@ -255,11 +255,14 @@ def foreground_iou(regions, dataset):
               (needs scores; without, the object cells of an objects file);
       parts:  IoU of the union of the regions that are mostly object, i.e. whether the parts
               themselves split objects from background, whatever their scores;
+      bottom: IoU of the k lowest-scoring cells (None without scores): far above `top` means the
+              score ranks the objects last (an MAE's class-token attention does: RESULTS.md);
       chance: IoU of k cells drawn at random (fixed seed), what `top` is worth without information.
     """
     S, cell = regions["meta"]["input_size"], regions["meta"]["cell_size"]
     grid = (S // cell, S // cell)
-    top, parts, chance, g = [], [], [], torch.Generator().manual_seed(0)
+    top, bottom, parts, chance, g = [], [], [], [], torch.Generator().manual_seed(0)
+    iou = lambda pred, true: float((pred & true).sum() / (pred | true).sum())    # noqa: E731
     for i in range(len(dataset)):
         true = mask_cells(dataset.load(i)[1], S, grid) > 0
         true = torch.from_numpy(true).flatten()                            # [gh*gw]
@@ -268,19 +271,23 @@ def foreground_iou(regions, dataset):
             continue
         labels = regions["labels"][i].flatten().long()
         if regions["scores"] is not None:
-            pred = torch.zeros_like(true)
-            pred[regions["scores"][i].flatten().float().topk(k).indices] = True
+            score = regions["scores"][i].flatten().float()
+            pred, last = torch.zeros_like(true), torch.zeros_like(true)
+            pred[score.topk(k).indices] = True
+            last[(-score).topk(k).indices] = True
+            bottom.append(iou(last, true))
         else:
             pred = (labels > 0) & (labels != IGNORE)
-        top.append(float((pred & true).sum() / (pred | true).sum()))
+        top.append(iou(pred, true))
         drawn = torch.zeros_like(true)
         drawn[torch.randperm(true.numel(), generator=g)[:k]] = True
-        chance.append(float((drawn & true).sum() / (drawn | true).sum()))
+        chance.append(iou(drawn, true))
         hits = torch.zeros(256).index_add_(0, labels, true.float())  # object cells per region id
         sizes = torch.bincount(labels, minlength=256).float()
         union = (hits > sizes / 2)[labels]  # the regions that are mostly object
-        parts.append(float((union & true).sum() / (union | true).sum()))
-    return {"iou_top": float(np.mean(top)), "iou_parts": float(np.mean(parts)),
+        parts.append(iou(union, true))
+    return {"iou_top": float(np.mean(top)), "iou_bottom": float(np.mean(bottom)) if bottom else None,
+            "iou_parts": float(np.mean(parts)),
             "iou_chance": float(np.mean(chance)), "images": len(top)}
 
 

@@ -460,6 +460,17 @@ def test_foreground_iou_values():
     assert iou["iou_top"] == pytest.approx((4 / 6 + 2 / 4) / 2)
 
 
+def test_foreground_iou_of_the_lowest_scoring_cells():
+    """Scores 0..15 in reading order. An object on cells 0, 1, 2 and 15: the 4 lowest-scoring cells (0-3)
+    hit 3 of its 4 (IoU 3/5), the 4 highest (12-15) hit 1 (IoU 1/7). Without scores there is no bottom."""
+    ds = Masks([cell_mask([(0, 0), (0, 1), (0, 2), (3, 3)])])
+    regions = {"labels": torch.zeros(1, 4, 4, dtype=torch.uint8),
+               "scores": torch.arange(16.0).reshape(1, 4, 4), "meta": {"input_size": 32, "cell_size": 8}}
+    iou = region_file.foreground_iou(regions, ds)
+    assert iou["iou_bottom"] == pytest.approx(3 / 5) and iou["iou_top"] == pytest.approx(1 / 7)
+    assert region_file.foreground_iou({**regions, "scores": None}, ds)["iou_bottom"] is None
+
+
 def test_foreground_iou_chance_is_the_iou_of_random_cells():
     """Objects of 8 of the 16 cells and 8 cells drawn at random: the overlap X is hypergeometric and the IoU
     X / (16 - X) has mean sum_x P(X = x) x / (16 - x)."""
