@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -93,7 +94,15 @@ def run_stage(main, get_args):
             kept = (f"{last} is kept as it was; continue with --resume auto" if os.path.isfile(last)
                     else "no checkpoint was written yet")
             print(f"\ninterrupted: {kept}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_INTERRUPTED)
+        # The DataLoader workers got the same Ctrl-C and left their loop untold: one can block for
+        # good handing a batch to a pipe nobody reads, holding the terminal's output open, and the
+        # loader's clean-up at exit waits on them. Nothing of theirs needs saving (a checkpoint is
+        # whole or absent), so kill them and leave without the interpreter's shutdown.
+        for worker in multiprocessing.active_children():
+            worker.kill()
+            worker.join()
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 # ----------------------------------------------------------------------------- stopping
 
