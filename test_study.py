@@ -449,12 +449,13 @@ def test_a_measurement_command_without_a_flag_it_reads_says_so():
         study_measures.flag(run, "out", "blocks")
 
 
-@pytest.mark.slow       # ~6 CPU-minutes, so not in the default run: python -m pytest -m slow
+@pytest.mark.slow       # ~7 CPU-minutes, so not in the default run: python -m pytest -m slow
 def test_at_a_small_size_pre_training_is_ten_points_ahead_of_the_random_encoder(tmp_path):
     """The pilot gate's premise at half the study's scenes (1000 training, 1000 held out): seed 0's
     MAE after 120 epochs at blr 1e-2 against the random encoder it starts from, read out as the
-    study reads every encoder (lin_obj). The scenes' other two properties (colour at chance, one
-    part far below the whole object) are test_scenes.py's."""
+    study reads every encoder (lin_obj). Measured: 34.9 vs 11.5%, 23.4 points; at 80 epochs 11.6,
+    too near 10 for a test. The scenes' other two properties (colour at chance, one part far below
+    the whole object) are test_scenes.py's."""
     import study_contrasts
     out = str(tmp_path)
     budget = dict(study.PARTS, num_images=1000, val_images=1000, pre_epochs=120, pre_warmup=3,
