@@ -52,7 +52,7 @@ FULL = dict(input_size=64, num_images=1000, val_images=500, batch_size=64,
 # (RESULTS.md, the pilot gate): MAE's loss stays on a plateau (0.50) for its first ~30k images, where
 # it reconstructs the background and not the textures. At blr 3e-3, 80 epochs put MAE 8.7 points
 # ahead of a random encoder (4 seeds), below the gate's 10, and 160 put it 11.3 ahead; at blr 1e-2,
-# 40 epochs put it 15.5 ahead (95% CI 11.0 to 20.0), in a quarter of the image-epochs.
+# 40 epochs put it 14.8 ahead (8 seeds, 95% CI 12.5 to 17.0), in a quarter of the image-epochs.
 PARTS = dict(input_size=64, num_images=2000, val_images=2000, batch_size=64,
              pre_epochs=40, pre_warmup=2, pre_blr=1e-2, part_epochs=3, eval_images=200,
              unseen_images=500, texture_images=500, dataset="parts")
