@@ -283,7 +283,8 @@ def start(run, out):
 
 def execute(runs, out, jobs, in_process):
     """Make the runs that are not complete, `jobs` at a time, dependencies first (study.py's own
-    measurements as study_measures.py). Stops at the first failure with its command and output."""
+    measurements as study_measures.py). Stops at the first failure with its command and output,
+    and at Ctrl-C with one line (a rerun goes on from the complete runs and the checkpoints)."""
     todo = [r for r in runs if not is_complete(r, out)]
     stage_runs = list(todo)
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -308,40 +309,51 @@ def execute(runs, out, jobs, in_process):
         cpu_text = f", cpu {cpu} s" if cpu is not None else ""
         print(f"  done {run.name} ({wall} s{cpu_text})", flush=True)
 
-    while stage_runs or running:
-        started = False
-        for run in [r for r in stage_runs if all(d.name in done_names for d in r.deps)]:
-            if len(running) >= jobs:
-                break
-            stage_runs.remove(run)
-            count += 1
-            started = True
-            argv = start(run, out)
-            output = os.path.join(out, run.name, "output.txt")
-            print(f"[{count}/{len(todo)}] {run.name}", flush=True)
-            t0 = time.time()
-            if in_process:
-                cpu = time.process_time()
-                code = run_in_process(run, argv, output)
-                finish(run, code, t0, time.process_time() - cpu)
+    try:
+        while stage_runs or running:
+            started = False
+            for run in [r for r in stage_runs if all(d.name in done_names for d in r.deps)]:
+                if len(running) >= jobs:
+                    break
+                stage_runs.remove(run)
+                count += 1
+                started = True
+                argv = start(run, out)
+                output = os.path.join(out, run.name, "output.txt")
+                print(f"[{count}/{len(todo)}] {run.name}", flush=True)
+                t0 = time.time()
+                if in_process:
+                    cpu = time.process_time()
+                    code = run_in_process(run, argv, output)
+                    finish(run, code, t0, time.process_time() - cpu)
+                    continue
+                script = os.path.join(HERE, run.stage or "study_measures.py")
+                with open(output, "a") as f:
+                    proc = subprocess.Popen([sys.executable, script] + argv,
+                                            stdout=f, stderr=subprocess.STDOUT, env=env)
+                running[proc] = (run, t0)
+            if not running:
+                if stage_runs and not started:
+                    # a bug in the tables
+                    raise RuntimeError(f"no run can start: {[r.name for r in stage_runs]}")
                 continue
-            script = os.path.join(HERE, run.stage or "study_measures.py")
-            with open(output, "a") as f:
-                proc = subprocess.Popen([sys.executable, script] + argv,
-                                        stdout=f, stderr=subprocess.STDOUT, env=env)
-            running[proc] = (run, t0)
-        if not running:
-            if stage_runs and not started:
-                # a bug in the tables
-                raise RuntimeError(f"no run can start: {[r.name for r in stage_runs]}")
-            continue
-        time.sleep(0.2)
-        for proc in list(running):
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)   # wait4: the child's CPU time too
-            if pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                run, t0 = running.pop(proc)
-                finish(run, proc.returncode, t0, usage.ru_utime + usage.ru_stime)
+            time.sleep(0.2)
+            for proc in list(running):
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # wait4: the child's CPU time
+                if pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    run, t0 = running.pop(proc)
+                    finish(run, proc.returncode, t0, usage.ru_utime + usage.ru_stime)
+    except KeyboardInterrupt:
+        # Ctrl-C in a terminal reaches the runs as well (one process group): each keeps its last
+        # checkpoint and says so in its own output.txt. A signal to study.py alone must not leave
+        # them running unseen, so end them; a rerun continues each from its checkpoint (start).
+        for proc in running:
+            proc.terminate()
+            proc.wait()
+        utils.say(f"interrupted: {len(done_names)} of the {len(runs)} runs are complete in {out} "
+                  "and kept; rerun the same command to go on from them")
+        sys.exit(utils.EXIT_INTERRUPTED)
     return time.time() - t_study
 
 

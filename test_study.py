@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import region_file
 import scenes
 import study
 import study_measures
-from conftest import ENV, HERE, TINY, run_cli, run_here
+from conftest import ENV, HERE, TINY, cli, run_cli, run_here, stop_when
 
 
 def run_study(*argv):
@@ -166,6 +167,25 @@ def test_the_cli_runs_stages_as_subprocesses(tmp_path):
     info = json.load(open(os.path.join(run_folder(out, "pretrain-objmae_relationinter_s0-"), "study.json")))
     assert info["cpu_s"] > 0 and info["command"].startswith("python pretrain.py ")
     assert "--relation inter" in info["command"] and "--data_seed 0" in info["command"]
+
+
+def test_ctrl_c_stops_the_study_with_one_line_and_ends_its_runs(tmp_path):
+    out = tmp_path / "out"
+    proc = cli("study.py", "--primary", "--quick", "--seeds", "1", "--out", out)
+    stop_when(proc, lambda: any(p.name.startswith("pretrain-") for p in out.glob("*")))   # a run started
+    os.killpg(proc.pid, signal.SIGINT)                              # what Ctrl-C in a terminal does
+    os.killpg(proc.pid, signal.SIGCONT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and output.count("interrupted") == 1, output
+    assert re.search(rf"^interrupted: \d+ of the \d+ runs are complete in {out} and kept; rerun the same "
+                     "command to go on from them$", output, re.M), output
+    try:                                                            # no run left behind: the group is empty
+        os.killpg(proc.pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive
 
 
 def test_a_failing_run_stops_the_study_with_its_command(tmp_path, capsys):
